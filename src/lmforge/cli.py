@@ -1,0 +1,163 @@
+"""The lmforge command line: one subcommand per stage; each parses, loads the recipe, calls the stage."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from lmforge.errors import LmforgeError
+
+app = typer.Typer(help="lmforge: prepare data, train tokenizers, pretrain, evaluate and generate.",
+                  no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
+recipe_app = typer.Typer(help="Inspect recipes.", no_args_is_help=True)
+tokenizer_app = typer.Typer(help="Train tokenizers.", no_args_is_help=True)
+app.add_typer(recipe_app, name="recipe")
+app.add_typer(tokenizer_app, name="tokenizer")
+
+SET_HELP = "Override a recipe field, e.g. --set train.lr=3e-4 (repeatable)."
+
+
+def _fail(err: Exception) -> None:
+    typer.echo(f"error: {err}", err=True)
+    raise typer.Exit(2)
+
+
+def _load(recipe_file: Path, overrides: List[str]):
+    from lmforge.recipe import load_recipe
+    return load_recipe(recipe_file, overrides)
+
+
+@app.command()
+def quickstart(out: Path = typer.Option(Path("runs/quickstart"), help="Folder for the corpus and both runs."),
+               tiny: bool = typer.Option(False, help="A seconds-long version (for smoke tests)."),
+               progress: bool = typer.Option(True, help="Show progress bars.")):
+    """Build a two-domain corpus from the Python standard library, pretrain a causal LM and a masked LM
+    on it, report per-domain perplexity and print samples."""
+    from lmforge.quickstart import quickstart as run
+    try:
+        run(out, tiny=tiny, show_progress=progress)
+    except LmforgeError as err:
+        _fail(err)
+
+
+@app.command()
+def pretrain(recipe: Path = typer.Argument(..., help="Recipe YAML file."),
+             set_: List[str] = typer.Option([], "--set", help=SET_HELP),
+             resume: bool = typer.Option(False, help="Continue from the run folder's latest checkpoint."),
+             force: bool = typer.Option(False, help="Delete an existing run folder and start over."),
+             progress: bool = typer.Option(True, help="Show a progress bar.")):
+    """Pretrain (causal LM or masked LM) as the recipe says. Runs unchanged under torchrun."""
+    from lmforge.pretrain import pretrain as run
+    try:
+        run_dir = run(_load(recipe, set_), resume=resume, force=force, show_progress=progress)
+        typer.echo(f"run folder: {run_dir}")
+    except LmforgeError as err:
+        _fail(err)
+
+
+@app.command("eval")
+def eval_(run_dir: Path = typer.Argument(..., help="Run folder (or a checkpoint folder inside one)."),
+          split: str = typer.Option("validation", help="'validation' or 'train'."),
+          model: Optional[str] = typer.Option(None, help="'final', 'best', 'latest' or a folder."),
+          max_batches: Optional[int] = typer.Option(None, help="Evaluate at most this many batches."),
+          per_domain: bool = typer.Option(True, help="Show the per-domain table."),
+          as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table.")):
+    """Perplexity (causal LM) or masked-token loss/perplexity (masked LM), overall and per domain."""
+    from lmforge.evaluate import evaluate_run, format_table
+    if split not in ("validation", "train"):
+        _fail(LmforgeError(f"--split: expected 'validation' or 'train', got {split!r}"))
+    try:
+        metrics = evaluate_run(run_dir, split=split, which=model, max_batches=max_batches)
+    except LmforgeError as err:
+        _fail(err)
+    if not metrics or "loss" not in metrics:
+        _fail(LmforgeError(f"{run_dir}: the {split} split holds no full block to evaluate"))
+    if as_json:
+        typer.echo(json.dumps(metrics, indent=2))
+    else:
+        kind = "perplexity" if metrics["objective"] == "clm" else "masked-token loss / perplexity"
+        shown = metrics if per_domain else {k: v for k, v in metrics.items() if "/" not in k}
+        typer.echo(format_table(shown, f"{run_dir} — {split} {kind}"))
+    (Path(run_dir) / f"eval-{split}.json").write_text(json.dumps(metrics, indent=2)) if Path(run_dir).is_dir() else None
+
+
+@app.command()
+def generate(run_dir: Path = typer.Argument(..., help="Causal LM run folder or HF model folder."),
+             prompt: str = typer.Option("", help="Text to continue."),
+             max_new_tokens: int = typer.Option(64, min=1, help="Tokens to generate."),
+             temperature: float = typer.Option(0.8, min=0.0, help="0 means greedy."),
+             top_k: Optional[int] = typer.Option(50, min=1, help="Sample from the k most likely tokens."),
+             top_p: Optional[float] = typer.Option(None, min=0.0, max=1.0, help="Nucleus sampling mass."),
+             seed: int = typer.Option(0, help="Sampling seed.")):
+    """Continue a prompt with a causal LM."""
+    from lmforge.generate import generate_text
+    from lmforge.runs import open_run
+    try:
+        _, model, tokenizer = open_run(run_dir)
+        typer.echo(prompt + generate_text(model, tokenizer, prompt, max_new_tokens=max_new_tokens,
+                                          temperature=temperature, top_k=top_k, top_p=top_p, seed=seed))
+    except LmforgeError as err:
+        _fail(err)
+
+
+@recipe_app.command("show")
+def recipe_show(recipe: Path = typer.Argument(..., help="Recipe YAML file."),
+                set_: List[str] = typer.Option([], "--set", help=SET_HELP)):
+    """Validate a recipe and print it resolved, with every default filled in."""
+    try:
+        typer.echo(_load(recipe, set_).to_yaml(), nl=False)
+    except LmforgeError as err:
+        _fail(err)
+
+
+@recipe_app.command("fields")
+def recipe_fields():
+    """List every recipe field with its default and meaning."""
+    from lmforge.recipe import Recipe
+    for section, field in Recipe.model_fields.items():
+        cls = field.annotation
+        if not hasattr(cls, "model_fields"):
+            typer.echo(f"{section}: {field.description or ''}")
+            continue
+        typer.echo(f"[{section}]")
+        for name, f in cls.model_fields.items():
+            default = f.default if f.default_factory is None else f.default_factory()
+            typer.echo(f"  {section}.{name} = {default!r}  — {f.description or ''}")
+
+
+@tokenizer_app.command("train")
+def tokenizer_train(recipe: Path = typer.Argument(..., help="Recipe YAML (its data and tokenizer sections)."),
+                    out: Path = typer.Option(..., help="Folder to save the tokenizer in (HF format)."),
+                    set_: List[str] = typer.Option([], "--set", help=SET_HELP)):
+    """Train a WordPiece, byte-level BPE, Unigram or character tokenizer on the recipe's training split."""
+    from lmforge.data.sources import iter_texts, load_documents
+    from lmforge.tokenizer import train_tokenizer
+    import os
+    import shutil
+    try:
+        r = _load(recipe, set_)
+        docs = load_documents(r.data)
+        tok = train_tokenizer(iter_texts(docs, "train", r.tokenizer.max_train_documents), r.tokenizer)
+        tmp = out.with_name(f".{out.name}.tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tok.save_pretrained(str(tmp))
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+        typer.echo(f"{r.tokenizer.kind} tokenizer with {len(tok)} tokens saved to {out}")
+    except LmforgeError as err:
+        _fail(err)
+    except OSError as err:
+        _fail(LmforgeError(f"{out}: cannot write ({err.strerror})"))
+
+
+def main() -> None:  # pragma: no cover
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,151 @@
+"""Tokenize documents once, pack them into fixed-length blocks, cache the blocks on disk.
+
+Documents are packed within their domain (every block has one domain, so per-domain evaluation is
+exact) and joined by their separators: CLM documents end with EOS, MLM documents are [CLS] … [SEP].
+Under DDP, rank 0 builds the cache while the other ranks wait, then everyone memory-maps it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Optional
+
+import datasets
+import numpy as np
+
+from lmforge.data.sources import fingerprint_sources, load_documents
+from lmforge.engine import distributed as dist
+from lmforge.errors import LmforgeError
+from lmforge.recipe import DataConfig, ObjectiveConfig
+from lmforge.tokenizer import special_ids
+
+SPLITS = ("train", "validation")
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("LMFORGE_CACHE", Path.home() / ".cache" / "lmforge"))
+
+
+def _affixes(tokenizer, objective: str) -> tuple[list[int], list[int]]:
+    ids = special_ids(tokenizer)
+    if objective == "mlm":
+        return ([ids["cls"]] if ids["cls"] is not None else []), ([ids["sep"]] if ids["sep"] is not None else [])
+    if ids["eos"] is None:
+        raise LmforgeError("tokenizer: causal-LM packing needs an EOS (or SEP) token; this tokenizer has none")
+    return [], [ids["eos"]]
+
+
+def pack_documents(token_lists, domains, block_size: int) -> tuple[list[list[int]], list[str]]:
+    """Concatenate each domain's documents and cut the stream into full blocks (the tail is dropped)."""
+    streams: dict[str, list[int]] = {}
+    for ids, domain in zip(token_lists, domains):
+        streams.setdefault(domain, []).extend(ids)
+    blocks, block_domains = [], []
+    for domain, stream in streams.items():
+        usable = len(stream) // block_size * block_size
+        for start in range(0, usable, block_size):
+            blocks.append(stream[start:start + block_size])
+            block_domains.append(domain)
+    return blocks, block_domains
+
+
+def _tokenize_and_pack(tokenizer, objective: str, block_size: int, domain_ids: dict):
+    head, tail = _affixes(tokenizer, objective)
+
+    def fn(batch):
+        encoded = tokenizer(batch["text"], add_special_tokens=False, return_attention_mask=False,
+                            verbose=False)["input_ids"]
+        docs = [head + ids + tail for ids in encoded]
+        blocks, doms = pack_documents(docs, batch["domain"], block_size)
+        return {"input_ids": blocks, "domain": [domain_ids[d] for d in doms]}
+    return fn
+
+
+@dataclass
+class BlockData:
+    """Packed blocks of both splits plus the domain names their integer ids refer to."""
+    train: datasets.Dataset
+    validation: Optional[datasets.Dataset]
+    domains: list[str]
+    block_size: int
+
+    def batch(self, split: str, indices) -> tuple[np.ndarray, np.ndarray]:
+        ds = self.train if split == "train" else self.validation
+        rows = ds[list(map(int, indices))]
+        return np.asarray(rows["input_ids"], dtype=np.int64), np.asarray(rows["domain"], dtype=np.int64)
+
+
+def cache_key(data: DataConfig, tokenizer, objective: ObjectiveConfig) -> str:
+    h = hashlib.sha256()
+    h.update(fingerprint_sources(data).encode())
+    h.update(tokenizer.backend_tokenizer.to_str().encode() if hasattr(tokenizer, "backend_tokenizer") else b"")
+    h.update(f"{objective.name}:{objective.block_size}:{_affixes(tokenizer, objective.name)}".encode())
+    return h.hexdigest()[:20]
+
+
+def build_blocks(data: DataConfig, tokenizer, objective: ObjectiveConfig, progress=None) -> BlockData:
+    """Tokenized, packed blocks for both splits, from the on-disk cache when it is already there."""
+    root = Path(data.cache_dir) if data.cache_dir else default_cache_dir()
+    target = root / "blocks" / cache_key(data, tokenizer, objective)
+    if dist.is_main() and not (target / "meta.json").exists():
+        _build_cache(data, tokenizer, objective, target, progress)
+    dist.barrier()
+    meta = json.loads((target / "meta.json").read_text())
+    train = datasets.load_from_disk(str(target / "train"))
+    val = datasets.load_from_disk(str(target / "validation")) if meta["validation_blocks"] else None
+    if len(train) == 0:
+        raise LmforgeError(
+            f"data: no full block of {objective.block_size} tokens in the training split; "
+            "add text or lower objective.block_size")
+    return BlockData(train=train, validation=val, domains=meta["domains"], block_size=objective.block_size)
+
+
+def _build_cache(data, tokenizer, objective, target: Path, progress) -> None:
+    docs = load_documents(data, streaming=False)
+    domains = sorted(set(docs.unique("domain")))
+    domain_ids = {d: i for i, d in enumerate(domains)}
+    fn = _tokenize_and_pack(tokenizer, objective.name, objective.block_size, domain_ids)
+    tmp = target.with_name(target.name + f".tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    counts = {}
+    for split in SPLITS:
+        part = docs.filter(lambda b, s=split: [x == s for x in b["split"]], batched=True)
+        packed = part.map(fn, batched=True, batch_size=1000, remove_columns=part.column_names,
+                          num_proc=data.num_proc if data.num_proc > 1 and len(part) > 1000 else None)
+        packed.save_to_disk(str(tmp / split))
+        counts[split] = len(packed)
+    (tmp / "meta.json").write_text(json.dumps(
+        {"domains": domains, "block_size": objective.block_size, "train_blocks": counts["train"],
+         "validation_blocks": counts["validation"]}))
+    target.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.replace(tmp, target)
+    except OSError:  # another process finished first
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def stream_blocks(data: DataConfig, tokenizer, objective: ObjectiveConfig, split: str = "train",
+                  skip: int = 0, seed: int = 0, buffer: int = 10_000) -> Iterator[tuple[list[int], str]]:
+    """Streaming mode: blocks are produced on the fly from sources larger than memory."""
+    docs = load_documents(data, streaming=True)
+    docs = docs.filter(lambda row: row["split"] == split)
+    if split == "train":
+        docs = docs.shuffle(seed=seed, buffer_size=buffer)
+    head, tail = _affixes(tokenizer, objective.name)
+    streams: dict[str, list[int]] = {}
+    produced = 0
+    for row in docs:
+        ids = tokenizer(row["text"], add_special_tokens=False, verbose=False)["input_ids"]
+        stream = streams.setdefault(row["domain"], [])
+        stream.extend(head + ids + tail)
+        while len(stream) >= objective.block_size:
+            block = stream[:objective.block_size]
+            del stream[:objective.block_size]
+            if produced >= skip:
+                yield block, row["domain"]
+            produced += 1

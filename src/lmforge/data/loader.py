@@ -1,0 +1,107 @@
+"""Deterministic batch positions: sample k of step s is the same whatever the process count.
+
+Global sample position p = step * G + micro * (B * world) + rank * B + i, where G = B * accum * world.
+Position p maps to epoch p // N and a seeded permutation of that epoch, so the data position of a run
+is just its step counter and resume is exact. The position also seeds MLM masking (dynamic per epoch).
+"""
+
+from __future__ import annotations
+
+from typing import Iterator, Optional
+
+import numpy as np
+import torch
+
+from lmforge.data.blocks import BlockData, stream_blocks
+
+IN_MEMORY_LIMIT = 2 * 1024**3  # bytes of token ids held as one numpy array for fast indexing
+
+
+def _as_array(ds) -> Optional[np.ndarray]:
+    """The blocks as an (n, block) array when they fit comfortably in memory, else None."""
+    if ds is None or len(ds) == 0:
+        return None
+    column = ds.data.column("input_ids")
+    block = len(ds[0]["input_ids"])
+    if len(ds) * block * 8 > IN_MEMORY_LIMIT:
+        return None
+    values = np.concatenate([chunk.flatten().to_numpy(zero_copy_only=False) for chunk in column.chunks])
+    return values.astype(np.int64, copy=False).reshape(-1, block)
+
+
+class BlockLoader:
+    """Training batches for one rank, addressed by (step, micro-batch)."""
+
+    def __init__(self, data: BlockData, batch_size: int, accum: int, seed: int, world: int = 1, rank: int = 0):
+        self.data, self.batch_size, self.accum, self.seed = data, batch_size, accum, seed
+        self.world, self.rank = world, rank
+        self.n = len(data.train)
+        self.ids = _as_array(data.train)
+        self.domains = data.train.data.column("domain").to_numpy().astype(np.int64)
+        self._perms: dict[int, np.ndarray] = {}
+
+    @property
+    def global_batch(self) -> int:
+        return self.batch_size * self.accum * self.world
+
+    def _perm(self, epoch: int) -> np.ndarray:
+        if epoch not in self._perms:
+            if len(self._perms) > 2:
+                self._perms.pop(min(self._perms))
+            self._perms[epoch] = np.random.default_rng([self.seed, epoch]).permutation(self.n)
+        return self._perms[epoch]
+
+    def positions(self, step: int, micro: int) -> np.ndarray:
+        start = step * self.global_batch + micro * self.batch_size * self.world + self.rank * self.batch_size
+        return np.arange(start, start + self.batch_size)
+
+    def micro_batch(self, step: int, micro: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(input ids, sample positions, domain ids) of one micro-batch."""
+        pos = self.positions(step, micro)
+        rows = np.array([self._perm(int(e))[int(w)] for e, w in zip(pos // self.n, pos % self.n)])
+        if self.ids is not None:
+            ids = self.ids[rows]
+        else:
+            ids, _ = self.data.batch("train", rows)
+        return torch.from_numpy(np.ascontiguousarray(ids)), torch.from_numpy(pos), torch.from_numpy(self.domains[rows])
+
+
+class StreamLoader:
+    """Streaming mode: blocks come straight from the sources; resume skips the blocks already used."""
+
+    def __init__(self, data_cfg, tokenizer, objective_cfg, domains: list[str], batch_size: int, accum: int,
+                 seed: int, world: int = 1, rank: int = 0):
+        self.args = (data_cfg, tokenizer, objective_cfg)
+        self.batch_size, self.accum, self.seed, self.world, self.rank = batch_size, accum, seed, world, rank
+        self.domain_ids = {d: i for i, d in enumerate(domains)}
+        self._iter: Optional[Iterator] = None
+        self._next_pos = None
+
+    @property
+    def global_batch(self) -> int:
+        return self.batch_size * self.accum * self.world
+
+    def _forever(self, skip: int):
+        epoch, produced = 0, 0
+        while True:
+            any_block = False
+            for block, domain in stream_blocks(*self.args, split="train", seed=self.seed + epoch):
+                any_block = True
+                if produced >= skip:
+                    yield block, domain
+                produced += 1
+            if not any_block:
+                raise RuntimeError("streaming source produced no blocks")
+            epoch += 1
+
+    def micro_batch(self, step: int, micro: int):
+        start = step * self.global_batch + micro * self.batch_size * self.world
+        if self._iter is None or self._next_pos != start:
+            self._iter = self._forever(start)
+        rows = [next(self._iter) for _ in range(self.batch_size * self.world)]
+        self._next_pos = start + len(rows)
+        mine = rows[self.rank * self.batch_size:(self.rank + 1) * self.batch_size]
+        pos = torch.arange(start + self.rank * self.batch_size, start + (self.rank + 1) * self.batch_size)
+        ids = torch.tensor([b for b, _ in mine], dtype=torch.long)
+        doms = torch.tensor([self.domain_ids.get(d, 0) for _, d in mine], dtype=torch.long)
+        return ids, pos, doms

@@ -1,0 +1,156 @@
+"""Read text, JSONL, CSV/TSV and Parquet sources into `datasets` tables of (text, domain, split)."""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+from pathlib import Path
+from typing import Iterable, Optional, Union
+
+import datasets
+
+from lmforge.errors import LmforgeError
+from lmforge.recipe import DataConfig, SourceConfig
+
+EXTENSIONS = {".txt": "text", ".text": "text", ".md": "text", ".py": "text", ".jsonl": "jsonl",
+              ".json": "jsonl", ".csv": "csv", ".tsv": "tsv", ".parquet": "parquet"}
+
+datasets.disable_progress_bars()
+
+
+def expand_paths(spec: str, where: str = "data.sources") -> list[Path]:
+    """A file, a folder (searched recursively for known extensions) or a glob → sorted files."""
+    path = Path(spec).expanduser()
+    if any(ch in spec for ch in "*?["):
+        files = [Path(p) for p in glob.glob(str(path), recursive=True) if Path(p).is_file()]
+    elif path.is_dir():
+        files = [p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in EXTENSIONS]
+    elif path.is_file():
+        files = [path]
+    else:
+        raise LmforgeError(f"{where}: {spec}: no such file or folder")
+    if not files:
+        raise LmforgeError(f"{where}: {spec}: no data files found")
+    return sorted(files)
+
+
+def _format_of(src: SourceConfig, file: Path) -> str:
+    if src.format != "auto":
+        return src.format
+    fmt = EXTENSIONS.get(file.suffix.lower())
+    if fmt is None:
+        raise LmforgeError(f"{file}: unknown file type '{file.suffix}'; set 'format' on this source")
+    return fmt
+
+
+def _check_file(file: Path, fmt: str) -> None:
+    if file.stat().st_size == 0:
+        raise LmforgeError(f"{file}: the file is empty")
+    if fmt == "parquet":
+        return
+    # Find undecodable bytes before `datasets` does, so the message names the file and line.
+    with open(file, "rb") as fh:
+        for lineno, raw in enumerate(fh, 1):
+            try:
+                raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise LmforgeError(
+                    f"{file}: line {lineno}: not valid UTF-8 (byte {raw[err.start]:#04x} at column {err.start + 1})"
+                ) from None
+
+
+def _load_files(src: SourceConfig, files: list[Path], fmt: str, streaming: bool, cache_dir: Optional[str]):
+    names = [str(f) for f in files]
+    kwargs = dict(data_files=names, split="train", streaming=streaming, cache_dir=cache_dir)
+    if fmt == "text":
+        ds = datasets.load_dataset("text", sample_by=src.sample_by, **kwargs)
+        column = "text"
+    elif fmt == "jsonl":
+        ds = datasets.load_dataset("json", **kwargs)
+        column = src.text_column
+    elif fmt in ("csv", "tsv"):
+        ds = datasets.load_dataset("csv", delimiter="\t" if fmt == "tsv" else ",", **kwargs)
+        column = src.text_column
+    else:
+        ds = datasets.load_dataset("parquet", **kwargs)
+        column = src.text_column
+    columns = ds.column_names if not streaming else list(next(iter(ds)).keys())
+    if column not in columns:
+        raise LmforgeError(
+            f"{files[0]}: no column '{column}' (columns: {', '.join(map(str, columns))}); "
+            "set 'text_column' on this source")
+    return ds.select_columns([column]).rename_column(column, "text") if column != "text" else ds.select_columns(["text"])
+
+
+def split_of(text: str, seed: int, fraction: float) -> str:
+    """Seeded, order-free split: a document's split depends only on its text (duplicates stay together)."""
+    if fraction <= 0:
+        return "train"
+    digest = hashlib.blake2b(f"{seed}\0{text}".encode("utf-8", "surrogatepass"), digest_size=8).digest()
+    return "validation" if int.from_bytes(digest, "little") / 2**64 < fraction else "train"
+
+
+def load_documents(config: DataConfig, streaming: Optional[bool] = None):
+    """All sources as one table with columns text, domain, split (rows with empty text dropped).
+
+    Returns a `datasets.Dataset`, or an `IterableDataset` in streaming mode.
+    """
+    if not config.sources:
+        raise LmforgeError("data.sources: the recipe names no data sources")
+    streaming = config.streaming if streaming is None else streaming
+    parts = []
+    for i, src in enumerate(config.sources):
+        files = expand_paths(src.path, f"data.sources[{i}].path")
+        by_format: dict[str, list[Path]] = {}
+        for f in files:
+            by_format.setdefault(_format_of(src, f), []).append(f)
+        for fmt, group in by_format.items():
+            for f in group:
+                _check_file(f, fmt)
+            try:
+                ds = _load_files(src, group, fmt, streaming, config.cache_dir)
+            except LmforgeError:
+                raise
+            except Exception as err:  # datasets/pyarrow parse errors: name the source
+                raise LmforgeError(f"{src.path}: could not read as {fmt}: {str(err).splitlines()[0]}") from None
+            seed, frac, fixed, domain = config.split_seed, config.validation_fraction, src.split, src.domain
+
+            def tag(batch, seed=seed, frac=frac, fixed=fixed, domain=domain):
+                texts = [t if isinstance(t, str) else ("" if t is None else str(t)) for t in batch["text"]]
+                return {"text": texts, "domain": [domain] * len(texts),
+                        "split": [fixed or split_of(t, seed, frac) for t in texts]}
+
+            kw = {} if streaming else {"num_proc": config.num_proc if config.num_proc > 1 else None}
+            ds = ds.map(tag, batched=True, **kw)
+            ds = ds.filter(lambda b: [bool(t.strip()) for t in b["text"]], batched=True, **kw)
+            if not streaming and len(ds) == 0:
+                raise LmforgeError(f"{src.path}: no non-empty documents")
+            parts.append(ds)
+    if streaming:
+        return datasets.interleave_datasets(parts) if len(parts) > 1 else parts[0]
+    return datasets.concatenate_datasets(parts) if len(parts) > 1 else parts[0]
+
+
+def iter_texts(docs, split: str = "train", limit: Optional[int] = None) -> Iterable[str]:
+    n = 0
+    for row in docs:
+        if row["split"] != split:
+            continue
+        yield row["text"]
+        n += 1
+        if limit is not None and n >= limit:
+            return
+
+
+def fingerprint_sources(config: DataConfig) -> str:
+    """A key that changes when any source file, split setting or format changes."""
+    h = hashlib.sha256()
+    h.update(config.model_dump_json(exclude={"num_proc", "cache_dir", "streaming"}).encode())
+    for i, src in enumerate(config.sources):
+        for f in expand_paths(src.path, f"data.sources[{i}].path"):
+            st = f.stat()
+            h.update(f"{f.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode())
+    return h.hexdigest()[:16]
+
+
+Documents = Union[datasets.Dataset, datasets.IterableDataset]

@@ -1,0 +1,1 @@
+"""The one training loop, with checkpoints, schedules, distributed set-up and logging."""

@@ -1,0 +1,94 @@
+"""Checkpoints in Hugging Face format plus the training state needed for exact resume.
+
+    checkpoints/step-000100/
+        config.json  model.safetensors  tokenizer files   # loads with AutoModelFor*.from_pretrained
+        trainer_state.pt                                  # optimizer, step, RNG, best metric (weights_only)
+
+A checkpoint is written to a temporary folder and renamed into place, so a crash never leaves a
+half-written checkpoint as the latest one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+STATE_FILE = "trainer_state.pt"
+STEP_DIR = re.compile(r"^step-(\d+)$")
+
+
+def save_model(folder: Path, model, tokenizer, extra: Optional[dict] = None) -> None:
+    """Write model (+ tokenizer, + json files) to `folder` atomically."""
+    folder = Path(folder)
+    tmp = folder.with_name(f".{folder.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    model.save_pretrained(str(tmp))
+    if tokenizer is not None:
+        tokenizer.save_pretrained(str(tmp))
+    for name, payload in (extra or {}).items():
+        if name.endswith(".json"):
+            (tmp / name).write_text(json.dumps(payload, indent=2))
+        else:
+            torch.save(payload, tmp / name)
+    old = folder.with_name(f".{folder.name}.old")
+    if folder.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(folder, old)
+    os.replace(tmp, folder)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(root: Path, step: int, model, tokenizer, optimizer, train_state: dict,
+                    scaler=None) -> Path:
+    state = {"optimizer": optimizer.state_dict(), "train_state": train_state, "rng": rng_state()}
+    if scaler is not None:
+        state["scaler"] = scaler.state_dict()
+    target = Path(root) / f"step-{step:06d}"
+    save_model(target, model, tokenizer, {STATE_FILE: state})
+    return target
+
+
+def list_checkpoints(root: Path) -> list[tuple[int, Path]]:
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := STEP_DIR.match(p.name))
+             and (p / STATE_FILE).is_file()]
+    return sorted(found)
+
+
+def latest_checkpoint(root: Path) -> Optional[Path]:
+    found = list_checkpoints(root)
+    return found[-1][1] if found else None
+
+
+def prune_checkpoints(root: Path, keep_last: int) -> None:
+    for _, path in list_checkpoints(root)[:-keep_last]:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def load_state(folder: Path) -> dict:
+    # weights_only: a checkpoint can never execute code on load.
+    return torch.load(Path(folder) / STATE_FILE, map_location="cpu", weights_only=True)

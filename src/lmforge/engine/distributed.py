@@ -1,0 +1,53 @@
+"""torchrun-aware helpers: the same code runs in one process or many (gloo on CPU, nccl on GPU)."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.distributed as tdist
+
+
+def world_size() -> int:
+    return tdist.get_world_size() if tdist.is_initialized() else 1
+
+
+def rank() -> int:
+    return tdist.get_rank() if tdist.is_initialized() else 0
+
+
+def is_main() -> bool:
+    return rank() == 0
+
+
+def launched_by_torchrun() -> bool:
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1
+
+
+def setup(device_type: str) -> torch.device:
+    """Join the process group when started by torchrun; return this process's device."""
+    if launched_by_torchrun() and not tdist.is_initialized():
+        backend = "nccl" if device_type == "cuda" else "gloo"
+        local = int(os.environ.get("LOCAL_RANK", 0))
+        if device_type == "cuda":
+            torch.cuda.set_device(local)
+        tdist.init_process_group(backend=backend)
+    if device_type == "cuda":
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    return torch.device("cpu")
+
+
+def barrier() -> None:
+    if tdist.is_initialized():
+        tdist.barrier()
+
+
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    if tdist.is_initialized():
+        tdist.all_reduce(t, op=tdist.ReduceOp.SUM)
+    return t
+
+
+def teardown() -> None:
+    if tdist.is_initialized():
+        tdist.destroy_process_group()

@@ -1,0 +1,277 @@
+"""The one training loop. It knows batches, losses and steps; objectives know the rest."""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+
+from lmforge.engine import checkpoint as ckpt
+from lmforge.engine import distributed as dist
+from lmforge.engine.hardware import autocast, matmul_roof, pick_device, pick_precision
+from lmforge.engine.logging import MetricsLog, Throughput, console, plot_losses, progress_bar
+from lmforge.engine.schedule import lr_at, warmup_steps
+from lmforge.errors import LmforgeError
+from lmforge.recipe import TrainConfig
+
+
+@dataclass
+class TrainState:
+    step: int = 0
+    tokens: int = 0
+    best_metric: Optional[float] = None
+    best_step: Optional[int] = None
+    evals_without_improvement: int = 0
+    bad_steps: int = 0
+    history: list = field(default_factory=list)
+
+
+class LossModule(torch.nn.Module):
+    """Model + objective as one module, so DDP and torch.compile wrap the whole loss computation."""
+
+    def __init__(self, model, objective):
+        super().__init__()
+        self.model, self.objective = model, objective
+
+    def forward(self, batch: dict):
+        return self.objective.loss(self.model, batch)
+
+
+def param_groups(model, weight_decay: float) -> list[dict]:
+    """Decay only 2-D weights (matmuls, embeddings); never biases or norms."""
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (decay if p.dim() >= 2 else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def make_optimizer(model, cfg: TrainConfig, device: str) -> torch.optim.Optimizer:
+    kwargs = dict(lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps)
+    try:
+        return torch.optim.AdamW(param_groups(model, cfg.weight_decay), fused=True, **kwargs)
+    except (RuntimeError, ValueError):  # fused kernel unavailable for this device/dtype
+        return torch.optim.AdamW(param_groups(model, cfg.weight_decay), foreach=True, **kwargs)
+
+
+def move(batch: dict, device) -> dict:
+    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+class Engine:
+    """Train `model` with `objective` on batches from `loader`; evaluate with `evaluate(model) -> dict`."""
+
+    def __init__(self, model, tokenizer, objective, loader, cfg: TrainConfig, run_dir: Path, *,
+                 evaluate: Optional[Callable[[torch.nn.Module], dict]] = None, flops_per_token: float = 0.0,
+                 tensorboard: bool = True, plots: bool = True, show_progress: bool = True):
+        self.cfg, self.run_dir = cfg, Path(run_dir)
+        self.tokenizer, self.objective, self.loader, self.evaluate = tokenizer, objective, loader, evaluate
+        self.device_type = pick_device(cfg.device)
+        self.device = dist.setup(self.device_type)
+        self.precision = pick_precision(cfg.precision, self.device_type)
+        self.model = model.to(self.device)
+        self.flops_per_token = flops_per_token
+        self.plots, self.show_progress = plots, show_progress
+        self.main = dist.is_main()
+        self.log = MetricsLog(self.run_dir, tensorboard=tensorboard, enabled=self.main)
+        self.optimizer = make_optimizer(self.model, cfg, self.device_type)
+        self.scaler = torch.amp.GradScaler("cuda") if self.precision == "fp16" else None
+        self.state = TrainState()
+        module = LossModule(self.model, objective)
+        if cfg.compile:
+            module = torch.compile(module)
+        if dist.world_size() > 1:
+            ids = [self.device.index] if self.device_type == "cuda" else None
+            module = torch.nn.parallel.DistributedDataParallel(module, device_ids=ids)
+        self.module = module
+        self.warmup = warmup_steps(cfg.warmup_steps, cfg.max_steps)
+        self.min_lr = cfg.min_lr if cfg.min_lr is not None else cfg.lr / 10
+
+    # ----------------------------------------------------------------- checkpoints
+    @property
+    def checkpoint_dir(self) -> Path:
+        return self.run_dir / "checkpoints"
+
+    def resume(self, folder: Optional[Path] = None) -> bool:
+        folder = folder or ckpt.latest_checkpoint(self.checkpoint_dir)
+        if folder is None:
+            return False
+        from safetensors.torch import load_file
+        weights = load_file(str(Path(folder) / "model.safetensors"), device=str(self.device))
+        missing, unexpected = self.model.load_state_dict(weights, strict=False)
+        if unexpected or [m for m in missing if not self._is_tied(m)]:
+            raise LmforgeError(f"{folder}: checkpoint does not match the model (missing {missing[:3]}, "
+                               f"unexpected {unexpected[:3]})")
+        state = ckpt.load_state(folder)
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.scaler is not None and "scaler" in state:
+            self.scaler.load_state_dict(state["scaler"])
+        self.state = TrainState(**state["train_state"])
+        ckpt.set_rng_state(state["rng"])
+        self.log.truncate_after(self.state.step)
+        if self.main:
+            console.print(f"resumed from {folder} at step {self.state.step}")
+        return True
+
+    def _is_tied(self, name: str) -> bool:
+        tied = getattr(self.model, "_tied_weights_keys", None) or {}
+        return name in tied
+
+    def save(self) -> Optional[Path]:
+        if not self.main:
+            return None
+        path = ckpt.save_checkpoint(self.checkpoint_dir, self.state.step, self.model, self.tokenizer,
+                                    self.optimizer, asdict(self.state), self.scaler)
+        ckpt.prune_checkpoints(self.checkpoint_dir, self.cfg.keep_last)
+        return path
+
+    # ----------------------------------------------------------------- training
+    def _set_lr(self) -> float:
+        lr = lr_at(self.state.step, lr=self.cfg.lr, min_lr=self.min_lr, warmup=self.warmup,
+                   max_steps=self.cfg.max_steps, schedule=self.cfg.schedule)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        return lr
+
+    def train_step(self) -> tuple[float, float, int]:
+        """One optimizer step over `grad_accum` micro-batches. Returns (loss, grad norm, tokens)."""
+        cfg, step = self.cfg, self.state.step
+        micro = []
+        for m in range(cfg.grad_accum):
+            ids, positions, domains = self.loader.micro_batch(step, m)
+            micro.append(move(self.objective.make_batch(ids, positions, domains), self.device))
+        # Normalise by the loss tokens of the whole step on all ranks: the large-batch gradient.
+        local = sum(self.objective.count_tokens(b) for b in micro)
+        global_tokens = dist.all_reduce_sum(torch.tensor(float(local), device=self.device)).item()
+        scale = dist.world_size() / max(global_tokens, 1.0)  # DDP averages gradients over ranks
+        total = torch.zeros((), device=self.device)
+        for m, batch in enumerate(micro):
+            sync = m == len(micro) - 1 or dist.world_size() == 1
+            ctx = self.module.no_sync() if not sync else _null()
+            with ctx:
+                with autocast(self.device_type, self.precision):
+                    loss_sum, _, _ = self.module(batch)
+                scaled = loss_sum.float() * scale
+                (self.scaler.scale(scaled) if self.scaler else scaled).backward()
+            total += loss_sum.detach().float()
+        loss = dist.all_reduce_sum(total).item() / max(global_tokens, 1.0)
+        if self.scaler:
+            self.scaler.unscale_(self.optimizer)
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip else float("inf"))
+        norm = float(norm)
+        if not (math.isfinite(loss) and math.isfinite(norm)):
+            self.optimizer.zero_grad(set_to_none=True)
+            if self.scaler:
+                self.scaler.update()
+            return float("nan"), norm, int(global_tokens)
+        if self.scaler:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return loss, norm, int(global_tokens)
+
+    def run_eval(self) -> dict:
+        if self.evaluate is None:
+            return {}
+        self.model.eval()
+        with torch.no_grad(), autocast(self.device_type, self.precision):
+            metrics = self.evaluate(self.model)
+        self.model.train()
+        if not metrics:
+            return {}
+        record = {"step": self.state.step, "split": "validation", **metrics}
+        self.log.write(record)
+        self.state.history.append(record)
+        return metrics
+
+    def _after_eval(self, metrics: dict) -> bool:
+        """Track the best checkpoint; return True when early stopping says stop."""
+        if self.cfg.metric not in metrics:
+            return False
+        value = metrics[self.cfg.metric]
+        better = (self.state.best_metric is None or
+                  (value < self.state.best_metric if self.cfg.metric_mode == "min" else value > self.state.best_metric))
+        if better:
+            self.state.best_metric, self.state.best_step = value, self.state.step
+            self.state.evals_without_improvement = 0
+            if self.main:
+                ckpt.save_model(self.run_dir / "best", self.model, self.tokenizer,
+                                {"best.json": {"step": self.state.step, self.cfg.metric: value}})
+        else:
+            self.state.evals_without_improvement += 1
+        patience = self.cfg.early_stopping_patience
+        return patience is not None and self.state.evals_without_improvement >= patience
+
+    def fit(self) -> TrainState:
+        cfg = self.cfg
+        self.model.train()
+        peak = matmul_roof(self.device_type, self.precision) * (dist.world_size())
+        meter = Throughput(self.flops_per_token, peak)
+        window_loss, window_n, stop_reason = 0.0, 0, "max_steps"
+        t_start = time.perf_counter()
+        with progress_bar(self.main and self.show_progress) as bar:
+            task = bar.add_task("train", total=cfg.max_steps, completed=self.state.step, status="")
+            while self.state.step < cfg.max_steps:
+                lr = self._set_lr()
+                loss, norm, tokens = self.train_step()
+                self.state.step += 1
+                self.state.tokens += tokens
+                meter.add(tokens)
+                if math.isnan(loss):
+                    self.state.bad_steps += 1
+                    console.print(f"[yellow]step {self.state.step}: loss or gradient not finite; step skipped")
+                    if self.state.bad_steps >= cfg.max_bad_steps:
+                        last = ckpt.latest_checkpoint(self.checkpoint_dir)
+                        raise LmforgeError(
+                            f"training stopped: {self.state.bad_steps} steps in a row with a NaN/inf loss at step "
+                            f"{self.state.step}; last good checkpoint: {last or 'none (no checkpoint saved yet)'}")
+                    continue
+                self.state.bad_steps = 0
+                window_loss, window_n = window_loss + loss, window_n + 1
+                if self.state.step % cfg.log_every == 0 or self.state.step == cfg.max_steps:
+                    tps, mfu = meter.read()
+                    record = {"step": self.state.step, "loss": window_loss / window_n, "lr": lr, "grad_norm": norm,
+                              "tokens": self.state.tokens, "tokens_per_s": round(tps, 1), "mfu": round(mfu, 4),
+                              "elapsed_s": round(time.perf_counter() - t_start, 2)}
+                    self.log.write(record)
+                    bar.update(task, completed=self.state.step,
+                               status=f"loss {record['loss']:.4f}  {tps:,.0f} tok/s  mfu {mfu:.0%}")
+                    window_loss, window_n = 0.0, 0
+                last = self.state.step == cfg.max_steps
+                eval_now = (cfg.eval_every and self.state.step % cfg.eval_every == 0) or last
+                stop = False
+                if eval_now:
+                    metrics = self.run_eval()
+                    stop = self._after_eval(metrics)
+                    if metrics:
+                        bar.console.print(f"step {self.state.step}: " + "  ".join(
+                            f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float) and "/" not in k))
+                save_now = (cfg.save_every and self.state.step % cfg.save_every == 0) or \
+                           (not cfg.save_every and eval_now) or last or stop
+                if save_now:
+                    self.save()
+                if stop:
+                    stop_reason = "early_stopping"
+                    break
+                if eval_now or save_now:
+                    meter.reset()  # evaluation and saving are not training throughput
+        self.state.history.append({"stop_reason": stop_reason})
+        if self.main and self.plots:
+            plot_losses(self.run_dir)
+        self.log.close()
+        return self.state
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False

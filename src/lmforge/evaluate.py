@@ -1,0 +1,99 @@
+"""Perplexity of causal LMs and masked-token loss/perplexity of MLMs, overall and per domain.
+
+Losses are reduced per batch (sums by domain), never by holding logits; under DDP each rank takes
+every world-th batch and the sums are all-reduced.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import numpy as np
+import torch
+
+from lmforge.data.blocks import BlockData
+from lmforge.engine import distributed as dist
+
+EVAL_EXAMPLE_OFFSET = 10**12  # validation masks never coincide with training masks
+
+
+def _safe_exp(x: float) -> float:
+    return math.exp(x) if x < 700 else float("inf")
+
+
+@torch.no_grad()
+def evaluate_blocks(model, objective, data: BlockData, *, split: str = "validation", batch_size: int = 32,
+                    max_batches: Optional[int] = None, device=None) -> dict:
+    ds = data.validation if split == "validation" else data.train
+    if ds is None or len(ds) == 0:
+        return {}
+    device = device or next(model.parameters()).device
+    n_domains = len(data.domains)
+    sums = torch.zeros(n_domains, dtype=torch.float64)
+    counts = torch.zeros(n_domains, dtype=torch.float64)
+    # A capped evaluation uses a fixed random subset, so every domain is represented.
+    order = np.random.default_rng(0).permutation(len(ds)) if max_batches else np.arange(len(ds))
+    starts = list(range(0, len(ds), batch_size))
+    if max_batches:
+        starts = starts[:max_batches]
+    was_training = model.training
+    model.eval()
+    for b, start in enumerate(starts):
+        if b % dist.world_size() != dist.rank():
+            continue
+        rows = order[start:start + batch_size].tolist()
+        ids, domains = data.batch(split, rows)
+        ids, domains = torch.from_numpy(ids), torch.from_numpy(domains)
+        batch = objective.make_batch(ids, torch.tensor(rows) + EVAL_EXAMPLE_OFFSET, domains)
+        tokens = objective.token_counts(batch).double()
+        batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+        _, _, per_example = objective.loss(model, batch)
+        sums.index_add_(0, domains, per_example.double().cpu())
+        counts.index_add_(0, domains, tokens)
+    model.train(was_training)
+    totals = dist.all_reduce_sum(torch.cat([sums, counts]).to(device)).cpu()
+    sums, counts = totals[:n_domains], totals[n_domains:]
+    if counts.sum() == 0:
+        return {}
+    loss = float(sums.sum() / counts.sum())
+    metrics = {"loss": loss, "ppl": _safe_exp(loss), "eval_tokens": int(counts.sum())}
+    for i, name in enumerate(data.domains):
+        if counts[i] > 0:
+            d_loss = float(sums[i] / counts[i])
+            metrics[f"loss/{name}"] = d_loss
+            metrics[f"ppl/{name}"] = _safe_exp(d_loss)
+    return metrics
+
+
+def format_table(metrics: dict, title: str = "") -> str:
+    """Markdown table: one row per domain plus 'all'."""
+    domains = sorted(k.split("/", 1)[1] for k in metrics if k.startswith("loss/"))
+    lines = [f"| domain | loss | perplexity |", "|---|---:|---:|"]
+    for d in domains:
+        lines.append(f"| {d} | {metrics[f'loss/{d}']:.4f} | {metrics[f'ppl/{d}']:.2f} |")
+    lines.append(f"| **all** | {metrics['loss']:.4f} | {metrics['ppl']:.2f} |")
+    return (f"{title}\n\n" if title else "") + "\n".join(lines)
+
+
+def evaluate_run(run_dir, *, split: str = "validation", which: Optional[str] = None,
+                 batch_size: Optional[int] = None, max_batches: Optional[int] = None) -> dict:
+    """Evaluate a pretraining run folder's model on its recipe's data."""
+    from lmforge.data.blocks import build_blocks
+    from lmforge.errors import LmforgeError
+    from lmforge.objectives import build_objective
+    from lmforge.runs import open_run
+
+    recipe, model, tokenizer = open_run(run_dir, which)
+    if recipe is None:
+        raise LmforgeError(f"{run_dir}: not an lmforge run folder (no recipe.yaml), so there is no data to "
+                           "evaluate on")
+    data = build_blocks(recipe.data, tokenizer, recipe.objective)
+    if split == "validation" and data.validation is None:
+        raise LmforgeError(f"{run_dir}: the recipe's data has no validation documents "
+                           "(raise data.validation_fraction or give a source with split: validation)")
+    objective = build_objective(recipe.objective, tokenizer, seed=recipe.train.seed)
+    metrics = evaluate_blocks(model, objective, data, split=split, batch_size=batch_size or recipe.train.batch_size,
+                              max_batches=max_batches)
+    metrics["objective"] = recipe.objective.name
+    return metrics

@@ -1,0 +1,145 @@
+"""Build a model from a family and size preset, or load a local Hugging Face checkpoint folder."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForMaskedLM, BertConfig, ElectraConfig,
+                          GPT2Config, LlamaConfig, RobertaConfig)
+
+from transformers.utils import logging as hf_logging
+
+from lmforge.errors import LmforgeError
+from lmforge.recipe import ModelConfig, ObjectiveConfig
+from lmforge.tokenizer import special_ids
+
+PRESETS = {  # layers, hidden size, heads
+    "tiny": (2, 128, 2),
+    "small": (4, 256, 4),
+    "base": (12, 768, 12),
+}
+hf_logging.disable_progress_bar()  # our own progress bars only
+
+CAUSAL = ("gpt2", "llama")
+MASKED = ("bert", "roberta", "electra")
+# Models whose position table reserves slots for the padding offset.
+POSITION_OFFSET = {"roberta": 2}
+
+
+def dimensions(cfg: ModelConfig) -> dict:
+    layers, d, heads = PRESETS[cfg.size]
+    d = cfg.d_model or d
+    heads = cfg.n_heads or (heads if d % heads == 0 else 1)
+    if d % heads:
+        raise LmforgeError(f"model.n_heads: {heads} does not divide model.d_model {d}")
+    return {"layers": cfg.n_layers or layers, "d": d, "heads": heads, "ff": cfg.d_ff or 4 * d}
+
+
+def make_config(cfg: ModelConfig, objective: ObjectiveConfig, tokenizer):
+    dims = dimensions(cfg)
+    ids = special_ids(tokenizer)
+    vocab = len(tokenizer)
+    positions = cfg.max_positions or objective.block_size
+    p = cfg.dropout
+    common = dict(vocab_size=vocab, pad_token_id=ids["pad"], bos_token_id=ids["bos"], eos_token_id=ids["eos"])
+    if cfg.family == "bert":
+        return BertConfig(hidden_size=dims["d"], num_hidden_layers=dims["layers"],
+                          num_attention_heads=dims["heads"], intermediate_size=dims["ff"],
+                          max_position_embeddings=positions, hidden_dropout_prob=p,
+                          attention_probs_dropout_prob=p, **common)
+    if cfg.family == "roberta":
+        return RobertaConfig(hidden_size=dims["d"], num_hidden_layers=dims["layers"],
+                             num_attention_heads=dims["heads"], intermediate_size=dims["ff"],
+                             max_position_embeddings=positions + POSITION_OFFSET["roberta"],
+                             hidden_dropout_prob=p, attention_probs_dropout_prob=p, **common)
+    if cfg.family == "electra":
+        return ElectraConfig(embedding_size=dims["d"], hidden_size=dims["d"], num_hidden_layers=dims["layers"],
+                             num_attention_heads=dims["heads"], intermediate_size=dims["ff"],
+                             max_position_embeddings=positions, hidden_dropout_prob=p,
+                             attention_probs_dropout_prob=p, **common)
+    if cfg.family == "gpt2":
+        return GPT2Config(n_embd=dims["d"], n_layer=dims["layers"], n_head=dims["heads"], n_inner=dims["ff"],
+                          n_positions=positions, resid_pdrop=p, embd_pdrop=p, attn_pdrop=p, **common)
+    if cfg.family == "llama":
+        return LlamaConfig(hidden_size=dims["d"], num_hidden_layers=dims["layers"],
+                           num_attention_heads=dims["heads"], num_key_value_heads=dims["heads"],
+                           intermediate_size=cfg.d_ff or int(8 * dims["d"] / 3) // 8 * 8 or 8,
+                           max_position_embeddings=positions, attention_dropout=p, tie_word_embeddings=True,
+                           **common)
+    raise LmforgeError(f"model.family: unknown family {cfg.family!r}")
+
+
+def auto_class(objective: str):
+    return AutoModelForCausalLM if objective == "clm" else AutoModelForMaskedLM
+
+
+def family_of(model) -> str:
+    return getattr(model.config, "model_type", "")
+
+
+def build_model(cfg: ModelConfig, objective: ObjectiveConfig, tokenizer, seed: int = 0):
+    """A model for `objective`, checked against the tokenizer and block size."""
+    torch.manual_seed(seed)
+    if cfg.path:
+        model = load_model(cfg.path, objective.name)
+    else:
+        if objective.name == "clm" and cfg.family not in CAUSAL:
+            raise LmforgeError(f"model.family: '{cfg.family}' is an encoder; objective 'clm' needs one of {CAUSAL}")
+        if objective.name == "mlm" and cfg.family not in MASKED:
+            raise LmforgeError(f"model.family: '{cfg.family}' is a decoder; objective 'mlm' needs one of {MASKED}")
+        config = make_config(cfg, objective, tokenizer)
+        config._attn_implementation = "sdpa"
+        model = auto_class(objective.name).from_config(config, attn_implementation="sdpa")
+    check_compatible(model, tokenizer, objective.block_size, cfg.path or "model")
+    return model
+
+
+def load_model(path, objective: str):
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise LmforgeError(f"{path}: not a Hugging Face checkpoint folder (no config.json)")
+    try:
+        config = AutoConfig.from_pretrained(str(path), local_files_only=True, trust_remote_code=False)
+        return auto_class(objective).from_pretrained(str(path), config=config, local_files_only=True,
+                                                     attn_implementation="sdpa", trust_remote_code=False)
+    except ValueError as err:
+        raise LmforgeError(f"{path}: cannot load as a {'causal' if objective == 'clm' else 'masked'} LM: "
+                           f"{str(err).splitlines()[0]}") from None
+
+
+def max_block_size(model) -> int:
+    config = model.config
+    limit = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    return (limit or 10**9) - POSITION_OFFSET.get(family_of(model), 0)
+
+
+def check_compatible(model, tokenizer, block_size: int, where: str) -> None:
+    vocab = model.get_input_embeddings().num_embeddings
+    if len(tokenizer) > vocab:
+        raise LmforgeError(f"{where}: the tokenizer has {len(tokenizer)} tokens but the model's vocabulary "
+                           f"holds {vocab}; use the checkpoint's own tokenizer (tokenizer.path)")
+    limit = max_block_size(model)
+    if block_size > limit:
+        raise LmforgeError(f"objective.block_size: {block_size} is above the model's position limit {limit}")
+
+
+def count_parameters(model) -> dict:
+    total = sum(p.numel() for p in model.parameters())
+    embed = model.get_input_embeddings().weight.numel()
+    positions = 0
+    for name, p in model.named_parameters():
+        if "position" in name or name.endswith("wpe.weight"):
+            positions += p.numel()
+    return {"total": total, "embedding": embed, "positions": positions, "body": total - embed - positions}
+
+
+def flops_per_token(model, block_size: int, head_fraction: float = 1.0) -> float:
+    """Training FLOPs per token (forward + backward = 3x forward), as in the PaLM/nanoGPT estimate."""
+    n = count_parameters(model)
+    cfg = model.config
+    layers = getattr(cfg, "num_hidden_layers", None) or getattr(cfg, "n_layer")
+    d = getattr(cfg, "hidden_size", None) or getattr(cfg, "n_embd")
+    head = 2 * d * model.get_input_embeddings().num_embeddings * head_fraction
+    attention = 2 * 2 * layers * d * block_size  # QK^T and AV (full, unmasked count)
+    return 3 * (2 * n["body"] + head + attention)

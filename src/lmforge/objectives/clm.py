@@ -1,0 +1,49 @@
+"""Causal LM on packed blocks, with optional document masking (position ids reset per document)."""
+
+from __future__ import annotations
+
+import torch
+
+from lmforge.objectives.base import Objective, token_cross_entropy
+from lmforge.recipe import ObjectiveConfig
+from lmforge.tokenizer import special_ids
+
+
+def document_position_ids(input_ids: torch.Tensor, eos_id: int) -> torch.Tensor:
+    """Positions restart after every EOS, so each packed document starts at position 0.
+
+    transformers' SDPA path sees the resets (with no attention mask) and builds a block-causal mask.
+    """
+    b, t = input_ids.shape
+    arange = torch.arange(t).expand(b, t)
+    after_eos = torch.zeros_like(input_ids, dtype=torch.bool)
+    after_eos[:, 1:] = input_ids[:, :-1] == eos_id
+    starts = torch.where(after_eos, arange, torch.zeros_like(arange))
+    return arange - torch.cummax(starts, dim=1).values
+
+
+class CausalLM(Objective):
+    name = "clm"
+
+    def __init__(self, config: ObjectiveConfig, tokenizer):
+        self.config = config
+        self.eos = special_ids(tokenizer)["eos"]
+
+    def make_batch(self, input_ids, example_ids, domains) -> dict:
+        batch = {"input_ids": input_ids, "domains": domains}
+        if self.config.document_mask:
+            batch["position_ids"] = document_position_ids(input_ids, self.eos)
+        return batch
+
+    def token_counts(self, batch):
+        ids = batch["input_ids"]
+        return torch.full((ids.size(0),), ids.size(1) - 1, dtype=torch.long)
+
+    def loss(self, model, batch):
+        ids = batch["input_ids"]
+        kwargs = {"position_ids": batch["position_ids"]} if "position_ids" in batch else {}
+        logits = model(input_ids=ids, use_cache=False, **kwargs).logits
+        targets = ids[:, 1:]
+        losses = token_cross_entropy(logits[:, :-1].reshape(-1, logits.size(-1)), targets.reshape(-1))
+        per_example = losses.view(ids.size(0), -1).sum(1)
+        return per_example.sum(), torch.tensor(targets.numel(), device=ids.device), per_example

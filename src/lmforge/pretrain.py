@@ -1,0 +1,138 @@
+"""The pretraining stage: recipe → tokenizer → packed data → model → engine → run folder."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from lmforge.data.blocks import build_blocks
+from lmforge.data.loader import BlockLoader, StreamLoader
+from lmforge.data.sources import iter_texts, load_documents
+from lmforge.engine import checkpoint as ckpt
+from lmforge.engine import distributed as dist
+from lmforge.engine.hardware import pick_device
+from lmforge.engine.logging import console, plot_losses
+from lmforge.engine.loop import Engine
+from lmforge.errors import LmforgeError
+from lmforge.evaluate import evaluate_blocks, format_table
+from lmforge.models import build_model, count_parameters, flops_per_token
+from lmforge.objectives import build_objective
+from lmforge.recipe import Recipe
+from lmforge.tokenizer import load_tokenizer, train_tokenizer
+
+
+def prepare_run_dir(recipe: Recipe, resume: bool, force: bool) -> Path:
+    run_dir = Path(recipe.output.dir)
+    if dist.is_main():
+        if run_dir.exists() and any(run_dir.iterdir()) and not resume:
+            if not force:
+                raise LmforgeError(f"{run_dir}: the run folder already exists; pass --resume to continue it "
+                                   "or --force to start over")
+            shutil.rmtree(run_dir)
+        try:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            probe = run_dir / ".write-test"
+            probe.write_text("ok")
+            probe.unlink()
+        except OSError as err:
+            raise LmforgeError(f"{run_dir}: cannot write the run folder ({err.strerror})") from None
+        tmp = run_dir / ".recipe.yaml.tmp"
+        tmp.write_text(recipe.to_yaml())
+        os.replace(tmp, run_dir / "recipe.yaml")
+    dist.barrier()
+    return run_dir
+
+
+def get_tokenizer(recipe: Recipe, run_dir: Path):
+    """The recipe's tokenizer: reused from a folder, from the run (on resume), or trained now."""
+    saved = run_dir / "tokenizer"
+    if (saved / "tokenizer.json").exists():
+        return load_tokenizer(saved)
+    source = recipe.tokenizer.path or recipe.model.path
+    if source:
+        return load_tokenizer(source)
+    if dist.is_main():
+        docs = load_documents(recipe.data, streaming=recipe.data.streaming)
+        tok = train_tokenizer(iter_texts(docs, "train", recipe.tokenizer.max_train_documents), recipe.tokenizer)
+        tmp = run_dir / ".tokenizer.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tok.save_pretrained(str(tmp))
+        os.replace(tmp, saved)
+    dist.barrier()
+    return load_tokenizer(saved)
+
+
+def pretrain(recipe: Recipe, *, resume: bool = False, force: bool = False, show_progress: bool = True) -> Path:
+    if recipe.train.threads:
+        torch.set_num_threads(recipe.train.threads)
+    run_dir = prepare_run_dir(recipe, resume, force)
+    t0 = time.perf_counter()
+    tokenizer = get_tokenizer(recipe, run_dir)
+    objective = build_objective(recipe.objective, tokenizer, seed=recipe.train.seed)
+    world, rank = _world_after_setup(recipe)
+    cfg = recipe.train
+    if recipe.data.streaming:
+        data = None
+        domains = sorted({s.domain for s in recipe.data.sources})
+        loader = StreamLoader(recipe.data, tokenizer, recipe.objective, domains, cfg.batch_size, cfg.grad_accum,
+                              cfg.seed, world, rank)
+    else:
+        data = build_blocks(recipe.data, tokenizer, recipe.objective)
+        loader = BlockLoader(data, cfg.batch_size, cfg.grad_accum, cfg.seed, world, rank)
+    model = build_model(recipe.model, recipe.objective, tokenizer, seed=cfg.seed)
+    head_fraction = recipe.objective.mlm_probability if recipe.objective.name == "mlm" else 1.0
+    fpt = flops_per_token(model, recipe.objective.block_size, head_fraction)
+
+    def evaluate(m):
+        if data is None:
+            return {}
+        return evaluate_blocks(m, objective, data, batch_size=cfg.batch_size, max_batches=cfg.eval_batches)
+
+    engine = Engine(model, tokenizer, objective, loader, cfg, run_dir, evaluate=evaluate, flops_per_token=fpt,
+                    tensorboard=recipe.output.tensorboard, plots=recipe.output.plots, show_progress=show_progress)
+    if resume:
+        engine.resume()
+    if dist.is_main():
+        n = count_parameters(model)
+        console.print(f"[bold]{recipe.name}[/]: {recipe.objective.name} on {engine.device_type} "
+                      f"({engine.precision}), {n['total'] / 1e6:.2f}M parameters, "
+                      f"{len(data.train) if data else 'streamed'} training blocks of {recipe.objective.block_size}, "
+                      f"global batch {loader.global_batch}")
+    state = engine.fit()
+    if dist.is_main():
+        ckpt.save_model(run_dir / "final", model, tokenizer)
+        final = next((h for h in reversed(state.history) if h.get("split") == "validation"), {})
+        write_summary(run_dir, recipe, state, final, time.perf_counter() - t0, count_parameters(model))
+    dist.barrier()
+    dist.teardown()
+    return run_dir
+
+
+def _world_after_setup(recipe: Recipe) -> tuple[int, int]:
+    dist.setup(pick_device(recipe.train.device))
+    return dist.world_size(), dist.rank()
+
+
+def write_summary(run_dir: Path, recipe: Recipe, state, final: dict, seconds: float, params: dict) -> None:
+    stop = next((h["stop_reason"] for h in reversed(state.history) if "stop_reason" in h), "max_steps")
+    lines = [f"# {recipe.name}", "",
+             f"- objective: **{recipe.objective.name}**, model: **{recipe.model.family or recipe.model.path}** "
+             f"({params['total'] / 1e6:.2f}M parameters)",
+             f"- steps: {state.step} ({stop}), tokens seen: {state.tokens:,}, wall time: {seconds:.0f} s",
+             f"- best {recipe.train.metric}: {state.best_metric if state.best_metric is not None else 'n/a'}"
+             f" at step {state.best_step}", ""]
+    if final:
+        lines += [format_table(final, "## Validation (final step)"), ""]
+    if (run_dir / "loss.png").exists():
+        lines += ["![loss curve](loss.png)", ""]
+    lines += ["Files: `recipe.yaml` (resolved recipe), `metrics.jsonl`, `final/` (model + tokenizer in Hugging Face "
+              "format), `best/`, `checkpoints/` (resumable).", ""]
+    (run_dir / "summary.md").write_text("\n".join(lines))
+    (run_dir / "results.json").write_text(json.dumps({"steps": state.step, "tokens": state.tokens,
+                                                      "seconds": seconds, "validation": final}, indent=2))

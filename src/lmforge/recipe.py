@@ -1,0 +1,229 @@
+"""Typed recipes: one YAML file describes a run; each section is a pydantic model.
+
+Unknown keys are errors that name the closest valid key; wrong types name the field and the value.
+`--set train.lr=3e-4` overrides a field before validation.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from lmforge.errors import LmforgeError
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class SourceConfig(Section):
+    path: str = Field(description="A file, a folder or a glob (text, JSONL, CSV/TSV, Parquet).")
+    domain: str = Field("default", description="Domain tag given to every document of this source.")
+    format: Literal["auto", "text", "jsonl", "csv", "tsv", "parquet"] = Field(
+        "auto", description="File format; 'auto' picks it from the extension.")
+    text_column: str = Field("text", description="Column (or JSON key) holding the text.")
+    sample_by: Literal["document", "paragraph", "line"] = Field(
+        "paragraph", description="For text files: what one document is.")
+    split: Optional[Literal["train", "validation"]] = Field(
+        None, description="Put the whole source in this split instead of splitting by fraction.")
+
+
+class DataConfig(Section):
+    sources: list[SourceConfig] = Field(default_factory=list, description="Where the text comes from.")
+    validation_fraction: float = Field(0.05, ge=0.0, lt=1.0,
+                                       description="Seeded fraction of documents held out for validation.")
+    split_seed: int = Field(0, description="Seed of the train/validation split.")
+    streaming: bool = Field(False, description="Stream sources instead of building an Arrow cache.")
+    num_proc: int = Field(1, ge=1, description="Processes used to tokenize.")
+    cache_dir: Optional[str] = Field(None, description="Tokenized-data cache (default ~/.cache/lmforge).")
+
+
+class TokenizerConfig(Section):
+    path: Optional[str] = Field(None, description="Reuse the tokenizer of a local HF folder.")
+    kind: Literal["wordpiece", "bpe", "unigram", "char"] = Field("bpe", description="Algorithm to train.")
+    vocab_size: int = Field(8000, ge=8, description="Target vocabulary size (ignored for 'char').")
+    min_frequency: int = Field(2, ge=1, description="Minimum pair frequency for merges.")
+    lowercase: bool = Field(False, description="Lowercase text before tokenizing (WordPiece).")
+    max_train_documents: Optional[int] = Field(None, ge=1, description="Train on at most this many documents.")
+
+
+class ModelConfig(Section):
+    family: Optional[Literal["bert", "roberta", "electra", "gpt2", "llama"]] = Field(
+        None, description="Architecture family when training from scratch.")
+    size: Literal["tiny", "small", "base"] = Field("tiny", description="Size preset.")
+    path: Optional[str] = Field(None, description="Local HF checkpoint folder to continue from.")
+    n_layers: Optional[int] = Field(None, ge=1, description="Override the preset's layer count.")
+    d_model: Optional[int] = Field(None, ge=8, description="Override the preset's hidden size.")
+    n_heads: Optional[int] = Field(None, ge=1, description="Override the preset's attention heads.")
+    d_ff: Optional[int] = Field(None, ge=8, description="Override the feed-forward size (default 4*d_model).")
+    max_positions: Optional[int] = Field(None, ge=8, description="Position limit (default: block size).")
+    dropout: float = Field(0.1, ge=0.0, lt=1.0, description="Dropout everywhere.")
+
+    @model_validator(mode="after")
+    def _one_origin(self) -> "ModelConfig":
+        if self.family is None and self.path is None:
+            raise ValueError("set model.family (from scratch) or model.path (a local checkpoint)")
+        return self
+
+
+class ObjectiveConfig(Section):
+    name: Literal["clm", "mlm"] = Field("clm", description="Causal LM or masked LM.")
+    block_size: int = Field(128, ge=8, description="Tokens per training sequence.")
+    mlm_probability: float = Field(0.15, gt=0.0, lt=1.0, description="Fraction of tokens selected (MLM).")
+    whole_word: bool = Field(False, description="Mask whole words rather than sub-words (MLM).")
+    document_mask: bool = Field(False, description="Packed documents do not attend to each other (CLM).")
+
+
+class TrainConfig(Section):
+    batch_size: int = Field(32, ge=1, description="Sequences per micro-batch per device.")
+    grad_accum: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
+    max_steps: int = Field(1000, ge=1, description="Optimizer steps.")
+    lr: float = Field(5e-4, gt=0.0, description="Peak learning rate.")
+    min_lr: Optional[float] = Field(None, ge=0.0, description="Final learning rate (default lr/10).")
+    warmup_steps: float = Field(0.0, ge=0.0, description="Warmup steps; a value below 1 is a fraction.")
+    schedule: Literal["cosine", "linear", "constant"] = Field("cosine", description="Decay after warmup.")
+    weight_decay: float = Field(0.01, ge=0.0, description="AdamW decay on 2-D weights only.")
+    betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas.")
+    eps: float = Field(1e-8, gt=0.0, description="AdamW epsilon.")
+    grad_clip: Optional[float] = Field(1.0, gt=0.0, description="Clip the gradient norm (null: off).")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto", description="'auto': bf16 autocast on CUDA when supported, fp32 on CPU.")
+    compile: bool = Field(False, description="torch.compile the model.")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Where to train.")
+    eval_every: int = Field(200, ge=0, description="Evaluate every N steps (0: only at the end).")
+    eval_batches: Optional[int] = Field(None, ge=1, description="Cap on validation batches per evaluation.")
+    log_every: int = Field(10, ge=1, description="Log training metrics every N steps.")
+    save_every: int = Field(0, ge=0, description="Checkpoint every N steps (0: at each evaluation).")
+    keep_last: int = Field(2, ge=1, description="Step checkpoints kept (the best is kept apart).")
+    early_stopping_patience: Optional[int] = Field(None, ge=1,
+                                                   description="Stop after N evaluations without improvement.")
+    metric: str = Field("loss", description="Validation metric that picks the best checkpoint.")
+    metric_mode: Literal["min", "max"] = Field("min", description="Whether lower or higher is better.")
+    max_bad_steps: int = Field(5, ge=1, description="Stop after this many NaN/inf losses in a row.")
+    seed: int = Field(0, description="Seed of initialisation, data order, masking and dropout.")
+    threads: Optional[int] = Field(None, ge=1, description="CPU threads (default: torch's choice).")
+
+
+class OutputConfig(Section):
+    dir: str = Field("runs/run", description="Run folder.")
+    tensorboard: bool = Field(True, description="Also log to TensorBoard when it is installed.")
+    plots: bool = Field(True, description="Write loss-curve PNGs.")
+
+
+class Recipe(Section):
+    name: str = Field("run", description="Name of the run.")
+    data: DataConfig = Field(default_factory=DataConfig)
+    tokenizer: TokenizerConfig = Field(default_factory=TokenizerConfig)
+    model: ModelConfig = Field(default_factory=lambda: ModelConfig(family="gpt2"))
+    objective: ObjectiveConfig = Field(default_factory=ObjectiveConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    output: OutputConfig = Field(default_factory=OutputConfig)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+def _model_at(loc: tuple) -> Optional[type[BaseModel]]:
+    """The pydantic class that owns the key at `loc` (used to suggest the closest valid key)."""
+    cls: Any = Recipe
+    for part in loc[:-1]:
+        if isinstance(part, int):
+            continue
+        field = cls.model_fields.get(part)
+        if field is None:
+            return None
+        ann = field.annotation
+        inner = getattr(ann, "__args__", (ann,))
+        cls = next((a for a in inner if isinstance(a, type) and issubclass(a, BaseModel)), None)
+        if cls is None:
+            return None
+    return cls
+
+
+def _dotted(loc: tuple) -> str:
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
+
+
+def format_validation_error(err: ValidationError, source: str) -> str:
+    lines = []
+    for e in err.errors():
+        loc = tuple(p for p in e["loc"] if not (isinstance(p, str) and p.startswith("function-")))
+        where = _dotted(loc)
+        if e["type"] == "extra_forbidden":
+            owner = _model_at(loc)
+            valid = list(owner.model_fields) if owner else []
+            close = difflib.get_close_matches(str(loc[-1]), valid, n=1, cutoff=0.5)
+            hint = f"; did you mean '{close[0]}'?" if close else f"; valid keys: {', '.join(valid)}"
+            lines.append(f"{source}: unknown key '{where}'{hint}")
+        else:
+            value = e.get("input")
+            shown = "" if isinstance(value, dict) else f" (got {value!r})"
+            lines.append(f"{source}: {where or 'recipe'}: {e['msg']}{shown}")
+    return "\n".join(lines)
+
+
+def _apply_override(tree: dict, override: str) -> None:
+    if "=" not in override:
+        raise LmforgeError(f"--set {override!r}: expected KEY=VALUE, e.g. train.lr=3e-4")
+    key, raw = override.split("=", 1)
+    value = yaml.safe_load(raw) if raw else None
+    parts = key.strip().split(".")
+    node = tree
+    for part in parts[:-1]:
+        if isinstance(node, list):
+            node = node[int(part)]
+            continue
+        node = node.setdefault(part, {})
+        if not isinstance(node, (dict, list)):
+            raise LmforgeError(f"--set {override!r}: '{part}' is not a section")
+    if isinstance(node, list):
+        node[int(parts[-1])] = value
+    else:
+        node[parts[-1]] = value
+
+
+def recipe_from_dict(tree: dict, source: str = "recipe", overrides: Union[list[str], tuple] = ()) -> Recipe:
+    tree = dict(tree or {})
+    for override in overrides:
+        _apply_override(tree, override)
+    try:
+        return Recipe.model_validate(tree)
+    except ValidationError as err:
+        raise LmforgeError(format_validation_error(err, source)) from None
+
+
+def load_recipe(path: Union[str, Path], overrides: Union[list[str], tuple] = ()) -> Recipe:
+    path = Path(path)
+    if not path.is_file():
+        raise LmforgeError(f"{path}: recipe file not found")
+    try:
+        tree = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        raise LmforgeError(f"{path}:{where} invalid YAML: {getattr(err, 'problem', err)}") from None
+    if tree is not None and not isinstance(tree, dict):
+        raise LmforgeError(f"{path}: a recipe is a mapping of sections (data, model, train, ...)")
+    recipe = recipe_from_dict(tree or {}, str(path), overrides)
+    _resolve_paths(recipe, path.parent)
+    return recipe
+
+
+def _resolve_paths(recipe: Recipe, base: Path) -> None:
+    """Relative data/model paths are read relative to the recipe's folder if they exist there."""
+    def fix(p: Optional[str]) -> Optional[str]:
+        if p is None or Path(p).is_absolute() or Path(p).exists():
+            return p
+        candidate = base / p
+        return str(candidate) if candidate.exists() or any(ch in p for ch in "*?[") else p
+    for src in recipe.data.sources:
+        src.path = fix(src.path)
+    recipe.model.path = fix(recipe.model.path)
+    recipe.tokenizer.path = fix(recipe.tokenizer.path)
