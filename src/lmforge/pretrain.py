@@ -71,11 +71,11 @@ def get_tokenizer(recipe: Recipe, run_dir: Path):
 def pretrain(recipe: Recipe, *, resume: bool = False, force: bool = False, show_progress: bool = True) -> Path:
     if recipe.train.threads:
         torch.set_num_threads(recipe.train.threads)
+    world, rank = _join_process_group(recipe)  # first: the set-up below uses barriers
     run_dir = prepare_run_dir(recipe, resume, force)
     t0 = time.perf_counter()
     tokenizer = get_tokenizer(recipe, run_dir)
     objective = build_objective(recipe.objective, tokenizer, seed=recipe.train.seed)
-    world, rank = _world_after_setup(recipe)
     cfg = recipe.train
     if recipe.data.streaming:
         data = None
@@ -114,7 +114,7 @@ def pretrain(recipe: Recipe, *, resume: bool = False, force: bool = False, show_
     return run_dir
 
 
-def _world_after_setup(recipe: Recipe) -> tuple[int, int]:
+def _join_process_group(recipe: Recipe) -> tuple[int, int]:
     dist.setup(pick_device(recipe.train.device))
     return dist.world_size(), dist.rank()
 

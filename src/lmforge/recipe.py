@@ -6,6 +6,7 @@ Unknown keys are errors that name the closest valid key; wrong types name the fi
 
 from __future__ import annotations
 
+import copy
 import difflib
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
@@ -127,6 +128,10 @@ class Recipe(Section):
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
 
 
+_SECTIONS = {k for k, f in Recipe.model_fields.items() if isinstance(f.annotation, type)
+             and issubclass(f.annotation, BaseModel)}
+
+
 def _model_at(loc: tuple) -> Optional[type[BaseModel]]:
     """The pydantic class that owns the key at `loc` (used to suggest the closest valid key)."""
     cls: Any = Recipe
@@ -169,6 +174,13 @@ def format_validation_error(err: ValidationError, source: str) -> str:
     return "\n".join(lines)
 
 
+def _index(node: list, part: str, override: str) -> int:
+    # A bad list index is the user's mistake: say so instead of raising IndexError/ValueError.
+    if not part.isdigit() or int(part) >= len(node):
+        raise LmforgeError(f"--set {override!r}: '{part}' is not an index of a list of {len(node)} item(s)")
+    return int(part)
+
+
 def _apply_override(tree: dict, override: str) -> None:
     if "=" not in override:
         raise LmforgeError(f"--set {override!r}: expected KEY=VALUE, e.g. train.lr=3e-4")
@@ -178,19 +190,22 @@ def _apply_override(tree: dict, override: str) -> None:
     node = tree
     for part in parts[:-1]:
         if isinstance(node, list):
-            node = node[int(part)]
+            node = node[_index(node, part, override)]
             continue
-        node = node.setdefault(part, {})
+        if node.get(part) is None:  # a missing or empty (`train:`) section
+            node[part] = {}
+        node = node[part]
         if not isinstance(node, (dict, list)):
             raise LmforgeError(f"--set {override!r}: '{part}' is not a section")
     if isinstance(node, list):
-        node[int(parts[-1])] = value
+        node[_index(node, parts[-1], override)] = value
     else:
         node[parts[-1]] = value
 
 
 def recipe_from_dict(tree: dict, source: str = "recipe", overrides: Union[list[str], tuple] = ()) -> Recipe:
-    tree = dict(tree or {})
+    # Deep copy: overrides must not leak into the caller's dict; an empty section (`train:`) means defaults.
+    tree = {k: ({} if v is None and k in _SECTIONS else v) for k, v in copy.deepcopy(tree or {}).items()}
     for override in overrides:
         _apply_override(tree, override)
     try:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Iterable, Union
 
-from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 from lmforge.errors import LmforgeError
@@ -34,6 +34,9 @@ def build_untrained(kind: str, config: TokenizerConfig):
         tok.normalizer = normalizers.BertNormalizer(lowercase=config.lowercase)
         tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
         tok.decoder = decoders.WordPiece()
+        # BERT convention, so the saved tokenizer gives downstream users [CLS] … [SEP] like pretraining did.
+        tok.post_processor = processors.BertProcessing(("[SEP]", specials.index("[SEP]")),
+                                                        ("[CLS]", specials.index("[CLS]")))
         trainer = trainers.WordPieceTrainer(vocab_size=config.vocab_size, min_frequency=config.min_frequency,
                                             special_tokens=specials)
     elif kind == "bpe":
@@ -61,9 +64,20 @@ def build_untrained(kind: str, config: TokenizerConfig):
 
 
 def train_tokenizer(texts: Iterable[str], config: TokenizerConfig) -> PreTrainedTokenizerFast:
+    n_specials = len(set(_specials(config.kind).values()))
+    if config.kind == "bpe" and config.vocab_size < 256 + n_specials:
+        # Byte-level BPE always keeps all 256 bytes, so a smaller target would be silently exceeded.
+        raise LmforgeError(f"tokenizer.vocab_size: byte-level BPE needs at least {256 + n_specials} tokens "
+                           f"(256 bytes + {n_specials} special tokens), got {config.vocab_size}")
     tok, trainer = build_untrained(config.kind, config)
-    tok.train_from_iterator(texts, trainer=trainer)
-    if tok.get_vocab_size() <= len(set(_specials(config.kind).values())):
+    seen = [0]
+
+    def counted(texts=texts):  # count real text: BPE's byte alphabet fills the vocabulary even without any
+        for text in texts:
+            seen[0] += bool(text and text.strip())
+            yield text
+    tok.train_from_iterator(counted(), trainer=trainer)
+    if seen[0] == 0 or tok.get_vocab_size() <= n_specials:
         raise LmforgeError("tokenizer: training text is empty; no vocabulary was learnt")
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, model_max_length=1_000_000_000,
                                    clean_up_tokenization_spaces=False, **_specials(config.kind))

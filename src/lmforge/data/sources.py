@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import glob
 import hashlib
+import json
 from pathlib import Path
 from typing import Iterable, Optional, Union
 
@@ -14,6 +15,10 @@ from lmforge.recipe import DataConfig, SourceConfig
 
 EXTENSIONS = {".txt": "text", ".text": "text", ".md": "text", ".py": "text", ".jsonl": "jsonl",
               ".json": "jsonl", ".csv": "csv", ".tsv": "tsv", ".parquet": "parquet"}
+
+# Declared so a numeric, null or mixed-type text column becomes strings (else `datasets` keeps e.g. Json/int).
+FEATURES = datasets.Features({"text": datasets.Value("string"), "domain": datasets.Value("string"),
+                              "split": datasets.Value("string")})
 
 datasets.disable_progress_bars()
 
@@ -57,6 +62,22 @@ def _check_file(file: Path, fmt: str) -> None:
                 raise LmforgeError(
                     f"{file}: line {lineno}: not valid UTF-8 (byte {raw[err.start]:#04x} at column {err.start + 1})"
                 ) from None
+
+
+def _bad_json_line(files: list[Path]) -> Optional[str]:
+    """After a JSON parse failure: the first unparsable line of a .jsonl file, as 'FILE: line N: ...'."""
+    for file in files:
+        if file.suffix.lower() != ".jsonl":  # a .json file may be one document spanning many lines
+            continue
+        with open(file, encoding="utf-8") as fh:
+            for lineno, line in enumerate(fh, 1):
+                if not line.strip():
+                    continue
+                try:
+                    json.loads(line)
+                except ValueError as err:
+                    return f"{file}: line {lineno}: not valid JSON ({err.msg})"
+    return None
 
 
 def _load_files(src: SourceConfig, files: list[Path], fmt: str, streaming: bool, cache_dir: Optional[str]):
@@ -111,8 +132,14 @@ def load_documents(config: DataConfig, streaming: Optional[bool] = None):
                 ds = _load_files(src, group, fmt, streaming, config.cache_dir)
             except LmforgeError:
                 raise
-            except Exception as err:  # datasets/pyarrow parse errors: name the source
-                raise LmforgeError(f"{src.path}: could not read as {fmt}: {str(err).splitlines()[0]}") from None
+            except Exception as err:  # datasets/pyarrow parse errors: name the file (and line) if we can
+                located = _bad_json_line(group) if fmt == "jsonl" else None
+                if located:
+                    raise LmforgeError(located) from None
+                # `datasets` wraps the parser's error in a generic one; its cause says what was wrong.
+                cause = err.__cause__ or err
+                raise LmforgeError(
+                    f"{src.path}: could not read as {fmt}: {(str(cause) or str(err)).splitlines()[0]}") from None
             seed, frac, fixed, domain = config.split_seed, config.validation_fraction, src.split, src.domain
 
             def tag(batch, seed=seed, frac=frac, fixed=fixed, domain=domain):
@@ -121,13 +148,16 @@ def load_documents(config: DataConfig, streaming: Optional[bool] = None):
                         "split": [fixed or split_of(t, seed, frac) for t in texts]}
 
             kw = {} if streaming else {"num_proc": config.num_proc if config.num_proc > 1 else None}
-            ds = ds.map(tag, batched=True, **kw)
+            ds = ds.map(tag, batched=True, features=FEATURES, **kw)
             ds = ds.filter(lambda b: [bool(t.strip()) for t in b["text"]], batched=True, **kw)
             if not streaming and len(ds) == 0:
                 raise LmforgeError(f"{src.path}: no non-empty documents")
             parts.append(ds)
     if streaming:
-        return datasets.interleave_datasets(parts) if len(parts) > 1 else parts[0]
+        # Mix the sources, but keep going until every one is exhausted: the default strategy
+        # ('first_exhausted') silently dropped the rest of the longer sources.
+        return (datasets.interleave_datasets(parts, stopping_strategy="all_exhausted_without_replacement")
+                if len(parts) > 1 else parts[0])
     return datasets.concatenate_datasets(parts) if len(parts) > 1 else parts[0]
 
 

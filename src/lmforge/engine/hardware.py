@@ -38,8 +38,9 @@ def matmul_roof(device: str = "cpu", precision: str = "fp32", seconds: float = 0
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
     if device == "cpu":
         dtype = torch.float32  # CPU runs are fp32 (bf16 matmul is ~100x slower on typical CPUs)
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
+    gen = torch.Generator(device=device).manual_seed(0)  # never touch the global RNG (exact resume)
+    a = torch.randn(n, n, device=device, dtype=dtype, generator=gen)
+    b = torch.randn(n, n, device=device, dtype=dtype, generator=gen)
     best = 0.0
     deadline = time.perf_counter() + seconds
     while True:
