@@ -92,7 +92,8 @@ def pretrain(recipe: Recipe, *, resume: bool = False, force: bool = False, show_
     def evaluate(m):
         if data is None:
             return {}
-        return evaluate_blocks(m, objective, data, batch_size=cfg.batch_size, max_batches=cfg.eval_batches)
+        cap = cfg.eval_batches * world if cfg.eval_batches else None  # eval_batches is per process
+        return evaluate_blocks(m, objective, data, batch_size=cfg.batch_size, max_batches=cap)
 
     engine = Engine(model, tokenizer, objective, loader, cfg, run_dir, evaluate=evaluate, flops_per_token=fpt,
                     tensorboard=recipe.output.tensorboard, plots=recipe.output.plots, show_progress=show_progress)

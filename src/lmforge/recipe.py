@@ -96,7 +96,7 @@ class TrainConfig(Section):
     compile: bool = Field(False, description="torch.compile the model.")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Where to train.")
     eval_every: int = Field(200, ge=0, description="Evaluate every N steps (0: only at the end).")
-    eval_batches: Optional[int] = Field(None, ge=1, description="Cap on validation batches per evaluation.")
+    eval_batches: Optional[int] = Field(None, ge=1, description="Cap on validation batches per process per evaluation.")
     log_every: int = Field(10, ge=1, description="Log training metrics every N steps.")
     save_every: int = Field(0, ge=0, description="Checkpoint every N steps (0: at each evaluation).")
     keep_last: int = Field(2, ge=1, description="Step checkpoints kept (the best is kept apart).")

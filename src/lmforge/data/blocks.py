@@ -96,12 +96,13 @@ def build_blocks(data: DataConfig, tokenizer, objective: ObjectiveConfig, progre
         _build_cache(data, tokenizer, objective, target, progress)
     dist.barrier()
     meta = json.loads((target / "meta.json").read_text())
-    train = datasets.load_from_disk(str(target / "train"))
-    val = datasets.load_from_disk(str(target / "validation")) if meta["validation_blocks"] else None
-    if len(train) == 0:
+    # Checked before loading: `datasets` cannot load back a split saved with zero rows.
+    if meta["train_blocks"] == 0:
         raise LmforgeError(
             f"data: no full block of {objective.block_size} tokens in the training split; "
             "add text or lower objective.block_size")
+    train = datasets.load_from_disk(str(target / "train"))
+    val = datasets.load_from_disk(str(target / "validation")) if meta["validation_blocks"] else None
     return BlockData(train=train, validation=val, domains=meta["domains"], block_size=objective.block_size)
 
 
