@@ -27,14 +27,26 @@ from lmforge.recipe import Recipe
 from lmforge.tokenizer import load_tokenizer, train_tokenizer
 
 
+RUN_ARTEFACTS = {"recipe.yaml", "metrics.jsonl", "tensorboard", "tokenizer", "best", "checkpoints", "final",
+                 "loss.png", "summary.md", "results.json", "eval-validation.json", "eval-train.json",
+                 ".tokenizer.tmp", ".recipe.yaml.tmp"}
+
+
 def prepare_run_dir(recipe: Recipe, resume: bool, force: bool) -> Path:
     run_dir = Path(recipe.output.dir)
-    if dist.is_main():
-        if run_dir.exists() and any(run_dir.iterdir()) and not resume:
-            if not force:
-                raise LmforgeError(f"{run_dir}: the run folder already exists; pass --resume to continue it "
-                                   "or --force to start over")
+    if dist.is_main() and run_dir.is_dir() and not resume:
+        entries = {p.name for p in run_dir.iterdir()}
+        trained = entries & {"checkpoints", "final"}
+        if (trained or entries - RUN_ARTEFACTS) and not force:
+            what = "holds a trained run" if trained else "holds files lmforge did not write"
+            raise LmforgeError(f"{run_dir}: the run folder {what}; pass --resume to continue it "
+                               "or --force to start over")
+        if trained or force:
             shutil.rmtree(run_dir)
+        else:  # leftovers of a run that failed before its first checkpoint
+            for name in entries:
+                shutil.rmtree(run_dir / name) if (run_dir / name).is_dir() else (run_dir / name).unlink()
+    if dist.is_main():
         try:
             run_dir.mkdir(parents=True, exist_ok=True)
             probe = run_dir / ".write-test"

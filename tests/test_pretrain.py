@@ -1,0 +1,138 @@
+"""Pretraining runs end to end on CPU: losses fall, folders are readable, bad input fails clearly."""
+
+import json
+import os
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from conftest import tiny_recipe
+from lmforge.cli import app
+from lmforge.errors import LmforgeError
+from lmforge.evaluate import evaluate_run
+from lmforge.pretrain import pretrain
+from lmforge.recipe import recipe_from_dict
+
+runner = CliRunner()
+
+
+@pytest.mark.parametrize("objective", ["clm", "mlm"])
+def test_tiny_run_learns_and_leaves_a_readable_folder(tmp_path, corpus, objective):
+    tree = tiny_recipe(corpus, tmp_path / "run", objective, max_steps=40, eval_every=20, lr=5e-3)
+    tree["output"]["plots"] = True
+    run_dir = pretrain(recipe_from_dict(tree), show_progress=False)
+    records = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in records if "split" not in r]
+    val = [r for r in records if r.get("split") == "validation"]
+    assert train[-1]["loss"] < train[0]["loss"] - 1.0
+    assert {"loss/prose", "loss/code", "ppl/prose", "ppl/code"} <= set(val[-1])
+    assert val[-1]["loss"] < val[0]["loss"]
+    assert train[-1]["tokens_per_s"] > 0 and 0 < train[-1]["mfu"] < 1.5
+    for name in ("recipe.yaml", "summary.md", "loss.png", "results.json", "final/model.safetensors",
+                 "final/config.json", "final/tokenizer.json", "best/model.safetensors", "tokenizer/tokenizer.json"):
+        assert (run_dir / name).exists(), name
+    assert "| prose |" in (run_dir / "summary.md").read_text()
+    # `lmforge eval` on the folder reproduces the final validation figures
+    metrics = evaluate_run(run_dir, max_batches=2)
+    assert metrics["loss"] == pytest.approx(val[-1]["loss"], rel=1e-5)
+
+
+def test_document_masking_run(tmp_path, corpus):
+    tree = tiny_recipe(corpus, tmp_path / "run", "clm", max_steps=5)
+    tree["objective"]["document_mask"] = True
+    tree["model"]["family"] = "llama"
+    run_dir = pretrain(recipe_from_dict(tree), show_progress=False)
+    assert (run_dir / "final" / "model.safetensors").exists()
+
+
+def test_streaming_mode_trains(tmp_path, corpus):
+    tree = tiny_recipe(corpus, tmp_path / "run", "clm", max_steps=6, eval_every=0)
+    tree["data"]["streaming"] = True
+    run_dir = pretrain(recipe_from_dict(tree), show_progress=False)
+    losses = [json.loads(l)["loss"] for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert len(losses) == 6 and losses[-1] < losses[0]
+
+
+def test_continued_pretraining_from_minilm(tmp_path, corpus, minilm_dir):
+    tree = tiny_recipe(corpus, tmp_path / "run", "mlm", max_steps=2, eval_every=0, batch_size=4)
+    tree["model"] = {"path": str(minilm_dir)}
+    tree.pop("tokenizer")
+    run_dir = pretrain(recipe_from_dict(tree), show_progress=False)
+    config = json.loads((run_dir / "final" / "config.json").read_text())
+    assert config["num_hidden_layers"] == 6 and config["hidden_size"] == 384
+    assert (run_dir / "final" / "vocab.txt").exists() or (run_dir / "final" / "tokenizer.json").exists()
+
+
+def _cli(*args):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def test_bad_inputs_fail_with_one_clear_line(tmp_path, corpus, minilm_dir):
+    import yaml
+
+    def run(tree, name):
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(yaml.safe_dump(tree))
+        return _cli("pretrain", path, "--no-progress")
+
+    base = tiny_recipe(corpus, tmp_path / "out", "clm")
+    # a block size above the model's position limit
+    tree = json.loads(json.dumps(base))
+    tree["model"]["max_positions"] = 16
+    result = run(tree, "positions")
+    assert result.exit_code == 2 and "objective.block_size: 32 is above the model's position limit 16" in result.output
+    # a tokenizer whose vocabulary does not match the model
+    tree = tiny_recipe(corpus, tmp_path / "out2", "mlm")
+    tree["model"] = {"path": str(minilm_dir)}
+    tok_dir = tmp_path / "bigtok"
+    big = _cli("tokenizer", "train", _write(tmp_path / "tok.yaml", {**tree, "tokenizer": {
+        "kind": "bpe", "vocab_size": 31000}, "model": {"family": "bert"}}), "--out", tok_dir)
+    assert big.exit_code == 0, big.output
+    from transformers import AutoTokenizer
+    assert len(AutoTokenizer.from_pretrained(tok_dir)) <= 31000
+    # an output folder that cannot be written
+    blocker = tmp_path / "file-not-folder"
+    blocker.write_text("x")
+    tree = json.loads(json.dumps(base))
+    tree["output"]["dir"] = str(blocker / "run")
+    result = run(tree, "unwritable")
+    assert result.exit_code == 2 and "cannot write the run folder" in result.output
+    # a CSV without the named column
+    csv = tmp_path / "data.csv"
+    csv.write_text("body,label\nhello there,1\n")
+    tree = json.loads(json.dumps(base))
+    tree["data"]["sources"] = [{"path": str(csv), "text_column": "text"}]
+    result = run(tree, "csv")
+    assert result.exit_code == 2 and "no column 'text'" in result.output and "data.csv" in result.output
+    # a wrong type
+    tree = json.loads(json.dumps(base))
+    tree["train"]["max_steps"] = "many"
+    result = run(tree, "type")
+    assert result.exit_code == 2 and "train.max_steps" in result.output and "'many'" in result.output
+    # an existing run folder is never overwritten silently
+    tree = json.loads(json.dumps(base))
+    tree["output"]["dir"] = str(tmp_path / "existing")
+    (tmp_path / "existing").mkdir()
+    (tmp_path / "existing" / "keep.txt").write_text("precious")
+    result = run(tree, "existing")
+    assert result.exit_code == 2 and "--resume" in result.output
+    assert (tmp_path / "existing" / "keep.txt").read_text() == "precious"
+
+
+def test_vocabulary_mismatch_is_an_error(tmp_path, corpus, minilm_dir):
+    from lmforge.models import check_compatible, load_model
+    from lmforge.recipe import TokenizerConfig
+    from lmforge.tokenizer import train_tokenizer
+    model = load_model(minilm_dir, "mlm")
+    tok = train_tokenizer([f"w{i} x{i * 7}" for i in range(20000)],
+                          TokenizerConfig(kind="wordpiece", vocab_size=40000, min_frequency=1))
+    assert len(tok) > model.config.vocab_size
+    with pytest.raises(LmforgeError, match="tokenizer has .* tokens but the model's vocabulary holds 30522"):
+        check_compatible(model, tok, 32, str(minilm_dir))
+
+
+def _write(path, tree):
+    import yaml
+    path.write_text(yaml.safe_dump(tree))
+    return path
