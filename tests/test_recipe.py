@@ -64,9 +64,19 @@ def test_unknown_key_names_dotted_key_and_closest_valid_one():
 
 def test_unknown_nested_key_in_source_list():
     msg = _error({"data": {"sources": [{"path": "a.txt"}, {"pth": "b.txt"}]}})
-    assert "unknown key 'data.sources[1].pth'; did you mean 'path'?" in msg
-    # the missing required field is reported too, at the same dotted location
-    assert "data.sources[1].path: Field required" in msg
+    # the 'Field required' error for 'path' is implied by the suggestion and left out
+    assert msg == "r.yaml: unknown key 'data.sources[1].pth'; did you mean 'path'?"
+
+
+def test_several_errors_are_reported_on_one_line():
+    msg = _error({"train": {"lrr": 1, "batch_size": "x"}, "data": {"sources": [{"pth": "a"}, {}]}})
+    assert "\n" not in msg
+    parts = msg.split("; r.yaml: ")
+    assert len(parts) == 4
+    assert "unknown key 'data.sources[0].pth'; did you mean 'path'?" in msg
+    assert "data.sources[1].path: Field required" in msg  # not a misspelling: still reported
+    assert "train.batch_size: Input should be a valid integer" in msg and "(got 'x')" in msg
+    assert "unknown key 'train.lrr'; did you mean 'lr'?" in msg
 
 
 def test_unknown_top_level_section():
@@ -221,6 +231,15 @@ def test_cli_recipe_show_bad_recipe_exits_2_with_one_error_line(tmp_path):
     assert result.stdout == ""
     lines = result.output.strip().splitlines()
     assert lines == [f"error: {path}: unknown key 'train.lrr'; did you mean 'lr'?"]
+
+
+def test_cli_misspelt_required_key_and_several_errors_give_one_line(tmp_path):
+    path = _write(tmp_path, "data:\n  sources:\n    - pth: a.txt\ntrain:\n  lr: fast\n")
+    result = CliRunner().invoke(app, ["recipe", "show", str(path)])
+    assert result.exit_code == 2
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ")
+    assert "did you mean 'path'?" in lines[0] and "train.lr" in lines[0] and "(got 'fast')" in lines[0]
 
 
 def test_cli_recipe_show_missing_file_and_bad_set(tmp_path):

@@ -157,7 +157,7 @@ def _dotted(loc: tuple) -> str:
 
 
 def format_validation_error(err: ValidationError, source: str) -> str:
-    lines = []
+    lines, suggested, missing = [], set(), {}
     for e in err.errors():
         loc = tuple(p for p in e["loc"] if not (isinstance(p, str) and p.startswith("function-")))
         where = _dotted(loc)
@@ -167,11 +167,19 @@ def format_validation_error(err: ValidationError, source: str) -> str:
             close = difflib.get_close_matches(str(loc[-1]), valid, n=1, cutoff=0.5)
             hint = f"; did you mean '{close[0]}'?" if close else f"; valid keys: {', '.join(valid)}"
             lines.append(f"{source}: unknown key '{where}'{hint}")
+            if close:
+                suggested.add(loc[:-1] + (close[0],))
         else:
             value = e.get("input")
             shown = "" if isinstance(value, dict) else f" (got {value!r})"
             lines.append(f"{source}: {where or 'recipe'}: {e['msg']}{shown}")
-    return "\n".join(lines)
+            if e["type"] == "missing":
+                missing[loc] = lines[-1]
+    # A misspelt required key (`pth`) also reports `path` as missing; the 'did you mean' line says it all.
+    redundant = {missing[loc] for loc in suggested if loc in missing}
+    lines = [line for line in lines if line not in redundant]
+    # One line: the CLI prints "error: <message>" and the message must not spill onto unprefixed lines.
+    return "; ".join(lines)
 
 
 def _index(node: list, part: str, override: str) -> int:
