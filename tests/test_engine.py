@@ -98,14 +98,11 @@ def test_nan_losses_are_skipped_then_stop_with_last_checkpoint_intact(tmp_path, 
     cfg = TrainConfig(batch_size=8, max_steps=20, save_every=2, eval_every=0, max_bad_steps=3, log_every=1)
     engine = Engine(model, tok, objective, FixedLoader(ids, 8, 1), cfg, tmp_path,
                     tensorboard=False, plots=False, show_progress=False)
-    before = None
     with pytest.raises(LmforgeError, match="3 steps in a row with a NaN/inf loss.*step-000002"):
-        before = {k: v.clone() for k, v in model.state_dict().items()}
         engine.fit()
     assert (tmp_path / "checkpoints" / "step-000002" / "model.safetensors").is_file()
     assert not (tmp_path / "checkpoints" / "step-000004").exists()
     assert all(torch.isfinite(p).all() for p in model.parameters())  # NaN steps never touched the weights
-    assert before is not None
 
 
 def test_keep_last_and_best_checkpoint(tmp_path, mlm_setup):

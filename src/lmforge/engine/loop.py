@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from dataclasses import asdict, dataclass, field
@@ -151,7 +152,7 @@ class Engine:
         total = torch.zeros((), device=self.device)
         for m, batch in enumerate(micro):
             sync = m == len(micro) - 1 or dist.world_size() == 1
-            ctx = self.module.no_sync() if not sync else _null()
+            ctx = self.module.no_sync() if not sync else contextlib.nullcontext()
             with ctx:
                 with autocast(self.device_type, self.precision):
                     loss_sum, _, _ = self.module(batch)
@@ -267,11 +268,3 @@ class Engine:
             plot_losses(self.run_dir)
         self.log.close()
         return self.state
-
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
