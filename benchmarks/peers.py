@@ -73,7 +73,10 @@ def _timed_train(trainer):
 
 def _args(out_dir, **kw):
     """TrainingArguments shared by every peer run: CPU, fp32, no eval, no checkpoints, no
-    reporting integrations, no progress bar and data loading in the main process."""
+    reporting integrations, no progress bar and data loading in the main process. Columns are
+    kept because shift_labels / special_tokens_mask are not forward() arguments and Trainer
+    would strip them. Optimizer stays Trainer's default (torch's fused AdamW on torch >= 2.8),
+    which decays every weight but biases and LayerNorms: the same split as nanoGPT's."""
     return TrainingArguments(output_dir=out_dir, use_cpu=True, eval_strategy="no", save_strategy="no",
                              report_to=[], disable_tqdm=True, dataloader_num_workers=0,
                              remove_unused_columns=False, **kw)
@@ -182,7 +185,9 @@ def trainer_shakespeare_char(text_path=SHAKESPEARE, iters=2000, log=print):
 
 def train_wordpiece(text_path, out_dir, vocab_size=8000):
     """A BERT-style WordPiece tokenizer trained on `text_path`, saved in HF format to `out_dir`
-    (for standalone runs: the real benchmarks pass their own tokenizer_dir)."""
+    (for standalone runs: the real benchmarks pass their own tokenizer_dir). The `tokenizers`
+    trainer breaks frequency ties differently from run to run, so MLM figures are only
+    reproducible with a fixed tokenizer_dir."""
     from tokenizers import BertWordPieceTokenizer
     tok = BertWordPieceTokenizer(lowercase=True)
     tok.train([text_path], vocab_size=vocab_size, min_frequency=2,
@@ -249,7 +254,7 @@ def trainer_mlm(text_path, tokenizer_dir, mode, steps, log=print):
     held_blocks = group_texts(_lines_to_examples(tok, held_lines, truncate=False))
     held_examples = _lines_to_examples(tok, held_lines, truncate=True)
 
-    set_seed(seed)
+    set_seed(seed)  # BertConfig's default dropout 0.1 is kept, as in run_mlm.py
     model = BertForMaskedLM(BertConfig(
         vocab_size=len(tok), hidden_size=128, num_hidden_layers=4, num_attention_heads=4,
         intermediate_size=512, max_position_embeddings=128, pad_token_id=tok.pad_token_id,
