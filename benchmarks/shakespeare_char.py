@@ -40,9 +40,8 @@ def lmforge_run(text_path: Path, iters: int, work: Path, compile_: bool) -> dict
                              {"path": str(work / "val.txt"), "sample_by": "document", "split": "validation"}],
                  "cache_dir": str(work / "cache")},
         "tokenizer": {"kind": "char"},
-        "model": {"family": "gpt2", "n_layers": 4, "n_heads": 4, "d_model": 128, "dropout": 0.0,
-                  "max_positions": 65},
-        # 65 tokens in, 64 predictions: the same work per sequence as nanoGPT's (x, y) windows
+        "model": {"family": "gpt2", "n_layers": 4, "n_heads": 4, "d_model": 128, "dropout": 0.0},
+        # blocks of 65 tokens: 64 positions in, 64 predictions, as nanoGPT's (x, y) windows
         "objective": {"name": "clm", "block_size": 65},
         "train": {"batch_size": 12, "max_steps": iters, "lr": 1e-3, "min_lr": 1e-4, "warmup_steps": 100,
                   "betas": [0.9, 0.99], "weight_decay": 0.1, "grad_clip": 1.0, "eval_every": 0,

@@ -81,7 +81,7 @@ def test_bad_inputs_fail_with_one_clear_line(tmp_path, corpus, minilm_dir):
     tree = json.loads(json.dumps(base))
     tree["model"]["max_positions"] = 16
     result = run(tree, "positions")
-    assert result.exit_code == 2 and "objective.block_size: 32 is above the model's position limit 16" in result.output
+    assert result.exit_code == 2 and "objective.block_size: 32 needs 31 positions, above the model's position limit 16" in result.output
     # a tokenizer whose vocabulary does not match the model
     tree = tiny_recipe(corpus, tmp_path / "out2", "mlm")
     tree["model"] = {"path": str(minilm_dir)}

@@ -45,6 +45,20 @@ def quickstart(out: Path = typer.Option(Path("runs/quickstart"), help="Folder fo
 
 
 @app.command()
+def prep(recipe: Path = typer.Argument(..., help="Prep recipe YAML file."),
+         set_: List[str] = typer.Option([], "--set", help="Override a recipe field, e.g. --set dedup.threshold=0.6."),
+         force: bool = typer.Option(False, help="Replace an existing output folder."),
+         progress: bool = typer.Option(True, help="Show a progress bar.")):
+    """Normalise, filter, deduplicate, split and mix raw text into a dataset folder that pretraining reads."""
+    from lmforge.prep import load_prep_recipe, prep as run
+    try:
+        out = run(load_prep_recipe(recipe, set_), force=force, show_progress=progress)
+        typer.echo(f"prepared data: {out} (report: {out / 'report.md'})")
+    except LmforgeError as err:
+        _fail(err)
+
+
+@app.command()
 def pretrain(recipe: Path = typer.Argument(..., help="Recipe YAML file."),
              set_: List[str] = typer.Option([], "--set", help=SET_HELP),
              resume: bool = typer.Option(False, help="Continue from the run folder's latest checkpoint."),

@@ -40,7 +40,7 @@ def make_config(cfg: ModelConfig, objective: ObjectiveConfig, tokenizer):
     dims = dimensions(cfg)
     ids = special_ids(tokenizer)
     vocab = len(tokenizer)
-    positions = cfg.max_positions or objective.block_size
+    positions = cfg.max_positions or (objective.block_size - (objective.name == "clm"))
     p = cfg.dropout
     common = dict(vocab_size=vocab, pad_token_id=ids["pad"], bos_token_id=ids["bos"], eos_token_id=ids["eos"])
     if cfg.family == "bert":
@@ -94,7 +94,7 @@ def build_model(cfg: ModelConfig, objective: ObjectiveConfig, tokenizer, seed: i
         config = make_config(cfg, objective, tokenizer)
         config._attn_implementation = "sdpa"
         model = auto_class(objective.name).from_config(config, attn_implementation="sdpa")
-    check_compatible(model, tokenizer, objective.block_size, cfg.path or "model")
+    check_compatible(model, tokenizer, objective.block_size, cfg.path or "model", causal=objective.name == "clm")
     return model
 
 
@@ -117,14 +117,16 @@ def max_block_size(model) -> int:
     return (limit or 10**9) - POSITION_OFFSET.get(family_of(model), 0)
 
 
-def check_compatible(model, tokenizer, block_size: int, where: str) -> None:
+def check_compatible(model, tokenizer, block_size: int, where: str, causal: bool = False) -> None:
     vocab = model.get_input_embeddings().num_embeddings
     if len(tokenizer) > vocab:
         raise LmforgeError(f"{where}: the tokenizer has {len(tokenizer)} tokens but the model's vocabulary "
                            f"holds {vocab}; use the checkpoint's own tokenizer (tokenizer.path)")
     limit = max_block_size(model)
-    if block_size > limit:
-        raise LmforgeError(f"objective.block_size: {block_size} is above the model's position limit {limit}")
+    positions = block_size - 1 if causal else block_size  # a causal LM never feeds the last token
+    if positions > limit:
+        raise LmforgeError(f"objective.block_size: {block_size} needs {positions} positions, above the model's "
+                           f"position limit {limit}")
 
 
 def count_parameters(model) -> dict:

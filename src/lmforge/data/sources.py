@@ -20,6 +20,9 @@ EXTENSIONS = {".txt": "text", ".text": "text", ".md": "text", ".py": "text", ".j
 FEATURES = datasets.Features({"text": datasets.Value("string"), "domain": datasets.Value("string"),
                               "split": datasets.Value("string")})
 
+# Written by `lmforge prep` into its output folder: such a folder is read with each row's own domain and split.
+PREPARED_MARKER = "lmforge-prep.json"
+
 datasets.disable_progress_bars()
 
 
@@ -111,6 +114,21 @@ def split_of(text: str, seed: int, fraction: float) -> str:
     return "validation" if int.from_bytes(digest, "little") / 2**64 < fraction else "train"
 
 
+def _load_prepared(src: SourceConfig, streaming: bool, cache_dir: Optional[str]) -> list:
+    parts = []
+    for split in ("train", "validation"):
+        files = sorted(str(f) for f in (Path(src.path) / split).glob("*.parquet"))
+        if not files:
+            continue
+        ds = datasets.load_dataset("parquet", data_files=files, split="train", streaming=streaming,
+                                   cache_dir=cache_dir).select_columns(["text", "domain"])
+        fixed = src.split or split
+        parts.append(ds.map(lambda b, s=fixed: {"split": [s] * len(b["text"])}, batched=True, features=FEATURES))
+    if not parts:
+        raise LmforgeError(f"{src.path}: prepared folder holds no Parquet shards")
+    return parts
+
+
 def load_documents(config: DataConfig, streaming: Optional[bool] = None):
     """All sources as one table with columns text, domain, split (rows with empty text dropped).
 
@@ -121,6 +139,9 @@ def load_documents(config: DataConfig, streaming: Optional[bool] = None):
     streaming = config.streaming if streaming is None else streaming
     parts = []
     for i, src in enumerate(config.sources):
+        if (Path(src.path) / PREPARED_MARKER).is_file():
+            parts.extend(_load_prepared(src, streaming, config.cache_dir))
+            continue
         files = expand_paths(src.path, f"data.sources[{i}].path")
         by_format: dict[str, list[Path]] = {}
         for f in files:

@@ -42,6 +42,29 @@ class LossModule(torch.nn.Module):
         return self.objective.loss(self.model, batch)
 
 
+def transformer_blocks(model) -> Optional[torch.nn.ModuleList]:
+    """The repeated layers of a transformers model (GPT-2, Llama, BERT-likes), if it has them."""
+    for path in ("transformer.h", "model.layers", "bert.encoder.layer", "roberta.encoder.layer",
+                 "electra.encoder.layer"):
+        module = model
+        for part in path.split("."):
+            module = getattr(module, part, None)
+        if isinstance(module, torch.nn.ModuleList) and len(module):
+            return module
+    return None
+
+
+def compile_model(module, model):
+    """Compile the repeated block once and reuse it for every layer (compile time of one layer, not
+    of the whole model); fall back to compiling the whole loss module."""
+    blocks = transformer_blocks(model)
+    if blocks is None:
+        return torch.compile(module)
+    for block in blocks:
+        block.compile()
+    return module
+
+
 def param_groups(model, weight_decay: float) -> list[dict]:
     """Decay only 2-D weights (matmuls, embeddings); never biases or norms."""
     decay, no_decay = [], []
@@ -84,7 +107,7 @@ class Engine:
         self.state = TrainState()
         module = LossModule(self.model, objective)
         if cfg.compile:
-            module = torch.compile(module)
+            module = compile_model(module, self.model)
         if dist.world_size() > 1:
             ids = [self.device.index] if self.device_type == "cuda" else None
             module = torch.nn.parallel.DistributedDataParallel(module, device_ids=ids)

@@ -40,10 +40,12 @@ class CausalLM(Objective):
         return torch.full((ids.size(0),), ids.size(1) - 1, dtype=torch.long)
 
     def loss(self, model, batch):
+        # A block of T tokens gives T-1 predictions; the model runs on those T-1 positions only
+        # (the last token's prediction would have no target).
         ids = batch["input_ids"]
-        kwargs = {"position_ids": batch["position_ids"]} if "position_ids" in batch else {}
-        logits = model(input_ids=ids, use_cache=False, **kwargs).logits
+        kwargs = {"position_ids": batch["position_ids"][:, :-1]} if "position_ids" in batch else {}
+        logits = model(input_ids=ids[:, :-1], use_cache=False, **kwargs).logits
         targets = ids[:, 1:]
-        losses = token_cross_entropy(logits[:, :-1].reshape(-1, logits.size(-1)), targets.reshape(-1))
+        losses = token_cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1))
         per_example = losses.view(ids.size(0), -1).sum(1)
         return per_example.sum(), torch.tensor(targets.numel(), device=ids.device), per_example

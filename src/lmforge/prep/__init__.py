@@ -1,0 +1,6 @@
+"""Data preparation: raw text → normalised, filtered, deduplicated, split and mixed Parquet dataset."""
+
+from lmforge.prep.config import PrepRecipe, load_prep_recipe, prep_recipe_from_dict
+from lmforge.prep.pipeline import MARKER, prep
+
+__all__ = ["PrepRecipe", "load_prep_recipe", "prep_recipe_from_dict", "prep", "MARKER"]

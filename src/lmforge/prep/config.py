@@ -1,0 +1,182 @@
+"""The prep recipe: one YAML file, one pydantic model per section, the same error style as run recipes."""
+
+from __future__ import annotations
+
+import copy
+import difflib
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+import yaml
+from pydantic import BaseModel, Field, ValidationError, model_validator
+
+from lmforge.errors import LmforgeError
+from lmforge.recipe import Section, SourceConfig, _apply_override, _dotted
+
+
+class NormalizeConfig(Section):
+    unicode: Literal["NFC", "NFKC", "none"] = Field("NFKC", description="Unicode normal form applied to every document.")
+    control_chars: bool = Field(True, description="Drop control and zero-width characters (tabs and newlines stay).")
+    whitespace: bool = Field(True, description="Collapse runs of spaces, strip line ends, keep at most one blank line.")
+    boilerplate_min_docs: Optional[int] = Field(
+        None, ge=2, description="Drop lines found in at least this many documents of a domain (null: off).")
+    boilerplate_min_chars: int = Field(10, ge=1, description="Shorter lines are never treated as boilerplate.")
+    max_doc_chars: int = Field(1_000_000, ge=1000, description="Longer records are cut into pieces of this size.")
+
+
+class FilterConfig(Section):
+    """Gopher-style rules for prose; a threshold of null turns that rule off."""
+    min_words: Optional[int] = Field(50, ge=0, description="Fewest words in a document.")
+    max_words: Optional[int] = Field(100_000, ge=1, description="Most words in a document.")
+    min_mean_word_length: Optional[float] = Field(3.0, ge=0, description="Shortest mean word length (characters).")
+    max_mean_word_length: Optional[float] = Field(10.0, ge=0, description="Longest mean word length (characters).")
+    max_symbol_word_ratio: Optional[float] = Field(0.1, ge=0, description="Most '#' and ellipses per word.")
+    min_punct_line_fraction: Optional[float] = Field(
+        None, ge=0, le=1, description="Least fraction of lines ending in terminal punctuation (C4 rule).")
+    max_ellipsis_line_fraction: Optional[float] = Field(0.3, ge=0, le=1, description="Most lines ending in an ellipsis.")
+    max_bullet_line_fraction: Optional[float] = Field(0.9, ge=0, le=1, description="Most lines starting with a bullet.")
+    max_non_alpha_word_fraction: Optional[float] = Field(
+        0.2, ge=0, le=1, description="Most words without any alphabetic character.")
+    max_dup_line_fraction: Optional[float] = Field(0.3, ge=0, le=1, description="Most lines that repeat another line.")
+    max_dup_line_char_fraction: Optional[float] = Field(
+        0.2, ge=0, le=1, description="Most characters in repeated lines.")
+    max_top_ngram_char_fraction: dict[int, float] = Field(
+        {2: 0.20, 3: 0.18, 4: 0.16}, description="n → most characters covered by the most frequent word n-gram.")
+    max_dup_ngram_char_fraction: dict[int, float] = Field(
+        {5: 0.15, 6: 0.14, 7: 0.13, 8: 0.12, 9: 0.11, 10: 0.10},
+        description="n → most characters covered by repeated word n-grams.")
+
+
+class CodeFilterConfig(Section):
+    """Rules for code domains (as used for The Stack); prose rules do not apply to them."""
+    domains: list[str] = Field(["code"], description="Domains that hold source code.")
+    min_chars: Optional[int] = Field(20, ge=0, description="Fewest characters in a document.")
+    max_line_length: Optional[int] = Field(1000, ge=1, description="Longest line (characters).")
+    max_mean_line_length: Optional[float] = Field(100.0, ge=1, description="Longest mean line length.")
+    min_alnum_fraction: Optional[float] = Field(0.25, ge=0, le=1, description="Least fraction of alphanumeric characters.")
+
+
+class DedupConfig(Section):
+    exact: bool = Field(True, description="Drop documents whose normalised text (lowercase, words only) repeats.")
+    near: bool = Field(True, description="Drop near-duplicates found with MinHash + LSH.")
+    ngram: int = Field(2, ge=1, le=16, description="Word n-gram size of MinHash shingles.")
+    threshold: float = Field(0.5, gt=0, le=1, description="Estimated Jaccard similarity that makes two documents near-duplicates.")
+    num_perm: int = Field(128, ge=8, le=1024, description="MinHash permutations (signature length).")
+    bands: Optional[int] = Field(None, ge=1, description="LSH bands (null: chosen from the threshold).")
+    seed: int = Field(1, description="Seed of the MinHash permutations.")
+
+
+class SplitConfig(Section):
+    validation_fraction: float = Field(0.05, ge=0.0, lt=1.0, description="Seeded fraction of each domain held out.")
+    validation_count: Optional[int] = Field(
+        None, ge=0, description="Hold out exactly this many documents per domain instead (null: use the fraction).")
+    seed: int = Field(0, description="Seed of the split.")
+
+
+class MixConfig(Section):
+    temperature: float = Field(1.0, gt=0, description="Sampling ∝ size^(1/T): 1 keeps natural sizes, larger flattens.")
+    weights: Optional[dict[str, float]] = Field(None, description="Explicit domain → weight (overrides temperature).")
+    by: Literal["tokens", "words", "documents"] = Field("tokens", description="What a domain's size counts.")
+    resample: bool = Field(True, description="Repeat or drop training documents so the stream follows the weights.")
+    seed: int = Field(0, description="Seed of the resampling.")
+
+
+class OutputConfig(Section):
+    dir: str = Field("data/prepared", description="Dataset folder to write (replaced only when complete).")
+    tokenizer: Optional[str] = Field(None, description="Local HF tokenizer folder used to count tokens (null: regex count).")
+    plots: bool = Field(True, description="Write the report's PNG figures.")
+    examples: int = Field(5, ge=0, description="Duplicate clusters shown in the report.")
+
+
+class PrepRecipe(Section):
+    name: str = Field("prep", description="Name of the dataset.")
+    sources: list[SourceConfig] = Field(default_factory=list, description="Raw inputs, each with a domain tag.")
+    num_proc: int = Field(1, ge=1, description="Worker processes.")
+    shard_mb: float = Field(16.0, gt=0, description="Input megabytes per work unit (units are resumable).")
+    normalize: NormalizeConfig = Field(default_factory=NormalizeConfig)
+    filters: FilterConfig = Field(default_factory=FilterConfig)
+    code: CodeFilterConfig = Field(default_factory=CodeFilterConfig)
+    dedup: DedupConfig = Field(default_factory=DedupConfig)
+    split: SplitConfig = Field(default_factory=SplitConfig)
+    mix: MixConfig = Field(default_factory=MixConfig)
+    output: OutputConfig = Field(default_factory=OutputConfig)
+
+    @model_validator(mode="after")
+    def _check(self) -> "PrepRecipe":
+        if not self.sources:
+            raise ValueError("the recipe names no sources")
+        if self.dedup.bands is not None and self.dedup.num_perm % self.dedup.bands:
+            raise ValueError(f"dedup.bands ({self.dedup.bands}) must divide dedup.num_perm ({self.dedup.num_perm})")
+        return self
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+_SECTIONS = {k for k, f in PrepRecipe.model_fields.items()
+             if isinstance(f.annotation, type) and issubclass(f.annotation, BaseModel)}
+
+
+def _owner(loc: tuple) -> Optional[type[BaseModel]]:
+    cls: Any = PrepRecipe
+    for part in loc[:-1]:
+        if isinstance(part, int):
+            continue
+        field = cls.model_fields.get(part) if cls else None
+        if field is None:
+            return None
+        inner = getattr(field.annotation, "__args__", (field.annotation,))
+        cls = next((a for a in inner if isinstance(a, type) and issubclass(a, BaseModel)), None)
+    return cls
+
+
+def _format(err: ValidationError, source: str) -> str:
+    # The run recipe's formatter is bound to its own root model; this one walks PrepRecipe.
+    lines = []
+    for e in err.errors():
+        loc = tuple(e["loc"])
+        if e["type"] == "extra_forbidden":
+            owner = _owner(loc)
+            valid = list(owner.model_fields) if owner else []
+            close = difflib.get_close_matches(str(loc[-1]), valid, n=1, cutoff=0.5)
+            hint = f"; did you mean '{close[0]}'?" if close else f"; valid keys: {', '.join(valid)}"
+            lines.append(f"{source}: unknown key '{_dotted(loc)}'{hint}")
+        else:
+            value = e.get("input")
+            shown = "" if isinstance(value, dict) else f" (got {value!r})"
+            lines.append(f"{source}: {_dotted(loc) or 'recipe'}: {e['msg']}{shown}")
+    return "; ".join(lines)
+
+
+def prep_recipe_from_dict(tree: dict, source: str = "recipe", overrides: Union[list[str], tuple] = ()) -> PrepRecipe:
+    tree = {k: ({} if v is None and k in _SECTIONS else v) for k, v in copy.deepcopy(tree or {}).items()}
+    for override in overrides:
+        _apply_override(tree, override)
+    try:
+        return PrepRecipe.model_validate(tree)
+    except ValidationError as err:
+        raise LmforgeError(_format(err, source)) from None
+
+
+def load_prep_recipe(path: Union[str, Path], overrides: Union[list[str], tuple] = ()) -> PrepRecipe:
+    path = Path(path)
+    if not path.is_file():
+        raise LmforgeError(f"{path}: recipe file not found")
+    try:
+        tree = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        raise LmforgeError(f"{path}:{where} invalid YAML: {getattr(err, 'problem', err)}") from None
+    if tree is not None and not isinstance(tree, dict):
+        raise LmforgeError(f"{path}: a prep recipe is a mapping (sources, filters, dedup, ...)")
+    recipe = prep_recipe_from_dict(tree or {}, str(path), overrides)
+    base = path.parent
+    for src in recipe.sources:
+        # As in run recipes: a relative input path is read from the recipe's folder when it is there.
+        p = src.path
+        if not (Path(p).is_absolute() or Path(p).exists()):
+            candidate = base / p
+            if candidate.exists() or any(ch in p for ch in "*?["):
+                src.path = str(candidate)
+    return recipe

@@ -1,0 +1,167 @@
+"""Exact and near-duplicate detection: normalised hashes, MinHash signatures, LSH banding, clusters.
+
+Signatures are computed per batch with numpy: word hashes → word n-gram (shingle) hashes by a
+rolling combination → `(a·x + b) >> 32` for every permutation → the minimum per document. Word
+hashes are xxhash of the word itself (cached per distinct word), so different processes agree.
+"""
+
+from __future__ import annotations
+
+import re
+from functools import lru_cache
+from typing import Optional
+
+import numpy as np
+import xxhash
+
+from lmforge.prep.filters import WordTable
+
+_TOKEN = re.compile(r"\w+")
+_MULT = np.uint64(0xBF58476D1CE4E5B9)
+_CHUNK = 8192  # shingles per (chunk × permutations) matrix: bounds the temporary memory
+
+
+def dedup_tokens(text: str) -> list[str]:
+    """What near-duplicate detection compares: lower-case word tokens, punctuation dropped."""
+    return _TOKEN.findall(text.lower())
+
+
+def exact_key(tokens: list[str], text: str) -> int:
+    # Two documents that differ only in case, punctuation or spacing are exact duplicates.
+    joined = " ".join(tokens) if tokens else text
+    return xxhash.xxh64_intdigest(joined.encode("utf-8", "surrogatepass"))
+
+
+class MinHasher:
+    def __init__(self, num_perm: int = 128, ngram: int = 2, seed: int = 1):
+        rng = np.random.default_rng(seed)
+        self.a = rng.integers(0, 2**63, num_perm, np.uint64) * np.uint64(2) + np.uint64(1)
+        self.b = rng.integers(0, 2**63, num_perm, np.uint64)
+        self.num_perm, self.ngram = num_perm, ngram
+        self.table = WordTable()
+
+    def shingles(self, token_lists: list[list[str]]) -> tuple[np.ndarray, np.ndarray]:
+        """Shingle hashes of all documents, in document order, and the document of each."""
+        n = self.ngram
+        counts = np.fromiter(map(len, token_lists), np.int64, len(token_lists))
+        ids = self.table.ids([t for ts in token_lists for t in ts])  # first: it may grow the table
+        h = self.table.code[ids]
+        doc = np.repeat(np.arange(len(token_lists)), counts)
+        ends = np.cumsum(counts)
+        # A document shorter than n words gets one shingle made of all its words.
+        width = np.minimum(counts, n)
+        pos = np.arange(len(h))
+        keep = pos + width[doc] <= ends[doc]
+        pos = pos[keep]
+        d = doc[pos]
+        g = h[pos].copy()
+        for k in range(1, n):
+            step = k < width[d]
+            nxt = h[np.minimum(pos + k, len(h) - 1)]
+            g = np.where(step, g * _MULT + nxt, g)
+        return g, d
+
+    def signatures(self, token_lists: list[list[str]]) -> tuple[np.ndarray, np.ndarray]:
+        """(documents × num_perm) uint32 signatures, and which documents had any token."""
+        sig = np.full((len(token_lists), self.num_perm), np.iinfo(np.uint32).max, np.uint32)
+        g, d = self.shingles(token_lists)
+        for lo in range(0, len(g), _CHUNK):
+            gs, ds = g[lo:lo + _CHUNK], d[lo:lo + _CHUNK]
+            values = ((gs[:, None] * self.a[None, :] + self.b[None, :]) >> np.uint64(32)).astype(np.uint32)
+            first = np.flatnonzero(np.concatenate([[True], ds[1:] != ds[:-1]]))
+            mins = np.minimum.reduceat(values, first, axis=0)
+            rows = ds[first]
+            sig[rows] = np.minimum(sig[rows], mins)
+        valid = np.zeros(len(token_lists), bool)
+        valid[d] = True
+        return sig, valid
+
+
+@lru_cache(maxsize=64)
+def lsh_params(threshold: float, num_perm: int) -> tuple[int, int]:
+    """Bands and rows per band that minimise 0.1 × false positives + 0.9 × false negatives.
+
+    Missed pairs are lost for good while false candidates are only a signature comparison away from
+    being rejected, so the S-curve is shifted to make pairs just above the threshold candidates.
+    """
+    s = np.linspace(0, 1, 2001)
+    best, best_err = (1, num_perm), float("inf")
+    for b in range(1, num_perm + 1):
+        r = num_perm // b
+        p = 1 - (1 - s ** r) ** b  # probability that a pair of similarity s becomes a candidate
+        fp = np.trapezoid(np.where(s < threshold, p, 0), s)
+        fn = np.trapezoid(np.where(s >= threshold, 1 - p, 0), s)
+        err = 0.1 * fp + 0.9 * fn
+        if err < best_err:
+            best, best_err = (b, r), err
+    return best
+
+
+def _band_keys(sig: np.ndarray, bands: int, rows: int) -> np.ndarray:
+    rng = np.random.default_rng(12345)
+    mult = rng.integers(0, 2**63, rows, np.uint64) * np.uint64(2) + np.uint64(1)
+    keys = np.empty((len(sig), bands), np.uint64)
+    for start in range(0, len(sig), 65536):
+        block = np.asarray(sig[start:start + 65536], np.uint64)
+        for b in range(bands):
+            part = block[:, b * rows:(b + 1) * rows] * mult[None, :]
+            keys[start:start + len(block), b] = part.sum(axis=1) ^ np.uint64(b)
+    return keys
+
+
+def candidate_pairs(sig: np.ndarray, valid: np.ndarray, bands: int, rows: int) -> np.ndarray:
+    """Pairs (i < j) that share at least one LSH band: each bucket member is paired with the
+    bucket's first member and with its predecessor (enough to connect the bucket's cluster)."""
+    idx = np.flatnonzero(valid)
+    if len(idx) < 2:
+        return np.zeros((0, 2), np.int64)
+    keys = _band_keys(sig[idx], bands, rows)
+    found = []
+    for b in range(bands):
+        order = np.argsort(keys[:, b], kind="stable")
+        k = keys[order, b]
+        same = np.concatenate([[False], k[1:] == k[:-1]])
+        if not same.any():
+            continue
+        head = np.maximum.accumulate(np.where(~same, np.arange(len(k)), 0))
+        members = np.flatnonzero(same)
+        found.append(np.stack([order[head[members]], order[members]], 1))
+        found.append(np.stack([order[members - 1], order[members]], 1))
+    if not found:
+        return np.zeros((0, 2), np.int64)
+    pairs = idx[np.concatenate(found)]
+    pairs = np.sort(pairs, axis=1)
+    pairs = pairs[pairs[:, 0] != pairs[:, 1]]
+    n = np.int64(len(sig))
+    code = np.unique(pairs[:, 0] * n + pairs[:, 1])  # one int64 per pair: a 1-D unique is far faster
+    return np.stack([code // n, code % n], 1)
+
+
+def similarity(sig: np.ndarray, pairs: np.ndarray) -> np.ndarray:
+    """Estimated Jaccard similarity of each pair: the fraction of equal signature entries."""
+    out = np.empty(len(pairs))
+    for lo in range(0, len(pairs), 65536):
+        p = pairs[lo:lo + 65536]
+        out[lo:lo + 65536] = (np.asarray(sig[p[:, 0]]) == np.asarray(sig[p[:, 1]])).mean(axis=1)
+    return out
+
+
+def exact_pairs(keys: np.ndarray) -> np.ndarray:
+    order = np.argsort(keys, kind="stable")
+    k = keys[order]
+    same = np.flatnonzero(k[1:] == k[:-1]) + 1
+    return np.stack([order[same - 1], order[same]], 1) if len(same) else np.zeros((0, 2), np.int64)
+
+
+def duplicate_pairs(keys: np.ndarray, sig: Optional[np.ndarray], valid: Optional[np.ndarray], *,
+                    exact: bool, near: bool, threshold: float, bands: Optional[int] = None) -> np.ndarray:
+    """Pairs (i, j) of documents found to be duplicates: equal keys, or an LSH candidate pair whose
+    estimated Jaccard similarity reaches the threshold."""
+    parts = [exact_pairs(keys)] if exact else []
+    if near and sig is not None and len(keys) > 1:
+        num_perm = sig.shape[1]
+        b, r = (bands, num_perm // bands) if bands else lsh_params(threshold, num_perm)
+        cand = candidate_pairs(sig, valid, b, r)
+        if len(cand):
+            parts.append(cand[similarity(sig, cand) >= threshold])
+    return np.concatenate(parts).astype(np.int64) if parts else np.zeros((0, 2), np.int64)

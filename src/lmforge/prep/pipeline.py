@@ -1,0 +1,319 @@
+"""`prep`: raw sources → normalised, filtered, deduplicated, split and mixed Parquet dataset + report.
+
+Stages: (0, optional) count lines for boilerplate removal; (1) per work unit, in `num_proc`
+processes: read, normalise, filter, hash and sign — saved to a work folder, so a restarted run
+resumes with the units still to do; (2) over all signatures: exact and near-duplicate clusters,
+survivors, split, mixing weights; (3) write the shards, the marker file and the report into a
+temporary folder that replaces the output folder only when it is complete.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import multiprocessing as mp
+import os
+import shutil
+import time
+from collections import Counter
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from pathlib import Path
+from typing import Callable, Optional, Union
+
+import numpy as np
+import pyarrow.parquet as pq
+
+from lmforge.data.sources import PREPARED_MARKER as MARKER
+from lmforge.errors import LmforgeError
+from lmforge.prep import mix
+from lmforge.prep.config import PrepRecipe, load_prep_recipe
+from lmforge.prep.dedup import find_duplicates
+from lmforge.prep.read import Unit, plan_units
+from lmforge.prep.report import write_report
+from lmforge.prep.worker import HIST_EDGES, count_unit_lines, process_unit, unit_paths
+
+FORMAT_VERSION = 1
+
+
+def _fingerprint(recipe: PrepRecipe, units: list[Unit]) -> str:
+    """Changes when anything that stage 1 reads or depends on changes (not split or mix settings)."""
+    h = hashlib.sha256()
+    h.update(recipe.model_dump_json(include={"sources", "normalize", "filters", "code", "output"}).encode())
+    h.update(recipe.dedup.model_dump_json(include={"num_perm", "ngram", "seed"}).encode())
+    for unit in units:
+        for p in unit.parts:
+            st = os.stat(p.file)
+            h.update(f"{unit.index}:{p.source}:{Path(p.file).resolve()}:{p.start}:{p.end}:{st.st_size}:"
+                     f"{st.st_mtime_ns}".encode())
+    return h.hexdigest()[:16]
+
+
+def _map(fn: Callable, tasks: list[tuple], num_proc: int, on_result: Callable) -> None:
+    if num_proc == 1 or len(tasks) <= 1:
+        for task in tasks:
+            on_result(fn(*task))
+        return
+    # forkserver: workers do not inherit the parent's threads (torch, Arrow pools), which fork can deadlock on.
+    ctx = mp.get_context("forkserver")
+    with ProcessPoolExecutor(min(num_proc, len(tasks)), mp_context=ctx) as pool:
+        for future in as_completed([pool.submit(fn, *task) for task in tasks]):
+            on_result(future.result())
+
+
+def _boilerplate(recipe: PrepRecipe, units: list[Unit]) -> dict[str, set]:
+    counts: dict[str, Counter] = {}
+
+    def merge(result):
+        for domain, c in result.items():
+            counts.setdefault(domain, Counter()).update(c)
+    _map(count_unit_lines, [(recipe, u) for u in units], recipe.num_proc, merge)
+    threshold = recipe.normalize.boilerplate_min_docs
+    return {d: {k for k, n in c.items() if n >= threshold} for d, c in counts.items()}
+
+
+def _check_output(out: Path, force: bool) -> None:
+    if not out.exists():
+        return
+    if not force:
+        raise LmforgeError(f"{out}: already exists; pass --force to replace it")
+    if out.is_file() or (any(out.iterdir()) and not (out / MARKER).exists()):
+        raise LmforgeError(f"{out}: exists and is not a prep output folder; refusing to replace it")
+
+
+def _load_rows(work: Path, units: list[Unit], num_perm: int) -> tuple[dict, np.ndarray, list[int]]:
+    """The per-document columns of every unit (without text), and all signatures in one memmap."""
+    tables = [pq.read_table(unit_paths(work, u.index)["rows"], columns=["domain", "fixed", "words", "tokens",
+                                                                          "exact", "valid"]) for u in units]
+    sizes = [t.num_rows for t in tables]
+    cols = {name: np.concatenate([t.column(name).to_numpy(zero_copy_only=False) for t in tables])
+            if tables else np.zeros(0) for name in tables[0].column_names}
+    sig = np.lib.format.open_memmap(work / "signatures.npy", "w+", np.uint32, (max(sum(sizes), 1), num_perm))
+    at = 0
+    for u, n in zip(units, sizes):
+        sig[at:at + n] = np.load(unit_paths(work, u.index)["sig"], mmap_mode="r")
+        at += n
+    return cols, sig, sizes
+
+
+def _sum_by(codes: np.ndarray, values: np.ndarray, mask: np.ndarray, names: list[str]) -> dict[str, int]:
+    sums = np.bincount(codes[mask], weights=values[mask], minlength=len(names))
+    return {d: int(sums[i]) for i, d in enumerate(names)}
+
+
+def prep(recipe: Union[PrepRecipe, str, Path], *, force: bool = False, show_progress: bool = True,
+         overrides: Union[list[str], tuple] = ()) -> Path:
+    """Run the whole preparation; returns the dataset folder (train/ and validation/ Parquet shards)."""
+    if not isinstance(recipe, PrepRecipe):
+        recipe = load_prep_recipe(recipe, overrides)
+    t0 = time.perf_counter()
+    out = Path(recipe.output.dir)
+    _check_output(out, force)
+    if recipe.output.tokenizer and not (Path(recipe.output.tokenizer) / "tokenizer.json").is_file():
+        raise LmforgeError(f"output.tokenizer: {recipe.output.tokenizer}: no tokenizer.json there")
+    units, plan_events = plan_units(recipe.sources, recipe.num_proc, recipe.shard_mb)
+    if not units:
+        raise LmforgeError("sources: every source is empty; nothing to prepare")
+    work = out.parent / f".{out.name}.prep-work"
+    key = _fingerprint(recipe, units)
+    if work.exists() and not (work / f"key-{key}").exists():
+        shutil.rmtree(work)  # left by a run with other inputs or settings: its units do not apply
+    (work / "units").mkdir(parents=True, exist_ok=True)
+    (work / f"key-{key}").touch()
+    times: dict[str, float] = {}
+
+    tick = time.perf_counter()
+    boilerplate = _boilerplate(recipe, units) if recipe.normalize.boilerplate_min_docs else {}
+    if boilerplate:
+        times["boilerplate"] = time.perf_counter() - tick
+
+    # Stage 1: per unit, resumable.
+    tick = time.perf_counter()
+    results: dict[int, dict] = {}
+    todo = []
+    for u in units:
+        done = unit_paths(work, u.index)["stats"]
+        if done.exists():
+            results[u.index] = json.loads(done.read_text())
+        else:
+            todo.append(u)
+    resumed = len(results)
+    with _progress(show_progress, len(units), resumed) as advance:
+        def collect(stats):
+            results[stats["unit"]] = stats
+            advance()
+        _map(process_unit, [(recipe, u, work, boilerplate) for u in todo], recipe.num_proc, collect)
+    times["read, normalise, filter, sign"] = time.perf_counter() - tick
+
+    # Stage 2: duplicates, survivors, split, mixing.
+    tick = time.perf_counter()
+    cols, sig, sizes = _load_rows(work, units, recipe.dedup.num_perm)
+    n = len(cols["exact"])
+    domains = sorted({d for r in results.values() for d in r["before"]} | set(cols["domain"].tolist()))
+    code = {d: i for i, d in enumerate(domains)}
+    dom = np.array([code[d] for d in cols["domain"]], np.int64)
+    fixed = np.array([{"": -1, "train": mix.TRAIN, "validation": mix.VALIDATION}[f] for f in cols["fixed"]],
+                     np.int64)
+    exact = cols["exact"].astype(np.uint64)
+    labels = find_duplicates(exact, sig[:n], cols["valid"].astype(bool), exact=recipe.dedup.exact,
+                             near=recipe.dedup.near, threshold=recipe.dedup.threshold, bands=recipe.dedup.bands)
+    kept, dup_reasons = mix.choose_survivors(labels, exact, fixed == mix.VALIDATION)
+    s = recipe.split
+    split = mix.assign_split(kept, dom, fixed, mix.uniform(exact, s.seed), s.validation_fraction,
+                             s.validation_count)
+    words, tokens = cols["words"].astype(np.int64), cols["tokens"].astype(np.int64)
+    train = split == mix.TRAIN
+    measure = {"tokens": tokens, "words": words, "documents": np.ones(n, np.int64)}[recipe.mix.by]
+    sizes_by_domain = _sum_by(dom, measure, train, domains)
+    active = {d: v for d, v in sizes_by_domain.items() if v > 0}
+    if not active:
+        raise LmforgeError("no training documents survive the filters and deduplication; "
+                           "relax the filters or add data")
+    weights = mix.domain_weights(active, recipe.mix.temperature, recipe.mix.weights)
+    total = sum(active.values())
+    ratio_by_domain = {d: weights[d] * total / active[d] for d in active}
+    ratio = np.array([ratio_by_domain.get(d, 0.0) for d in domains])[dom]
+    repeats = np.where(train, mix.repeat_counts(ratio, mix.uniform(np.arange(n, dtype=np.uint64),
+                                                                     recipe.mix.seed + 7919)), 0)
+    if not recipe.mix.resample:
+        repeats = train.astype(np.int64)
+    times["deduplicate, split, mix"] = time.perf_counter() - tick
+
+    # Stage 3: write everything into a temporary folder, then swap it in.
+    tick = time.perf_counter()
+    tmp = work / "output"
+    shutil.rmtree(tmp, ignore_errors=True)
+    (tmp / "train").mkdir(parents=True)
+    (tmp / "validation").mkdir()
+    offsets = np.concatenate([[0], np.cumsum(sizes)])
+    examples = _duplicate_examples(labels, kept, dup_reasons, sig, work, units, offsets, recipe.output.examples)
+    for u, lo, hi in zip(units, offsets[:-1], offsets[1:]):
+        if hi == lo:
+            continue
+        table = pq.read_table(unit_paths(work, u.index)["rows"], columns=["text", "domain"])
+        take_train = np.repeat(np.arange(hi - lo), repeats[lo:hi])
+        take_val = np.flatnonzero(split[lo:hi] == mix.VALIDATION)
+        for name, take in (("train", take_train), ("validation", take_val)):
+            if len(take):
+                pq.write_table(table.take(take), tmp / name / f"part-{u.index:05d}.parquet")
+    times["write"] = time.perf_counter() - tick
+
+    stats = _stats(recipe, results, plan_events, domains, dom, words, tokens, split, repeats, kept, labels,
+                   dup_reasons, weights, active, ratio_by_domain, resumed)
+    stats["input_bytes"] = int(sum(r["bytes"] for r in results.values()))
+    stats["seconds"] = time.perf_counter() - t0
+    stats["mb_per_s"] = stats["input_bytes"] / 2**20 / max(stats["seconds"], 1e-9)
+    stats["stage_seconds"] = times
+    (tmp / "stats.json").write_text(json.dumps(stats, indent=1))
+    write_report(tmp, stats, examples, plots=recipe.output.plots)
+    (tmp / MARKER).write_text(json.dumps({
+        "format": FORMAT_VERSION, "name": recipe.name, "domains": domains, "splits": ["train", "validation"],
+        "columns": ["text", "domain"], "recipe": recipe.model_dump(mode="json")}, indent=1))
+    _swap_in(tmp, out)
+    shutil.rmtree(work, ignore_errors=True)
+    return out
+
+
+def _swap_in(tmp: Path, out: Path) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    old = out.with_name(f".{out.name}.old{os.getpid()}")
+    if out.exists():
+        os.replace(out, old)
+    os.replace(tmp, out)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _duplicate_examples(labels, kept, reasons, sig, work, units, offsets, limit) -> list[dict]:
+    if limit == 0:
+        return []
+    sizes = np.bincount(labels, minlength=len(labels))
+    big = [c for c in np.argsort(-sizes, kind="stable")[:limit] if sizes[c] > 1]
+    wanted = {}
+    for c in big:
+        members = np.flatnonzero(labels == c)
+        keeper = members[kept[members]][0]
+        others = [m for m in members if m != keeper][:2]
+        wanted[int(c)] = [int(keeper)] + [int(m) for m in others]
+    rows = sorted({m for ms in wanted.values() for m in ms})
+    texts: dict[int, str] = {}
+    for u, lo, hi in zip(units, offsets[:-1], offsets[1:]):
+        inside = [m for m in rows if lo <= m < hi]
+        if inside:
+            col = pq.read_table(unit_paths(work, u.index)["rows"], columns=["text"]).column("text")
+            for m in inside:
+                texts[m] = col[m - lo].as_py()
+    out = []
+    for c, ms in wanted.items():
+        keeper = ms[0]
+        out.append({"size": int(sizes[c]), "members": [
+            {"kept": m == keeper, "reason": reasons[m], "text": texts[m],
+             "similarity": float((np.asarray(sig[m]) == np.asarray(sig[keeper])).mean())} for m in ms]})
+    return out
+
+
+def _stats(recipe, results, plan_events, domains, dom, words, tokens, split, repeats, kept, labels,
+           dup_reasons, weights, active, ratio_by_domain, resumed) -> dict:
+    before: dict = {d: Counter() for d in domains}
+    removed: dict = {d: Counter() for d in domains}
+    events: Counter = Counter(plan_events)
+    hist_before = {d: np.zeros(len(HIST_EDGES) - 1, np.int64) for d in domains}
+    for r in results.values():
+        for d, c in r["before"].items():
+            before[d].update(c)
+        for d, c in r["removed"].items():
+            removed[d].update(c)
+        events.update(r["events"])
+        for d, h in r["hist"].items():
+            hist_before[d] += np.asarray(h, np.int64)
+    for i in np.flatnonzero(~kept):
+        removed[domains[dom[i]]][dup_reasons[i]] += 1
+    per_domain = {}
+    for i, d in enumerate(domains):
+        mine = dom == i
+        part = {}
+        for name, weight in (("train", split == mix.TRAIN), ("validation", split == mix.VALIDATION),
+                             ("train_mixed", repeats)):
+            w = np.where(mine, weight, 0).astype(np.int64)
+            part[name] = {"docs": int(w.sum()), "words": int(w @ words), "tokens": int(w @ tokens)}
+        per_domain[d] = {"before": {k: int(v) for k, v in before[d].items()}, **part,
+                         "hist_before": hist_before[d].tolist(),
+                         "hist_after": np.histogram(np.maximum(words[mine & kept], 1), HIST_EDGES)[0].tolist()}
+    sizes = np.bincount(labels, minlength=len(labels))
+    clusters = sizes[sizes > 1]
+    natural = {d: v / sum(active.values()) for d, v in active.items()}
+    return {
+        "name": recipe.name, "num_proc": recipe.num_proc, "resumed_units": resumed,
+        "tokens_counted_with": recipe.output.tokenizer or "regex \\w+|[^\\w\\s]",
+        "domains": per_domain,
+        "removed": {d: dict(c) for d, c in removed.items() if c},
+        "input_events": dict(events),
+        "duplicates": {"clusters": int(len(clusters)), "documents_in_clusters": int(clusters.sum()),
+                       "largest": int(clusters.max()) if len(clusters) else 0,
+                       "size_counts": {int(k): int(v) for k, v in zip(*np.unique(clusters, return_counts=True))}},
+        "mix": {d: {"size": int(active[d]), "natural": natural[d], "weight": weights[d],
+                    "ratio": ratio_by_domain[d]} for d in active},
+        "mix_by": recipe.mix.by,
+        "hist_edges": HIST_EDGES.tolist(),
+    }
+
+
+class _progress:
+    """A rich progress bar over work units (a no-op when disabled)."""
+
+    def __init__(self, enabled: bool, total: int, done: int):
+        self.enabled, self.total, self.done = enabled, total, done
+
+    def __enter__(self):
+        if not self.enabled:
+            return lambda: None
+        from rich.console import Console
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+        self.bar = Progress(TextColumn("[bold]prep"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                            console=Console(stderr=True))
+        self.bar.__enter__()
+        task = self.bar.add_task("units", total=self.total, completed=self.done)
+        return lambda: self.bar.advance(task)
+
+    def __exit__(self, *exc):
+        if self.enabled:
+            self.bar.__exit__(*exc)
+        return False

@@ -1,0 +1,305 @@
+"""Tolerant, streaming readers: raw files → (source index, text) records, in work units.
+
+Unlike `lmforge.data.sources`, which stops at the first bad byte (a run recipe should name clean
+data), prep meets raw data: binary files, mixed encodings, a 50 MB line, empty sources. Each is
+skipped or split and counted under a named reason; nothing here raises on bad content.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import json
+import os
+import sys
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator, Optional
+
+from lmforge.data.sources import EXTENSIONS, expand_paths
+from lmforge.errors import LmforgeError
+from lmforge.recipe import SourceConfig
+
+# Formats whose records are single lines: a big file can be split into byte ranges at line ends.
+LINE_FORMATS = ("jsonl", "text-line")
+SNIFF_BYTES = 8192
+
+
+@dataclass
+class Part:
+    """A byte range of one file of one source; end < 0 means to the end of the file."""
+    source: int
+    file: str
+    start: int = 0
+    end: int = -1
+
+
+@dataclass
+class Unit:
+    """What one worker reads and processes in one go; its results are saved under its index."""
+    index: int
+    parts: list[Part] = field(default_factory=list)
+    bytes: int = 0
+
+
+def file_format(src: SourceConfig, file: Path) -> Optional[str]:
+    fmt = src.format if src.format != "auto" else EXTENSIONS.get(file.suffix.lower())
+    if fmt == "text":
+        return f"text-{src.sample_by}"
+    if fmt == "jsonl" and file.suffix.lower() == ".json":
+        return "json"  # one JSON document (a list or a mapping of records), read whole
+    return fmt
+
+
+def plan_units(sources: list[SourceConfig], num_proc: int, shard_mb: float) -> tuple[list[Unit], Counter]:
+    """Cut the inputs into work units of about `shard_mb` (smaller when that leaves workers idle)."""
+    events: Counter = Counter()
+    parts: list[tuple[Part, int]] = []
+    for i, src in enumerate(sources):
+        try:
+            files = expand_paths(src.path, f"sources[{i}].path")
+        except LmforgeError as err:
+            if "no data files found" not in str(err):
+                raise  # a path that does not exist is a typo in the recipe, not bad data
+            events["empty_source"] += 1
+            continue
+        for f in files:
+            size = f.stat().st_size
+            if size == 0:
+                events["empty_file"] += 1
+                continue
+            fmt = file_format(src, f)
+            step = int(shard_mb * 2**20)
+            if fmt in LINE_FORMATS and size > step:
+                for start in range(0, size, step):
+                    parts.append((Part(i, str(f), start, min(size, start + step)), min(step, size - start)))
+            else:
+                parts.append((Part(i, str(f)), size))
+    total = sum(n for _, n in parts)
+    # At least ~4 units per worker so that one slow unit does not leave the other workers idle.
+    target = min(shard_mb * 2**20, max(2**20, total / (4 * num_proc)))
+    units: list[Unit] = []
+    for part, n in parts:
+        if not units or units[-1].bytes >= target:
+            units.append(Unit(len(units)))
+        units[-1].parts.append(part)
+        units[-1].bytes += n
+    return units, events
+
+
+def decode(raw: bytes, events: Counter) -> str:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        # Mixed encodings: a Latin-1/Windows-1252 line inside a UTF-8 file is the common case.
+        events["decoded_as_cp1252"] += 1
+        return raw.decode("cp1252", errors="replace")
+
+
+def _is_binary(file: str) -> bool:
+    with open(file, "rb") as fh:
+        head = fh.read(SNIFF_BYTES)
+    return b"\x00" in head and not head.startswith((b"\xff\xfe", b"\xfe\xff"))
+
+
+def _lines(fh, part: Part, limit: int, events: Counter) -> Iterator[tuple[bytes, bool]]:
+    """Lines whose first byte lies in the part's range, each at most `limit` bytes.
+
+    A longer line comes out in pieces (`True` = more of the same line follows), cut at a space
+    when there is one near the end, else at a UTF-8 character boundary.
+    """
+    if part.start > 0:
+        fh.seek(part.start - 1)
+        fh.readline()  # the line in progress belongs to the previous part
+    end = part.end if part.end >= 0 else float("inf")
+    carry, mid_line = b"", False
+    while True:
+        if not mid_line and fh.tell() >= end:  # a line that began inside the range is read to its end
+            return
+        chunk = carry + fh.readline(limit - len(carry))
+        carry = b""
+        if not chunk:
+            return
+        if chunk.endswith(b"\n") or len(chunk) < limit:
+            mid_line = False
+            yield chunk, False
+            continue
+        cut = chunk.rfind(b" ", len(chunk) - len(chunk) // 8)
+        if cut <= 0:
+            cut = len(chunk)
+            while cut > len(chunk) - 4 and (chunk[cut - 1] & 0xC0) == 0x80:
+                cut -= 1
+            if cut > 0 and chunk[cut - 1] >= 0xC0:  # a lead byte whose continuation was cut off
+                cut -= 1
+        events["split_long_line"] += 1
+        carry, mid_line = chunk[cut:], True
+        yield chunk[:cut], True
+
+
+def _cut(text: str, limit: int, events: Counter) -> Iterator[str]:
+    if len(text) <= limit:
+        yield text
+        return
+    events["split_long_record"] += 1
+    start = 0
+    while start < len(text):
+        stop = min(len(text), start + limit)
+        if stop < len(text):
+            space = text.rfind(" ", start + limit // 2, stop)
+            stop = space + 1 if space > 0 else stop
+        yield text[start:stop]
+        start = stop
+
+
+def _text_value(value) -> Optional[str]:
+    if isinstance(value, str):
+        return value
+    if isinstance(value, list) and all(isinstance(v, str) for v in value):
+        return " ".join(value)  # e.g. PubMedQA's CONTEXTS: a list of paragraphs
+    if value is None or isinstance(value, (dict, list)):
+        return None
+    return str(value)
+
+
+def _read_text(fh, part: Part, mode: str, limit: int, events: Counter) -> Iterator[str]:
+    pieces: list[str] = []
+    size = 0
+    for raw, more in _lines(fh, part, limit, events):
+        line = decode(raw, events)
+        if mode == "line":
+            yield line
+            continue
+        if mode == "paragraph" and not more and not line.strip():
+            if pieces:
+                yield "".join(pieces)
+            pieces, size = [], 0
+            continue
+        pieces.append(line)
+        size += len(line)
+        if size >= limit:  # a paragraph or document too big for one record
+            events["split_long_record"] += 1
+            yield "".join(pieces)
+            pieces, size = [], 0
+    if pieces:
+        yield "".join(pieces)
+
+
+def _read_jsonl(fh, part: Part, column: str, limit: int, events: Counter) -> Iterator[str]:
+    skipping = False
+    for raw, more in _lines(fh, part, 8 * limit, events):
+        if skipping or more:  # a JSON record cannot be parsed in pieces
+            if not skipping:
+                events["record_too_long"] += 1
+            skipping = more
+            continue
+        if not raw.strip():
+            continue
+        try:
+            obj = json.loads(decode(raw, events))
+        except ValueError:
+            events["bad_json_line"] += 1
+            continue
+        text = _text_value(obj.get(column) if isinstance(obj, dict) else obj)
+        if text is None:
+            events["missing_text_field"] += 1
+            continue
+        yield text
+
+
+def _read_json(file: str, column: str, events: Counter) -> Iterator[str]:
+    try:
+        with open(file, "rb") as fh:
+            obj = json.loads(decode(fh.read(), events))
+    except ValueError:
+        events["bad_json_file"] += 1
+        return
+    records = obj if isinstance(obj, list) else list(obj.values()) if isinstance(obj, dict) else [obj]
+    if isinstance(obj, dict) and column in obj:
+        records = [obj]
+    for rec in records:
+        text = _text_value(rec.get(column) if isinstance(rec, dict) else rec)
+        if text is None:
+            events["missing_text_field"] += 1
+            continue
+        yield text
+
+
+def _read_csv(fh, part: Part, delimiter: str, column: str, limit: int, events: Counter) -> Iterator[str]:
+    csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
+    lines = (decode(raw, events) for raw, _ in _lines(fh, part, 8 * limit, events))
+    reader = csv.reader(lines, delimiter=delimiter)
+    try:
+        header = next(reader)
+    except (StopIteration, csv.Error):
+        return
+    if column not in header:
+        events["missing_text_column"] += 1
+        return
+    at = header.index(column)
+    while True:
+        try:
+            row = next(reader)
+        except StopIteration:
+            return
+        except csv.Error:
+            events["bad_csv_row"] += 1
+            continue
+        if len(row) <= at:
+            if row:
+                events["bad_csv_row"] += 1
+            continue
+        yield row[at]
+
+
+def _read_parquet(file: str, column: str, events: Counter) -> Iterator[str]:
+    import pyarrow.parquet as pq
+    try:
+        pf = pq.ParquetFile(file)
+        if column not in pf.schema_arrow.names:
+            events["missing_text_column"] += 1
+            return
+        for batch in pf.iter_batches(batch_size=1024, columns=[column]):
+            for value in batch.column(0).to_pylist():
+                text = _text_value(value)
+                if text is None:
+                    events["missing_text_field"] += 1
+                    continue
+                yield text
+    except (OSError, ValueError):  # pyarrow's errors derive from these
+        events["unreadable_file"] += 1
+        return
+
+
+def read_part(src: SourceConfig, part: Part, limit: int, events: Counter) -> Iterator[str]:
+    """Every text record of one part, each at most `limit` characters (longer ones are cut)."""
+    fmt = file_format(src, Path(part.file))
+    if fmt is None:
+        events["unknown_file_type"] += 1
+        return
+    if fmt != "parquet" and _is_binary(part.file):
+        events["binary_file"] += 1
+        return
+    try:
+        with contextlib.ExitStack() as stack:
+            if fmt == "parquet":
+                records = _read_parquet(part.file, src.text_column, events)
+            elif fmt == "json":
+                records = _read_json(part.file, src.text_column, events)
+            else:
+                fh = stack.enter_context(open(part.file, "rb"))
+                if fmt.startswith("text-"):
+                    records = _read_text(fh, part, fmt[5:], limit, events)
+                elif fmt == "jsonl":
+                    records = _read_jsonl(fh, part, src.text_column, limit, events)
+                else:
+                    records = _read_csv(fh, part, "\t" if fmt == "tsv" else ",", src.text_column, limit, events)
+            for text in records:
+                yield from _cut(text, limit, events)
+    except OSError:
+        events["unreadable_file"] += 1
+
+
+def part_bytes(part: Part) -> int:
+    size = os.path.getsize(part.file)
+    return (part.end if part.end >= 0 else size) - part.start

@@ -1,0 +1,181 @@
+"""Stage one, per work unit (in worker processes): read → normalise → filter → hash and sign.
+
+A unit's results are three files under the work folder — the kept documents (Parquet), their
+MinHash signatures (.npy) and its counts (.json, written last: its presence means the unit is done),
+so a restarted run skips finished units.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import time
+from collections import Counter, defaultdict
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from lmforge.prep.config import PrepRecipe
+from lmforge.prep.dedup import MinHasher, dedup_tokens, exact_key
+from lmforge.prep.filters import WordTable, quality_reasons
+from lmforge.prep.normalize import count_lines, normalize, strip_boilerplate
+from lmforge.prep.read import Unit, part_bytes, read_part
+
+BATCH_DOCS = 2000
+BATCH_CHARS = 4_000_000
+HIST_EDGES = np.logspace(0, 6, 49)  # words per document, 1 to 1M, log-spaced
+_PIECE = re.compile(r"\w+|[^\w\s]")
+
+UNIT_SCHEMA = pa.schema([("text", pa.string()), ("domain", pa.string()), ("fixed", pa.string()),
+                         ("words", pa.int64()), ("tokens", pa.int64()), ("exact", pa.uint64()),
+                         ("valid", pa.bool_())])
+
+
+def unit_paths(work: Path, index: int) -> dict[str, Path]:
+    stem = work / "units" / f"unit-{index:05d}"
+    return {"rows": stem.with_suffix(".parquet"), "sig": stem.with_suffix(".sig.npy"),
+            "stats": stem.with_suffix(".json")}
+
+
+class TokenCounter:
+    """Tokens per document: with the recipe's tokenizer, or words and punctuation marks."""
+
+    def __init__(self, folder: Optional[str]):
+        self.tokenizer = None
+        if folder:
+            from tokenizers import Tokenizer
+            self.tokenizer = Tokenizer.from_file(str(Path(folder) / "tokenizer.json"))
+
+    def __call__(self, texts: list[str]) -> np.ndarray:
+        if self.tokenizer is None:
+            return np.fromiter((len(_PIECE.findall(t)) for t in texts), np.int64, len(texts))
+        encoded = self.tokenizer.encode_batch(texts, add_special_tokens=False)
+        return np.fromiter((len(e.ids) for e in encoded), np.int64, len(texts))
+
+
+class _Unit:
+    def __init__(self, recipe: PrepRecipe, boilerplate: dict):
+        self.r = recipe
+        self.boilerplate = boilerplate
+        self.table = WordTable()
+        self.hasher = MinHasher(recipe.dedup.num_perm, recipe.dedup.ngram, recipe.dedup.seed)
+        self.count_tokens = TokenCounter(recipe.output.tokenizer)
+        self.code_domains = set(recipe.code.domains)
+        self.before: dict = defaultdict(Counter)
+        self.removed: dict = defaultdict(Counter)
+        self.hist: dict = {}
+        self.columns: dict = {name: [] for name in UNIT_SCHEMA.names}
+        self.sigs: list = []
+
+    def process(self, batch: list[tuple[str, int]], events: Counter) -> None:
+        r = self.r
+        texts = [normalize(t, r.normalize) for t, _ in batch]
+        sources = [r.sources[s] for _, s in batch]
+        if self.boilerplate:
+            for i, src in enumerate(sources):
+                lines = self.boilerplate.get(src.domain)
+                if lines:
+                    texts[i], dropped = strip_boilerplate(texts[i], lines, r.normalize.boilerplate_min_chars)
+                    events["boilerplate_lines"] += dropped
+        tokens = self.count_tokens(texts)
+        words = np.zeros(len(texts), np.int64)
+        reasons: list[Optional[str]] = ["empty" if not t else None for t in texts]
+        groups: dict = defaultdict(list)
+        for i, t in enumerate(texts):
+            if t:
+                groups[sources[i].domain in self.code_domains].append(i)
+        for is_code, idx in groups.items():
+            why, n = quality_reasons([texts[i] for i in idx], is_code, self.table, r.filters, r.code)
+            words[idx] = n
+            for i, reason in zip(idx, why):
+                reasons[i] = reason
+        kept = [i for i, reason in enumerate(reasons) if reason is None]
+        for i, src in enumerate(sources):
+            stats = self.before[src.domain]
+            stats["docs"] += 1
+            stats["words"] += int(words[i])
+            stats["tokens"] += int(tokens[i])
+            stats["chars"] += len(texts[i])
+            if reasons[i] is not None:
+                self.removed[src.domain][reasons[i]] += 1
+        for domain in {s.domain for s in sources}:
+            mask = np.array([s.domain == domain for s in sources])
+            counts = np.histogram(np.maximum(words[mask], 1), HIST_EDGES)[0]
+            self.hist[domain] = self.hist.get(domain, 0) + counts
+        token_lists = [dedup_tokens(texts[i]) for i in kept]
+        sig, valid = self.hasher.signatures(token_lists)
+        self.sigs.append(sig)
+        c = self.columns
+        for j, i in enumerate(kept):
+            c["text"].append(texts[i])
+            c["domain"].append(sources[i].domain)
+            c["fixed"].append(sources[i].split or "")
+            c["words"].append(int(words[i]))
+            c["tokens"].append(int(tokens[i]))
+            c["exact"].append(exact_key(token_lists[j], texts[i]))
+            c["valid"].append(bool(valid[j]))
+
+
+def _batches(recipe: PrepRecipe, unit: Unit, events: Counter):
+    batch, size = [], 0
+    for part in unit.parts:
+        src = recipe.sources[part.source]
+        for text in read_part(src, part, recipe.normalize.max_doc_chars, events):
+            batch.append((text, part.source))
+            size += len(text)
+            if len(batch) >= BATCH_DOCS or size >= BATCH_CHARS:
+                yield batch
+                batch, size = [], 0
+    if batch:
+        yield batch
+
+
+def _atomic(path: Path, write) -> None:
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    write(tmp)
+    os.replace(tmp, path)
+
+
+def process_unit(recipe: PrepRecipe, unit: Unit, work: Path, boilerplate: dict) -> dict:
+    t0 = time.perf_counter()
+    events: Counter = Counter()
+    state = _Unit(recipe, boilerplate)
+    for batch in _batches(recipe, unit, events):
+        state.process(batch, events)
+    paths = unit_paths(work, unit.index)
+    paths["rows"].parent.mkdir(parents=True, exist_ok=True)
+    table = pa.table(state.columns, schema=UNIT_SCHEMA)
+    _atomic(paths["rows"], lambda p: pq.write_table(table, p))
+    sig = np.concatenate(state.sigs) if state.sigs else np.zeros((0, recipe.dedup.num_perm), np.uint32)
+
+    def save_sig(p: Path) -> None:
+        with open(p, "wb") as fh:  # a file object: np.save would append '.npy' to a temp name
+            np.save(fh, sig)
+    _atomic(paths["sig"], save_sig)
+    stats = {"unit": unit.index, "bytes": sum(part_bytes(p) for p in unit.parts), "rows": table.num_rows,
+             "before": {d: dict(c) for d, c in state.before.items()},
+             "removed": {d: dict(c) for d, c in state.removed.items()},
+             "events": dict(events), "hist": {d: h.tolist() for d, h in state.hist.items()},
+             "seconds": time.perf_counter() - t0}
+    _atomic(paths["stats"], lambda p: p.write_text(json.dumps(stats)))
+    return stats
+
+
+def count_unit_lines(recipe: PrepRecipe, unit: Unit) -> dict[str, Counter]:
+    """Boilerplate pass: in how many documents of each domain each line occurs."""
+    events: Counter = Counter()
+    counts: dict[str, Counter] = defaultdict(Counter)
+    skip = set(recipe.code.domains)
+    for batch in _batches(recipe, unit, events):
+        by_domain: dict[str, list] = defaultdict(list)
+        for text, s in batch:
+            domain = recipe.sources[s].domain
+            if domain not in skip:
+                by_domain[domain].append(normalize(text, recipe.normalize))
+        for domain, texts in by_domain.items():
+            counts[domain].update(count_lines(texts, recipe.normalize.boilerplate_min_chars))
+    return dict(counts)
