@@ -96,7 +96,7 @@ def eval_(run_dir: Path = typer.Argument(..., help="Run folder (or a checkpoint 
         kind = "perplexity" if metrics["objective"] == "clm" else "masked-token loss / perplexity"
         shown = metrics if per_domain else {k: v for k, v in metrics.items() if "/" not in k}
         typer.echo(format_table(shown, f"{run_dir} — {split} {kind}"))
-    (Path(run_dir) / f"eval-{split}.json").write_text(json.dumps(metrics, indent=2)) if Path(run_dir).is_dir() else None
+    (Path(run_dir) / f"eval-{split}.json").write_text(json.dumps(metrics, indent=2))
 
 
 @app.command()

@@ -38,26 +38,28 @@ def build_untrained(kind: str, config: TokenizerConfig):
         tok.post_processor = processors.BertProcessing(("[SEP]", specials.index("[SEP]")),
                                                         ("[CLS]", specials.index("[CLS]")))
         trainer = trainers.WordPieceTrainer(vocab_size=config.vocab_size, min_frequency=config.min_frequency,
-                                            special_tokens=specials)
+                                            special_tokens=specials, show_progress=False)
     elif kind == "bpe":
         tok = Tokenizer(models.BPE())
         tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
         tok.decoder = decoders.ByteLevel()
         trainer = trainers.BpeTrainer(vocab_size=config.vocab_size, min_frequency=config.min_frequency,
-                                      special_tokens=specials,
+                                      special_tokens=specials, show_progress=False,
                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     elif kind == "unigram":
         tok = Tokenizer(models.Unigram())
         tok.normalizer = normalizers.NFKC()
         tok.pre_tokenizer = pre_tokenizers.Metaspace()
         tok.decoder = decoders.Metaspace()
-        trainer = trainers.UnigramTrainer(vocab_size=config.vocab_size, special_tokens=specials, unk_token=unk)
+        trainer = trainers.UnigramTrainer(vocab_size=config.vocab_size, special_tokens=specials, unk_token=unk,
+                                          show_progress=False)
     elif kind == "char":
         tok = Tokenizer(models.WordLevel(unk_token=unk))
         # Every character (newlines included) is one token; decoding concatenates them back.
         tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
         tok.decoder = decoders.Fuse()
-        trainer = trainers.WordLevelTrainer(vocab_size=1_000_000, min_frequency=1, special_tokens=specials)
+        trainer = trainers.WordLevelTrainer(vocab_size=1_000_000, min_frequency=1, special_tokens=specials,
+                                            show_progress=False)
     else:
         raise LmforgeError(f"tokenizer.kind: unknown kind {kind!r}")
     return tok, trainer
