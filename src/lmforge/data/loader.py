@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from lmforge.data.blocks import BlockData, stream_blocks
+from lmforge.errors import LmforgeError
 
 IN_MEMORY_LIMIT = 2 * 1024**3  # bytes of token ids held as one numpy array for fast indexing
 
@@ -91,7 +92,8 @@ class StreamLoader:
                     yield block, domain
                 produced += 1
             if not any_block:
-                raise RuntimeError("streaming source produced no blocks")
+                raise LmforgeError("data: the streamed training split holds no full block; add text or lower "
+                                   "objective.block_size")
             epoch += 1
 
     def micro_batch(self, step: int, micro: int):
