@@ -1,10 +1,8 @@
 """Pretraining runs end to end on CPU: losses fall, folders are readable, bad input fails clearly."""
 
 import json
-import os
 
 import pytest
-import torch
 from typer.testing import CliRunner
 
 from conftest import tiny_recipe

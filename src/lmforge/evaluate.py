@@ -69,7 +69,7 @@ def evaluate_blocks(model, objective, data: BlockData, *, split: str = "validati
 def format_table(metrics: dict, title: str = "") -> str:
     """Markdown table: one row per domain plus 'all'."""
     domains = sorted(k.split("/", 1)[1] for k in metrics if k.startswith("loss/"))
-    lines = [f"| domain | loss | perplexity |", "|---|---:|---:|"]
+    lines = ["| domain | loss | perplexity |", "|---|---:|---:|"]
     for d in domains:
         lines.append(f"| {d} | {metrics[f'loss/{d}']:.4f} | {metrics[f'ppl/{d}']:.2f} |")
     lines.append(f"| **all** | {metrics['loss']:.4f} | {metrics['ppl']:.2f} |")

@@ -7,7 +7,6 @@ import os
 import shutil
 import time
 from pathlib import Path
-from typing import Optional
 
 import torch
 
@@ -17,7 +16,7 @@ from lmforge.data.sources import iter_texts, load_documents
 from lmforge.engine import checkpoint as ckpt
 from lmforge.engine import distributed as dist
 from lmforge.engine.hardware import pick_device
-from lmforge.engine.logging import console, plot_losses
+from lmforge.engine.logging import console
 from lmforge.engine.loop import Engine
 from lmforge.errors import LmforgeError
 from lmforge.evaluate import evaluate_blocks, format_table

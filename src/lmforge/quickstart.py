@@ -109,7 +109,8 @@ def quickstart(out: Path = Path("runs/quickstart"), *, tiny: bool = False, force
     samples = [(p, generate_text(model, tokenizer, p, max_new_tokens=48, temperature=0.8, top_k=40, seed=i))
                for i, p in enumerate(["def ", "import os\n", "Return the "])]
     lines = ["# lmforge quickstart", "",
-             f"Corpus from the Python standard library: " + ", ".join(f"`{d}` {s / 1e6:.2f} MB" for d, s in sizes.items()),
+             "Corpus from the Python standard library: "
+             + ", ".join(f"`{d}` {s / 1e6:.2f} MB" for d, s in sizes.items()),
              ""]
     for name, (run_dir, res) in results.items():
         if res["validation"]:

@@ -132,9 +132,9 @@ _SECTIONS = {k for k, f in Recipe.model_fields.items() if isinstance(f.annotatio
              and issubclass(f.annotation, BaseModel)}
 
 
-def _model_at(loc: tuple) -> Optional[type[BaseModel]]:
+def _model_at(loc: tuple, root: type[BaseModel]) -> Optional[type[BaseModel]]:
     """The pydantic class that owns the key at `loc` (used to suggest the closest valid key)."""
-    cls: Any = Recipe
+    cls: Any = root
     for part in loc[:-1]:
         if isinstance(part, int):
             continue
@@ -156,13 +156,15 @@ def _dotted(loc: tuple) -> str:
     return out
 
 
-def format_validation_error(err: ValidationError, source: str) -> str:
+def format_validation_error(err: ValidationError, source: str, root: Optional[type[BaseModel]] = None) -> str:
+    """One line naming each bad field; `root` is the recipe class that was validated (default: Recipe)."""
+    root = root or Recipe
     lines, suggested, missing = [], set(), {}
     for e in err.errors():
         loc = tuple(p for p in e["loc"] if not (isinstance(p, str) and p.startswith("function-")))
         where = _dotted(loc)
         if e["type"] == "extra_forbidden":
-            owner = _model_at(loc)
+            owner = _model_at(loc, root)
             valid = list(owner.model_fields) if owner else []
             close = difflib.get_close_matches(str(loc[-1]), valid, n=1, cutoff=0.5)
             hint = f"; did you mean '{close[0]}'?" if close else f"; valid keys: {', '.join(valid)}"
@@ -222,7 +224,8 @@ def recipe_from_dict(tree: dict, source: str = "recipe", overrides: Union[list[s
         raise LmforgeError(format_validation_error(err, source)) from None
 
 
-def load_recipe(path: Union[str, Path], overrides: Union[list[str], tuple] = ()) -> Recipe:
+def read_yaml_mapping(path: Union[str, Path], what: str) -> dict:
+    """A recipe file's YAML as a dict; a missing file, bad YAML (with its line) or a non-mapping is an error."""
     path = Path(path)
     if not path.is_file():
         raise LmforgeError(f"{path}: recipe file not found")
@@ -233,20 +236,27 @@ def load_recipe(path: Union[str, Path], overrides: Union[list[str], tuple] = ())
         where = f" line {mark.line + 1}" if mark else ""
         raise LmforgeError(f"{path}:{where} invalid YAML: {getattr(err, 'problem', err)}") from None
     if tree is not None and not isinstance(tree, dict):
-        raise LmforgeError(f"{path}: a recipe is a mapping of sections (data, model, train, ...)")
-    recipe = recipe_from_dict(tree or {}, str(path), overrides)
-    _resolve_paths(recipe, path.parent)
+        raise LmforgeError(f"{path}: {what}")
+    return tree or {}
+
+
+def resolve_path(p: Optional[str], base: Path) -> Optional[str]:
+    """A relative path is read from the current folder, else from the recipe's folder."""
+    if p is None or Path(p).is_absolute() or Path(p).exists():
+        return p
+    candidate = base / p
+    return str(candidate) if candidate.exists() or any(ch in p for ch in "*?[") else p
+
+
+def load_recipe(path: Union[str, Path], overrides: Union[list[str], tuple] = ()) -> Recipe:
+    tree = read_yaml_mapping(path, "a recipe is a mapping of sections (data, model, train, ...)")
+    recipe = recipe_from_dict(tree, str(path), overrides)
+    _resolve_paths(recipe, Path(path).parent)
     return recipe
 
 
 def _resolve_paths(recipe: Recipe, base: Path) -> None:
-    """Relative data/model paths are read relative to the recipe's folder if they exist there."""
-    def fix(p: Optional[str]) -> Optional[str]:
-        if p is None or Path(p).is_absolute() or Path(p).exists():
-            return p
-        candidate = base / p
-        return str(candidate) if candidate.exists() or any(ch in p for ch in "*?[") else p
     for src in recipe.data.sources:
-        src.path = fix(src.path)
-    recipe.model.path = fix(recipe.model.path)
-    recipe.tokenizer.path = fix(recipe.tokenizer.path)
+        src.path = resolve_path(src.path, base)
+    recipe.model.path = resolve_path(recipe.model.path, base)
+    recipe.tokenizer.path = resolve_path(recipe.tokenizer.path, base)

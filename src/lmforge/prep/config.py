@@ -3,19 +3,19 @@
 from __future__ import annotations
 
 import copy
-import difflib
 from pathlib import Path
-from typing import Any, Literal, Optional, Union
+from typing import Literal, Optional, Union
 
 import yaml
 from pydantic import BaseModel, Field, ValidationError, model_validator
 
 from lmforge.errors import LmforgeError
-from lmforge.recipe import Section, SourceConfig, _apply_override, _dotted
+from lmforge.recipe import (Section, SourceConfig, _apply_override, format_validation_error, read_yaml_mapping,
+                            resolve_path)
 
 
 class NormalizeConfig(Section):
-    unicode: Literal["NFC", "NFKC", "none"] = Field("NFKC", description="Unicode normal form applied to every document.")
+    unicode: Literal["NFC", "NFKC", "none"] = Field("NFKC", description="Unicode normal form of every document.")
     control_chars: bool = Field(True, description="Drop control and zero-width characters (tabs and newlines stay).")
     whitespace: bool = Field(True, description="Collapse runs of spaces, strip line ends, keep at most one blank line.")
     boilerplate_min_docs: Optional[int] = Field(
@@ -33,7 +33,8 @@ class FilterConfig(Section):
     max_symbol_word_ratio: Optional[float] = Field(0.1, ge=0, description="Most '#' and ellipses per word.")
     min_punct_line_fraction: Optional[float] = Field(
         None, ge=0, le=1, description="Least fraction of lines ending in terminal punctuation (C4 rule).")
-    max_ellipsis_line_fraction: Optional[float] = Field(0.3, ge=0, le=1, description="Most lines ending in an ellipsis.")
+    max_ellipsis_line_fraction: Optional[float] = Field(
+        0.3, ge=0, le=1, description="Most lines ending in an ellipsis.")
     max_bullet_line_fraction: Optional[float] = Field(0.9, ge=0, le=1, description="Most lines starting with a bullet.")
     max_non_alpha_word_fraction: Optional[float] = Field(
         0.2, ge=0, le=1, description="Most words without any alphabetic character.")
@@ -53,14 +54,16 @@ class CodeFilterConfig(Section):
     min_chars: Optional[int] = Field(20, ge=0, description="Fewest characters in a document.")
     max_line_length: Optional[int] = Field(1000, ge=1, description="Longest line (characters).")
     max_mean_line_length: Optional[float] = Field(100.0, ge=1, description="Longest mean line length.")
-    min_alnum_fraction: Optional[float] = Field(0.25, ge=0, le=1, description="Least fraction of alphanumeric characters.")
+    min_alnum_fraction: Optional[float] = Field(
+        0.25, ge=0, le=1, description="Least fraction of alphanumeric characters.")
 
 
 class DedupConfig(Section):
     exact: bool = Field(True, description="Drop documents whose normalised text (lowercase, words only) repeats.")
     near: bool = Field(True, description="Drop near-duplicates found with MinHash + LSH.")
     ngram: int = Field(2, ge=1, le=16, description="Word n-gram size of MinHash shingles.")
-    threshold: float = Field(0.5, gt=0, le=1, description="Estimated Jaccard similarity that makes two documents near-duplicates.")
+    threshold: float = Field(
+        0.5, gt=0, le=1, description="Estimated Jaccard similarity from which two documents are near-duplicates.")
     num_perm: int = Field(128, ge=8, le=1024, description="MinHash permutations (signature length).")
     bands: Optional[int] = Field(None, ge=1, description="LSH bands (null: chosen from the threshold).")
     seed: int = Field(1, description="Seed of the MinHash permutations.")
@@ -74,7 +77,7 @@ class SplitConfig(Section):
 
 
 class MixConfig(Section):
-    temperature: float = Field(1.0, gt=0, description="Sampling ∝ size^(1/T): 1 keeps natural sizes, larger flattens.")
+    temperature: float = Field(1.0, gt=0, description="Sampling ∝ size^(1/T): 1 keeps natural sizes; more flattens.")
     weights: Optional[dict[str, float]] = Field(None, description="Explicit domain → weight (overrides temperature).")
     by: Literal["tokens", "words", "documents"] = Field("tokens", description="What a domain's size counts.")
     resample: bool = Field(True, description="Repeat or drop training documents so the stream follows the weights.")
@@ -83,7 +86,8 @@ class MixConfig(Section):
 
 class OutputConfig(Section):
     dir: str = Field("data/prepared", description="Dataset folder to write (replaced only when complete).")
-    tokenizer: Optional[str] = Field(None, description="Local HF tokenizer folder used to count tokens (null: regex count).")
+    tokenizer: Optional[str] = Field(
+        None, description="Local HF tokenizer folder used to count tokens (null: words and punctuation marks).")
     plots: bool = Field(True, description="Write the report's PNG figures.")
     examples: int = Field(5, ge=0, description="Duplicate clusters shown in the report.")
 
@@ -117,37 +121,6 @@ _SECTIONS = {k for k, f in PrepRecipe.model_fields.items()
              if isinstance(f.annotation, type) and issubclass(f.annotation, BaseModel)}
 
 
-def _owner(loc: tuple) -> Optional[type[BaseModel]]:
-    cls: Any = PrepRecipe
-    for part in loc[:-1]:
-        if isinstance(part, int):
-            continue
-        field = cls.model_fields.get(part) if cls else None
-        if field is None:
-            return None
-        inner = getattr(field.annotation, "__args__", (field.annotation,))
-        cls = next((a for a in inner if isinstance(a, type) and issubclass(a, BaseModel)), None)
-    return cls
-
-
-def _format(err: ValidationError, source: str) -> str:
-    # The run recipe's formatter is bound to its own root model; this one walks PrepRecipe.
-    lines = []
-    for e in err.errors():
-        loc = tuple(e["loc"])
-        if e["type"] == "extra_forbidden":
-            owner = _owner(loc)
-            valid = list(owner.model_fields) if owner else []
-            close = difflib.get_close_matches(str(loc[-1]), valid, n=1, cutoff=0.5)
-            hint = f"; did you mean '{close[0]}'?" if close else f"; valid keys: {', '.join(valid)}"
-            lines.append(f"{source}: unknown key '{_dotted(loc)}'{hint}")
-        else:
-            value = e.get("input")
-            shown = "" if isinstance(value, dict) else f" (got {value!r})"
-            lines.append(f"{source}: {_dotted(loc) or 'recipe'}: {e['msg']}{shown}")
-    return "; ".join(lines)
-
-
 def prep_recipe_from_dict(tree: dict, source: str = "recipe", overrides: Union[list[str], tuple] = ()) -> PrepRecipe:
     tree = {k: ({} if v is None and k in _SECTIONS else v) for k, v in copy.deepcopy(tree or {}).items()}
     for override in overrides:
@@ -155,28 +128,12 @@ def prep_recipe_from_dict(tree: dict, source: str = "recipe", overrides: Union[l
     try:
         return PrepRecipe.model_validate(tree)
     except ValidationError as err:
-        raise LmforgeError(_format(err, source)) from None
+        raise LmforgeError(format_validation_error(err, source, PrepRecipe)) from None
 
 
 def load_prep_recipe(path: Union[str, Path], overrides: Union[list[str], tuple] = ()) -> PrepRecipe:
-    path = Path(path)
-    if not path.is_file():
-        raise LmforgeError(f"{path}: recipe file not found")
-    try:
-        tree = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        where = f" line {mark.line + 1}" if mark else ""
-        raise LmforgeError(f"{path}:{where} invalid YAML: {getattr(err, 'problem', err)}") from None
-    if tree is not None and not isinstance(tree, dict):
-        raise LmforgeError(f"{path}: a prep recipe is a mapping (sources, filters, dedup, ...)")
-    recipe = prep_recipe_from_dict(tree or {}, str(path), overrides)
-    base = path.parent
+    tree = read_yaml_mapping(path, "a prep recipe is a mapping (sources, filters, dedup, ...)")
+    recipe = prep_recipe_from_dict(tree, str(path), overrides)
     for src in recipe.sources:
-        # As in run recipes: a relative input path is read from the recipe's folder when it is there.
-        p = src.path
-        if not (Path(p).is_absolute() or Path(p).exists()):
-            candidate = base / p
-            if candidate.exists() or any(ch in p for ch in "*?["):
-                src.path = str(candidate)
+        src.path = resolve_path(src.path, Path(path).parent)
     return recipe

@@ -146,22 +146,11 @@ def similarity(sig: np.ndarray, pairs: np.ndarray) -> np.ndarray:
     return out
 
 
-def exact_pairs(keys: np.ndarray) -> np.ndarray:
-    order = np.argsort(keys, kind="stable")
-    k = keys[order]
-    same = np.flatnonzero(k[1:] == k[:-1]) + 1
-    return np.stack([order[same - 1], order[same]], 1) if len(same) else np.zeros((0, 2), np.int64)
-
-
-def duplicate_pairs(keys: np.ndarray, sig: Optional[np.ndarray], valid: Optional[np.ndarray], *,
-                    exact: bool, near: bool, threshold: float, bands: Optional[int] = None) -> np.ndarray:
-    """Pairs (i, j) of documents found to be duplicates: equal keys, or an LSH candidate pair whose
-    estimated Jaccard similarity reaches the threshold."""
-    parts = [exact_pairs(keys)] if exact else []
-    if near and sig is not None and len(keys) > 1:
-        num_perm = sig.shape[1]
-        b, r = (bands, num_perm // bands) if bands else lsh_params(threshold, num_perm)
-        cand = candidate_pairs(sig, valid, b, r)
-        if len(cand):
-            parts.append(cand[similarity(sig, cand) >= threshold])
-    return np.concatenate(parts).astype(np.int64) if parts else np.zeros((0, 2), np.int64)
+def near_pairs(sig: np.ndarray, valid: np.ndarray, threshold: float, bands: Optional[int] = None) -> np.ndarray:
+    """Pairs (i < j) of near-duplicates: LSH candidates whose estimated Jaccard reaches the threshold."""
+    if len(sig) < 2:
+        return np.zeros((0, 2), np.int64)
+    num_perm = sig.shape[1]
+    b, r = (bands, num_perm // bands) if bands else lsh_params(threshold, num_perm)
+    cand = candidate_pairs(sig, valid, b, r)
+    return cand[similarity(sig, cand) >= threshold] if len(cand) else cand

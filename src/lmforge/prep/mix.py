@@ -20,32 +20,41 @@ def uniform(keys: np.ndarray, seed: int) -> np.ndarray:
     return (x >> np.uint64(11)).astype(np.float64) / 2.0**53
 
 
-def choose_survivors(n: int, pairs: np.ndarray, exact: np.ndarray, fixed_validation: np.ndarray
+def choose_survivors(exact: np.ndarray, near: np.ndarray, fixed_validation: np.ndarray, dedup_exact: bool = True
                      ) -> tuple[np.ndarray, np.ndarray, list[Optional[str]]]:
     """Which documents survive deduplication, which kept document each removed one copies, and why.
 
-    Documents are visited in order — those of sources fixed to validation first — and one goes if it
-    is a duplicate of a document already kept. Unlike keeping one per connected cluster, this never
-    removes a document for being similar to a chain of others (A~B, B~C, yet A and C unrelated), and
-    no two kept documents are a found duplicate pair: the split cannot put near copies on both sides.
-    A training document that copies a validation one goes as `copy_of_validation`.
+    Documents are visited in order — those of sources fixed to validation first. With `dedup_exact`,
+    the first of each group of equal keys stays. Then a document goes if it is a near-duplicate pair
+    (`near`) with a document already kept. Unlike keeping one per connected cluster, this never
+    removes a document for resembling a chain of others (A~B, B~C, yet A and C unrelated), and no two
+    kept documents form a found pair, so the split cannot put near copies on both sides. A training
+    document that copies a validation one goes as `copy_of_validation`.
     """
+    n = len(exact)
     order = np.lexsort((np.arange(n), ~fixed_validation))
     rank = np.empty(n, np.int64)
     rank[order] = np.arange(n)
     kept = np.ones(n, bool)
     duplicate_of = np.full(n, -1)
-    reasons: list[Optional[str]] = [None] * n
-    if len(pairs):
-        a, b = pairs[:, 0], pairs[:, 1]
-        swap = rank[a] > rank[b]
-        a, b = np.where(swap, b, a), np.where(swap, a, b)  # a is visited before b
+    rep = np.arange(n)
+    if dedup_exact and n:
+        by_key = np.lexsort((rank, exact))
+        k = exact[by_key]
+        head = np.maximum.accumulate(np.where(np.concatenate([[True], k[1:] != k[:-1]]), np.arange(n), 0))
+        rep[by_key] = by_key[head]
+        kept = rep == np.arange(n)
+        duplicate_of[~kept] = rep[~kept]
+    if len(near):
+        # An exact copy stands for its representative: a pair with it is a pair with the representative.
+        a, b = rep[near[:, 0]], rep[near[:, 1]]
+        a, b = np.where(rank[a] > rank[b], b, a), np.where(rank[a] > rank[b], a, b)  # a is visited first
         by_later = np.lexsort((rank[a], rank[b]))
-        a, b = a[by_later].tolist(), b[by_later].tolist()
-        for x, y in zip(a, b):
-            if kept[y] and kept[x]:
+        for x, y in zip(a[by_later].tolist(), b[by_later].tolist()):
+            if x != y and kept[y] and kept[x]:
                 kept[y] = False
                 duplicate_of[y] = x
+    reasons: list[Optional[str]] = [None] * n
     for i in np.flatnonzero(~kept):
         k = duplicate_of[i]
         if fixed_validation[k] and not fixed_validation[i]:

@@ -14,11 +14,12 @@ import json
 import multiprocessing as mp
 import os
 import shutil
+import sys
 import time
 from collections import Counter
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
-from typing import Callable, Optional, Union
+from typing import Callable, Union
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -27,7 +28,7 @@ from lmforge.data.sources import PREPARED_MARKER as MARKER
 from lmforge.errors import LmforgeError
 from lmforge.prep import mix
 from lmforge.prep.config import PrepRecipe, load_prep_recipe
-from lmforge.prep.dedup import find_duplicates
+from lmforge.prep.dedup import near_pairs
 from lmforge.prep.read import Unit, plan_units
 from lmforge.prep.report import write_report
 from lmforge.prep.worker import HIST_EDGES, count_unit_lines, process_unit, unit_paths
@@ -53,8 +54,9 @@ def _map(fn: Callable, tasks: list[tuple], num_proc: int, on_result: Callable) -
         for task in tasks:
             on_result(fn(*task))
         return
-    # forkserver: workers do not inherit the parent's threads (torch, Arrow pools), which fork can deadlock on.
-    ctx = mp.get_context("forkserver")
+    # fork (as `datasets` does): workers inherit the imported modules — importing lmforge.data pulls in
+    # torch, seconds per spawned worker — and use no threads of the parent.
+    ctx = mp.get_context("fork" if sys.platform == "linux" else "spawn")
     with ProcessPoolExecutor(min(num_proc, len(tasks)), mp_context=ctx) as pool:
         for future in as_completed([pool.submit(fn, *task) for task in tasks]):
             on_result(future.result())
@@ -66,7 +68,7 @@ def _boilerplate(recipe: PrepRecipe, units: list[Unit]) -> dict[str, set]:
     def merge(result):
         for domain, c in result.items():
             counts.setdefault(domain, Counter()).update(c)
-    _map(count_unit_lines, [(recipe, u) for u in units], recipe.num_proc, merge)
+    _map(count_unit_lines, [(recipe, u) for u in sorted(units, key=lambda u: -u.bytes)], recipe.num_proc, merge)
     threshold = recipe.normalize.boilerplate_min_docs
     return {d: {k for k, n in c.items() if n >= threshold} for d, c in counts.items()}
 
@@ -110,7 +112,7 @@ def prep(recipe: Union[PrepRecipe, str, Path], *, force: bool = False, show_prog
     _check_output(out, force)
     if recipe.output.tokenizer and not (Path(recipe.output.tokenizer) / "tokenizer.json").is_file():
         raise LmforgeError(f"output.tokenizer: {recipe.output.tokenizer}: no tokenizer.json there")
-    units, plan_events = plan_units(recipe.sources, recipe.num_proc, recipe.shard_mb)
+    units, plan_events = plan_units(recipe.sources, recipe.shard_mb)
     if not units:
         raise LmforgeError("sources: every source is empty; nothing to prepare")
     work = out.parent / f".{out.name}.prep-work"
@@ -141,41 +143,15 @@ def prep(recipe: Union[PrepRecipe, str, Path], *, force: bool = False, show_prog
         def collect(stats):
             results[stats["unit"]] = stats
             advance()
+        todo.sort(key=lambda u: -u.bytes)  # biggest first: the last unit to finish is a small one
         _map(process_unit, [(recipe, u, work, boilerplate) for u in todo], recipe.num_proc, collect)
     times["read, normalise, filter, sign"] = time.perf_counter() - tick
 
     # Stage 2: duplicates, survivors, split, mixing.
     tick = time.perf_counter()
     cols, sig, sizes = _load_rows(work, units, recipe.dedup.num_perm)
-    n = len(cols["exact"])
     domains = sorted({d for r in results.values() for d in r["before"]} | set(cols["domain"].tolist()))
-    code = {d: i for i, d in enumerate(domains)}
-    dom = np.array([code[d] for d in cols["domain"]], np.int64)
-    fixed = np.array([{"": -1, "train": mix.TRAIN, "validation": mix.VALIDATION}[f] for f in cols["fixed"]],
-                     np.int64)
-    exact = cols["exact"].astype(np.uint64)
-    labels = find_duplicates(exact, sig[:n], cols["valid"].astype(bool), exact=recipe.dedup.exact,
-                             near=recipe.dedup.near, threshold=recipe.dedup.threshold, bands=recipe.dedup.bands)
-    kept, dup_reasons = mix.choose_survivors(labels, exact, fixed == mix.VALIDATION)
-    s = recipe.split
-    split = mix.assign_split(kept, dom, fixed, mix.uniform(exact, s.seed), s.validation_fraction,
-                             s.validation_count)
-    words, tokens = cols["words"].astype(np.int64), cols["tokens"].astype(np.int64)
-    train = split == mix.TRAIN
-    measure = {"tokens": tokens, "words": words, "documents": np.ones(n, np.int64)}[recipe.mix.by]
-    sizes_by_domain = _sum_by(dom, measure, train, domains)
-    active = {d: v for d, v in sizes_by_domain.items() if v > 0}
-    if not active:
-        raise LmforgeError("no training documents survive the filters and deduplication; "
-                           "relax the filters or add data")
-    weights = mix.domain_weights(active, recipe.mix.temperature, recipe.mix.weights)
-    total = sum(active.values())
-    ratio_by_domain = {d: weights[d] * total / active[d] for d in active}
-    ratio = np.array([ratio_by_domain.get(d, 0.0) for d in domains])[dom]
-    repeats = np.where(train, mix.repeat_counts(ratio, mix.uniform(np.arange(n, dtype=np.uint64),
-                                                                     recipe.mix.seed + 7919)), 0)
-    if not recipe.mix.resample:
-        repeats = train.astype(np.int64)
+    plan = _decide(recipe, cols, sig, domains)
     times["deduplicate, split, mix"] = time.perf_counter() - tick
 
     # Stage 3: write everything into a temporary folder, then swap it in.
@@ -185,20 +161,20 @@ def prep(recipe: Union[PrepRecipe, str, Path], *, force: bool = False, show_prog
     (tmp / "train").mkdir(parents=True)
     (tmp / "validation").mkdir()
     offsets = np.concatenate([[0], np.cumsum(sizes)])
-    examples = _duplicate_examples(labels, kept, dup_reasons, sig, work, units, offsets, recipe.output.examples)
+    examples = _duplicate_examples(plan["cluster"], plan["reasons"], sig, work, units, offsets,
+                                   recipe.output.examples)
     for u, lo, hi in zip(units, offsets[:-1], offsets[1:]):
         if hi == lo:
             continue
         table = pq.read_table(unit_paths(work, u.index)["rows"], columns=["text", "domain"])
-        take_train = np.repeat(np.arange(hi - lo), repeats[lo:hi])
-        take_val = np.flatnonzero(split[lo:hi] == mix.VALIDATION)
+        take_train = np.repeat(np.arange(hi - lo), plan["repeats"][lo:hi])
+        take_val = np.flatnonzero(plan["split"][lo:hi] == mix.VALIDATION)
         for name, take in (("train", take_train), ("validation", take_val)):
             if len(take):
                 pq.write_table(table.take(take), tmp / name / f"part-{u.index:05d}.parquet")
     times["write"] = time.perf_counter() - tick
 
-    stats = _stats(recipe, results, plan_events, domains, dom, words, tokens, split, repeats, kept, labels,
-                   dup_reasons, weights, active, ratio_by_domain, resumed)
+    stats = _stats(recipe, results, plan_events, domains, plan, resumed)
     stats["input_bytes"] = int(sum(r["bytes"] for r in results.values()))
     stats["seconds"] = time.perf_counter() - t0
     stats["mb_per_s"] = stats["input_bytes"] / 2**20 / max(stats["seconds"], 1e-9)
@@ -210,7 +186,46 @@ def prep(recipe: Union[PrepRecipe, str, Path], *, force: bool = False, show_prog
         "columns": ["text", "domain"], "recipe": recipe.model_dump(mode="json")}, indent=1))
     _swap_in(tmp, out)
     shutil.rmtree(work, ignore_errors=True)
+    if show_progress:
+        from rich.console import Console
+        read = sum(s["before"].get("docs", 0) for s in stats["domains"].values())
+        train = sum(s["train"]["docs"] for s in stats["domains"].values())
+        val = sum(s["validation"]["docs"] for s in stats["domains"].values())
+        Console(stderr=True).print(
+            f"[bold]{recipe.name}[/]: kept {train + val:,} of {read:,} documents ({train:,} train, "
+            f"{val:,} validation); {stats['input_bytes'] / 2**20:,.1f} MB at {stats['mb_per_s']:.2f} MB/s")
     return out
+
+
+def _decide(recipe: PrepRecipe, cols: dict, sig: np.ndarray, domains: list[str]) -> dict:
+    """Per document: survives deduplication or not (and why), its split, its copies in the training stream."""
+    n = len(cols["exact"])
+    code = {d: i for i, d in enumerate(domains)}
+    dom = np.array([code[d] for d in cols["domain"]], np.int64)
+    fixed = np.array([{"": -1, "train": mix.TRAIN, "validation": mix.VALIDATION}[f] for f in cols["fixed"]],
+                     np.int64)
+    exact = cols["exact"].astype(np.uint64)
+    d = recipe.dedup
+    pairs = near_pairs(sig[:n], cols["valid"].astype(bool), d.threshold, d.bands) if d.near else np.zeros((0, 2), int)
+    kept, duplicate_of, reasons = mix.choose_survivors(exact, pairs, fixed == mix.VALIDATION, d.exact)
+    s = recipe.split
+    split = mix.assign_split(kept, dom, fixed, mix.uniform(exact, s.seed), s.validation_fraction, s.validation_count)
+    words, tokens = cols["words"].astype(np.int64), cols["tokens"].astype(np.int64)
+    train = split == mix.TRAIN
+    measure = {"tokens": tokens, "words": words, "documents": np.ones(n, np.int64)}[recipe.mix.by]
+    active = {dm: v for dm, v in _sum_by(dom, measure, train, domains).items() if v > 0}
+    if not active:
+        raise LmforgeError("no training documents survive the filters and deduplication; "
+                           "relax the filters or add data")
+    weights = mix.domain_weights(active, recipe.mix.temperature, recipe.mix.weights)
+    total = sum(active.values())
+    ratio_by_domain = {dm: weights[dm] * total / active[dm] for dm in active}
+    ratio = np.array([ratio_by_domain.get(dm, 0.0) for dm in domains])[dom]
+    draw = mix.uniform(np.arange(n, dtype=np.uint64), recipe.mix.seed + 7919)
+    repeats = np.where(train, mix.repeat_counts(ratio, draw), 0) if recipe.mix.resample else train.astype(np.int64)
+    return {"dom": dom, "words": words, "tokens": tokens, "kept": kept, "reasons": reasons,
+            "cluster": _cluster_of(kept, duplicate_of), "split": split, "repeats": repeats,
+            "weights": weights, "sizes": active, "ratios": ratio_by_domain}
 
 
 def _swap_in(tmp: Path, out: Path) -> None:
@@ -222,17 +237,24 @@ def _swap_in(tmp: Path, out: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
-def _duplicate_examples(labels, kept, reasons, sig, work, units, offsets, limit) -> list[dict]:
+def _cluster_of(kept: np.ndarray, duplicate_of: np.ndarray) -> np.ndarray:
+    """The kept document each document stands with (itself when kept), following chains of copies."""
+    root = np.where(kept, np.arange(len(kept)), duplicate_of)
+    while not kept[root].all():
+        root = np.where(kept[root], root, duplicate_of[root])
+    return root
+
+
+def _duplicate_examples(cluster, reasons, sig, work, units, offsets, limit) -> list[dict]:
+    """The largest clusters (a kept document and the copies removed for it), with a few members' text."""
     if limit == 0:
         return []
-    sizes = np.bincount(labels, minlength=len(labels))
+    sizes = np.bincount(cluster, minlength=len(cluster))
     big = [c for c in np.argsort(-sizes, kind="stable")[:limit] if sizes[c] > 1]
     wanted = {}
     for c in big:
-        members = np.flatnonzero(labels == c)
-        keeper = members[kept[members]][0]
-        others = [m for m in members if m != keeper][:2]
-        wanted[int(c)] = [int(keeper)] + [int(m) for m in others]
+        others = [m for m in np.flatnonzero(cluster == c) if m != c][:2]
+        wanted[int(c)] = [int(c)] + [int(m) for m in others]
     rows = sorted({m for ms in wanted.values() for m in ms})
     texts: dict[int, str] = {}
     for u, lo, hi in zip(units, offsets[:-1], offsets[1:]):
@@ -250,13 +272,20 @@ def _duplicate_examples(labels, kept, reasons, sig, work, units, offsets, limit)
     return out
 
 
-def _stats(recipe, results, plan_events, domains, dom, words, tokens, split, repeats, kept, labels,
-           dup_reasons, weights, active, ratio_by_domain, resumed) -> dict:
+def _stats(recipe: PrepRecipe, results: dict, plan_events: Counter, domains: list[str], plan: dict,
+           resumed: int) -> dict:
+    dom, words, tokens, kept = plan["dom"], plan["words"], plan["tokens"], plan["kept"]
+    split, repeats, dup_reasons, cluster = plan["split"], plan["repeats"], plan["reasons"], plan["cluster"]
+    weights, active, ratio_by_domain = plan["weights"], plan["sizes"], plan["ratios"]
     before: dict = {d: Counter() for d in domains}
     removed: dict = {d: Counter() for d in domains}
     events: Counter = Counter(plan_events)
     hist_before = {d: np.zeros(len(HIST_EDGES) - 1, np.int64) for d in domains}
-    for r in results.values():
+    examples: dict = {d: {} for d in domains}
+    for _, r in sorted(results.items()):
+        for d, ex in r.get("examples", {}).items():
+            for reason, text in ex.items():
+                examples[d].setdefault(reason, text)
         for d, c in r["before"].items():
             before[d].update(c)
         for d, c in r["removed"].items():
@@ -277,7 +306,7 @@ def _stats(recipe, results, plan_events, domains, dom, words, tokens, split, rep
         per_domain[d] = {"before": {k: int(v) for k, v in before[d].items()}, **part,
                          "hist_before": hist_before[d].tolist(),
                          "hist_after": np.histogram(np.maximum(words[mine & kept], 1), HIST_EDGES)[0].tolist()}
-    sizes = np.bincount(labels, minlength=len(labels))
+    sizes = np.bincount(cluster, minlength=len(cluster))
     clusters = sizes[sizes > 1]
     natural = {d: v / sum(active.values()) for d, v in active.items()}
     return {
@@ -285,6 +314,7 @@ def _stats(recipe, results, plan_events, domains, dom, words, tokens, split, rep
         "tokens_counted_with": recipe.output.tokenizer or "regex \\w+|[^\\w\\s]",
         "domains": per_domain,
         "removed": {d: dict(c) for d, c in removed.items() if c},
+        "removed_examples": {d: ex for d, ex in examples.items() if ex},
         "input_events": dict(events),
         "duplicates": {"clusters": int(len(clusters)), "documents_in_clusters": int(clusters.sum()),
                        "largest": int(clusters.max()) if len(clusters) else 0,

@@ -52,39 +52,36 @@ def file_format(src: SourceConfig, file: Path) -> Optional[str]:
     return fmt
 
 
-def plan_units(sources: list[SourceConfig], num_proc: int, shard_mb: float) -> tuple[list[Unit], Counter]:
-    """Cut the inputs into work units of about `shard_mb` (smaller when that leaves workers idle)."""
+def plan_units(sources: list[SourceConfig], shard_mb: float) -> tuple[list[Unit], Counter]:
+    """Cut the inputs into work units of about `shard_mb`, or smaller: at least ~16 units in all, so
+    that processes stay busy. The plan depends only on the inputs, so a resumed run finds its units."""
     events: Counter = Counter()
-    parts: list[tuple[Part, int]] = []
+    files: list[tuple[int, Path, int]] = []
     for i, src in enumerate(sources):
         try:
-            files = expand_paths(src.path, f"sources[{i}].path")
+            found = expand_paths(src.path, f"sources[{i}].path")
         except LmforgeError as err:
             if "no data files found" not in str(err):
                 raise  # a path that does not exist is a typo in the recipe, not bad data
             events["empty_source"] += 1
             continue
-        for f in files:
+        for f in found:
             size = f.stat().st_size
             if size == 0:
                 events["empty_file"] += 1
-                continue
-            fmt = file_format(src, f)
-            step = int(shard_mb * 2**20)
-            if fmt in LINE_FORMATS and size > step:
-                for start in range(0, size, step):
-                    parts.append((Part(i, str(f), start, min(size, start + step)), min(step, size - start)))
             else:
-                parts.append((Part(i, str(f)), size))
-    total = sum(n for _, n in parts)
-    # At least ~4 units per worker so that one slow unit does not leave the other workers idle.
-    target = min(shard_mb * 2**20, max(2**20, total / (4 * num_proc)))
+                files.append((i, f, size))
+    total = sum(size for _, _, size in files)
+    target = int(min(shard_mb * 2**20, max(2**20, total / 16)))
     units: list[Unit] = []
-    for part, n in parts:
-        if not units or units[-1].bytes >= target:
-            units.append(Unit(len(units)))
-        units[-1].parts.append(part)
-        units[-1].bytes += n
+    for i, f, size in files:
+        # Line-per-record files are cut into byte ranges; other formats go whole.
+        step = target if file_format(sources[i], f) in LINE_FORMATS else size
+        for start in range(0, size, step):
+            if not units or units[-1].bytes >= target:
+                units.append(Unit(len(units)))
+            units[-1].parts.append(Part(i, str(f), start, min(size, start + step) if step < size else -1))
+            units[-1].bytes += min(step, size - start)
     return units, events
 
 
@@ -111,7 +108,9 @@ def _lines(fh, part: Part, limit: int, events: Counter) -> Iterator[tuple[bytes,
     """
     if part.start > 0:
         fh.seek(part.start - 1)
-        fh.readline()  # the line in progress belongs to the previous part
+        while not fh.readline(limit).endswith(b"\n"):  # the line in progress belongs to the previous part
+            if fh.tell() >= os.fstat(fh.fileno()).st_size:
+                return
     end = part.end if part.end >= 0 else float("inf")
     carry, mid_line = b"", False
     while True:

@@ -119,6 +119,11 @@ def write_report(out: Path, stats: dict, examples: list[dict], plots: bool = Tru
         lines += ["None.", ""]
     if "removals.png" in figs:
         lines += ["![removals](removals.png)", ""]
+    shown = [(d, r, t) for d, ex in stats.get("removed_examples", {}).items() for r, t in sorted(ex.items()) if t]
+    if shown:
+        lines += ["One removed document per reason and domain (its start):", ""]
+        lines += _table(["domain", "reason", "text"],
+                        [[d, r, " ".join(t.split())[:160].replace("|", "\\|")] for d, r, t in shown])
     if stats["input_events"]:
         lines += ["Input problems met (files skipped, records cut or re-decoded, boilerplate lines dropped):", ""]
         lines += _table(["event", "count"], [[k, _n(v)] for k, v in sorted(stats["input_events"].items())])

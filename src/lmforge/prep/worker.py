@@ -68,6 +68,7 @@ class _Unit:
         self.before: dict = defaultdict(Counter)
         self.removed: dict = defaultdict(Counter)
         self.hist: dict = {}
+        self.examples: dict = defaultdict(dict)  # domain → reason → the first removed document's start
         self.columns: dict = {name: [] for name in UNIT_SCHEMA.names}
         self.sigs: list = []
 
@@ -102,6 +103,7 @@ class _Unit:
             stats["chars"] += len(texts[i])
             if reasons[i] is not None:
                 self.removed[src.domain][reasons[i]] += 1
+                self.examples[src.domain].setdefault(reasons[i], texts[i][:300])
         for domain in {s.domain for s in sources}:
             mask = np.array([s.domain == domain for s in sources])
             counts = np.histogram(np.maximum(words[mask], 1), HIST_EDGES)[0]
@@ -158,7 +160,7 @@ def process_unit(recipe: PrepRecipe, unit: Unit, work: Path, boilerplate: dict) 
     _atomic(paths["sig"], save_sig)
     stats = {"unit": unit.index, "bytes": sum(part_bytes(p) for p in unit.parts), "rows": table.num_rows,
              "before": {d: dict(c) for d, c in state.before.items()},
-             "removed": {d: dict(c) for d, c in state.removed.items()},
+             "removed": {d: dict(c) for d, c in state.removed.items()}, "examples": dict(state.examples),
              "events": dict(events), "hist": {d: h.tolist() for d, h in state.hist.items()},
              "seconds": time.perf_counter() - t0}
     _atomic(paths["stats"], lambda p: p.write_text(json.dumps(stats)))

@@ -1,0 +1,479 @@
+"""Data preparation: normalisation, each quality filter, exact and near dedup, the split's leakage
+guarantee, mixing weights, output folder and report, bad input, resume, CLI and the pretraining hand-off."""
+
+from __future__ import annotations
+
+import json
+import random
+import string
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from typer.testing import CliRunner
+
+import lmforge.prep.pipeline as pipeline_mod
+from conftest import tiny_recipe
+from lmforge.cli import app
+from lmforge.data.sources import load_documents
+from lmforge.errors import LmforgeError
+from lmforge.prep import load_prep_recipe, prep, prep_recipe_from_dict
+from lmforge.prep.config import CodeFilterConfig, FilterConfig, NormalizeConfig
+from lmforge.prep.dedup import MinHasher, dedup_tokens, lsh_params, near_pairs
+from lmforge.prep.filters import WordTable, prose_metrics, quality_reasons
+from lmforge.prep.mix import choose_survivors, domain_weights, repeat_counts
+from lmforge.prep.normalize import normalize
+from lmforge.pretrain import pretrain
+from lmforge.recipe import DataConfig, recipe_from_dict
+
+ROOT = Path(__file__).resolve().parents[1]
+_rng = random.Random(0)
+VOCAB = sorted({"".join(_rng.choice(string.ascii_lowercase) for _ in range(_rng.randint(3, 8))) for _ in range(3000)})
+
+
+def prose(rng: random.Random, n_words: int = 80) -> str:
+    """A document every default Gopher rule accepts: varied words, sentences ending in periods."""
+    words = [rng.choice(VOCAB) for _ in range(n_words)]
+    sentences = [" ".join(words[i:i + 10]).capitalize() + "." for i in range(0, n_words, 10)]
+    return "\n".join(" ".join(sentences[i:i + 3]) for i in range(0, len(sentences), 3))
+
+
+def edit(text: str, rate: float, rng: random.Random) -> str:
+    words = text.split()
+    for i in rng.sample(range(len(words)), max(1, round(rate * len(words)))):
+        words[i] = rng.choice(VOCAB)
+    return " ".join(words)
+
+
+def jaccard(a: str, b: str, n: int = 2) -> float:
+    def grams(t):
+        w = dedup_tokens(t)
+        return {tuple(w[i:i + n]) for i in range(len(w) - n + 1)}
+    ga, gb = grams(a), grams(b)
+    return len(ga & gb) / len(ga | gb)
+
+
+def write_jsonl(path: Path, docs: list[str]) -> str:
+    path.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs), encoding="utf-8")
+    return str(path)
+
+
+def recipe(tmp_path: Path, sources: list, **sections):
+    tree = {"sources": sources, "output": {"dir": str(tmp_path / "out"), "plots": False}}
+    for key, value in sections.items():
+        tree[key] = {**tree.get(key, {}), **value} if isinstance(value, dict) else value
+    return prep_recipe_from_dict(tree)
+
+
+def run(tmp_path, sources, **sections) -> tuple[Path, dict]:
+    out = prep(recipe(tmp_path, sources, **sections), show_progress=False)
+    return out, json.loads((out / "stats.json").read_text())
+
+
+def rows(out: Path, split: str) -> list[dict]:
+    files = sorted((out / split).glob("*.parquet"))
+    return [r for f in files for r in pq.read_table(f).to_pylist()]
+
+
+# ---------------------------------------------------------------- normalisation
+
+
+def test_normalize_unicode_controls_whitespace():
+    cfg = NormalizeConfig()
+    raw = "ﬁne\u00a0café\u200b  with\t\ttabs   \r\n\r\n\r\n\r\n    indented\x07 line   \n"
+    assert normalize(raw, cfg) == "fine café with tabs\n\n    indented line"
+    nfc = normalize("ﬁ e\u0301", NormalizeConfig(unicode="NFC"))
+    assert nfc == "ﬁ é"  # NFC composes but keeps compatibility ligatures
+    assert normalize("ﬁ", NormalizeConfig(unicode="none")) == "ﬁ"
+    kept = NormalizeConfig(control_chars=False, whitespace=False)
+    assert normalize("a\x07  b ", kept) == "a\x07  b "
+
+
+def test_boilerplate_lines_are_removed(tmp_path):
+    rng = random.Random(1)
+    footer = "Copyright 2024 Example Corporation, all rights reserved."
+    docs = [prose(rng) + "\n" + footer for _ in range(30)]
+    out, stats = run(tmp_path, [{"path": write_jsonl(tmp_path / "a.jsonl", docs)}],
+                     normalize={"boilerplate_min_docs": 10}, split={"validation_fraction": 0.0})
+    texts = [r["text"] for r in rows(out, "train")]
+    assert len(texts) == 30 and not any(footer in t for t in texts)
+    assert stats["input_events"]["boilerplate_lines"] == 30
+
+
+# ---------------------------------------------------------------- quality filters
+
+OFF = dict(min_words=None, max_words=None, min_mean_word_length=None, max_mean_word_length=None,
+           max_symbol_word_ratio=None, min_punct_line_fraction=None, max_ellipsis_line_fraction=None,
+           max_bullet_line_fraction=None, max_non_alpha_word_fraction=None, max_dup_line_fraction=None,
+           max_dup_line_char_fraction=None, max_top_ngram_char_fraction={}, max_dup_ngram_char_fraction={})
+
+
+def _lines(rng, n, end="."):
+    return "\n".join(" ".join(rng.choice(VOCAB) for _ in range(8)) + end for _ in range(n))
+
+
+RULE_CASES = {  # reason: (only this rule on, a document that breaks it)
+    "too_few_words": ({"min_words": 30}, "Only a few words here."),
+    "too_many_words": ({"max_words": 60}, " ".join(VOCAB[:70]) + "."),
+    "short_mean_word": ({"min_mean_word_length": 3.0}, "a b c d e f g h it is so."),
+    "long_mean_word": ({"max_mean_word_length": 10.0}, "incomprehensibilities " * 5),
+    "symbol_ratio": ({"max_symbol_word_ratio": 0.1}, "# one # two # three # four ... five six."),
+    "bullet_lines": ({"max_bullet_line_fraction": 0.5}, "- first item\n- second item\n- third item\nfine."),
+    "ellipsis_lines": ({"max_ellipsis_line_fraction": 0.3}, "and then...\nand so on…\nit ended."),
+    "no_terminal_punctuation": ({"min_punct_line_fraction": 0.5}, "no stop here\nnor here\nbut here."),
+    "non_alpha_words": ({"max_non_alpha_word_fraction": 0.2}, "1 2 3 4 5 6 7 eight nine ten."),
+    "repeated_lines": ({"max_dup_line_fraction": 0.3}, "same line.\nsame line.\nsame line.\nother one."),
+    "repeated_line_chars": ({"max_dup_line_char_fraction": 0.2},
+                            "a long repeated line of text.\na long repeated line of text.\n" + "x. " * 20),
+    "top_2gram": ({"max_top_ngram_char_fraction": {2: 0.2}}, "the cat " * 10 + "sat down today."),
+    "repeated_5grams": ({"max_dup_ngram_char_fraction": {5: 0.15}},
+                        "one two three four five " * 3 + "and some other words that differ here."),
+}
+
+
+@pytest.mark.parametrize("reason", sorted(RULE_CASES))
+def test_each_prose_rule(reason):
+    only, bad = RULE_CASES[reason]
+    cfg = FilterConfig(**{**OFF, **only})
+    good = prose(random.Random(2), 40)
+    got, _ = quality_reasons([bad, good], False, WordTable(), cfg, CodeFilterConfig())
+    assert got == [reason, None]
+
+
+def test_default_rules_keep_clean_prose_and_report_first_failure():
+    rng = random.Random(3)
+    docs = [prose(rng) for _ in range(20)] + ["Too short.", "1 2 3 4 " * 20]
+    got, words = quality_reasons(docs, False, WordTable(), FilterConfig(), CodeFilterConfig())
+    assert got == [None] * 20 + ["too_few_words", "short_mean_word"]
+    assert words.tolist() == [len(d.split()) for d in docs]
+
+
+def _plain_ngram_fractions(text: str, n: int) -> tuple[float, float]:
+    words = text.split()
+    chars = sum(map(len, words))
+    grams = [tuple(words[i:i + n]) for i in range(len(words) - n + 1)]
+    counts = Counter(grams)
+    top = 0.0
+    if counts and max(counts.values()) > 1:
+        c = max(counts.values())
+        top = c * max(sum(map(len, g)) for g in counts if counts[g] == c) / chars
+    seen, covered = set(), [False] * len(words)
+    for i, g in enumerate(grams):
+        if g in seen:
+            covered[i:i + n] = [True] * n
+        seen.add(g)
+    return top, sum(len(w) for w, c in zip(words, covered) if c) / chars
+
+
+def test_batched_ngram_metrics_match_a_plain_implementation():
+    rng = random.Random(4)
+    small = VOCAB[:12]  # a small vocabulary makes repeated n-grams common
+    docs = [" ".join(rng.choice(small) for _ in range(rng.randint(1, 60))) for _ in range(40)]
+    cfg = FilterConfig()
+    m = prose_metrics(docs, WordTable(), cfg)
+    for n in (2, 3, 4, 5, 8):
+        expected = np.array([_plain_ngram_fractions(d, n) for d in docs])
+        assert np.allclose(m[f"top_{n}gram"], expected[:, 0]) and np.allclose(m[f"dup_{n}gram"], expected[:, 1])
+
+
+def test_code_rules_replace_prose_rules_in_code_domains():
+    code = CodeFilterConfig(min_chars=20, max_line_length=100, max_mean_line_length=60, min_alnum_fraction=0.25)
+    docs = ["def f(x):\n    return x + 1\n",                # kept although it has 6 words
+            "x",                                             # too short
+            "y = 1  # " + "z" * 120,                         # one long line
+            "a = 1;\n" + "b" * 90 + "\n" + "c" * 90,         # long mean line length
+            "{ } ( ) [ ] ; ; ; ; ; ; ; ; ; ; ; ; ; ; ; ; x"]  # mostly symbols
+    got, _ = quality_reasons(docs, True, WordTable(), FilterConfig(), code)
+    assert got == [None, "code_too_short", "code_long_line", "code_mean_line_length", "code_alnum_fraction"]
+
+
+def test_every_removed_document_has_a_reason(tmp_path):
+    rng = random.Random(5)
+    prose_docs = [prose(rng) for _ in range(20)] + ["tiny doc."] * 3 + ["", "   "]
+    code_docs = ["public int get() { return value; }", "x"]
+    sources = [{"path": write_jsonl(tmp_path / "p.jsonl", prose_docs), "domain": "web"},
+               {"path": write_jsonl(tmp_path / "c.jsonl", code_docs), "domain": "code"}]
+    out, stats = run(tmp_path, sources, split={"validation_fraction": 0.0})
+    assert stats["removed"]["web"] == {"empty": 2, "too_few_words": 3}
+    assert stats["removed"]["code"] == {"code_too_short": 1}
+    for d, s in stats["domains"].items():
+        removed = sum(stats["removed"].get(d, {}).values())
+        assert s["before"]["docs"] == removed + s["train"]["docs"] + s["validation"]["docs"]
+
+
+# ---------------------------------------------------------------- deduplication
+
+
+def test_exact_duplicates_ignore_case_punctuation_and_spacing(tmp_path):
+    rng = random.Random(6)
+    base = prose(rng)
+    variants = [base, base.upper(), base.replace(".", " ;"), "  " + base.replace(" ", "   ")]
+    docs = variants + [prose(rng) for _ in range(5)]
+    out, stats = run(tmp_path, [{"path": write_jsonl(tmp_path / "a.jsonl", docs)}],
+                     dedup={"near": False}, split={"validation_fraction": 0.0})
+    assert stats["removed"]["default"] == {"exact_duplicate": 3}
+    assert [r["text"] for r in rows(out, "train")][0] == normalize(base, NormalizeConfig())
+
+
+def test_minhash_estimates_jaccard():
+    rng = random.Random(7)
+    hasher = MinHasher(num_perm=256, ngram=2)
+    for rate in (0.02, 0.1, 0.3):
+        a = prose(rng, 150)
+        b = edit(a, rate, rng)
+        sig, valid = hasher.signatures([dedup_tokens(a), dedup_tokens(b)])
+        assert valid.all()
+        assert abs((sig[0] == sig[1]).mean() - jaccard(a, b)) < 0.08
+    b, r = lsh_params(0.5, 128)
+    assert b * r <= 128 and 1 - (1 - 0.5 ** r) ** b > 0.4  # the S-curve is centred near the threshold
+
+
+def test_near_duplicates_within_and_across_sources(tmp_path):
+    rng = random.Random(8)
+    originals = [prose(rng, 120) for _ in range(20)]
+    copies_a = [edit(d, 0.05, rng) for d in originals[:5]]      # same source
+    copies_b = [edit(d, 0.08, rng) for d in originals[5:10]]    # another source
+    sources = [{"path": write_jsonl(tmp_path / "a.jsonl", originals + copies_a), "domain": "x"},
+               {"path": write_jsonl(tmp_path / "b.jsonl", copies_b), "domain": "y"}]
+    out, stats = run(tmp_path, sources, split={"validation_fraction": 0.0})
+    assert stats["removed"]["x"] == {"near_duplicate": 5}
+    assert stats["removed"]["y"] == {"near_duplicate": 5}
+    assert stats["duplicates"]["clusters"] == 10
+    kept = {r["text"] for r in rows(out, "train")}
+    assert {normalize(d, NormalizeConfig()) for d in originals} == kept
+    # Off: every copy stays.
+    _, off = run(tmp_path, sources, dedup={"near": False}, split={"validation_fraction": 0.0},
+                 output={"dir": str(tmp_path / "off"), "plots": False})
+    assert off["domains"]["x"]["train"]["docs"] == 25
+
+
+def test_survivors_exact_groups_near_pairs_and_no_chaining():
+    rng = random.Random(9)
+    docs = [prose(rng) for _ in range(6)]
+    docs += [docs[0], edit(docs[1], 0.05, rng)]
+    tokens = [dedup_tokens(d) for d in docs]
+    sig, valid = MinHasher(128, 2).signatures(tokens)
+    keys = np.array([hash(" ".join(t)) & (2**63 - 1) for t in tokens], np.uint64)
+    pairs = near_pairs(sig, valid, 0.5)
+    assert sorted(map(tuple, pairs.tolist())) == [(0, 6), (1, 7)]
+    none = np.zeros(8, bool)
+    kept, dup_of, why = choose_survivors(keys, pairs, none)
+    assert kept.tolist() == [True] * 6 + [False, False] and dup_of[6:].tolist() == [0, 1]
+    assert why[6:] == ["exact_duplicate", "near_duplicate"]
+    # A chain A~B, B~C with A and C unrelated: B goes, C stays (a connected cluster would drop both).
+    chain = np.array([[0, 1], [1, 2]])
+    kept, dup_of, _ = choose_survivors(np.arange(3, dtype=np.uint64), chain, np.zeros(3, bool))
+    assert kept.tolist() == [True, False, True]
+    # A document of a fixed validation source wins over its earlier training copy.
+    kept, dup_of, why = choose_survivors(np.arange(2, dtype=np.uint64), np.array([[0, 1]]), np.array([False, True]))
+    assert kept.tolist() == [False, True] and why[0] == "copy_of_validation"
+    # Exact groups are resolved whole (one survivor of three equal keys); a near pair with it still counts.
+    keys = np.array([5, 5, 5, 9], np.uint64)
+    kept, dup_of, _ = choose_survivors(keys, np.array([[0, 3]]), np.zeros(4, bool))
+    assert kept.tolist() == [True, False, False, False] and dup_of.tolist() == [-1, 0, 0, 0]
+
+
+# ---------------------------------------------------------------- split and mixing
+
+
+def test_validation_never_holds_a_near_copy_of_training(tmp_path):
+    rng = random.Random(10)
+    originals = [prose(rng, 100) for _ in range(60)]
+    copies = [edit(d, rng.choice([0.01, 0.05, 0.1]), rng) for d in originals for _ in range(2)]
+    out, stats = run(tmp_path, [{"path": write_jsonl(tmp_path / "a.jsonl", originals + copies)}],
+                     split={"validation_fraction": 0.3, "seed": 3})
+    train = [r["text"] for r in rows(out, "train")]
+    val = [r["text"] for r in rows(out, "validation")]
+    assert len(train) + len(val) == 60 and len(val) > 5
+    assert max(jaccard(v, t) for v in val for t in train) < 0.3
+
+
+def test_fixed_validation_source_removes_its_copies_from_training(tmp_path):
+    rng = random.Random(11)
+    train_docs = [prose(rng) for _ in range(20)]
+    held_out = [edit(d, 0.05, rng) for d in train_docs[:4]] + [prose(rng) for _ in range(2)]
+    sources = [{"path": write_jsonl(tmp_path / "t.jsonl", train_docs)},
+               {"path": write_jsonl(tmp_path / "v.jsonl", held_out), "split": "validation"}]
+    out, stats = run(tmp_path, sources, split={"validation_fraction": 0.0})
+    assert stats["removed"]["default"] == {"copy_of_validation": 4}
+    assert sorted(r["text"] for r in rows(out, "validation")) == sorted(
+        normalize(d, NormalizeConfig()) for d in held_out)
+    assert len(rows(out, "train")) == 16
+
+
+def test_validation_count_per_domain_is_exact_and_seeded(tmp_path):
+    rng = random.Random(12)
+    sources = [{"path": write_jsonl(tmp_path / f"{d}.jsonl", [prose(rng) for _ in range(n)]), "domain": d}
+               for d, n in (("a", 30), ("b", 12))]
+    out, _ = run(tmp_path, sources, split={"validation_count": 5, "seed": 1})
+    first = sorted(r["text"] for r in rows(out, "validation"))
+    assert Counter(r["domain"] for r in rows(out, "validation")) == {"a": 5, "b": 5}
+    out = prep(recipe(tmp_path, sources, split={"validation_count": 5, "seed": 1}), force=True, show_progress=False)
+    assert sorted(r["text"] for r in rows(out, "validation")) == first
+    out = prep(recipe(tmp_path, sources, split={"validation_count": 5, "seed": 2}), force=True, show_progress=False)
+    assert sorted(r["text"] for r in rows(out, "validation")) != first
+
+
+def test_mixing_weights_with_temperature_and_resampling(tmp_path):
+    assert domain_weights({"a": 900, "b": 100}, 1.0, None) == pytest.approx({"a": 0.9, "b": 0.1})
+    assert domain_weights({"a": 900, "b": 100}, 2.0, None) == pytest.approx({"a": 0.75, "b": 0.25})
+    assert domain_weights({"a": 1, "b": 1}, 1.0, {"a": 3, "b": 1}) == pytest.approx({"a": 0.75, "b": 0.25})
+    with pytest.raises(LmforgeError, match="no weight for domain"):
+        domain_weights({"a": 1, "b": 1}, 1.0, {"a": 1})
+    u = np.random.default_rng(0).random(100_000)
+    assert repeat_counts(np.full(100_000, 2.3), u).mean() == pytest.approx(2.3, abs=0.01)
+
+    rng = random.Random(13)
+    sources = [{"path": write_jsonl(tmp_path / f"{d}.jsonl", [prose(rng) for _ in range(n)]), "domain": d}
+               for d, n in (("big", 90), ("small", 10))]
+    out, stats = run(tmp_path, sources, split={"validation_fraction": 0.0}, mix={"by": "documents", "temperature": 2.0})
+    assert stats["mix"]["big"]["weight"] == pytest.approx(0.75) and stats["mix"]["small"]["ratio"] == pytest.approx(2.5)
+    counts = Counter(r["domain"] for r in rows(out, "train"))
+    assert counts["big"] == stats["domains"]["big"]["train_mixed"]["docs"] and 60 <= counts["big"] <= 80
+    assert 20 <= counts["small"] <= 30
+
+
+# ---------------------------------------------------------------- output, bad input, resume
+
+
+def test_output_folder_report_and_figures(tmp_path):
+    rng = random.Random(14)
+    docs = [prose(rng) for _ in range(40)]
+    docs += [docs[0], edit(docs[1], 0.05, rng), "short."]
+    tree = {"sources": [{"path": write_jsonl(tmp_path / "a.jsonl", docs), "domain": "web"}],
+            "output": {"dir": str(tmp_path / "out")}, "split": {"validation_fraction": 0.2}}
+    out = prep(prep_recipe_from_dict(tree), show_progress=False)
+    assert {p.name for p in out.iterdir()} >= {"lmforge-prep.json", "train", "validation", "report.md", "stats.json",
+                                              "sizes.png", "removals.png", "lengths.png", "duplicates.png"}
+    report = (out / "report.md").read_text()
+    for section in ("## Documents, words and tokens per domain", "## Removed documents", "## Duplicates",
+                    "## Mixing weights", "| too_few_words | 1 |", "| exact_duplicate | 1 |", "MB/s"):
+        assert section in report
+    assert "similarity" in report  # duplicate cluster examples
+    import datasets
+    ds = datasets.load_dataset("parquet", data_dir=str(out))
+    assert set(ds) == {"train", "validation"} and ds["train"].column_names == ["text", "domain"]
+    assert len(ds["train"]) + len(ds["validation"]) == 40
+    assert not list(tmp_path.glob(".out.prep-work*"))  # the work folder is gone
+
+
+def test_bad_input_is_counted_not_fatal(tmp_path):
+    rng = random.Random(15)
+    good = [prose(rng) for _ in range(10)]
+    folder = tmp_path / "raw"
+    (folder / "empty").mkdir(parents=True)
+    write_jsonl(folder / "good.jsonl", good)
+    (folder / "blob.txt").write_bytes(b"\x00\x01\x02binary\xff" * 100)
+    (folder / "nothing.txt").write_bytes(b"")
+    latin = prose(rng).replace("e", "\xe9").encode("cp1252")
+    (folder / "mixed.txt").write_bytes(prose(rng).encode() + b"\n\n" + latin + b"\n")
+    (folder / "long.txt").write_text(" ".join(rng.choice(VOCAB) for _ in range(60_000)) + ".\n")
+    (folder / "broken.jsonl").write_text('{"text": "fine words here"}\n{"text": unquoted\n{"other": 1}\n')
+    sources = [{"path": str(folder), "sample_by": "paragraph"}, {"path": str(folder / "empty")}]
+    out, stats = run(tmp_path, sources, normalize={"max_doc_chars": 100_000}, split={"validation_fraction": 0.0})
+    ev = stats["input_events"]
+    assert ev["binary_file"] == 1 and ev["empty_file"] == 1 and ev["empty_source"] == 1
+    assert ev["decoded_as_cp1252"] == latin.count(b"\n") + 1 and ev["split_long_line"] >= 3
+    assert ev["bad_json_line"] == 1 and ev["missing_text_field"] == 1
+    texts = [r["text"] for r in rows(out, "train")]
+    assert any("\xe9" in t for t in texts)
+    assert max(len(t) for t in texts) <= 100_000
+
+
+def test_failed_run_leaves_no_output_and_force_is_needed(tmp_path):
+    src = [{"path": write_jsonl(tmp_path / "a.jsonl", ["too short."] * 5)}]
+    with pytest.raises(LmforgeError, match="no training documents survive"):
+        prep(recipe(tmp_path, src), show_progress=False)
+    assert not (tmp_path / "out").exists()
+    rng = random.Random(16)
+    good = [{"path": write_jsonl(tmp_path / "b.jsonl", [prose(rng) for _ in range(5)])}]
+    prep(recipe(tmp_path, good), show_progress=False)
+    with pytest.raises(LmforgeError, match="already exists"):
+        prep(recipe(tmp_path, good), show_progress=False)
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("mine")
+    r = recipe(tmp_path, good)
+    r.output.dir = str(tmp_path / "other")
+    with pytest.raises(LmforgeError, match="not a prep output folder"):
+        prep(r, force=True, show_progress=False)
+
+
+def test_resume_after_interruption_gives_the_same_output(tmp_path, monkeypatch):
+    rng = random.Random(17)
+    sources = [{"path": write_jsonl(tmp_path / f"s{i}.jsonl", [prose(rng) for _ in range(15)]), "domain": f"d{i % 2}"}
+               for i in range(4)]
+    r = recipe(tmp_path, sources, shard_mb=0.001)
+    real, calls = pipeline_mod.process_unit, []
+
+    def flaky(*args):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(*args)
+    monkeypatch.setattr(pipeline_mod, "process_unit", flaky)
+    with pytest.raises(KeyboardInterrupt):
+        prep(r, show_progress=False)
+    assert not (tmp_path / "out").exists()
+    monkeypatch.setattr(pipeline_mod, "process_unit", real)
+    out = prep(r, show_progress=False)
+    stats = json.loads((out / "stats.json").read_text())
+    assert stats["resumed_units"] == 2
+    fresh = recipe(tmp_path, sources, shard_mb=0.001, output={"dir": str(tmp_path / "fresh"), "plots": False})
+    other = prep(fresh, show_progress=False)
+    for split in ("train", "validation"):
+        assert rows(out, split) == rows(other, split)
+
+
+def test_two_processes_give_the_same_output(tmp_path):
+    rng = random.Random(18)
+    docs = [prose(rng) for _ in range(60)]
+    docs += [edit(d, 0.05, rng) for d in docs[:10]]
+    sources = [{"path": write_jsonl(tmp_path / f"s{i}.jsonl", docs[i::3])} for i in range(3)]
+    one = prep(recipe(tmp_path, sources, shard_mb=0.001), show_progress=False)
+    two = prep(recipe(tmp_path, sources, shard_mb=0.001, num_proc=2, output={"dir": str(tmp_path / "two")}),
+               show_progress=False)
+    for split in ("train", "validation"):
+        assert rows(one, split) == rows(two, split)
+
+
+# ---------------------------------------------------------------- recipe, CLI, pretraining
+
+
+def test_recipe_errors_and_the_example_recipe(tmp_path):
+    with pytest.raises(LmforgeError, match="unknown key 'dedup.treshold'; did you mean 'threshold'"):
+        prep_recipe_from_dict({"sources": [{"path": "x"}], "dedup": {"treshold": 0.5}})
+    with pytest.raises(LmforgeError, match="must divide"):
+        prep_recipe_from_dict({"sources": [{"path": "x"}], "dedup": {"bands": 7}})
+    with pytest.raises(LmforgeError, match="names no sources"):
+        prep_recipe_from_dict({})
+    example = load_prep_recipe(ROOT / "recipes" / "prep" / "shared-corpora.yaml", ["num_proc=1"])
+    assert example.num_proc == 1 and example.sources[0].path.startswith(str(ROOT / "recipes" / "prep"))
+
+
+def test_cli_prep_and_pretraining_reads_the_output(tmp_path):
+    rng = random.Random(19)
+    src = write_jsonl(tmp_path / "a.jsonl", [prose(rng) for _ in range(30)])
+    src2 = write_jsonl(tmp_path / "b.jsonl", [prose(rng) for _ in range(10)])
+    (tmp_path / "r.yaml").write_text(json.dumps({
+        "sources": [{"path": "a.jsonl", "domain": "news"}, {"path": "b.jsonl", "domain": "blogs"}],
+        "output": {"dir": str(tmp_path / "ready"), "plots": False}, "split": {"validation_count": 3}}))
+    runner = CliRunner()
+    result = runner.invoke(app, ["prep", str(tmp_path / "r.yaml"), "--no-progress"])
+    assert result.exit_code == 0, result.output
+    assert "prepared data" in result.output
+    bad = runner.invoke(app, ["prep", str(tmp_path / "r.yaml"), "--set", "dedup.ngramm=3"])
+    assert bad.exit_code == 2 and "did you mean 'ngram'" in bad.output
+    docs = load_documents(DataConfig(sources=[{"path": str(tmp_path / "ready")}], validation_fraction=0.5,
+                                     cache_dir=str(tmp_path / "cache")))
+    got = Counter((r["domain"], r["split"]) for r in docs)
+    assert got[("news", "validation")] == 3 and got[("blogs", "validation")] == 3
+    assert got[("news", "train")] + got[("blogs", "train")] == 34
+    del src, src2
+    # A run recipe names the folder as its source and trains on it, evaluating per prepared domain.
+    tree = tiny_recipe({"ignored": tmp_path / "ready"}, tmp_path / "run", max_steps=2, eval_every=0)
+    tree["tokenizer"]["vocab_size"] = 400
+    run_dir = pretrain(recipe_from_dict(tree), show_progress=False)
+    final = json.loads((run_dir / "results.json").read_text())
+    assert {"loss/news", "loss/blogs"} <= set(final["validation"])
