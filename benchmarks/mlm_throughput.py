@@ -20,9 +20,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 import peers  # noqa: E402
 
-from lmforge.engine.logging import read_metrics  # noqa: E402
-from lmforge.pretrain import pretrain  # noqa: E402
-from lmforge.recipe import TokenizerConfig, recipe_from_dict  # noqa: E402
+from ours import train_and_read  # noqa: E402
+
+from lmforge.recipe import TokenizerConfig  # noqa: E402
 from lmforge.tokenizer import train_tokenizer  # noqa: E402
 
 SHAKESPEARE = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare" / "input.txt"
@@ -42,15 +42,11 @@ def lmforge_run(work: Path, tokenizer_dir: Path, steps: int) -> dict:
                   "precision": "fp32"},
         "output": {"dir": str(work / "run"), "tensorboard": False, "plots": False},
     }
-    peers.reset_peak_rss()
-    run_dir = pretrain(recipe_from_dict(tree), force=True, show_progress=False)
-    records = read_metrics(run_dir)
-    train = [r for r in records if "split" not in r]
-    val = [r for r in records if r.get("split") == "validation"][-1]
+    train, val, rss = train_and_read(tree)
     seconds = train[-1]["elapsed_s"]
     last = [r["loss"] for r in train[-20:]]
     return {"seconds": seconds, "ms_per_step": 1000 * seconds / steps, "tokens_per_s": steps * 32 * 128 / seconds,
-            "train_loss_last20": sum(last) / len(last), "eval_loss": val["loss"], "peak_rss_mb": peers.peak_rss_mb()}
+            "train_loss_last20": sum(last) / len(last), "eval_loss": val["loss"], "peak_rss_mb": rss}
 
 
 def main() -> None:

@@ -21,9 +21,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 import peers  # noqa: E402
 
-from lmforge.engine.logging import read_metrics  # noqa: E402
-from lmforge.pretrain import pretrain  # noqa: E402
-from lmforge.recipe import recipe_from_dict  # noqa: E402
+from ours import train_and_read  # noqa: E402
 
 SHAKESPEARE = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare" / "input.txt"
 
@@ -49,15 +47,10 @@ def lmforge_run(text_path: Path, iters: int, work: Path, compile_: bool) -> dict
         "output": {"dir": str(work / ("run-compiled" if compile_ else "run")), "tensorboard": False,
                    "plots": False},
     }
-    peers.reset_peak_rss()
-    run_dir = pretrain(recipe_from_dict(tree), force=True, show_progress=False)
-    records = read_metrics(run_dir)
-    train = [r for r in records if "split" not in r]
-    val = [r for r in records if r.get("split") == "validation"][-1]
+    train, val, rss = train_and_read(tree)
     seconds = train[-1]["elapsed_s"]
     return {"ms_per_iter": 1000 * seconds / iters, "tokens_per_s": iters * 12 * 64 / seconds,
-            "val_loss": val["loss"], "seconds": seconds, "peak_rss_mb": peers.peak_rss_mb(),
-            "mfu_logged": train[-1]["mfu"]}
+            "val_loss": val["loss"], "seconds": seconds, "peak_rss_mb": rss, "mfu_logged": train[-1]["mfu"]}
 
 
 def main() -> None:
