@@ -400,3 +400,25 @@ def test_pack_documents_drops_each_domains_tail():
     blocks, domains = pack_documents([[1, 2, 3], [4, 5], [9, 9, 9, 9, 9], [6]], ["a", "a", "b", "a"], 2)
     assert blocks == [[1, 2], [3, 4], [5, 6], [9, 9], [9, 9]]
     assert domains == ["a", "a", "a", "b", "b"]
+
+
+def test_later_epochs_read_the_stream_at_a_new_offset():
+    """Epoch 0 serves the stored blocks; later epochs serve windows shifted along the same stream."""
+    import datasets as hf
+    import numpy as np
+
+    from lmforge.data.blocks import BlockData
+    from lmforge.data.loader import BlockLoader
+
+    stream = np.arange(40 * 8)  # one domain, 40 blocks of 8 consecutive ids
+    train = hf.Dataset.from_dict({"input_ids": stream.reshape(40, 8).tolist(), "domain": [0] * 40})
+    loader = BlockLoader(BlockData(train=train, validation=None, domains=["d"], block_size=8), 4, 1, seed=0)
+    first = np.concatenate([loader.micro_batch(s, 0)[0].numpy() for s in range(10)])
+    assert sorted(first[:, 0].tolist()) == list(range(0, 320, 8))  # every stored block once
+    second = np.concatenate([loader.micro_batch(s, 0)[0].numpy() for s in range(10, 20)])
+    offset = loader.epoch_offset(1)
+    assert 0 < offset < 8
+    for window in second:
+        assert (np.diff(window) == 1).all()  # still a contiguous piece of the stream
+        assert window[0] % 8 in (offset, 0)  # shifted, except the last block, which has no successor
+    assert (second[:, 0] % 8 == offset).sum() == 39

@@ -56,14 +56,31 @@ class BlockLoader:
         start = step * self.global_batch + micro * self.batch_size * self.world + self.rank * self.batch_size
         return np.arange(start, start + self.batch_size)
 
+    def epoch_offset(self, epoch: int) -> int:
+        """Where blocks start in the token stream this epoch: 0 first, then a seeded shift, so a
+        repeated epoch sees new windows rather than the same blocks again."""
+        block = self.data.block_size
+        return 0 if epoch == 0 else int(np.random.default_rng([self.seed, epoch, 1]).integers(1, block))
+
     def micro_batch(self, step: int, micro: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(input ids, sample positions, domain ids) of one micro-batch."""
         pos = self.positions(step, micro)
-        rows = np.array([self._perm(int(e))[int(w)] for e, w in zip(pos // self.n, pos % self.n)])
-        if self.ids is not None:
-            ids = self.ids[rows]
-        else:
+        epochs = pos // self.n
+        rows = np.array([self._perm(int(e))[int(w)] for e, w in zip(epochs, pos % self.n)])
+        if self.ids is None:  # too large for memory: read the blocks as they are
             ids, _ = self.data.batch("train", rows)
+        else:
+            ids = self.ids[rows]
+            offsets = np.array([self.epoch_offset(int(e)) for e in epochs])
+            # A shifted block takes the head of the next block, only where that block continues the
+            # same domain's stream (blocks are stored in stream order).
+            nxt = np.minimum(rows + 1, self.n - 1)
+            shift = (offsets > 0) & (nxt == rows + 1) & (self.domains[nxt] == self.domains[rows])
+            if shift.any():
+                joined = np.concatenate([self.ids[rows[shift]], self.ids[nxt[shift]]], axis=1)
+                take = offsets[shift, None] + np.arange(self.data.block_size)
+                ids = ids.copy()
+                ids[shift] = np.take_along_axis(joined, take, axis=1)
         return torch.from_numpy(np.ascontiguousarray(ids)), torch.from_numpy(pos), torch.from_numpy(self.domains[rows])
 
 
