@@ -148,20 +148,11 @@ def tokenizer_train(recipe: Path = typer.Argument(..., help="Recipe YAML (its da
                     out: Path = typer.Option(..., help="Folder to save the tokenizer in (HF format)."),
                     set_: List[str] = typer.Option([], "--set", help=SET_HELP)):
     """Train a WordPiece, byte-level BPE, Unigram or character tokenizer on the recipe's training split."""
-    from lmforge.data.sources import iter_texts, load_documents
-    from lmforge.tokenizer import train_tokenizer
-    import os
-    import shutil
+    from lmforge.tokenizer import save_tokenizer, train_tokenizer_for
     try:
         r = _load(recipe, set_)
-        docs = load_documents(r.data)
-        tok = train_tokenizer(iter_texts(docs, "train", r.tokenizer.max_train_documents), r.tokenizer)
-        tmp = out.with_name(f".{out.name}.tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        tok.save_pretrained(str(tmp))
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
+        tok = train_tokenizer_for(r.data, r.tokenizer)
+        save_tokenizer(tok, out)
         typer.echo(f"{r.tokenizer.kind} tokenizer with {len(tok)} tokens saved to {out}")
     except LmforgeError as err:
         _fail(err)

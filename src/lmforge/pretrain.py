@@ -12,7 +12,6 @@ import torch
 
 from lmforge.data.blocks import build_blocks
 from lmforge.data.loader import BlockLoader, StreamLoader
-from lmforge.data.sources import iter_texts, load_documents
 from lmforge.engine import checkpoint as ckpt
 from lmforge.engine import distributed as dist
 from lmforge.engine.hardware import pick_device
@@ -23,7 +22,7 @@ from lmforge.evaluate import evaluate_blocks, format_table
 from lmforge.models import build_model, count_parameters, flops_per_token
 from lmforge.objectives import build_objective
 from lmforge.recipe import Recipe
-from lmforge.tokenizer import load_tokenizer, train_tokenizer
+from lmforge.tokenizer import load_tokenizer, save_tokenizer, train_tokenizer_for
 
 
 RUN_ARTEFACTS = {"recipe.yaml", "metrics.jsonl", "tensorboard", "tokenizer", "best", "checkpoints", "final",
@@ -69,12 +68,7 @@ def get_tokenizer(recipe: Recipe, run_dir: Path):
     if source:
         return load_tokenizer(source)
     if dist.is_main():
-        docs = load_documents(recipe.data, streaming=recipe.data.streaming)
-        tok = train_tokenizer(iter_texts(docs, "train", recipe.tokenizer.max_train_documents), recipe.tokenizer)
-        tmp = run_dir / ".tokenizer.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tok.save_pretrained(str(tmp))
-        os.replace(tmp, saved)
+        save_tokenizer(train_tokenizer_for(recipe.data, recipe.tokenizer), saved)
     dist.barrier()
     return load_tokenizer(saved)
 

@@ -128,10 +128,6 @@ class Recipe(Section):
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
 
 
-_SECTIONS = {k for k, f in Recipe.model_fields.items() if isinstance(f.annotation, type)
-             and issubclass(f.annotation, BaseModel)}
-
-
 def _model_at(loc: tuple, root: type[BaseModel]) -> Optional[type[BaseModel]]:
     """The pydantic class that owns the key at `loc` (used to suggest the closest valid key)."""
     cls: Any = root
@@ -213,15 +209,22 @@ def _apply_override(tree: dict, override: str) -> None:
         node[parts[-1]] = value
 
 
-def recipe_from_dict(tree: dict, source: str = "recipe", overrides: Union[list[str], tuple] = ()) -> Recipe:
+def validate_tree(root: type[BaseModel], tree: dict, source: str, overrides: Union[list[str], tuple] = ()):
+    """Apply `--set` overrides to a recipe tree and validate it as `root`, with one-line errors."""
+    sections = {k for k, f in root.model_fields.items()
+                if isinstance(f.annotation, type) and issubclass(f.annotation, BaseModel)}
     # Deep copy: overrides must not leak into the caller's dict; an empty section (`train:`) means defaults.
-    tree = {k: ({} if v is None and k in _SECTIONS else v) for k, v in copy.deepcopy(tree or {}).items()}
+    tree = {k: ({} if v is None and k in sections else v) for k, v in copy.deepcopy(tree or {}).items()}
     for override in overrides:
         _apply_override(tree, override)
     try:
-        return Recipe.model_validate(tree)
+        return root.model_validate(tree)
     except ValidationError as err:
-        raise LmforgeError(format_validation_error(err, source)) from None
+        raise LmforgeError(format_validation_error(err, source, root)) from None
+
+
+def recipe_from_dict(tree: dict, source: str = "recipe", overrides: Union[list[str], tuple] = ()) -> Recipe:
+    return validate_tree(Recipe, tree, source, overrides)
 
 
 def read_yaml_mapping(path: Union[str, Path], what: str) -> dict:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import shutil
 from pathlib import Path
 from typing import Iterable, Union
 
@@ -85,6 +87,24 @@ def train_tokenizer(texts: Iterable[str], config: TokenizerConfig) -> PreTrained
                                    clean_up_tokenization_spaces=False, **_specials(config.kind))
     fast.init_kwargs["lmforge_kind"] = config.kind
     return fast
+
+
+def train_tokenizer_for(data, config: TokenizerConfig) -> PreTrainedTokenizerFast:
+    """Train `config`'s tokenizer on the training split of a recipe's `data` section."""
+    from lmforge.data.sources import iter_texts, load_documents  # data imports this module
+    docs = load_documents(data)
+    return train_tokenizer(iter_texts(docs, "train", config.max_train_documents), config)
+
+
+def save_tokenizer(tokenizer, folder: Union[str, Path]) -> None:
+    """Save in HF format atomically: a temporary folder renamed over the target."""
+    folder = Path(folder)
+    tmp = folder.with_name(f".{folder.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tokenizer.save_pretrained(str(tmp))
+    if folder.exists():
+        shutil.rmtree(folder)
+    os.replace(tmp, folder)
 
 
 def load_tokenizer(path: Union[str, Path]) -> PreTrainedTokenizerFast:

@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
-import copy
 from pathlib import Path
 from typing import Literal, Optional, Union
 
 import yaml
-from pydantic import BaseModel, Field, ValidationError, model_validator
+from pydantic import Field, model_validator
 
-from lmforge.errors import LmforgeError
-from lmforge.recipe import (Section, SourceConfig, _apply_override, format_validation_error, read_yaml_mapping,
-                            resolve_path)
+from lmforge.recipe import Section, SourceConfig, read_yaml_mapping, resolve_path, validate_tree
 
 
 class NormalizeConfig(Section):
@@ -117,18 +114,8 @@ class PrepRecipe(Section):
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
 
 
-_SECTIONS = {k for k, f in PrepRecipe.model_fields.items()
-             if isinstance(f.annotation, type) and issubclass(f.annotation, BaseModel)}
-
-
 def prep_recipe_from_dict(tree: dict, source: str = "recipe", overrides: Union[list[str], tuple] = ()) -> PrepRecipe:
-    tree = {k: ({} if v is None and k in _SECTIONS else v) for k, v in copy.deepcopy(tree or {}).items()}
-    for override in overrides:
-        _apply_override(tree, override)
-    try:
-        return PrepRecipe.model_validate(tree)
-    except ValidationError as err:
-        raise LmforgeError(format_validation_error(err, source, PrepRecipe)) from None
+    return validate_tree(PrepRecipe, tree, source, overrides)
 
 
 def load_prep_recipe(path: Union[str, Path], overrides: Union[list[str], tuple] = ()) -> PrepRecipe:
