@@ -73,15 +73,61 @@ def pretrain(recipe: Path = typer.Argument(..., help="Recipe YAML file."),
         _fail(err)
 
 
+@app.command()
+def finetune(recipe: Path = typer.Argument(..., help="Fine-tuning recipe YAML file (task: classification or ner)."),
+             set_: List[str] = typer.Option([], "--set", help=SET_HELP),
+             resume: bool = typer.Option(False, help="Continue from the run folder's latest checkpoint."),
+             force: bool = typer.Option(False, help="Delete an existing run folder and start over."),
+             progress: bool = typer.Option(True, help="Show a progress bar.")):
+    """Fine-tune a checkpoint for text classification or NER (full, frozen layers or LoRA/peft); writes the model,
+    reports for the validation and test files, and a model card."""
+    from lmforge.finetune import finetune as run, load_finetune_recipe
+    try:
+        run_dir = run(load_finetune_recipe(recipe, set_), resume=resume, force=force, show_progress=progress)
+        typer.echo(f"run folder: {run_dir}")
+    except LmforgeError as err:
+        _fail(err)
+
+
+@app.command()
+def predict(run_dir: Path = typer.Argument(..., help="Fine-tuning run folder (or an HF classifier folder)."),
+            input: Path = typer.Option(..., "--input", help="JSONL/CSV/TSV/Parquet rows, or a .txt file (one text per line)."),
+            output: Path = typer.Option(..., "--output", help="JSONL file to write, one line per input."),
+            batch_size: int = typer.Option(64, min=1, help="Inputs per batch."),
+            model: Optional[str] = typer.Option(None, help="'final' (default), 'best' or a folder.")):
+    """Label new texts: a label and scores per row, or NER tags and entity spans with character offsets."""
+    from lmforge.finetune import predict_file
+    try:
+        n = predict_file(run_dir, input, output, batch_size=batch_size, which=model)
+        typer.echo(f"{n} predictions written to {output}")
+    except LmforgeError as err:
+        _fail(err)
+    except OSError as err:
+        _fail(LmforgeError(f"{output}: cannot write ({err.strerror})"))
+
+
 @app.command("eval")
 def eval_(run_dir: Path = typer.Argument(..., help="Run folder (or a checkpoint folder inside one)."),
-          split: str = typer.Option("validation", help="'validation' or 'train'."),
+          split: str = typer.Option("validation", help="'validation' or 'train' ('test' for fine-tuning runs)."),
+          file: Optional[Path] = typer.Option(None, help="Fine-tuning runs: score this file as the split."),
           model: Optional[str] = typer.Option(None, help="'final', 'best', 'latest' or a folder."),
           max_batches: Optional[int] = typer.Option(None, help="Evaluate at most this many batches."),
           per_domain: bool = typer.Option(True, help="Show the per-domain table."),
           as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table.")):
-    """Perplexity (causal LM) or masked-token loss/perplexity (masked LM), overall and per domain."""
+    """Perplexity (causal LM) or masked-token loss/perplexity (masked LM), overall and per domain; for a
+    fine-tuning run, the task report (accuracy/F1/MCC or entity-level scores) of a split."""
     from lmforge.evaluate import evaluate_run, format_table
+    from lmforge.finetune.predict import evaluate_task_run, is_task_run
+    if is_task_run(run_dir):
+        if split not in ("validation", "test", "train"):
+            _fail(LmforgeError(f"--split: expected 'validation', 'test' or 'train', got {split!r}"))
+        try:
+            metrics = evaluate_task_run(run_dir, split, file, which=model)
+        except LmforgeError as err:
+            _fail(err)
+        if as_json:
+            typer.echo(json.dumps(metrics, indent=2))
+        return
     if split not in ("validation", "train"):
         _fail(LmforgeError(f"--split: expected 'validation' or 'train', got {split!r}"))
     try:

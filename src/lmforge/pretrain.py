@@ -27,7 +27,8 @@ from lmforge.tokenizer import load_tokenizer, save_tokenizer, train_tokenizer_fo
 
 RUN_ARTEFACTS = {"recipe.yaml", "metrics.jsonl", "tensorboard", "tokenizer", "best", "checkpoints", "final",
                  "loss.png", "summary.md", "results.json", "eval-validation.json", "eval-train.json",
-                 ".tokenizer.tmp", ".recipe.yaml.tmp"}
+                 ".tokenizer.tmp", ".recipe.yaml.tmp", "adapter", "README.md", "eval-test.json",
+                 *(f"report-{s}.{ext}" for s in ("train", "validation", "test") for ext in ("txt", "png"))}
 
 
 def prepare_run_dir(recipe: Recipe, resume: bool, force: bool) -> Path:

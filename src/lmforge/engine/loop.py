@@ -74,12 +74,30 @@ def param_groups(model, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def make_optimizer(model, cfg: TrainConfig, device: str) -> torch.optim.Optimizer:
+def make_optimizer(model, cfg: TrainConfig, device: str, groups: Optional[list[dict]] = None) -> torch.optim.Optimizer:
+    """AdamW over `groups` (default: decay on 2-D weights); a group's `lr_scale` multiplies the schedule's lr."""
     kwargs = dict(lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps)
+    groups = groups or param_groups(model, cfg.weight_decay)
     try:
-        return torch.optim.AdamW(param_groups(model, cfg.weight_decay), fused=True, **kwargs)
+        return torch.optim.AdamW(groups, fused=True, **kwargs)
     except (RuntimeError, ValueError):  # fused kernel unavailable for this device/dtype
-        return torch.optim.AdamW(param_groups(model, cfg.weight_decay), foreach=True, **kwargs)
+        return torch.optim.AdamW(groups, foreach=True, **kwargs)
+
+
+def load_weights(model, folder: Path, device="cpu") -> None:
+    """Load a saved model (model.safetensors) or peft adapter (adapter_model.safetensors) into `model`."""
+    from safetensors.torch import load_file
+    folder = Path(folder)
+    if (folder / "adapter_model.safetensors").is_file():
+        from peft import set_peft_model_state_dict
+        set_peft_model_state_dict(model, load_file(str(folder / "adapter_model.safetensors"), device=str(device)))
+        return
+    weights = load_file(str(folder / "model.safetensors"), device=str(device))
+    missing, unexpected = model.load_state_dict(weights, strict=False)
+    tied = getattr(model, "_tied_weights_keys", None) or {}
+    if unexpected or [m for m in missing if m not in tied]:
+        raise LmforgeError(f"{folder}: checkpoint does not match the model (missing {missing[:3]}, "
+                           f"unexpected {unexpected[:3]})")
 
 
 def move(batch: dict, device) -> dict:
@@ -91,7 +109,8 @@ class Engine:
 
     def __init__(self, model, tokenizer, objective, loader, cfg: TrainConfig, run_dir: Path, *,
                  evaluate: Optional[Callable[[torch.nn.Module], dict]] = None, flops_per_token: float = 0.0,
-                 tensorboard: bool = True, plots: bool = True, show_progress: bool = True):
+                 tensorboard: bool = True, plots: bool = True, show_progress: bool = True,
+                 param_groups: Optional[list[dict]] = None):
         self.cfg, self.run_dir = cfg, Path(run_dir)
         self.tokenizer, self.objective, self.loader, self.evaluate = tokenizer, objective, loader, evaluate
         self.device_type = pick_device(cfg.device)
@@ -102,7 +121,7 @@ class Engine:
         self.plots, self.show_progress = plots, show_progress
         self.main = dist.is_main()
         self.log = MetricsLog(self.run_dir, tensorboard=tensorboard, enabled=self.main)
-        self.optimizer = make_optimizer(self.model, cfg, self.device_type)
+        self.optimizer = make_optimizer(self.model, cfg, self.device_type, param_groups)
         self.scaler = torch.amp.GradScaler("cuda") if self.precision == "fp16" else None
         self.state = TrainState()
         module = LossModule(self.model, objective)
@@ -124,12 +143,7 @@ class Engine:
         folder = folder or ckpt.latest_checkpoint(self.checkpoint_dir)
         if folder is None:
             return False
-        from safetensors.torch import load_file
-        weights = load_file(str(Path(folder) / "model.safetensors"), device=str(self.device))
-        missing, unexpected = self.model.load_state_dict(weights, strict=False)
-        if unexpected or [m for m in missing if not self._is_tied(m)]:
-            raise LmforgeError(f"{folder}: checkpoint does not match the model (missing {missing[:3]}, "
-                               f"unexpected {unexpected[:3]})")
+        load_weights(self.model, folder, self.device)
         state = ckpt.load_state(folder)
         self.optimizer.load_state_dict(state["optimizer"])
         if self.scaler is not None and "scaler" in state:
@@ -140,10 +154,6 @@ class Engine:
         if self.main:
             console.print(f"resumed from {folder} at step {self.state.step}")
         return True
-
-    def _is_tied(self, name: str) -> bool:
-        tied = getattr(self.model, "_tied_weights_keys", None) or {}
-        return name in tied
 
     def save(self) -> Optional[Path]:
         if not self.main:
@@ -158,7 +168,7 @@ class Engine:
         lr = lr_at(self.state.step, lr=self.cfg.lr, min_lr=self.min_lr, warmup=self.warmup,
                    max_steps=self.cfg.max_steps, schedule=self.cfg.schedule)
         for group in self.optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group.get("lr_scale", 1.0)
         return lr
 
     def train_step(self) -> tuple[float, float, int]:

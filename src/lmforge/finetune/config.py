@@ -1,0 +1,126 @@
+"""The fine-tuning recipe: a task (classification or NER), its data files and columns, the base model,
+the training strategy (full, frozen layers, layer-wise LR decay, LoRA/peft) and the usual train/output sections."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal, Optional, Union
+
+import yaml
+from pydantic import Field, model_validator
+
+from lmforge.recipe import OutputConfig, Section, TrainConfig, read_yaml_mapping, resolve_path, validate_tree
+
+TABLE_FORMATS = Literal["auto", "csv", "tsv", "jsonl", "parquet", "conll"]
+
+
+class SplitFile(Section):
+    path: str = Field(description="A CSV/TSV/JSONL/Parquet file (classification) or a CoNLL/JSONL file (NER).")
+    format: TABLE_FORMATS = Field("auto", description="File format; 'auto' picks it from the extension.")
+
+
+class TaskData(Section):
+    train: Optional[SplitFile] = Field(None, description="Training file.")
+    validation: Optional[SplitFile] = Field(None, description="Development file: early stopping and the best checkpoint.")
+    test: Optional[SplitFile] = Field(None, description="Test file, evaluated once at the end.")
+    # classification
+    text_column: str = Field("text", description="Column holding the text (classification).")
+    text_pair_column: Optional[str] = Field(None, description="Column holding the second text of a pair.")
+    label_column: str = Field("label", description="Column holding the label (classification).")
+    multi_label: bool = Field(False, description="Each row may carry several labels (sigmoid outputs).")
+    label_separator: str = Field(",", description="Separates labels in one cell (multi-label); lists also work.")
+    labels: Optional[list[str]] = Field(None, description="The label set, in order (default: inferred from train).")
+    unknown_label: Optional[str] = Field(
+        None, description="Map labels outside the label set to this label (default: such a label is an error).")
+    # token classification
+    token_column: int = Field(0, description="CoNLL column of the words.")
+    tag_column: int = Field(-1, description="CoNLL column of the tags (negative counts from the end).")
+    tokens_key: str = Field("tokens", description="JSONL key of the word list (NER).")
+    tags_key: str = Field("tags", description="JSONL key of the tag list (NER).")
+    scheme: Literal["bio", "iob1", "iobes"] = Field("bio", description="Tag scheme of the files (NER).")
+    max_length: int = Field(128, ge=8, description="Sub-word tokens per example (longer ones: see README).")
+    max_examples: Optional[int] = Field(None, ge=1, description="Use at most this many training examples.")
+
+
+class BaseModelSpec(Section):
+    path: str = Field(description="A local Hugging Face model folder or an lmforge run folder.")
+    tokenizer: Optional[str] = Field(None, description="Tokenizer folder (default: the model's own).")
+    dropout: Optional[float] = Field(None, ge=0.0, lt=1.0, description="Override the checkpoint's dropout.")
+
+
+class PeftSpec(Section):
+    method: Literal["lora", "ia3", "loha", "lokr"] = Field("lora", description="Which peft method.")
+    r: int = Field(8, ge=1, description="Adapter rank (LoRA, LoHa, LoKr).")
+    alpha: float = Field(16.0, gt=0.0, description="LoRA scaling numerator (alpha / r).")
+    dropout: float = Field(0.1, ge=0.0, lt=1.0, description="Dropout on the adapter input.")
+    target_modules: Optional[list[str]] = Field(
+        None, description="Module names to adapt (default: the attention projections of the family).")
+
+
+class StrategyConfig(Section):
+    method: Literal["full", "frozen", "peft"] = Field(
+        "full", description="'full': train everything; 'frozen': freeze as below; 'peft': adapters (see peft).")
+    freeze_embeddings: bool = Field(False, description="Do not train the embeddings.")
+    freeze_layers: int = Field(0, ge=0, description="Do not train the bottom k transformer layers.")
+    head_only: bool = Field(False, description="Train only the task head.")
+    layer_lr_decay: float = Field(1.0, gt=0.0, le=1.0,
+                                  description="Layer-wise LR decay: layer i of n gets lr * decay**(n - i).")
+    head_lr: Optional[float] = Field(None, gt=0.0, description="Learning rate of the task head (default: train.lr).")
+    peft: PeftSpec = Field(default_factory=PeftSpec, description="Adapter settings for method 'peft'.")
+
+
+class FinetuneTrain(TrainConfig):
+    max_steps: Optional[int] = Field(None, ge=1, description="Optimizer steps (default: from epochs).")
+    epochs: float = Field(3.0, gt=0.0, description="Passes over the training data.")
+    lr: float = Field(5e-5, gt=0.0, description="Peak learning rate.")
+    min_lr: Optional[float] = Field(0.0, ge=0.0, description="Final learning rate.")
+    warmup_steps: float = Field(0.06, ge=0.0, description="Warmup steps; a value below 1 is a fraction.")
+    schedule: Literal["cosine", "linear", "constant"] = Field("linear", description="Decay after warmup.")
+    eval_every: Optional[int] = Field(None, ge=0, description="Evaluate every N steps (default: each epoch).")
+    metric: Optional[str] = Field(None, description="Dev metric for the best checkpoint (default: accuracy / f1).")
+    metric_mode: Literal["min", "max"] = Field("max", description="Whether lower or higher is better.")
+    keep_last: int = Field(1, ge=1, description="Step checkpoints kept (the best is kept apart).")
+    class_weights: Optional[Union[Literal["balanced"], dict[str, float]]] = Field(
+        None, description="Loss weights per label: 'balanced' (inverse frequency) or a mapping label → weight.")
+    group_by_length: bool = Field(True, description="Batch examples of similar length together (less padding).")
+    eval_batch_size: int = Field(128, ge=1, description="Examples per evaluation batch.")
+
+
+class FinetuneRecipe(Section):
+    name: str = Field("finetune", description="Name of the run.")
+    task: Literal["classification", "ner"] = Field(description="Sequence classification or token classification.")
+    data: TaskData = Field(default_factory=TaskData)
+    model: BaseModelSpec
+    strategy: StrategyConfig = Field(default_factory=StrategyConfig)
+    train: FinetuneTrain = Field(default_factory=FinetuneTrain)
+    output: OutputConfig = Field(default_factory=lambda: OutputConfig(dir="runs/finetune"))
+
+    @model_validator(mode="after")
+    def _needs_train(self) -> "FinetuneRecipe":
+        if self.data.train is None:
+            raise ValueError("data.train: a fine-tuning recipe needs a training file")
+        return self
+
+    @property
+    def metric(self) -> str:
+        return self.train.metric or ("accuracy" if self.task == "classification" else "f1")
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+def finetune_recipe_from_dict(tree: dict, source: str = "recipe", overrides=()) -> FinetuneRecipe:
+    return validate_tree(FinetuneRecipe, tree, source, overrides)
+
+
+def load_finetune_recipe(path, overrides=()) -> FinetuneRecipe:
+    tree = read_yaml_mapping(path, "a fine-tuning recipe is a mapping of sections (task, data, model, ...)")
+    recipe = finetune_recipe_from_dict(tree, str(path), overrides)
+    base = Path(path).parent
+    for split in ("train", "validation", "test"):
+        spec = getattr(recipe.data, split)
+        if spec is not None:
+            spec.path = resolve_path(spec.path, base)
+    recipe.model.path = resolve_path(recipe.model.path, base)
+    recipe.model.tokenizer = resolve_path(recipe.model.tokenizer, base)
+    return recipe

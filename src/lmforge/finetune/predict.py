@@ -1,0 +1,183 @@
+"""Use a fine-tuned run: score a split again (`lmforge eval`) or label new inputs (`lmforge predict`)."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+from transformers import AutoModelForSequenceClassification, AutoModelForTokenClassification
+
+from lmforge.errors import LmforgeError
+from lmforge.finetune import model as tm
+from lmforge.finetune.config import BaseModelSpec, FinetuneRecipe, SplitFile, load_finetune_recipe
+from lmforge.finetune.conll import Sentence, entity_spans
+from lmforge.finetune.encode import encode_classification, encode_ner
+from lmforge.finetune.objective import predict_encoded, word_predictions
+from lmforge.finetune.tables import LabelSet, Row, _records, format_of
+
+WORD = re.compile(r"\w+(?:[-'’.]\w+)*|[^\w\s]", re.UNICODE)
+
+
+def is_task_run(run_dir: Path) -> bool:
+    recipe = Path(run_dir) / "recipe.yaml"
+    return recipe.is_file() and re.search(r"^task:", recipe.read_text(encoding="utf-8"), re.M) is not None
+
+
+def open_task_model(run_dir: Path, which: Optional[str] = None):
+    """(recipe or None, model, tokenizer, task) of a fine-tuning run folder or a plain HF classifier folder."""
+    run_dir = Path(run_dir)
+    if not run_dir.exists():
+        raise LmforgeError(f"{run_dir}: no such run folder")
+    recipe = load_finetune_recipe(run_dir / "recipe.yaml") if is_task_run(run_dir) else None
+    folder = run_dir / which if which else run_dir / "final"
+    if which and Path(which).is_dir():
+        folder = Path(which)
+    if not (folder / "config.json").is_file():
+        folder = run_dir if (run_dir / "config.json").is_file() else folder
+    if not (folder / "config.json").is_file():
+        raise LmforgeError(f"{run_dir}: no fine-tuned model (looked for final/config.json)")
+    archs = json.loads((folder / "config.json").read_text()).get("architectures") or []
+    if any("TokenClassification" in a for a in archs):
+        task, auto = "ner", AutoModelForTokenClassification
+    elif any("SequenceClassification" in a for a in archs):
+        task, auto = "classification", AutoModelForSequenceClassification
+    else:
+        raise LmforgeError(f"{folder}: not a classification model (architectures: {archs}); "
+                           "use a fine-tuning run folder")
+    tokenizer = tm.load_task_tokenizer(BaseModelSpec(path=str(folder)), folder)
+    model = auto.from_pretrained(str(folder), local_files_only=True, trust_remote_code=False,
+                                 attn_implementation="sdpa")
+    model.eval()
+    return recipe, model, tokenizer, task
+
+
+def evaluate_task_run(run_dir: Path, split: str = "validation", file: Optional[Path] = None,
+                      which: Optional[str] = None) -> dict:
+    """Score the run's model on a split of its recipe (or on `file`); writes report-SPLIT.txt/.png, eval-SPLIT.json."""
+    from lmforge.finetune.run import TaskData, write_split_report
+    recipe, model, tokenizer, task = open_task_model(run_dir, which)
+    if recipe is None:
+        raise LmforgeError(f"{run_dir}: no recipe.yaml; evaluation needs the run's data settings")
+    if file is not None:
+        setattr(recipe.data, split, SplitFile(path=str(file)))
+    if getattr(recipe.data, split, None) is None:
+        raise LmforgeError(f"{run_dir}: the recipe has no {split} file; pass --file")
+    keep = {"train": recipe.data.train, split: getattr(recipe.data, split)}
+    for name in ("validation", "test"):
+        if name not in keep:
+            setattr(recipe.data, name, None)
+    names = [model.config.id2label[i] for i in range(model.config.num_labels)]
+    data = TaskData(recipe, tokenizer, labels=names)
+    return write_split_report(Path(run_dir), model, data, split, recipe)
+
+
+def word_offsets(text: str) -> list[tuple[str, int, int]]:
+    return [(m.group(), m.start(), m.end()) for m in WORD.finditer(text)]
+
+
+def _read_inputs(path: Path, recipe: Optional[FinetuneRecipe]) -> list[dict]:
+    if not path.is_file():
+        raise LmforgeError(f"{path}: no such input file")
+    if path.suffix.lower() in (".txt", ".text"):
+        lines = path.read_text(encoding="utf-8").splitlines()
+        return [{"text": t, "_line": i} for i, t in enumerate(lines, 1) if t.strip()]
+    records = []
+    for line, rec in _records(path, format_of(SplitFile(path=str(path)))):
+        rec["_line"] = line
+        records.append(rec)
+    if not records:
+        raise LmforgeError(f"{path}: no inputs in this file")
+    return records
+
+
+def predict_file(run_dir: Path, input_path: Path, output_path: Path, batch_size: int = 64,
+                 which: Optional[str] = None) -> int:
+    """Write one JSON line per input: labels and scores, or (NER) tags and entity spans with character offsets."""
+    recipe, model, tokenizer, task = open_task_model(run_dir, which)
+    records = _read_inputs(Path(input_path), recipe)
+    names = [model.config.id2label[i] for i in range(model.config.num_labels)]
+    labels = LabelSet(names)
+    max_length = min(recipe.data.max_length if recipe else 512, tm.position_limit(model))
+    pad = model.config.pad_token_id if model.config.pad_token_id is not None else 0
+    with torch.no_grad():
+        results = (_classify(records, recipe, model, tokenizer, labels, max_length, pad, batch_size, input_path)
+                   if task == "classification" else
+                   _tag(records, recipe, model, tokenizer, labels, max_length, pad, batch_size, input_path))
+    output_path = Path(output_path)
+    output_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = output_path.with_name(f".{output_path.name}.tmp")
+    with open(tmp, "w", encoding="utf-8") as fh:
+        for r in results:
+            fh.write(json.dumps(r, ensure_ascii=False) + "\n")
+    os.replace(tmp, output_path)
+    return len(results)
+
+
+def _column(rec: dict, names: tuple, where: str):
+    for n in names:
+        if n and n in rec and rec[n] is not None and str(rec[n]).strip():
+            return rec[n]
+    raise LmforgeError(f"{where}: input without text (looked for {', '.join(repr(n) for n in names if n)})")
+
+
+def _classify(records, recipe, model, tokenizer, labels, max_length, pad, batch_size, path) -> list[dict]:
+    text_col = recipe.data.text_column if recipe else "text"
+    pair_col = recipe.data.text_pair_column if recipe else None
+    multi = model.config.problem_type == "multi_label_classification"
+    rows = [Row(str(_column(r, (text_col, "text"), f"{path}:{r['_line']}")),
+                str(_column(r, (pair_col,), f"{path}:{r['_line']}")) if pair_col else None, [], r["_line"])
+            for r in records]
+    enc = encode_classification(tokenizer, rows, labels, max_length, multi, str(path))
+    scores = predict_encoded(model, enc, task="classification", multi_label=multi, pad_id=pad,
+                             batch_size=batch_size)["scores"]
+    out = []
+    for rec, s in zip(records, scores):
+        item = {k: v for k, v in rec.items() if k != "_line"}
+        if multi:
+            item["labels"] = [labels.names[i] for i in np.flatnonzero(s >= 0.5)]
+        else:
+            item["label"] = labels.names[int(s.argmax())]
+            item["score"] = round(float(s.max()), 6)
+        item["scores"] = {n: round(float(p), 6) for n, p in zip(labels.names, s)}
+        out.append(item)
+    return out
+
+
+def _tag(records, recipe, model, tokenizer, labels, max_length, pad, batch_size, path) -> list[dict]:
+    tokens_key = recipe.data.tokens_key if recipe else "tokens"
+    sentences, offsets, texts = [], [], []
+    for r in records:
+        where = f"{path}:{r['_line']}"
+        if isinstance(r.get(tokens_key), list):
+            words = [str(w) for w in r[tokens_key]]
+            text, spans, pos = " ".join(words), [], 0
+            for w in words:
+                spans.append((pos, pos + len(w)))
+                pos += len(w) + 1
+        else:
+            text = str(_column(r, ("text",), where))
+            found = word_offsets(text)
+            words, spans = [w for w, _, _ in found], [(a, b) for _, a, b in found]
+        sentences.append(Sentence(words, [], str(path), r["_line"]))
+        offsets.append(spans)
+        texts.append(text)
+    enc = encode_ner(tokenizer, sentences, labels, max_length, str(path))
+    scores = predict_encoded(model, enc, task="ner", multi_label=False, pad_id=pad, batch_size=batch_size)["scores"]
+    ids, conf = word_predictions(enc, scores, len(sentences), [len(s.tokens) for s in sentences])
+    out = []
+    for rec, sent, spans, text, row, c in zip(records, sentences, offsets, texts, ids, conf):
+        tags = [labels.names[i] for i in row]
+        entities = []
+        for etype, a, b in entity_spans(tags):
+            start, end = spans[a][0], spans[b - 1][1]
+            entities.append({"type": etype, "text": text[start:end], "start": start, "end": end,
+                             "words": [a, b], "score": round(float(np.mean(c[a:b])), 6)})
+        item = {k: v for k, v in rec.items() if k != "_line"}
+        item.update({"tokens": sent.tokens, "tags": tags, "entities": entities})
+        out.append(item)
+    return out
