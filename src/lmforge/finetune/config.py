@@ -38,7 +38,8 @@ class TaskData(Section):
     tokens_key: str = Field("tokens", description="JSONL key of the word list (NER).")
     tags_key: str = Field("tags", description="JSONL key of the tag list (NER).")
     scheme: Literal["bio", "iob1", "iobes"] = Field("bio", description="Tag scheme of the files (NER).")
-    max_length: int = Field(128, ge=8, description="Sub-word tokens per example (longer ones: see README).")
+    max_length: Optional[int] = Field(
+        None, ge=8, description="Sub-word tokens per example (default: 128 or the model's limit if lower).")
     max_examples: Optional[int] = Field(None, ge=1, description="Use at most this many training examples.")
 
 

@@ -34,10 +34,12 @@ class Encoded:
 
 def _special_layout(tokenizer) -> tuple[list[int], list[int]]:
     """Special tokens placed before and after one text by this tokenizer (e.g. [CLS] ... [SEP])."""
-    marker = -7
-    built = tokenizer.build_inputs_with_special_tokens([marker])
-    at = built.index(marker)
-    return built[:at], built[at + 1:]
+    inner = tokenizer("a", add_special_tokens=False)["input_ids"]
+    full = tokenizer("a", add_special_tokens=True)["input_ids"]
+    for at in range(len(full) - len(inner) + 1):
+        if full[at:at + len(inner)] == inner:
+            return full[:at], full[at + len(inner):]
+    return [], []
 
 
 def encode_texts(tokenizer, texts: list[str], pairs: Optional[list[str]], max_length: int) -> tuple[dict, int]:

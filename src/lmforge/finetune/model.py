@@ -64,22 +64,26 @@ def build_task_model(folder: Path, task: str, label_names: list[str], multi_labe
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # the new head is expected to be missing from the checkpoint
     try:
-        model = auto.from_pretrained(str(folder), config=config, local_files_only=True, trust_remote_code=False,
-                                     attn_implementation="sdpa")
+        model, info = auto.from_pretrained(str(folder), config=config, local_files_only=True,
+                                           trust_remote_code=False, attn_implementation="sdpa",
+                                           output_loading_info=True)
     except (ValueError, KeyError) as err:
         raise LmforgeError(f"{folder}: cannot load for {task}: {str(err).splitlines()[0]}") from None
     finally:
         hf_logging.set_verbosity(verbosity)
+    # Modules the checkpoint lacked (the head; a pooler for MLM checkpoints): an adapter must save them too.
+    model.new_modules = sorted({key.rsplit(".", 1)[0] for key in info.get("missing_keys", ()) if "." in key})
     if len(tokenizer) > model.get_input_embeddings().num_embeddings:
         raise LmforgeError(f"{folder}: the tokenizer has {len(tokenizer)} tokens but the model's vocabulary holds "
                            f"{model.get_input_embeddings().num_embeddings}; use the checkpoint's own tokenizer")
     return model
 
 
-def position_limit(model) -> int:
-    c = model.config
-    limit = getattr(c, "max_position_embeddings", None) or getattr(c, "n_positions", None) or 10**9
-    return limit - (2 if c.model_type in ("roberta", "xlm-roberta") else 0)
+def position_limit(config) -> int:
+    """Longest input the model takes (a config object or config.json's dict)."""
+    get = config.get if isinstance(config, dict) else lambda k, d=None: getattr(config, k, d)
+    limit = get("max_position_embeddings") or get("n_positions") or 10**9
+    return limit - (2 if get("model_type") in ("roberta", "xlm-roberta") else 0)
 
 
 def depth_of(name: str, n_layers: int) -> int:
@@ -115,7 +119,10 @@ def apply_peft(model, strategy: StrategyConfig, task: str):
     import peft
     spec = strategy.peft
     task_type = peft.TaskType.SEQ_CLS if task == "classification" else peft.TaskType.TOKEN_CLS
-    common = dict(task_type=task_type, target_modules=spec.target_modules)
+    # Newly initialised modules (the head, a pooler the checkpoint lacked) are trained and saved with the adapter,
+    # so the adapter alone plus the base checkpoint rebuilds the model.
+    common = dict(task_type=task_type, target_modules=spec.target_modules,
+                  modules_to_save=list(getattr(model, "new_modules", [])) or None)
     if spec.method == "lora":
         config = peft.LoraConfig(r=spec.r, lora_alpha=spec.alpha, lora_dropout=spec.dropout, **common)
     elif spec.method == "ia3":

@@ -102,7 +102,7 @@ def predict_file(run_dir: Path, input_path: Path, output_path: Path, batch_size:
     records = _read_inputs(Path(input_path), recipe)
     names = [model.config.id2label[i] for i in range(model.config.num_labels)]
     labels = LabelSet(names)
-    max_length = min(recipe.data.max_length if recipe else 512, tm.position_limit(model))
+    max_length = min(recipe.data.max_length if recipe else 512, tm.position_limit(model.config))
     pad = model.config.pad_token_id if model.config.pad_token_id is not None else 0
     with torch.no_grad():
         results = (_classify(records, recipe, model, tokenizer, labels, max_length, pad, batch_size, input_path)

@@ -97,15 +97,17 @@ def finetune(recipe: FinetuneRecipe, *, resume: bool = False, force: bool = Fals
     dist.setup("cuda" if cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available()) else "cpu")
     folder = tm.resolve_base(recipe.model.path)
     tokenizer = tm.load_task_tokenizer(recipe.model, folder)
+    limit = tm.position_limit(json.loads((folder / "config.json").read_text()))
+    if recipe.data.max_length is None:
+        recipe.data.max_length = min(128, limit)
+    elif recipe.data.max_length > limit:
+        raise LmforgeError(f"data.max_length: {recipe.data.max_length} is above the model's position limit {limit}")
     data = TaskData(recipe, tokenizer)
     if "train" not in data.encoded or not len(data.encoded["train"]):
         raise LmforgeError(f"{recipe.data.train.path}: the training split is empty")
     run_dir = prepare_run_dir(recipe, resume, force)
     model = tm.build_task_model(folder, recipe.task, data.labels.names, recipe.data.multi_label, tokenizer,
                                 recipe.model.dropout, seed=cfg.seed)
-    limit = tm.position_limit(model)
-    if recipe.data.max_length > limit:
-        raise LmforgeError(f"data.max_length: {recipe.data.max_length} is above the model's position limit {limit}")
     strategy = recipe.strategy
     tm.apply_freezing(model, strategy)
     if strategy.method == "peft":
@@ -128,9 +130,14 @@ def finetune(recipe: FinetuneRecipe, *, resume: bool = False, force: bool = Fals
             return {}
         return score_split(m, data, "validation", recipe, objective)["metrics_flat"]
 
-    mean_len = sum(map(len, data.encoded["train"].input_ids)) / len(data.encoded["train"])
+    # The engine counts loss units (examples, or tagged words): MFU needs the FLOPs of one unit's tokens.
+    train_enc = data.encoded["train"]
+    tokens = sum(map(len, train_enc.input_ids))
+    units = sum(1 for y in train_enc.labels if y != -1) if recipe.task == "classification" else \
+        sum(t != -100 for row in train_enc.labels for t in row)
+    mean_len = tokens / len(train_enc)
     engine = Engine(model, tokenizer, objective, loader, train_cfg, run_dir, evaluate=evaluate,
-                    flops_per_token=flops_per_token(model, max(8, round(mean_len))),
+                    flops_per_token=flops_per_token(model, max(8, round(mean_len))) * tokens / max(units, 1),
                     tensorboard=recipe.output.tensorboard, plots=recipe.output.plots, show_progress=show_progress,
                     param_groups=tm.param_groups(model, cfg.weight_decay, strategy, cfg.lr))
     if resume:
