@@ -306,3 +306,31 @@ def test_minilm_on_sst2_beats_chance(tmp_path, minilm_dir):
         "output": {"dir": str(tmp_path / "run"), "tensorboard": False, "plots": False}})
     run = finetune(r, show_progress=False)
     assert json.loads((run / "results.json").read_text())["validation"]["accuracy"] > 0.6
+
+
+def test_cli_finetune_eval_predict(tmp_path, base_dir):
+    import yaml
+    from typer.testing import CliRunner
+    from lmforge.cli import app
+    train, dev = sentiment(tmp_path, 96, 48)
+    tree = {"name": "cli", "task": "classification",
+            "data": {"train": {"path": str(train)}, "validation": {"path": str(dev)}, "test": {"path": str(dev)},
+                     "text_column": "sentence"},
+            "model": {"path": str(base_dir)}, "train": {"epochs": 1, "batch_size": 16, "lr": 3e-3},
+            "output": {"dir": str(tmp_path / "run"), "tensorboard": False, "plots": False}}
+    path = tmp_path / "ft.yaml"
+    path.write_text(yaml.safe_dump(tree))
+    runner = CliRunner()
+    done = runner.invoke(app, ["finetune", str(path), "--no-progress", "--set", "train.seed=1"])
+    assert done.exit_code == 0, done.output
+    assert (tmp_path / "run" / "final" / "config.json").is_file()
+    shown = runner.invoke(app, ["eval", str(tmp_path / "run"), "--split", "test", "--json"])
+    assert shown.exit_code == 0 and json.loads(shown.stdout[shown.stdout.index("{"):])["examples"] == 48
+    (tmp_path / "in.txt").write_text("the plot was great\n\nthe plot was awful\n")
+    pred = runner.invoke(app, ["predict", str(tmp_path / "run"), "--input", str(tmp_path / "in.txt"),
+                               "--output", str(tmp_path / "out.jsonl")])
+    assert pred.exit_code == 0 and len((tmp_path / "out.jsonl").read_text().splitlines()) == 2
+    again = runner.invoke(app, ["finetune", str(path), "--no-progress"])
+    assert again.exit_code == 2 and "holds a trained run" in again.output
+    bad = runner.invoke(app, ["finetune", str(path), "--set", "train.epoch=2"])
+    assert bad.exit_code == 2 and "unknown key 'train.epoch'; did you mean 'epochs'?" in bad.output

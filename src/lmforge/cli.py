@@ -27,7 +27,11 @@ def _fail(err: Exception) -> None:
 
 
 def _load(recipe_file: Path, overrides: List[str]):
-    from lmforge.recipe import load_recipe
+    """A pretraining recipe, or a fine-tuning recipe (one with a `task:` key)."""
+    from lmforge.recipe import load_recipe, read_yaml_mapping
+    if Path(recipe_file).is_file() and "task" in read_yaml_mapping(recipe_file, "a recipe is a mapping of sections"):
+        from lmforge.finetune import load_finetune_recipe
+        return load_finetune_recipe(recipe_file, overrides)
     return load_recipe(recipe_file, overrides)
 
 

@@ -44,7 +44,8 @@ class TaskData(Section):
 
 
 class BaseModelSpec(Section):
-    path: str = Field(description="A local Hugging Face model folder or an lmforge run folder.")
+    path: str = Field(description="A local Hugging Face model folder, an lmforge run folder, or "
+                                  "'package:NAME/folder' inside an installed Python package.")
     tokenizer: Optional[str] = Field(None, description="Tokenizer folder (default: the model's own).")
     dropout: Optional[float] = Field(None, ge=0.0, lt=1.0, description="Override the checkpoint's dropout.")
 
@@ -122,6 +123,7 @@ def load_finetune_recipe(path, overrides=()) -> FinetuneRecipe:
         spec = getattr(recipe.data, split)
         if spec is not None:
             spec.path = resolve_path(spec.path, base)
-    recipe.model.path = resolve_path(recipe.model.path, base)
+    if not recipe.model.path.startswith("package:"):
+        recipe.model.path = resolve_path(recipe.model.path, base)
     recipe.model.tokenizer = resolve_path(recipe.model.tokenizer, base)
     return recipe

@@ -25,12 +25,22 @@ HEADS = ("classifier", "score", "pooler")  # the pooler is new for most encoders
 def resolve_base(path: str) -> Path:
     """A model folder: an HF folder as is, or the model inside an lmforge run folder (final, then best)."""
     from lmforge.runs import model_folder
-    folder = Path(path)
+    folder = package_path(path) if path.startswith("package:") else Path(path)
     if not folder.exists():
         raise LmforgeError(f"model.path: {path}: no such folder")
     if (folder / "config.json").is_file():
         return folder
     return model_folder(folder)
+
+
+def package_path(spec: str) -> Path:
+    """'package:NAME/sub/folder' → that folder inside the installed Python package NAME (e.g. a model on PyPI)."""
+    import importlib.util
+    name, _, sub = spec[len("package:"):].partition("/")
+    found = importlib.util.find_spec(name) if name else None
+    if found is None or not found.submodule_search_locations:
+        raise LmforgeError(f"model.path: {spec}: no installed package '{name}'")
+    return Path(list(found.submodule_search_locations)[0]) / sub
 
 
 def load_task_tokenizer(spec: BaseModelSpec, folder: Path):
