@@ -334,3 +334,28 @@ def test_cli_finetune_eval_predict(tmp_path, base_dir):
     assert again.exit_code == 2 and "holds a trained run" in again.output
     bad = runner.invoke(app, ["finetune", str(path), "--set", "train.epoch=2"])
     assert bad.exit_code == 2 and "unknown key 'train.epoch'; did you mean 'epochs'?" in bad.output
+
+
+@pytest.mark.parametrize("family", ["bert", "roberta", "electra"])
+def test_first_position_only_matches_the_full_model(family):
+    from transformers import AutoConfig
+    from lmforge.finetune.fast import first_position_only, restore
+    config = AutoConfig.for_model(family, vocab_size=120, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                  intermediate_size=64, max_position_embeddings=80, num_labels=3, pad_token_id=1)
+    torch.manual_seed(0)
+    model = AutoModelForSequenceClassification.from_config(config, attn_implementation="sdpa").eval()
+    ids = torch.randint(5, 120, (4, 11))
+    mask = torch.ones_like(ids)
+    mask[1, 7:] = 0  # padding on some rows
+    mask[3, 4:] = 0
+    with torch.no_grad():
+        plain = model(input_ids=ids, attention_mask=mask).logits
+        assert first_position_only(model)
+        fast = model(input_ids=ids, attention_mask=mask).logits
+    torch.testing.assert_close(fast, plain, atol=1e-5, rtol=1e-5)
+    assert set(model.state_dict()) == set(AutoModelForSequenceClassification.from_config(config).state_dict())
+    restore(model)
+    model.train()  # gradients flow to every layer with the patched last layer
+    first_position_only(model)
+    model(input_ids=ids, attention_mask=mask).logits.sum().backward()
+    assert all(p.grad is not None for n, p in model.named_parameters() if "pooler" not in n or family == "bert")

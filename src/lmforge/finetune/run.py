@@ -27,6 +27,7 @@ from lmforge.engine.logging import console
 from lmforge.errors import LmforgeError
 from lmforge.finetune import model as tm
 from lmforge.finetune.config import FinetuneRecipe
+from lmforge.finetune.fast import first_position_only
 from lmforge.finetune.encode import Encoded, TaskLoader, encode_classification, encode_ner
 from lmforge.finetune.metrics import classification_metrics, format_report, ner_metrics, plot_confusion
 from lmforge.finetune.objective import TaskObjective, predict_encoded, word_predictions
@@ -112,6 +113,8 @@ def finetune(recipe: FinetuneRecipe, *, resume: bool = False, force: bool = Fals
     tm.apply_freezing(model, strategy)
     if strategy.method == "peft":
         model = tm.apply_peft(model, strategy, recipe.task)
+    if recipe.task == "classification":
+        first_position_only(model)  # the last layer runs for [CLS] only: the head reads nothing else
     trainable, total = tm.trainable_counts(model)
     if not trainable:
         raise LmforgeError("strategy: every parameter is frozen; nothing would train")
