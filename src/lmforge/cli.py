@@ -17,6 +17,9 @@ recipe_app = typer.Typer(help="Inspect recipes.", no_args_is_help=True)
 tokenizer_app = typer.Typer(help="Train tokenizers.", no_args_is_help=True)
 app.add_typer(recipe_app, name="recipe")
 app.add_typer(tokenizer_app, name="tokenizer")
+experts_app = typer.Typer(help="Domain experts (Branch-Train-Merge): branch a seed per domain, train, merge.",
+                          no_args_is_help=True)
+app.add_typer(experts_app, name="experts")
 
 SET_HELP = "Override a recipe field, e.g. --set train.lr=3e-4 (repeatable)."
 
@@ -122,6 +125,16 @@ def eval_(run_dir: Path = typer.Argument(..., help="Run folder (or a checkpoint 
     fine-tuning run, the task report (accuracy/F1/MCC or entity-level scores) of a split."""
     from lmforge.evaluate import evaluate_run, format_table
     from lmforge.finetune.predict import evaluate_task_run, is_task_run
+    if (Path(run_dir) / "experts.json").is_file():
+        from lmforge.experts import evaluate, format_comparison
+        try:
+            results = evaluate(run_dir, max_batches=max_batches)
+        except LmforgeError as err:
+            _fail(err)
+        typer.echo(json.dumps(results, indent=2) if as_json else
+                   format_comparison(results) + "\n\n(validation perplexity per domain; columns: models)")
+        (Path(run_dir) / "eval-validation.json").write_text(json.dumps(results, indent=2))
+        return
     if is_task_run(run_dir):
         if split not in ("validation", "test", "train"):
             _fail(LmforgeError(f"--split: expected 'validation', 'test' or 'train', got {split!r}"))
@@ -150,22 +163,81 @@ def eval_(run_dir: Path = typer.Argument(..., help="Run folder (or a checkpoint 
 
 
 @app.command()
-def generate(run_dir: Path = typer.Argument(..., help="Causal LM run folder or HF model folder."),
+def generate(run_dir: Path = typer.Argument(..., help="Causal LM run folder, or an HF causal LM or seq2seq folder."),
              prompt: str = typer.Option("", help="Text to continue."),
-             max_new_tokens: int = typer.Option(64, min=1, help="Tokens to generate."),
+             max_new_tokens: int = typer.Option(64, min=1, help="Tokens to generate (lowered to fit the model)."),
              temperature: float = typer.Option(0.8, min=0.0, help="0 means greedy."),
              top_k: Optional[int] = typer.Option(50, min=1, help="Sample from the k most likely tokens."),
              top_p: Optional[float] = typer.Option(None, min=0.0, max=1.0, help="Nucleus sampling mass."),
-             seed: int = typer.Option(0, help="Sampling seed.")):
-    """Continue a prompt with a causal LM."""
-    from lmforge.generate import generate_text
-    from lmforge.runs import open_run
+             num_beams: int = typer.Option(1, min=1, help="Beam search with this many beams (deterministic; "
+                                                          "temperature, top-k and top-p are not used)."),
+             length_penalty: float = typer.Option(1.0, help="Beam search: exponent on length (> 1 favours longer)."),
+             early_stopping: bool = typer.Option(False, help="Beam search: stop once num_beams candidates ended."),
+             repetition_penalty: float = typer.Option(1.0, min=0.01, help="> 1 discourages repeating tokens."),
+             stop: List[str] = typer.Option([], "--stop", help="Stop before this text (repeatable)."),
+             seed: int = typer.Option(0, help="Sampling seed (same seed, same text)."),
+             stream: bool = typer.Option(False, help="Print text as it is generated."),
+             model: Optional[str] = typer.Option(None, help="'final', 'best', 'latest' or a folder.")):
+    """Continue a prompt with a causal LM (or an encoder-decoder model): greedy, sampling or beam search."""
+    from lmforge.generate import Decoding, context_limit, encode_prompt, generate as run, open_generator
+    from lmforge.generate import stream as run_stream
     try:
-        _, model, tokenizer = open_run(run_dir)
-        typer.echo(prompt + generate_text(model, tokenizer, prompt, max_new_tokens=max_new_tokens,
-                                          temperature=temperature, top_k=top_k, top_p=top_p, seed=seed))
+        lm, tokenizer = open_generator(run_dir, model)
+        limit = context_limit(lm)
+        used = len(encode_prompt(tokenizer, lm, prompt))
+        if limit is not None and used < limit and used + max_new_tokens > limit:
+            typer.echo(f"note: --max-new-tokens lowered to {limit - used} (the model takes {limit} positions, "
+                       f"the prompt uses {used})", err=True)
+        settings = Decoding(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                            num_beams=num_beams, length_penalty=length_penalty, early_stopping=early_stopping,
+                            repetition_penalty=repetition_penalty, stop=tuple(stop), seed=seed)
+        if stream:
+            typer.echo(prompt, nl=False)
+            for piece in run_stream(lm, tokenizer, prompt, settings, clamp=True):
+                typer.echo(piece, nl=False)
+                sys.stdout.flush()
+            typer.echo("")
+        else:
+            typer.echo(prompt + run(lm, tokenizer, [prompt], settings, clamp=True)[0].text)
     except LmforgeError as err:
         _fail(err)
+
+
+@app.command()
+def serve(models: List[str] = typer.Argument(..., help="Run folders or HF folders to serve; NAME=PATH names one "
+                                                       "(default name: the folder's name)."),
+          host: str = typer.Option("127.0.0.1", help="Address to listen on (loopback unless you change it)."),
+          port: int = typer.Option(8000, min=1, max=65535, help="TCP port."),
+          api_key: Optional[str] = typer.Option(None, envvar="LMFORGE_API_KEY",
+                                                help="Require 'Authorization: Bearer KEY' (all routes but /health)."),
+          max_batch: int = typer.Option(16, min=1, help="Most completion rows run in one batched generate call."),
+          max_wait_ms: float = typer.Option(10.0, min=0.0, help="How long a batch waits for more requests."),
+          max_concurrent: int = typer.Option(64, min=1, help="Requests worked on at once."),
+          max_queue: int = typer.Option(256, min=0, help="Requests waiting beyond those; more get 429."),
+          timeout: float = typer.Option(120.0, min=0.001, help="Seconds before a request gets 408 and is stopped."),
+          max_tokens_cap: int = typer.Option(512, min=1, help="Largest max_tokens a request may ask for."),
+          device: str = typer.Option("auto", help="'auto' (CUDA when available), 'cpu' or 'cuda[:N]'.")):
+    """Serve models over HTTP: OpenAI-compatible /v1/completions and /v1/chat/completions, /v1/classify and
+    /v1/ner for fine-tuned runs, /v1/models, /health, /metrics."""
+    import torch
+    from lmforge.serve import create_app, load_served_models, run_server
+    try:
+        served = load_served_models(models)
+        target = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+        for m in served.values():
+            m.model.to(target)
+            typer.echo(f"serving {m.name!r} ({m.kind}) from {m.source} on {target}")
+        app_ = create_app(served, api_key=api_key, max_batch=max_batch, max_wait_ms=max_wait_ms,
+                          max_concurrent=max_concurrent, max_queue=max_queue, timeout_s=timeout,
+                          max_tokens_cap=max_tokens_cap)
+    except LmforgeError as err:
+        _fail(err)
+    except RuntimeError as err:  # e.g. an unknown --device
+        _fail(LmforgeError(f"--device {device}: {str(err).splitlines()[0]}"))
+    if host not in ("127.0.0.1", "localhost", "::1") and not api_key:
+        typer.echo(f"warning: listening on {host} without an API key; anyone who can reach it can use it", err=True)
+    typer.echo(f"listening on http://{host}:{port} (OpenAI base_url: http://{host}:{port}/v1)")
+    run_server(app_, host=host, port=port)
 
 
 @recipe_app.command("show")
@@ -208,6 +280,60 @@ def tokenizer_train(recipe: Path = typer.Argument(..., help="Recipe YAML (its da
         _fail(err)
     except OSError as err:
         _fail(LmforgeError(f"{out}: cannot write ({err.strerror})"))
+
+
+def _experts_run(target: Path, set_: List[str]) -> Path:
+    """A run folder as is; a recipe file → its output folder."""
+    if Path(target).is_file():
+        return Path(_load(target, set_).output.dir)
+    return Path(target)
+
+
+@experts_app.command("branch")
+def experts_branch(recipe: Path = typer.Argument(..., help="Pretraining recipe with an `experts:` section."),
+                   set_: List[str] = typer.Option([], "--set", help=SET_HELP),
+                   force: bool = typer.Option(False, help="Delete an existing experts run and start over."),
+                   progress: bool = typer.Option(True, help="Show progress bars.")):
+    """Make (or copy) the seed model and one expert recipe per domain."""
+    from lmforge.experts import branch
+    try:
+        run = branch(_load(recipe, set_), force=force, show_progress=progress)
+        typer.echo(f"experts run: {run}")
+    except LmforgeError as err:
+        _fail(err)
+
+
+@experts_app.command("train")
+def experts_train(target: Path = typer.Argument(..., help="The experts recipe or its run folder."),
+                  domain: List[str] = typer.Option([], "--domain", help="Train only this expert (repeatable); "
+                                                   "run one process per domain to train them in parallel."),
+                  dense: bool = typer.Option(False, help="Also train the dense baseline (the seed on the mixture "
+                                             "for the experts' total steps)."),
+                  set_: List[str] = typer.Option([], "--set", help=SET_HELP),
+                  progress: bool = typer.Option(True, help="Show progress bars.")):
+    """Train experts, each on its own domain only, as independent pretraining runs."""
+    from lmforge.experts import train
+    try:
+        train(_experts_run(target, set_), domain or None, dense, show_progress=progress)
+    except LmforgeError as err:
+        _fail(err)
+
+
+@experts_app.command("merge")
+def experts_merge(target: Path = typer.Argument(..., help="The experts run folder (or its recipe)."),
+                  method: str = typer.Option("ensemble", help="'ensemble' (posterior-weighted) or 'average'."),
+                  weights: str = typer.Option("uniform", help="average: 'uniform' or 'prior' (estimated on "
+                                              "held-out data)."),
+                  top_k: Optional[int] = typer.Option(None, min=1, help="ensemble: mix only the k likeliest experts."),
+                  set_: List[str] = typer.Option([], "--set", help=SET_HELP)):
+    """Combine trained experts into an ensemble (ensemble/) or one averaged model (average/)."""
+    from lmforge.experts import merge
+    if method not in ("ensemble", "average") or weights not in ("uniform", "prior"):
+        _fail(LmforgeError(f"--method/--weights: expected ensemble|average and uniform|prior, got {method}/{weights}"))
+    try:
+        typer.echo(f"merged: {merge(_experts_run(target, set_), method, weights=weights, top_k=top_k)}")
+    except LmforgeError as err:
+        _fail(err)
 
 
 def main() -> None:  # pragma: no cover

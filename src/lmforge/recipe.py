@@ -7,6 +7,7 @@ Unknown keys are errors that name the closest valid key; wrong types name the fi
 from __future__ import annotations
 
 import copy
+import os
 import difflib
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
@@ -115,6 +116,17 @@ class OutputConfig(Section):
     plots: bool = Field(True, description="Write loss-curve PNGs.")
 
 
+class ExpertsConfig(Section):
+    seed: Optional[str] = Field(None, description="Seed model: a run or HF folder (default: train one on the "
+                                                  "mixture for seed_steps).")
+    seed_steps: int = Field(200, ge=1, description="Steps of the seed model trained on the whole mixture.")
+    domains: Optional[list[str]] = Field(None, description="Domains that get an expert (default: every domain).")
+    steps: Optional[int] = Field(None, ge=1, description="Training steps per expert (default: train.max_steps).")
+    prior: Literal["uniform", "estimated"] = Field(
+        "uniform", description="Domain prior of the ensemble: uniform, or estimated on held-out data.")
+    top_k: Optional[int] = Field(None, ge=1, description="Ensemble: mix only the k most probable experts.")
+
+
 class Recipe(Section):
     name: str = Field("run", description="Name of the run.")
     data: DataConfig = Field(default_factory=DataConfig)
@@ -123,6 +135,7 @@ class Recipe(Section):
     objective: ObjectiveConfig = Field(default_factory=ObjectiveConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     output: OutputConfig = Field(default_factory=OutputConfig)
+    experts: Optional[ExpertsConfig] = Field(None, description="Domain experts (lmforge experts ...).")
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
@@ -247,8 +260,8 @@ def resolve_path(p: Optional[str], base: Path) -> Optional[str]:
     """A relative path is read from the current folder, else from the recipe's folder."""
     if p is None or Path(p).is_absolute() or Path(p).exists():
         return p
-    candidate = base / p
-    return str(candidate) if candidate.exists() or any(ch in p for ch in "*?[") else p
+    candidate = os.path.normpath(base / p)
+    return candidate if Path(candidate).exists() or any(ch in p for ch in "*?[") else p
 
 
 def load_recipe(path: Union[str, Path], overrides: Union[list[str], tuple] = ()) -> Recipe:

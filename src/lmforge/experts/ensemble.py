@@ -1,0 +1,81 @@
+"""Combine domain experts: an ensemble weighted by the domain posterior (Bayes' rule over the context), or one
+model whose parameters are a weighted average of the experts'.
+
+Ensemble, for the prediction at position t (of token t+1):
+
+    p(x_{t+1} | x_{≤t}) = Σ_d p(d | x_{≤t}) · p_d(x_{t+1} | x_{≤t})
+    p(d | x_{≤t}) ∝ p(d) · Π_{s<t} p_d(x_{s+1} | x_{≤s})
+
+so the posterior at t uses only the tokens already seen. `ExpertEnsemble` returns the mixture's log
+probabilities as `.logits` (already normalised), so anything that takes a causal LM's logits — the
+evaluation loop, cross-entropy — works on it unchanged.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+
+@dataclass
+class EnsembleOutput:
+    logits: torch.Tensor          # (B, T, V) log-probabilities of the mixture
+    posterior: torch.Tensor       # (B, T, D) p(d | x_{≤t}) used at each position
+
+
+class ExpertEnsemble(torch.nn.Module):
+    def __init__(self, experts: list, domains: list[str], prior: Optional[torch.Tensor] = None,
+                 top_k: Optional[int] = None):
+        super().__init__()
+        if not experts:
+            raise ValueError("an ensemble needs at least one expert")
+        self.experts = torch.nn.ModuleList(experts)
+        self.domains = list(domains)
+        prior = torch.full((len(experts),), 1.0 / len(experts)) if prior is None else torch.as_tensor(prior).float()
+        self.register_buffer("log_prior", (prior / prior.sum()).log())
+        self.top_k = top_k if top_k and top_k < len(experts) else None
+        self.config = experts[0].config  # position limits, vocabulary: the experts share them
+
+    def expert_logprobs(self, input_ids: torch.Tensor, **kwargs) -> torch.Tensor:
+        """(D, B, T, V) next-token log-probabilities of every expert."""
+        return torch.stack([torch.log_softmax(e(input_ids=input_ids, use_cache=False, **kwargs).logits.float(), -1)
+                            for e in self.experts])
+
+    def posterior_from(self, logprobs: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+        """(B, T, D) domain posterior at each position, from the likelihood of the tokens seen before it."""
+        seen = logprobs[:, :, :-1].gather(-1, input_ids[None, :, 1:, None].expand(logprobs.size(0), -1, -1, 1))
+        seen = seen.squeeze(-1)                                           # (D, B, T-1): log p_d(x_{s+1} | x_{≤s})
+        cumulative = torch.cat([torch.zeros_like(seen[..., :1]), seen.cumsum(-1)], dim=-1)  # (D, B, T)
+        scores = self.log_prior[:, None, None] + cumulative
+        if self.top_k:
+            kth = scores.topk(self.top_k, dim=0).values[-1:]
+            scores = scores.masked_fill(scores < kth, float("-inf"))
+        return torch.softmax(scores, dim=0).permute(1, 2, 0)
+
+    def forward(self, input_ids: torch.Tensor, **kwargs) -> EnsembleOutput:
+        kwargs = {k: v for k, v in kwargs.items() if k in ("position_ids", "attention_mask")}
+        logprobs = self.expert_logprobs(input_ids, **kwargs)
+        posterior = self.posterior_from(logprobs, input_ids)
+        weights = posterior.permute(2, 0, 1).clamp_min(1e-30).log()[..., None]  # (D, B, T, 1)
+        return EnsembleOutput(logits=torch.logsumexp(weights + logprobs, dim=0), posterior=posterior)
+
+    def parameters_per_expert(self) -> int:
+        return sum(p.numel() for p in self.experts[0].parameters())
+
+
+def average_state_dicts(states: list[dict], weights: Optional[list[float]] = None) -> dict:
+    """Weighted parameter average (weights normalised; uniform by default). Integer buffers come from the first."""
+    weights = torch.tensor(weights if weights is not None else [1.0] * len(states), dtype=torch.float64)
+    weights = weights / weights.sum()
+    out = {}
+    for key, first in states[0].items():
+        if not torch.is_floating_point(first):
+            out[key] = first.clone()
+            continue
+        total = torch.zeros_like(first, dtype=torch.float64)
+        for w, state in zip(weights, states):
+            total += w * state[key].double()
+        out[key] = total.to(first.dtype)
+    return out

@@ -1,0 +1,246 @@
+"""Branch-Train-Merge: branch a seed model into one expert per domain, train each expert on its domain only
+(independently: separate processes or machines), then merge them into an ensemble or a parameter average.
+
+    RUN/
+      recipe.yaml  experts.json        the experts recipe and the manifest (domains, seed, expert folders)
+      seed/                            the seed model + tokenizer (HF folder)
+      seed-run/                        the seed's pretraining run, when the recipe trains it
+      experts/<domain>/                one ordinary pretraining run per domain (its recipe.yaml, final/, ...)
+      dense/                           optional baseline: the seed trained on the mixture for the experts' total steps
+      ensemble/ensemble.json           experts, domains, prior and top-k of the posterior-weighted ensemble
+      average/                         one HF model: the weighted parameter average of the experts
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from lmforge.engine import checkpoint as ckpt
+from lmforge.engine.logging import console
+from lmforge.errors import LmforgeError
+from lmforge.experts.ensemble import ExpertEnsemble, average_state_dicts
+from lmforge.recipe import ExpertsConfig, Recipe, load_recipe
+
+MANIFEST = "experts.json"
+
+
+def _write_json(path: Path, payload: dict) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(payload, indent=2))
+    os.replace(tmp, path)
+
+
+def _domains(recipe: Recipe) -> list[str]:
+    present = sorted({s.domain for s in recipe.data.sources})
+    wanted = recipe.experts.domains or present
+    unknown = sorted(set(wanted) - set(present))
+    if unknown:
+        raise LmforgeError(f"experts.domains: {unknown} not among the data's domains {present}")
+    if len(wanted) < 1:
+        raise LmforgeError("data.sources: no domains to branch into")
+    return list(wanted)
+
+
+def branch(recipe: Recipe, *, force: bool = False, show_progress: bool = True) -> Path:
+    """Make the seed (copy it, or pretrain it on the mixture) and one expert recipe per domain."""
+    from lmforge.pretrain import pretrain
+    if recipe.experts is None:
+        recipe = recipe.model_copy(update={"experts": ExpertsConfig()})
+    if recipe.objective.name != "clm":
+        raise LmforgeError("objective.name: domain experts are causal LMs here (objective 'clm')")
+    domains = _domains(recipe)
+    run = Path(recipe.output.dir)
+    if (run / MANIFEST).exists() and not force:
+        raise LmforgeError(f"{run}: already branched; pass --force to start over")
+    if force and run.exists():
+        shutil.rmtree(run)
+    run.mkdir(parents=True, exist_ok=True)
+    (run / "recipe.yaml").write_text(recipe.to_yaml())
+    seed = run / "seed"
+    if recipe.experts.seed:
+        from lmforge.runs import model_folder
+        source = model_folder(Path(recipe.experts.seed))
+        shutil.copytree(source, seed, ignore=shutil.ignore_patterns("trainer_state.pt"))
+        if not (seed / "tokenizer.json").exists() and not (seed / "vocab.txt").exists():
+            raise LmforgeError(f"{source}: the seed folder has no tokenizer")
+    else:
+        seed_recipe = recipe.model_copy(deep=True)
+        seed_recipe.experts = None
+        seed_recipe.train.max_steps = recipe.experts.seed_steps
+        seed_recipe.output.dir = str(run / "seed-run")
+        seed_recipe.name = f"{recipe.name}-seed"
+        pretrain(seed_recipe, force=True, show_progress=show_progress)
+        shutil.copytree(run / "seed-run" / "final", seed)
+    experts = {}
+    for domain in domains:
+        r = expert_recipe(recipe, domain, seed, run / "experts" / domain)
+        folder = run / "experts" / domain
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "expert.yaml").write_text(r.to_yaml())
+        experts[domain] = f"experts/{domain}"
+    _write_json(run / MANIFEST, {"domains": domains, "seed": "seed", "experts": experts,
+                                 "steps_per_expert": recipe.experts.steps or recipe.train.max_steps})
+    console.print(f"branched {len(domains)} experts from {seed}: {', '.join(domains)}")
+    return run
+
+
+def expert_recipe(recipe: Recipe, domain: Optional[str], seed: Path, out: Path) -> Recipe:
+    """The pretraining recipe of one expert (domain) or of the dense baseline (domain None)."""
+    r = recipe.model_copy(deep=True)
+    r.experts = None
+    if domain is not None:
+        r.data.sources = [s for s in r.data.sources if s.domain == domain]
+        r.name = f"{recipe.name}-{domain}"
+    else:
+        r.name = f"{recipe.name}-dense"
+    r.model.path, r.model.family = str(seed), None
+    r.tokenizer.path = str(seed)
+    steps = recipe.experts.steps or recipe.train.max_steps if recipe.experts else recipe.train.max_steps
+    n = len(_domains(recipe)) if domain is None else 1
+    r.train.max_steps = steps * n
+    r.output.dir = str(out)
+    return r
+
+
+def manifest(run: Path) -> dict:
+    path = Path(run) / MANIFEST
+    if not path.is_file():
+        raise LmforgeError(f"{run}: not an experts run (no {MANIFEST}); run `lmforge experts branch` first")
+    return json.loads(path.read_text())
+
+
+def train(run: Path, domains: Optional[list[str]] = None, dense: bool = False, *, show_progress: bool = True) -> list:
+    """Train the named experts (default: all), each as an ordinary pretraining run; `dense` trains the baseline."""
+    from lmforge.pretrain import pretrain
+    run = Path(run)
+    info = manifest(run)
+    todo = list(domains or info["domains"])
+    unknown = sorted(set(todo) - set(info["domains"]))
+    if unknown:
+        raise LmforgeError(f"--domain: {unknown} not among this run's experts {info['domains']}")
+    done = []
+    for domain in todo:
+        recipe = load_recipe(run / info["experts"][domain] / "expert.yaml")
+        console.print(f"[bold]expert {domain}[/]: {recipe.train.max_steps} steps on its domain only")
+        done.append(pretrain(recipe, force=True, show_progress=show_progress))
+    if dense:
+        base = load_recipe(run / "recipe.yaml")
+        recipe = expert_recipe(base, None, run / info["seed"], run / "dense")
+        console.print(f"[bold]dense baseline[/]: {recipe.train.max_steps} steps on the mixture")
+        done.append(pretrain(recipe, force=True, show_progress=show_progress))
+    return done
+
+
+def _expert_models(run: Path, info: dict) -> list:
+    from lmforge.models import load_model
+    models = []
+    for domain in info["domains"]:
+        folder = run / info["experts"][domain] / "final"
+        if not (folder / "config.json").is_file():
+            raise LmforgeError(f"{folder.parent}: expert '{domain}' is not trained yet "
+                               f"(lmforge experts train {run} --domain {domain})")
+        models.append(load_model(folder, "clm").eval())
+    return models
+
+
+def estimate_prior(ensemble: ExpertEnsemble, data, batch_size: int = 16, max_batches: int = 20) -> torch.Tensor:
+    """p(d) = the mean over held-out blocks of the posterior at each block's last position (uniform start)."""
+    if data.validation is None or len(data.validation) == 0:
+        raise LmforgeError("the data has no validation split to estimate the domain prior on")
+    total = torch.zeros(len(ensemble.experts), dtype=torch.float64)
+    n = 0
+    with torch.no_grad():
+        for start in range(0, min(len(data.validation), batch_size * max_batches), batch_size):
+            rows = list(range(start, min(start + batch_size, len(data.validation))))
+            ids, _ = data.batch("validation", rows)
+            out = ensemble(torch.from_numpy(ids))
+            total += out.posterior[:, -1].double().sum(0)
+            n += len(rows)
+    return (total / max(n, 1)).float()
+
+
+def merge(run: Path, method: str, *, weights: str = "uniform", top_k: Optional[int] = None) -> Path:
+    """ensemble: write ensemble/ensemble.json; average: write average/ (one HF model)."""
+    from lmforge.data.blocks import build_blocks
+    from lmforge.tokenizer import load_tokenizer
+    run = Path(run)
+    info = manifest(run)
+    recipe = load_recipe(run / "recipe.yaml")
+    experts = _expert_models(run, info)
+    tokenizer = load_tokenizer(run / info["seed"])
+    cfg = recipe.experts or ExpertsConfig()
+    ensemble = ExpertEnsemble(experts, info["domains"], top_k=top_k or cfg.top_k)
+    prior = None
+    if (method == "ensemble" and cfg.prior == "estimated") or (method == "average" and weights == "prior"):
+        prior = estimate_prior(ensemble, build_blocks(recipe.data, tokenizer, recipe.objective))
+    if method == "ensemble":
+        folder = run / "ensemble"
+        folder.mkdir(exist_ok=True)
+        _write_json(folder / "ensemble.json", {
+            "method": "ensemble", "domains": info["domains"],
+            "experts": [f"../{info['experts'][d]}/final" for d in info["domains"]],
+            "prior": (prior.tolist() if prior is not None else [1.0 / len(experts)] * len(experts)),
+            "top_k": top_k or cfg.top_k})
+        return folder
+    if method != "average":
+        raise LmforgeError(f"--method: expected 'ensemble' or 'average', got {method!r}")
+    w = prior.tolist() if prior is not None else None
+    merged = experts[0]
+    merged.load_state_dict(average_state_dicts([e.state_dict() for e in experts], w))
+    ckpt.save_model(run / "average", merged, tokenizer,
+                    {"merge.json": {"method": "average", "domains": info["domains"],
+                                    "weights": w or [1.0 / len(experts)] * len(experts)}})
+    return run / "average"
+
+
+def load_ensemble(folder: Path) -> ExpertEnsemble:
+    """An ensemble folder (ensemble/ensemble.json) back as an ExpertEnsemble."""
+    from lmforge.models import load_model
+    folder = Path(folder)
+    spec = json.loads((folder / "ensemble.json").read_text())
+    experts = [load_model((folder / p).resolve(), "clm").eval() for p in spec["experts"]]
+    return ExpertEnsemble(experts, spec["domains"], torch.tensor(spec["prior"]), spec.get("top_k"))
+
+
+def evaluate(run: Path, *, max_batches: Optional[int] = None, batch_size: int = 8) -> dict:
+    """Per-domain validation perplexity of every model the run holds: seed, experts' ensemble, average, dense."""
+    from lmforge.data.blocks import build_blocks
+    from lmforge.evaluate import evaluate_blocks
+    from lmforge.models import load_model
+    from lmforge.objectives import build_objective
+    from lmforge.tokenizer import load_tokenizer
+    run = Path(run)
+    info = manifest(run)
+    recipe = load_recipe(run / "recipe.yaml")
+    tokenizer = load_tokenizer(run / info["seed"])
+    data = build_blocks(recipe.data, tokenizer, recipe.objective)
+    objective = build_objective(recipe.objective, tokenizer)
+    models = {"seed": lambda: load_model(run / info["seed"], "clm")}
+    if (run / "dense" / "final" / "config.json").is_file():
+        models["dense"] = lambda: load_model(run / "dense" / "final", "clm")
+    if (run / "ensemble" / "ensemble.json").is_file():
+        models["ensemble"] = lambda: load_ensemble(run / "ensemble")
+    if (run / "average" / "config.json").is_file():
+        models["average"] = lambda: load_model(run / "average", "clm")
+    results = {}
+    for name, make in models.items():
+        model = make().eval()
+        results[name] = evaluate_blocks(model, objective, data, batch_size=batch_size, max_batches=max_batches)
+    return results
+
+
+def format_comparison(results: dict) -> str:
+    """Markdown table: rows are domains (+ all), columns the models, cells perplexity."""
+    names = list(results)
+    domains = sorted({k.split("/", 1)[1] for m in results.values() for k in m if k.startswith("ppl/")})
+    lines = ["| domain | " + " | ".join(names) + " |", "|---|" + "---:|" * len(names)]
+    for d in domains + ["all"]:
+        key = "ppl" if d == "all" else f"ppl/{d}"
+        lines.append(f"| {d} | " + " | ".join(f"{results[n].get(key, float('nan')):.2f}" for n in names) + " |")
+    return "\n".join(lines)

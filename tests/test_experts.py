@@ -1,0 +1,89 @@
+"""Branch-Train-Merge: the posterior, ensemble and average identities, and a toy two-domain run end to end."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel
+
+from lmforge.experts import ExpertEnsemble, average_state_dicts, branch, evaluate, load_ensemble, merge, train
+from lmforge.recipe import recipe_from_dict
+
+from conftest import tiny_recipe
+
+
+def tiny_gpt2(seed: int, vocab: int = 50) -> GPT2LMHeadModel:
+    torch.manual_seed(seed)
+    return GPT2LMHeadModel(GPT2Config(vocab_size=vocab, n_positions=32, n_embd=16, n_layer=1, n_head=2)).eval()
+
+
+def test_ensemble_of_identical_experts_equals_the_expert():
+    expert = tiny_gpt2(0)
+    twin = tiny_gpt2(0)
+    ids = torch.randint(0, 50, (3, 12))
+    with torch.no_grad():
+        single = torch.log_softmax(expert(input_ids=ids).logits, -1)
+        out = ExpertEnsemble([expert, twin], ["a", "b"], prior=torch.tensor([0.3, 0.7]))(ids)
+    torch.testing.assert_close(out.logits, single, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out.posterior[:, 0], torch.tensor([[0.3, 0.7]]).expand(3, 2))  # prior before evidence
+    torch.testing.assert_close(out.posterior.sum(-1), torch.ones(3, 12))
+
+
+def test_posterior_concentrates_on_the_expert_that_explains_the_text():
+    # Expert "low" puts almost all mass on tokens < 25, expert "high" on tokens >= 25.
+    experts = []
+    for low in (True, False):
+        model = tiny_gpt2(1)
+        with torch.no_grad():
+            bias = torch.full((50,), -8.0)
+            bias[:25 if low else 50][(0 if low else 25):] = 8.0
+            model.lm_head = torch.nn.Linear(16, 50, bias=True)
+            model.lm_head.weight.zero_()
+            model.lm_head.bias.copy_(bias)
+        experts.append(model)
+    ensemble = ExpertEnsemble(experts, ["low", "high"])
+    ids = torch.randint(25, 50, (2, 10))  # text of the "high" domain
+    with torch.no_grad():
+        out = ensemble(ids)
+    assert torch.allclose(out.posterior.sum(-1), torch.ones(2, 10))
+    assert (out.posterior[:, 3:, 1] > 0.99).all()
+    top1 = ExpertEnsemble(experts, ["low", "high"], top_k=1)
+    with torch.no_grad():
+        assert set(top1(ids).posterior[:, 2:].flatten().tolist()) <= {0.0, 1.0}
+
+
+def test_average_of_identical_experts_is_the_identity():
+    a, b = tiny_gpt2(2), tiny_gpt2(2)
+    merged = average_state_dicts([a.state_dict(), b.state_dict()], [0.25, 0.75])
+    for key, value in a.state_dict().items():
+        assert torch.allclose(merged[key], value), key
+    c = tiny_gpt2(3)
+    half = average_state_dicts([a.state_dict(), c.state_dict()])
+    key = "transformer.h.0.mlp.c_fc.weight"
+    torch.testing.assert_close(half[key], (a.state_dict()[key] + c.state_dict()[key]) / 2)
+
+
+@pytest.mark.slow
+def test_branch_train_merge_improves_each_domain_over_the_seed(tmp_path, corpus):
+    tree = tiny_recipe(corpus, tmp_path / "btm", "clm", max_steps=30, eval_every=0, lr=5e-3, batch_size=8)
+    tree["data"]["validation_fraction"] = 0.2
+    tree["experts"] = {"seed_steps": 10, "steps": 30}
+    run = branch(recipe_from_dict(tree), show_progress=False)
+    info = json.loads((run / "experts.json").read_text())
+    assert info["domains"] == ["code", "prose"] and (run / "seed" / "config.json").is_file()
+    train(run, ["code"], show_progress=False)          # experts train independently: one call per domain
+    train(run, ["prose"], show_progress=False)
+    assert (run / "experts" / "prose" / "final" / "config.json").is_file()
+    merge(run, "ensemble")
+    merge(run, "average")
+    results = evaluate(run)
+    for domain in ("code", "prose"):
+        assert results["ensemble"][f"ppl/{domain}"] < 0.8 * results["seed"][f"ppl/{domain}"], domain
+    # The saved ensemble loads back exactly.
+    again = load_ensemble(run / "ensemble")
+    ids = torch.randint(0, 50, (1, 8))
+    with torch.no_grad():
+        torch.testing.assert_close(again(ids).logits, load_ensemble(run / "ensemble")(ids).logits)
+    assert json.loads((run / "average" / "merge.json").read_text())["weights"] == [0.5, 0.5]
