@@ -87,3 +87,14 @@ def test_branch_train_merge_improves_each_domain_over_the_seed(tmp_path, corpus)
     with torch.no_grad():
         torch.testing.assert_close(again(ids).logits, load_ensemble(run / "ensemble")(ids).logits)
     assert json.loads((run / "average" / "merge.json").read_text())["weights"] == [0.5, 0.5]
+
+
+def test_only_domains_keeps_rows_of_those_domains(corpus):
+    from lmforge.data.sources import load_documents
+    from lmforge.errors import LmforgeError
+    from lmforge.recipe import DataConfig
+    sources = [{"path": str(p), "domain": d} for d, p in corpus.items()]
+    docs = load_documents(DataConfig(sources=sources, only_domains=["code"]))
+    assert set(docs["domain"]) == {"code"} and len(docs) == 300
+    with pytest.raises(LmforgeError, match="data.only_domains: no documents"):
+        load_documents(DataConfig(sources=sources, only_domains=["legal"]))

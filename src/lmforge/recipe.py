@@ -42,6 +42,7 @@ class DataConfig(Section):
     streaming: bool = Field(False, description="Stream sources instead of building an Arrow cache.")
     num_proc: int = Field(1, ge=1, description="Processes used to tokenize.")
     cache_dir: Optional[str] = Field(None, description="Tokenized-data cache (default ~/.cache/lmforge).")
+    only_domains: Optional[list[str]] = Field(None, description="Keep only documents of these domains.")
 
 
 class TokenizerConfig(Section):

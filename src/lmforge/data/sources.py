@@ -174,6 +174,13 @@ def load_documents(config: DataConfig, streaming: Optional[bool] = None):
             if not streaming and len(ds) == 0:
                 raise LmforgeError(f"{src.path}: no non-empty documents")
             parts.append(ds)
+    if config.only_domains:
+        keep = set(config.only_domains)
+        parts = [p.filter(lambda b: [d in keep for d in b["domain"]], batched=True) for p in parts]
+        if not streaming:
+            parts = [p for p in parts if len(p)] or parts[:1]
+            if sum(len(p) for p in parts) == 0:
+                raise LmforgeError(f"data.only_domains: no documents of {sorted(keep)} in the sources")
     if streaming:
         # Mix the sources, but keep going until every one is exhausted: the default strategy
         # ('first_exhausted') silently dropped the rest of the longer sources.

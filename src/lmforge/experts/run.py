@@ -37,7 +37,12 @@ def _write_json(path: Path, payload: dict) -> None:
 
 
 def _domains(recipe: Recipe) -> list[str]:
-    present = sorted({s.domain for s in recipe.data.sources})
+    from lmforge.data.sources import PREPARED_MARKER
+    present = set()
+    for s in recipe.data.sources:
+        marker = Path(s.path) / PREPARED_MARKER
+        present |= set(json.loads(marker.read_text()).get("domains", [])) if marker.is_file() else {s.domain}
+    present = sorted(present)
     wanted = recipe.experts.domains or present
     unknown = sorted(set(wanted) - set(present))
     if unknown:
@@ -94,8 +99,8 @@ def expert_recipe(recipe: Recipe, domain: Optional[str], seed: Path, out: Path) 
     """The pretraining recipe of one expert (domain) or of the dense baseline (domain None)."""
     r = recipe.model_copy(deep=True)
     r.experts = None
-    if domain is not None:
-        r.data.sources = [s for s in r.data.sources if s.domain == domain]
+    if domain is not None:  # a row-level filter, so prepared folders (rows with their own domains) work too
+        r.data.only_domains = [domain]
         r.name = f"{recipe.name}-{domain}"
     else:
         r.name = f"{recipe.name}-dense"
