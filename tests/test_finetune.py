@@ -359,3 +359,24 @@ def test_first_position_only_matches_the_full_model(family):
     first_position_only(model)
     model(input_ids=ids, attention_mask=mask).logits.sum().backward()
     assert all(p.grad is not None for n, p in model.named_parameters() if "pooler" not in n or family == "bert")
+
+
+def test_resume_continues_exactly(tmp_path, base_dir):
+    import shutil
+    from safetensors.torch import load_file
+    train, dev = sentiment(tmp_path, 160, 32)
+    data = {"train": {"path": str(train)}, "validation": {"path": str(dev)}, "text_column": "sentence"}
+    whole = finetune(recipe(base_dir, tmp_path / "whole", data=data, epochs=2, save_every=5, keep_last=5,
+                            eval_every=5), show_progress=False)
+    # The same run stopped after step 10: keep only what existed then, and resume it.
+    part = tmp_path / "part"
+    shutil.copytree(whole, part)
+    for name in ("final", "best", "results.json"):
+        shutil.rmtree(part / name) if (part / name).is_dir() else (part / name).unlink()
+    for step in (15, 20):
+        shutil.rmtree(part / "checkpoints" / f"step-{step:06d}")
+    r = recipe(base_dir, part, data=data, epochs=2, save_every=5, keep_last=5, eval_every=5)
+    finetune(r, resume=True, show_progress=False)
+    a = load_file(str(whole / "checkpoints" / "step-000020" / "model.safetensors"))
+    b = load_file(str(part / "checkpoints" / "step-000020" / "model.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
