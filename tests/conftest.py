@@ -72,3 +72,37 @@ def minilm_dir():
     if not (path / "config.json").exists():
         pytest.skip("all-MiniLM-L6-v2 files not found in the package")
     return path
+
+
+@pytest.fixture(scope="session")
+def tiny_lm_dir(tmp_path_factory) -> Path:
+    """A tiny GPT-2 (2 layers, 32 dims, 256 positions) with a byte-level BPE tokenizer, trained for a few
+    seconds on the prose + code corpus so its greedy text is stable and readable; saved as an HF folder."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+    from lmforge.recipe import TokenizerConfig
+    from lmforge.tokenizer import save_tokenizer, train_tokenizer
+    folder = tmp_path_factory.mktemp("tiny-gpt2")
+    docs = make_docs("prose", 150, seed=0) + make_docs("code", 150, seed=1)
+    tok = train_tokenizer(iter(docs), TokenizerConfig(kind="bpe", vocab_size=400, min_frequency=1))
+    save_tokenizer(tok, folder)
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=len(tok), n_positions=256,
+                                       bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                                       pad_token_id=tok.pad_token_id))
+    ids = [t for d in docs for t in tok(d, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]]
+    blocks = torch.tensor(ids[:len(ids) // 64 * 64]).view(-1, 64)
+    opt = torch.optim.AdamW(model.parameters(), lr=5e-3)
+    gen = torch.Generator().manual_seed(0)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a model this small trains fastest on one thread (and far faster on a busy machine)
+    try:
+        for _ in range(200):
+            batch = blocks[torch.randint(len(blocks), (16,), generator=gen)]
+            loss = model(input_ids=batch, labels=batch).loss
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    finally:
+        torch.set_num_threads(threads)
+    model.save_pretrained(folder)
+    return folder

@@ -174,7 +174,8 @@ def generate(run_dir: Path = typer.Argument(..., help="Causal LM run folder, or 
              length_penalty: float = typer.Option(1.0, help="Beam search: exponent on length (> 1 favours longer)."),
              early_stopping: bool = typer.Option(False, help="Beam search: stop once num_beams candidates ended."),
              repetition_penalty: float = typer.Option(1.0, min=0.01, help="> 1 discourages repeating tokens."),
-             stop: List[str] = typer.Option([], "--stop", help="Stop before this text (repeatable)."),
+             stop: List[str] = typer.Option([], "--stop", help="Stop before this text (repeatable; \\n is a newline, "
+                                                              "\\t a tab)."),
              seed: int = typer.Option(0, help="Sampling seed (same seed, same text)."),
              stream: bool = typer.Option(False, help="Print text as it is generated."),
              model: Optional[str] = typer.Option(None, help="'final', 'best', 'latest' or a folder.")):
@@ -190,7 +191,8 @@ def generate(run_dir: Path = typer.Argument(..., help="Causal LM run folder, or 
                        f"the prompt uses {used})", err=True)
         settings = Decoding(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                             num_beams=num_beams, length_penalty=length_penalty, early_stopping=early_stopping,
-                            repetition_penalty=repetition_penalty, stop=tuple(stop), seed=seed)
+                            repetition_penalty=repetition_penalty, seed=seed,
+                            stop=tuple(s.replace("\\n", "\n").replace("\\t", "\t") for s in stop))
         if stream:
             typer.echo(prompt, nl=False)
             for piece in run_stream(lm, tokenizer, prompt, settings, clamp=True):

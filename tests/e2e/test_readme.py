@@ -45,7 +45,7 @@ def test_example_recipes_validate(recipe):
 
 
 def test_every_command_has_help():
-    for command in ([], ["quickstart"], ["pretrain"], ["eval"], ["generate"], ["recipe", "show"],
+    for command in ([], ["quickstart"], ["pretrain"], ["eval"], ["generate"], ["serve"], ["recipe", "show"],
                     ["recipe", "fields"], ["tokenizer", "train"]):
         result = _run(*command, "--help")
         assert "Usage" in result.stdout

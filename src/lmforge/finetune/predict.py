@@ -100,14 +100,9 @@ def predict_file(run_dir: Path, input_path: Path, output_path: Path, batch_size:
     """Write one JSON line per input: labels and scores, or (NER) tags and entity spans with character offsets."""
     recipe, model, tokenizer, task = open_task_model(run_dir, which)
     records = _read_inputs(Path(input_path), recipe)
-    names = [model.config.id2label[i] for i in range(model.config.num_labels)]
-    labels = LabelSet(names)
     max_length = min(recipe.data.max_length if recipe else 512, tm.position_limit(model.config))
-    pad = model.config.pad_token_id if model.config.pad_token_id is not None else 0
-    with torch.no_grad():
-        results = (_classify(records, recipe, model, tokenizer, labels, max_length, pad, batch_size, input_path)
-                   if task == "classification" else
-                   _tag(records, recipe, model, tokenizer, labels, max_length, pad, batch_size, input_path))
+    label = _classify if task == "classification" else _tag
+    results = label(records, recipe, model, tokenizer, max_length, batch_size, input_path)
     output_path = Path(output_path)
     output_path.parent.mkdir(parents=True, exist_ok=True)
     tmp = output_path.with_name(f".{output_path.name}.tmp")
@@ -125,59 +120,90 @@ def _column(rec: dict, names: tuple, where: str):
     raise LmforgeError(f"{where}: input without text (looked for {', '.join(repr(n) for n in names if n)})")
 
 
-def _classify(records, recipe, model, tokenizer, labels, max_length, pad, batch_size, path) -> list[dict]:
+def _classify(records, recipe, model, tokenizer, max_length, batch_size, path) -> list[dict]:
     text_col = recipe.data.text_column if recipe else "text"
     pair_col = recipe.data.text_pair_column if recipe else None
+    texts = [str(_column(r, (text_col, "text"), f"{path}:{r['_line']}")) for r in records]
+    pairs = [str(_column(r, (pair_col,), f"{path}:{r['_line']}")) for r in records] if pair_col else None
+    results = classify_texts(model, tokenizer, texts, pairs, max_length=max_length, batch_size=batch_size,
+                             where=str(path))
+    return [{**{k: v for k, v in rec.items() if k != "_line"}, **res} for rec, res in zip(records, results)]
+
+
+def classify_texts(model, tokenizer, texts: list[str], pairs: Optional[list[str]] = None, *,
+                   max_length: Optional[int] = None, batch_size: int = 64, where: str = "input") -> list[dict]:
+    """Per text: `label`, `score` and `scores` ({label: probability}); multi-label models: `labels` and `scores`.
+    Texts longer than `max_length` (default: the model's limit) are truncated."""
+    names = [model.config.id2label[i] for i in range(model.config.num_labels)]
+    labels = LabelSet(names)
+    max_length = min(max_length or 10**9, tm.position_limit(model.config))
     multi = model.config.problem_type == "multi_label_classification"
-    rows = [Row(str(_column(r, (text_col, "text"), f"{path}:{r['_line']}")),
-                str(_column(r, (pair_col,), f"{path}:{r['_line']}")) if pair_col else None, [], r["_line"])
-            for r in records]
-    enc = encode_classification(tokenizer, rows, labels, max_length, multi, str(path))
-    scores = predict_encoded(model, enc, task="classification", multi_label=multi, pad_id=pad,
-                             batch_size=batch_size)["scores"]
+    rows = [Row(t, pairs[i] if pairs else None, [], i + 1) for i, t in enumerate(texts)]
+    enc = encode_classification(tokenizer, rows, labels, max_length, multi, where)
+    with torch.no_grad():
+        scores = predict_encoded(model, enc, task="classification", multi_label=multi, pad_id=_pad_id(model),
+                                 batch_size=batch_size)["scores"]
     out = []
-    for rec, s in zip(records, scores):
-        item = {k: v for k, v in rec.items() if k != "_line"}
+    for s in scores:
+        item = {}
         if multi:
-            item["labels"] = [labels.names[i] for i in np.flatnonzero(s >= 0.5)]
+            item["labels"] = [names[i] for i in np.flatnonzero(s >= 0.5)]
         else:
-            item["label"] = labels.names[int(s.argmax())]
+            item["label"] = names[int(s.argmax())]
             item["score"] = round(float(s.max()), 6)
-        item["scores"] = {n: round(float(p), 6) for n, p in zip(labels.names, s)}
+        item["scores"] = {n: round(float(p), 6) for n, p in zip(names, s)}
         out.append(item)
     return out
 
 
-def _tag(records, recipe, model, tokenizer, labels, max_length, pad, batch_size, path) -> list[dict]:
+def _tag(records, recipe, model, tokenizer, max_length, batch_size, path) -> list[dict]:
     tokens_key = recipe.data.tokens_key if recipe else "tokens"
+    inputs = [[str(w) for w in r[tokens_key]] if isinstance(r.get(tokens_key), list)
+              else str(_column(r, ("text",), f"{path}:{r['_line']}")) for r in records]
+    results = tag_texts(model, tokenizer, inputs, max_length=max_length, batch_size=batch_size, where=str(path),
+                        lines=[r["_line"] for r in records])
+    return [{**{k: v for k, v in rec.items() if k != "_line"}, **res} for rec, res in zip(records, results)]
+
+
+def tag_texts(model, tokenizer, inputs: list, *, max_length: Optional[int] = None, batch_size: int = 64,
+              where: str = "input", lines: Optional[list[int]] = None) -> list[dict]:
+    """Per input (raw text, split into words and punctuation, or a list of words joined by spaces): `tokens`,
+    `tags` and `entities` with `type`, `text`, `start`/`end` character offsets, `words` and a mean `score`.
+    Sentences longer than `max_length` are tagged window by window."""
+    names = [model.config.id2label[i] for i in range(model.config.num_labels)]
+    labels = LabelSet(names)
+    max_length = min(max_length or 10**9, tm.position_limit(model.config))
     sentences, offsets, texts = [], [], []
-    for r in records:
-        where = f"{path}:{r['_line']}"
-        if isinstance(r.get(tokens_key), list):
-            words = [str(w) for w in r[tokens_key]]
+    for i, item in enumerate(inputs):
+        if isinstance(item, list):
+            words = item
             text, spans, pos = " ".join(words), [], 0
             for w in words:
                 spans.append((pos, pos + len(w)))
                 pos += len(w) + 1
         else:
-            text = str(_column(r, ("text",), where))
+            text = item
             found = word_offsets(text)
             words, spans = [w for w, _, _ in found], [(a, b) for _, a, b in found]
-        sentences.append(Sentence(words, [], str(path), r["_line"]))
+        sentences.append(Sentence(words, [], where, lines[i] if lines else i + 1))
         offsets.append(spans)
         texts.append(text)
-    enc = encode_ner(tokenizer, sentences, labels, max_length, str(path))
-    scores = predict_encoded(model, enc, task="ner", multi_label=False, pad_id=pad, batch_size=batch_size)["scores"]
+    enc = encode_ner(tokenizer, sentences, labels, max_length, where)
+    with torch.no_grad():
+        scores = predict_encoded(model, enc, task="ner", multi_label=False, pad_id=_pad_id(model),
+                                 batch_size=batch_size)["scores"]
     ids, conf = word_predictions(enc, scores, len(sentences), [len(s.tokens) for s in sentences])
     out = []
-    for rec, sent, spans, text, row, c in zip(records, sentences, offsets, texts, ids, conf):
-        tags = [labels.names[i] for i in row]
+    for sent, spans, text, row, c in zip(sentences, offsets, texts, ids, conf):
+        tags = [names[i] for i in row]
         entities = []
         for etype, a, b in entity_spans(tags):
             start, end = spans[a][0], spans[b - 1][1]
             entities.append({"type": etype, "text": text[start:end], "start": start, "end": end,
                              "words": [a, b], "score": round(float(np.mean(c[a:b])), 6)})
-        item = {k: v for k, v in rec.items() if k != "_line"}
-        item.update({"tokens": sent.tokens, "tags": tags, "entities": entities})
-        out.append(item)
+        out.append({"tokens": sent.tokens, "tags": tags, "entities": entities})
     return out
+
+
+def _pad_id(model) -> int:
+    return model.config.pad_token_id if model.config.pad_token_id is not None else 0

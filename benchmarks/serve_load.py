@@ -1,0 +1,278 @@
+"""Serving under load: `lmforge serve` (micro-batching) vs a one-request-at-a-time server with plain
+`model.generate`, both measured in the same run; plus one-sequence generation speed of our wrapper vs
+plain `transformers` generate.
+
+    python benchmarks/serve_load.py                      # GPT-2 4x256 (random weights), 1/8/32 clients
+    python benchmarks/serve_load.py --run runs/quickstart/clm --device cuda
+    python benchmarks/serve_load.py --quick              # seconds: a smoke test of the script itself
+
+Each level starts C concurrent clients (loopback only); each sends R greedy completion requests of
+`--max-tokens` tokens one after another, for at most `--time-limit` seconds. Reported per server and level:
+requests/s, generated tokens/s, p50/p99 latency. Bars (issue 5): at 32 clients our generated tokens/s
+>= 4x the one-at-a-time server; one-sequence tokens/s of `lmforge.generate` >= 1.0x plain generate.
+Both servers answer the same greedy prompts, so their texts and token counts agree (the run checks it).
+Both servers run as subprocesses on the same machine as the clients, and get 4 warm-up requests first.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import torch
+
+HERE = Path(__file__).resolve()
+
+
+# ----------------------------------------------------------------------------- the peer server
+
+def baseline_app(folder: str, device: str):
+    """One request at a time: a lock around plain `model.generate` (greedy), OpenAI-shaped answers."""
+    from fastapi import FastAPI
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    model = AutoModelForCausalLM.from_pretrained(folder).to(device).eval()
+    tok = AutoTokenizer.from_pretrained(folder)
+    lock = threading.Lock()
+    app = FastAPI()
+
+    @app.get("/health")
+    def health():
+        return {"status": "ok"}
+
+    @app.post("/v1/completions")
+    def complete(body: dict):  # a sync route: runs in the threadpool, serialised by the lock
+        ids = tok(body["prompt"], add_special_tokens=False, return_tensors="pt")["input_ids"].to(device)
+        with lock, torch.inference_mode():
+            out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=body["max_tokens"],
+                                 do_sample=False, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+        new = out[0, ids.shape[1]:].tolist()
+        n = new.index(tok.eos_token_id) + 1 if tok.eos_token_id in new else len(new)
+        text = tok.decode(new[:n], skip_special_tokens=True)
+        return {"choices": [{"text": text, "index": 0, "finish_reason": "length"}],
+                "usage": {"prompt_tokens": ids.shape[1], "completion_tokens": n, "total_tokens": ids.shape[1] + n}}
+    return app
+
+
+# ----------------------------------------------------------------------------- model and prompts
+
+def build_model(folder: Path, quick: bool) -> list[str]:
+    """A GPT-2 (random weights) with a BPE tokenizer trained on the Python standard library; returns prompts."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+    from lmforge.quickstart import stdlib_documents
+    from lmforge.recipe import TokenizerConfig
+    from lmforge.tokenizer import save_tokenizer, train_tokenizer
+    docs = [text for _, text in stdlib_documents(200_000 if quick else 1_000_000)]
+    tok = train_tokenizer(iter(docs), TokenizerConfig(kind="bpe", vocab_size=1000 if quick else 8000))
+    save_tokenizer(tok, folder)
+    dims = dict(n_layer=2, n_embd=64, n_head=2) if quick else dict(n_layer=4, n_embd=256, n_head=4)
+    torch.manual_seed(0)
+    GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_positions=512, bos_token_id=tok.bos_token_id,
+                               eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, **dims)
+                    ).save_pretrained(folder)
+    return prompts_from(docs)
+
+
+def prompts_from(docs: list[str], n: int = 64) -> list[str]:
+    lines = [ln.strip() for d in docs for ln in d.splitlines() if 20 <= len(ln.strip()) <= 80]
+    step = max(1, len(lines) // n)
+    return lines[::step][:n]
+
+
+# ----------------------------------------------------------------------------- load generation
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start(command: list[str], port: int) -> subprocess.Popen:
+    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"server failed to start: {' '.join(command)}\n{proc.stderr.read()[-3000:]}")
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
+                return proc
+        except httpx.TransportError:
+            time.sleep(0.2)
+    proc.kill()
+    raise SystemExit("server did not start within 300 s")
+
+
+async def load(port: int, model: str, prompts: list[str], clients: int, per_client: int, max_tokens: int,
+               time_limit: float) -> dict:
+    latencies, tokens, texts = [], 0, {}
+    stop_at = time.monotonic() + time_limit
+
+    async def client(k: int, http: httpx.AsyncClient):
+        nonlocal tokens
+        for j in range(per_client):
+            if time.monotonic() > stop_at:
+                return
+            prompt = prompts[(k * per_client + j) % len(prompts)]
+            t0 = time.perf_counter()
+            r = await http.post("/v1/completions", json={"model": model, "prompt": prompt, "max_tokens": max_tokens,
+                                                         "temperature": 0})
+            r.raise_for_status()
+            latencies.append(time.perf_counter() - t0)
+            body = r.json()
+            tokens += body["usage"]["completion_tokens"]
+            texts[prompt] = body["choices"][0]["text"]
+
+    limits = httpx.Limits(max_connections=clients + 4, max_keepalive_connections=clients + 4)
+    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=600, limits=limits) as http:
+        t0 = time.perf_counter()
+        await asyncio.gather(*(client(k, http) for k in range(clients)))
+        wall = time.perf_counter() - t0
+    latencies.sort()
+    q = lambda p: latencies[min(len(latencies) - 1, int(p * len(latencies)))]  # noqa: E731
+    return {"clients": clients, "requests": len(latencies), "seconds": round(wall, 3),
+            "requests_per_s": round(len(latencies) / wall, 3), "tokens_per_s": round(tokens / wall, 2),
+            "p50_ms": round(1000 * q(0.5), 1), "p99_ms": round(1000 * q(0.99), 1), "texts": texts}
+
+
+# ----------------------------------------------------------------------------- one sequence
+
+def single_sequence(folder: str, prompt: str, max_tokens: int, device: str, repeats: int) -> dict:
+    """tokens/s of lmforge.generate vs plain model.generate on one prompt (greedy and seeded sampling),
+    interleaved repeats, medians."""
+    from transformers import AutoModelForCausalLM
+    from lmforge.generate import Decoding, generate
+    from lmforge.tokenizer import load_tokenizer
+    model = AutoModelForCausalLM.from_pretrained(folder).to(device).eval()
+    tok = load_tokenizer(folder)
+    ids = tok(prompt, add_special_tokens=False, return_tensors="pt")["input_ids"].to(device)
+    out = {}
+    for mode, sample in (("greedy", False), ("sampling", True)):
+        settings = Decoding(max_new_tokens=max_tokens, temperature=0.8 if sample else 0, top_k=50, seed=0)
+        plain_kwargs = dict(max_new_tokens=max_tokens, do_sample=sample, pad_token_id=tok.pad_token_id,
+                            eos_token_id=tok.eos_token_id, **({"temperature": 0.8, "top_k": 50} if sample else {}))
+        ours_rates, plain_rates = [], []
+        for r in range(repeats + 1):  # the first round warms up
+            sync(device)
+            t0 = time.perf_counter()
+            n_ours = generate(model, tok, [prompt], settings)[0].completion_tokens
+            sync(device)
+            t1 = time.perf_counter()
+            torch.manual_seed(0)
+            with torch.inference_mode():
+                res = model.generate(ids, attention_mask=torch.ones_like(ids), **plain_kwargs)
+            sync(device)
+            t2 = time.perf_counter()
+            n_plain = res.shape[1] - ids.shape[1]
+            if r:
+                ours_rates.append(n_ours / (t1 - t0))
+                plain_rates.append(n_plain / (t2 - t1))
+        ours, plain = statistics.median(ours_rates), statistics.median(plain_rates)
+        out[mode] = {"lmforge_tokens_per_s": round(ours, 1), "plain_tokens_per_s": round(plain, 1),
+                     "ratio": round(ours / plain, 3), "tokens": n_ours}
+    return out
+
+
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+# ----------------------------------------------------------------------------- main
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--run", help="serve this causal LM run / HF folder instead of building one")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    p.add_argument("--clients", default="1,8,32", help="comma-separated concurrency levels")
+    p.add_argument("--requests", type=int, default=4, help="requests per client per level")
+    p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--time-limit", type=float, default=300.0, help="seconds per level and server")
+    p.add_argument("--repeats", type=int, default=5, help="one-sequence timing repeats")
+    p.add_argument("--quick", action="store_true", help="tiny model, 1 and 4 clients, 2 requests of 8 tokens")
+    p.add_argument("--out", help="also write the results as JSON here")
+    p.add_argument("--baseline-server", help=argparse.SUPPRESS)   # internal: run the peer server on this folder
+    p.add_argument("--port", type=int, help=argparse.SUPPRESS)
+    args = p.parse_args()
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    if args.baseline_server:
+        import uvicorn
+        uvicorn.run(baseline_app(args.baseline_server, device), host="127.0.0.1", port=args.port,
+                    log_level="warning")
+        return
+    if args.quick:
+        args.clients, args.requests, args.max_tokens, args.repeats = "1,4", 2, 8, 2
+
+    with tempfile.TemporaryDirectory() as tmp:
+        if args.run:
+            from lmforge.runs import model_folder
+            folder = str(model_folder(Path(args.run)))
+            from lmforge.quickstart import stdlib_documents
+            prompts = prompts_from([t for _, t in stdlib_documents(200_000)])
+        else:
+            folder = str(Path(tmp) / "model")
+            prompts = build_model(Path(folder), args.quick)
+        levels = [int(c) for c in args.clients.split(",")]
+        print(f"model: {folder}; device: {device}; {len(prompts)} prompts; levels {levels}, "
+              f"{args.requests} requests x {args.max_tokens} tokens per client", flush=True)
+        results = {"device": device, "model": folder, "levels": {}, "torch": torch.__version__}
+
+        servers = {
+            "lmforge": lambda port: [sys.executable, "-m", "lmforge.cli", "serve", f"bench={folder}", "--port",
+                                     str(port), "--device", device, "--max-batch", str(max(levels)),
+                                     "--max-concurrent", str(max(levels) + 8), "--max-tokens-cap",
+                                     str(args.max_tokens), "--timeout", "3600"],
+            "one-at-a-time": lambda port: [sys.executable, str(HERE), "--baseline-server", folder, "--port",
+                                           str(port), "--device", device],
+        }
+        texts = {}
+        for name, command in servers.items():
+            port = free_port()
+            proc = start(command(port), port)
+            try:
+                asyncio.run(load(port, "bench", prompts[-4:], 2, 2, args.max_tokens, args.time_limit))  # warm-up
+                for c in levels:
+                    r = asyncio.run(load(port, "bench", prompts, c, args.requests, args.max_tokens, args.time_limit))
+                    texts.setdefault(name, {}).update(r.pop("texts"))
+                    results["levels"].setdefault(str(c), {})[name] = r
+                    print(f"  {name:>14} {c:>3} clients: {r['requests_per_s']:8.2f} req/s "
+                          f"{r['tokens_per_s']:9.1f} tok/s  p50 {r['p50_ms']:8.1f} ms  p99 {r['p99_ms']:8.1f} ms",
+                          flush=True)
+            finally:
+                proc.terminate()
+                proc.wait(timeout=60)
+        same = [p for p in texts["lmforge"] if texts["one-at-a-time"].get(p) == texts["lmforge"][p]]
+        results["same_text"] = f"{len(same)}/{len(texts['lmforge'])}"
+        for c, row in results["levels"].items():
+            row["tokens_per_s_ratio"] = round(row["lmforge"]["tokens_per_s"] / row["one-at-a-time"]["tokens_per_s"], 2)
+        results["single_sequence"] = single_sequence(folder, prompts[0], 4 * args.max_tokens, device, args.repeats)
+
+    print("\n| clients | server | requests/s | generated tokens/s | p50 ms | p99 ms |")
+    print("|---:|---|---:|---:|---:|---:|")
+    for c, row in results["levels"].items():
+        for name in ("lmforge", "one-at-a-time"):
+            r = row[name]
+            print(f"| {c} | {name} | {r['requests_per_s']:.2f} | {r['tokens_per_s']:.1f} | {r['p50_ms']:.1f} | "
+                  f"{r['p99_ms']:.1f} |")
+    for c, row in results["levels"].items():
+        print(f"{c} clients: lmforge / one-at-a-time generated tokens/s = {row['tokens_per_s_ratio']}x")
+    print(f"greedy texts identical on both servers: {results['same_text']}")
+    for mode, r in results["single_sequence"].items():
+        print(f"one sequence, {mode}: lmforge.generate {r['lmforge_tokens_per_s']} tok/s vs plain generate "
+              f"{r['plain_tokens_per_s']} tok/s = {r['ratio']}x ({r['tokens']} tokens)")
+    if args.out:
+        Path(args.out).write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    main()

@@ -1,0 +1,251 @@
+"""Decoding settings, preparing a batch of prompts, and one batched `generate` call with per-row control."""
+
+from __future__ import annotations
+
+import json
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+from transformers import LogitsProcessorList, StoppingCriteriaList
+from transformers.generation.streamers import BaseStreamer
+
+from lmforge.errors import LmforgeError
+from lmforge.generate.rows import RowSelector, RowStop, cut_at_stop
+
+
+@dataclass(frozen=True)
+class Decoding:
+    """How to continue one prompt. temperature 0 is greedy; num_beams > 1 is (deterministic) beam search."""
+    max_new_tokens: int = 64
+    temperature: float = 0.8
+    top_k: Optional[int] = 50
+    top_p: Optional[float] = None
+    num_beams: int = 1
+    length_penalty: float = 1.0
+    early_stopping: bool = False
+    repetition_penalty: float = 1.0
+    stop: tuple[str, ...] = ()
+    seed: Optional[int] = None      # None: a fresh random seed per call
+    logprobs: Optional[int] = None  # record each token's log-probability and this many alternatives
+
+    def __post_init__(self):
+        object.__setattr__(self, "stop", tuple(s for s in self.stop if s))
+        checks = [(self.max_new_tokens >= 1, "max_new_tokens", "at least 1"),
+                  (self.temperature >= 0, "temperature", "0 or more"),
+                  (self.top_k is None or self.top_k >= 1, "top_k", "at least 1"),
+                  (self.top_p is None or 0 < self.top_p <= 1, "top_p", "in (0, 1]"),
+                  (self.num_beams >= 1, "num_beams", "at least 1"),
+                  (self.repetition_penalty > 0, "repetition_penalty", "above 0"),
+                  (self.logprobs is None or 0 <= self.logprobs <= 20, "logprobs", "between 0 and 20")]
+        for ok, name, expected in checks:
+            if not ok:
+                raise LmforgeError(f"{name}: expected {expected}, got {getattr(self, name)!r}")
+        if self.num_beams > 1 and self.logprobs is not None:
+            raise LmforgeError("logprobs: not available with beam search (num_beams > 1)")
+
+    @property
+    def sampling(self) -> bool:
+        return self.temperature > 0 and self.num_beams == 1
+
+    def batch_key(self) -> tuple:
+        """Rows whose keys are equal can share one `generate` call (the rest is handled per row)."""
+        return (self.num_beams, self.length_penalty, self.early_stopping, self.repetition_penalty,
+                self.logprobs is not None)
+
+
+@dataclass
+class Completion:
+    text: str
+    finish_reason: str              # "stop" (EOS or a stop string) or "length"
+    prompt_tokens: int
+    completion_tokens: int
+    token_ids: list[int] = field(default_factory=list)
+    # with Decoding.logprobs: one entry per token of `text`: (token text, offset in text, logprob, {alt: logprob})
+    logprobs: Optional[list[tuple[str, int, float, dict]]] = None
+
+
+# ----------------------------------------------------------------------------- models
+
+def check_generative(model) -> None:
+    name = type(model).__name__
+    if "MaskedLM" in name or not getattr(model, "can_generate", lambda: False)():
+        kind = "a masked LM; it fills masks but" if "MaskedLM" in name else f"a {name}, which"
+        raise LmforgeError(f"this model is {kind} cannot generate text; use a causal LM "
+                           "(a `clm` run) or an encoder-decoder model")
+
+
+def context_limit(model) -> Optional[int]:
+    """Positions the decoder takes (prompt + new tokens); None for relative-position models such as T5."""
+    if model.config.is_encoder_decoder:
+        return None
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    for name in ("max_position_embeddings", "n_positions", "n_ctx"):
+        if getattr(config, name, None):
+            return int(getattr(config, name))
+    return None
+
+
+def open_generator(run_dir: Path, which: Optional[str] = None):
+    """(model, tokenizer) of a pretraining run folder or a plain HF folder (causal LM or encoder-decoder)."""
+    from lmforge.finetune.predict import is_task_run
+    from lmforge.runs import model_folder, open_run
+    run_dir = Path(run_dir)
+    if is_task_run(run_dir):
+        raise LmforgeError(f"{run_dir}: a fine-tuned classifier cannot generate text; use `lmforge predict`")
+    if run_dir.is_dir():
+        folder = model_folder(run_dir, which)
+        config = json.loads((folder / "config.json").read_text())
+        if config.get("is_encoder_decoder"):
+            from transformers import AutoModelForSeq2SeqLM
+            from lmforge.tokenizer import load_tokenizer
+            model = AutoModelForSeq2SeqLM.from_pretrained(str(folder), local_files_only=True, trust_remote_code=False)
+            return model.eval(), load_tokenizer(folder)
+    _, model, tokenizer = open_run(run_dir, which)
+    check_generative(model)
+    return model.eval(), tokenizer
+
+
+def special_token(tokenizer, model, name: str) -> Optional[int]:
+    value = getattr(tokenizer, f"{name}_token_id", None)
+    if value is None and name == "eos":
+        value = tokenizer.sep_token_id
+    if value is None:
+        value = getattr(model.generation_config, f"{name}_token_id", None)
+        value = value[0] if isinstance(value, list) else value
+    return value
+
+
+# ----------------------------------------------------------------------------- preparing a batch
+
+@dataclass
+class Batch:
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    prompt_tokens: list[int]
+    limits: list[int]                 # new tokens allowed per row
+    settings: list[Decoding]
+    width: int                        # columns of the output before the first new token
+
+
+def encode_prompt(tokenizer, model, prompt: str) -> list[int]:
+    add = bool(model.config.is_encoder_decoder or getattr(tokenizer, "add_bos_token", False))
+    ids = tokenizer(prompt, add_special_tokens=add)["input_ids"]
+    if not ids:  # an empty prompt starts a new document
+        start = special_token(tokenizer, model, "bos")
+        ids = [start if start is not None else special_token(tokenizer, model, "eos")]
+    return ids
+
+
+def prepare(model, tokenizer, prompts: Sequence[str], settings: Sequence[Decoding], clamp: bool = False) -> Batch:
+    """Token ids of every prompt, left-padded (right-padded for an encoder), checked against the position limit."""
+    check_generative(model)
+    if len({s.batch_key() for s in settings}) > 1:
+        raise ValueError("rows of one generate call must share num_beams, length_penalty, early_stopping, "
+                         "repetition_penalty and logprobs")
+    limit = context_limit(model)
+    encoded, limits = [], []
+    for prompt, s in zip(prompts, settings):
+        ids = encode_prompt(tokenizer, model, prompt)
+        new = s.max_new_tokens
+        if limit is not None and len(ids) + new > limit:
+            if len(ids) >= limit or not clamp:
+                raise LmforgeError(f"prompt: {len(ids)} tokens + max_new_tokens {new} exceed the model's limit "
+                                   f"of {limit} positions" + ("" if len(ids) < limit else "; shorten the prompt"))
+            new = limit - len(ids)
+        encoded.append(ids)
+        limits.append(new)
+    pad = special_token(tokenizer, model, "pad")
+    pad = pad if pad is not None else special_token(tokenizer, model, "eos")
+    width = max(len(ids) for ids in encoded)
+    left = not model.config.is_encoder_decoder
+    rows, masks = [], []
+    for ids in encoded:
+        fill = [pad] * (width - len(ids))
+        rows.append(fill + ids if left else ids + fill)
+        masks.append(([0] * len(fill) + [1] * len(ids)) if left else ([1] * len(ids) + [0] * len(fill)))
+    device = model.device
+    return Batch(torch.tensor(rows, device=device), torch.tensor(masks, device=device), [len(ids) for ids in encoded],
+                 limits, list(settings), 1 if model.config.is_encoder_decoder else width)
+
+
+# ----------------------------------------------------------------------------- running
+
+def run_batch(model, tokenizer, batch: Batch, cancels: Optional[Sequence[Sequence[threading.Event]]] = None,
+              streamer: Optional[BaseStreamer] = None) -> list[Completion]:
+    """One `generate` call for all rows of `batch`; rows end independently."""
+    s0 = batch.settings[0]
+    cancels = cancels or [()] * len(batch.settings)
+    eos, pad = special_token(tokenizer, model, "eos"), special_token(tokenizer, model, "pad")
+    pad = pad if pad is not None else eos
+    processors = LogitsProcessorList()
+    selector = None
+    if s0.num_beams == 1 and (s0.logprobs is not None or any(s.sampling for s in batch.settings)):
+        selector = RowSelector(batch.settings, model.device)
+        processors.append(selector)
+    stop = RowStop(tokenizer, batch.width, batch.limits, [s.stop for s in batch.settings], cancels)
+    kwargs = dict(max_new_tokens=max(batch.limits), do_sample=False, num_beams=s0.num_beams,
+                  pad_token_id=pad, eos_token_id=eos, logits_processor=processors,
+                  stopping_criteria=StoppingCriteriaList([stop]), streamer=streamer, use_cache=True)
+    if s0.num_beams > 1:
+        kwargs.update(length_penalty=s0.length_penalty, early_stopping=s0.early_stopping)
+    if s0.repetition_penalty != 1.0:
+        kwargs["repetition_penalty"] = s0.repetition_penalty
+    if model.config.is_encoder_decoder:
+        start = getattr(model.generation_config, "decoder_start_token_id", None)
+        kwargs["decoder_start_token_id"] = start if start is not None else pad
+    with torch.inference_mode():
+        out = model.generate(batch.input_ids, attention_mask=batch.attention_mask, **kwargs)
+    sequences = out.tolist() if isinstance(out, torch.Tensor) else out.sequences.tolist()
+    return [_completion(tokenizer, seq[batch.width:], batch, r, eos, {eos, pad} - {None},
+                        selector.record[r] if selector and s0.logprobs is not None else None)
+            for r, seq in enumerate(sequences)]
+
+
+def _completion(tokenizer, new: list[int], batch: Batch, r: int, eos: Optional[int], ends: set, record) -> Completion:
+    s = batch.settings[r]
+    n = next((k for k, t in enumerate(new) if t in ends), len(new))
+    n = min(n, batch.limits[r])
+    ids = new[:n]
+    text = tokenizer.decode(ids, skip_special_tokens=True)
+    cut = cut_at_stop(text, s.stop)
+    # a row ended by EOS (not by its limit, a stop string or cancellation, after which generate pads it)
+    hit_eos = n < min(len(new), batch.limits[r]) and new[n] == eos and cut == len(text)
+    completion = Completion(text[:cut], "stop" if hit_eos or cut < len(text) else "length",
+                            batch.prompt_tokens[r], n + int(hit_eos), ids)
+    if record is not None:
+        completion.logprobs = _token_logprobs(tokenizer, ids, record, s.logprobs, cut)
+    return completion
+
+
+def _token_logprobs(tokenizer, ids: list[int], record, top: int, text_len: int) -> list:
+    out = []
+    for k, tok in enumerate(ids):
+        offset = len(tokenizer.decode(ids[:k], skip_special_tokens=True))
+        if offset >= text_len and k:
+            break
+        logp, alt_ids, alt_values = record[k]
+        alts = {tokenizer.decode([a]): round(v, 6) for a, v in zip(alt_ids[:top], alt_values[:top])}
+        out.append((tokenizer.decode([tok]), offset, round(logp, 6), alts))
+    return out
+
+
+def generate(model, tokenizer, prompts: Sequence[str], settings: Decoding | Sequence[Decoding] = Decoding(),
+             *, clamp: bool = False, cancels: Optional[Sequence[Sequence[threading.Event]]] = None
+             ) -> list[Completion]:
+    """Continue every prompt (one row each, batched in one call). `settings` is one Decoding for all rows,
+    or one per row (sharing `Decoding.batch_key()`)."""
+    if isinstance(settings, Decoding):
+        settings = [settings] * len(prompts)
+    model.eval()
+    return run_batch(model, tokenizer, prepare(model, tokenizer, prompts, settings, clamp), cancels)
+
+
+def generate_text(model, tokenizer, prompt: str, *, max_new_tokens: int = 64, temperature: float = 0.8,
+                  top_k: Optional[int] = 50, top_p: Optional[float] = None, seed: int = 0, **options) -> str:
+    """The continuation of one prompt (max_new_tokens shrinks to fit the model's position limit)."""
+    settings = Decoding(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                        seed=seed, **options)
+    return generate(model, tokenizer, [prompt], settings, clamp=True)[0].text

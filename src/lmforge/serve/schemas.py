@@ -1,0 +1,188 @@
+"""Request bodies, as pydantic models: every field typed and range-checked; unknown fields are errors.
+
+The completion and chat fields follow OpenAI's API; `top_k` and `repetition_penalty` are extensions.
+OpenAI fields this server does not implement are accepted only at their neutral value.
+"""
+
+from __future__ import annotations
+
+from typing import Literal, Optional, Union
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+
+MAX_PROMPT_CHARS = 200_000
+MAX_TEXTS = 256
+MAX_TEXT_CHARS = 20_000
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class StreamOptions(Strict):
+    include_usage: bool = False
+
+
+class Sampling(Strict):
+    """Fields shared by completions and chat completions."""
+    model: str = Field(..., min_length=1, max_length=256)
+    temperature: float = Field(1.0, ge=0.0, le=2.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    top_k: Optional[int] = Field(None, ge=1, le=1000)
+    repetition_penalty: float = Field(1.0, gt=0.0, le=10.0)
+    n: int = Field(1, ge=1, le=16)
+    stop: Optional[Union[str, list[str]]] = None
+    seed: Optional[int] = Field(None, ge=0, le=2**63 - 1)
+    stream: bool = False
+    stream_options: Optional[StreamOptions] = None
+    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    logit_bias: Optional[dict[str, float]] = None
+    user: Optional[str] = Field(None, max_length=256)
+
+    @field_validator("stop")
+    @classmethod
+    def _stops(cls, value):
+        stops = [value] if isinstance(value, str) else (value or [])
+        if len(stops) > 4:
+            raise ValueError("at most 4 stop sequences")
+        if any(not s or len(s) > 64 for s in stops):
+            raise ValueError("each stop sequence must have 1 to 64 characters")
+        return stops
+
+    @field_validator("presence_penalty", "frequency_penalty")
+    @classmethod
+    def _penalties(cls, value):
+        if value:
+            raise ValueError("only 0 is supported; use repetition_penalty")
+        return value
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _bias(cls, value):
+        if value:
+            raise ValueError("logit_bias is not supported")
+        return value
+
+    @field_validator("stream_options")
+    @classmethod
+    def _stream_options(cls, value, info: ValidationInfo):
+        if value is not None and not info.data.get("stream"):
+            raise ValueError("stream_options needs stream: true")
+        return value
+
+
+class CompletionRequest(Sampling):
+    prompt: Union[str, list[str]] = Field(..., description="One prompt or a list of prompts")
+    max_tokens: int = Field(16, ge=1)
+    echo: bool = False
+    logprobs: Optional[int] = Field(None, ge=0, le=5)
+    best_of: Optional[int] = Field(None, ge=1, le=16)
+    suffix: Optional[str] = None
+
+    @field_validator("prompt")
+    @classmethod
+    def _prompts(cls, value):
+        prompts = [value] if isinstance(value, str) else value
+        if not prompts:
+            raise ValueError("give at least one prompt")
+        if len(prompts) > 64:
+            raise ValueError("at most 64 prompts per request")
+        if any(len(p) > MAX_PROMPT_CHARS for p in prompts):
+            raise ValueError(f"a prompt has more than {MAX_PROMPT_CHARS} characters")
+        return value
+
+    @field_validator("logprobs")
+    @classmethod
+    def _logprobs(cls, value, info: ValidationInfo):
+        if value is not None and (info.data.get("stream") or info.data.get("echo")):
+            raise ValueError("logprobs is not available with stream or echo")
+        return value
+
+    @field_validator("best_of")
+    @classmethod
+    def _best_of(cls, value, info: ValidationInfo):
+        if value is not None and value != info.data.get("n", 1):
+            raise ValueError("only best_of == n is supported")
+        return value
+
+    @field_validator("suffix")
+    @classmethod
+    def _suffix(cls, value):
+        if value:
+            raise ValueError("suffix is not supported")
+        return value
+
+    @property
+    def prompts(self) -> list[str]:
+        return [self.prompt] if isinstance(self.prompt, str) else list(self.prompt)
+
+
+class TextPart(Strict):
+    type: Literal["text"]
+    text: str = Field(..., max_length=MAX_PROMPT_CHARS)
+
+
+class ChatMessage(Strict):
+    role: Literal["system", "developer", "user", "assistant"]
+    content: Union[str, list[TextPart]] = Field(...)
+    name: Optional[str] = Field(None, max_length=64)
+
+    @field_validator("content")
+    @classmethod
+    def _size(cls, value):
+        if isinstance(value, str) and len(value) > MAX_PROMPT_CHARS:
+            raise ValueError(f"a message has more than {MAX_PROMPT_CHARS} characters")
+        return value
+
+    def text(self) -> str:
+        return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+
+
+class ChatRequest(Sampling):
+    messages: list[ChatMessage] = Field(..., min_length=1, max_length=256)
+    max_tokens: Optional[int] = Field(None, ge=1)
+    max_completion_tokens: Optional[int] = Field(None, ge=1)
+    logprobs: Optional[bool] = None
+    top_logprobs: Optional[int] = Field(None, ge=0, le=0)
+
+    @field_validator("logprobs")
+    @classmethod
+    def _logprobs(cls, value):
+        if value:
+            raise ValueError("not supported for chat completions; use /v1/completions")
+        return value
+
+
+class ClassifyRequest(Strict):
+    model: str = Field(..., min_length=1, max_length=256)
+    texts: list[str] = Field(..., min_length=1, max_length=MAX_TEXTS)
+    text_pairs: Optional[list[str]] = Field(None, min_length=1, max_length=MAX_TEXTS)
+
+    @field_validator("texts")
+    @classmethod
+    def _lengths(cls, value):
+        if any(len(t) > MAX_TEXT_CHARS for t in value):
+            raise ValueError(f"a text has more than {MAX_TEXT_CHARS} characters")
+        return value
+
+    @field_validator("text_pairs")
+    @classmethod
+    def _pairs(cls, value, info: ValidationInfo):
+        if value is not None and len(value) != len(info.data.get("texts") or ()):
+            raise ValueError("text_pairs must have as many items as texts")
+        if value is not None and any(len(t) > MAX_TEXT_CHARS for t in value):
+            raise ValueError(f"a text has more than {MAX_TEXT_CHARS} characters")
+        return value
+
+
+class NerRequest(Strict):
+    model: str = Field(..., min_length=1, max_length=256)
+    texts: list[str] = Field(..., min_length=1, max_length=MAX_TEXTS)
+
+    @field_validator("texts")
+    @classmethod
+    def _lengths(cls, value):
+        if any(len(t) > MAX_TEXT_CHARS for t in value):
+            raise ValueError(f"a text has more than {MAX_TEXT_CHARS} characters")
+        return value
