@@ -4,6 +4,7 @@ guarantee, mixing weights, output folder and report, bad input, resume, CLI and 
 from __future__ import annotations
 
 import json
+import os
 import random
 import string
 from collections import Counter
@@ -449,7 +450,9 @@ def test_recipe_errors_and_the_example_recipe(tmp_path):
     with pytest.raises(LmforgeError, match="names no sources"):
         prep_recipe_from_dict({})
     example = load_prep_recipe(ROOT / "recipes" / "prep" / "shared-corpora.yaml", ["num_proc=1"])
-    assert example.num_proc == 1 and example.sources[0].path.startswith(str(ROOT / "recipes" / "prep"))
+    # Paths are read relative to the recipe's folder, normalised.
+    expected = os.path.normpath(ROOT / "recipes" / "prep" / "../../../shared/data/domains/code/*.java")
+    assert example.num_proc == 1 and example.sources[0].path == expected
 
 
 def test_cli_prep_and_pretraining_reads_the_output(tmp_path):
