@@ -76,6 +76,7 @@ def test_branch_train_merge_improves_each_domain_over_the_seed(tmp_path, corpus)
     train(run, ["code"], show_progress=False)          # experts train independently: one call per domain
     train(run, ["prose"], show_progress=False)
     assert (run / "experts" / "prose" / "final" / "config.json").is_file()
+    assert (run / "experts" / "code.yaml").is_file()  # kept for retraining: training replaces the run folder
     merge(run, "ensemble")
     merge(run, "average")
     results = evaluate(run)

@@ -316,7 +316,8 @@ def experts_train(target: Path = typer.Argument(..., help="The experts recipe or
     """Train experts, each on its own domain only, as independent pretraining runs."""
     from lmforge.experts import train
     try:
-        train(_experts_run(target, set_), domain or None, dense, show_progress=progress)
+        # --dense alone trains only the baseline; no --domain and no --dense trains every expert.
+        train(_experts_run(target, set_), domain or ([] if dense else None), dense, show_progress=progress)
     except LmforgeError as err:
         _fail(err)
 

@@ -5,6 +5,7 @@
       recipe.yaml  experts.json        the experts recipe and the manifest (domains, seed, expert folders)
       seed/                            the seed model + tokenizer (HF folder)
       seed-run/                        the seed's pretraining run, when the recipe trains it
+      experts/<domain>.yaml            the recipe of each expert
       experts/<domain>/                one ordinary pretraining run per domain (its recipe.yaml, final/, ...)
       dense/                           optional baseline: the seed trained on the mixture for the experts' total steps
       ensemble/ensemble.json           experts, domains, prior and top-k of the posterior-weighted ensemble
@@ -85,9 +86,9 @@ def branch(recipe: Recipe, *, force: bool = False, show_progress: bool = True) -
     experts = {}
     for domain in domains:
         r = expert_recipe(recipe, domain, seed, run / "experts" / domain)
-        folder = run / "experts" / domain
-        folder.mkdir(parents=True, exist_ok=True)
-        (folder / "expert.yaml").write_text(r.to_yaml())
+        (run / "experts").mkdir(parents=True, exist_ok=True)
+        # Beside the expert's run folder, not in it: training with --force replaces the run folder.
+        (run / "experts" / f"{domain}.yaml").write_text(r.to_yaml())
         experts[domain] = f"experts/{domain}"
     _write_json(run / MANIFEST, {"domains": domains, "seed": "seed", "experts": experts,
                                  "steps_per_expert": recipe.experts.steps or recipe.train.max_steps})
@@ -121,17 +122,18 @@ def manifest(run: Path) -> dict:
 
 
 def train(run: Path, domains: Optional[list[str]] = None, dense: bool = False, *, show_progress: bool = True) -> list:
-    """Train the named experts (default: all), each as an ordinary pretraining run; `dense` trains the baseline."""
+    """Train the named experts (None: all; [] none), each as an ordinary pretraining run; `dense` also trains
+    the equal-compute baseline."""
     from lmforge.pretrain import pretrain
     run = Path(run)
     info = manifest(run)
-    todo = list(domains or info["domains"])
+    todo = list(info["domains"] if domains is None else domains)
     unknown = sorted(set(todo) - set(info["domains"]))
     if unknown:
         raise LmforgeError(f"--domain: {unknown} not among this run's experts {info['domains']}")
     done = []
     for domain in todo:
-        recipe = load_recipe(run / info["experts"][domain] / "expert.yaml")
+        recipe = load_recipe(run / f"{info['experts'][domain]}.yaml")
         console.print(f"[bold]expert {domain}[/]: {recipe.train.max_steps} steps on its domain only")
         done.append(pretrain(recipe, force=True, show_progress=show_progress))
     if dense:
