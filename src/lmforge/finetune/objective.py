@@ -36,9 +36,11 @@ class TaskObjective(Objective):
         return (labels >= 0).long()
 
     def loss(self, model, batch: dict):
-        logits = model(**model_inputs(batch)).logits.float()
+        return self.loss_from_logits(model(**model_inputs(batch)).logits.float(), batch)
+
+    def loss_from_logits(self, logits: torch.Tensor, batch: dict, weighted: bool = True):
         labels = batch["labels"]
-        weight = self.class_weights.to(logits.device) if self.class_weights is not None else None
+        weight = self.class_weights.to(logits.device) if weighted and self.class_weights is not None else None
         if self.multi_label:
             total = F.binary_cross_entropy_with_logits(logits, labels, reduction="sum", pos_weight=weight)
         else:
@@ -61,7 +63,7 @@ def predict_encoded(model, data: Encoded, *, task: str, multi_label: bool, pad_i
         batch = {k: v.to(device) for k, v in collate(data, idx, pad_id, multi_label).items()}
         logits = model(**model_inputs(batch)).logits.float()
         if objective is not None and _has_targets(batch):
-            total, n, _ = _loss(objective, logits, batch)
+            total, n, _ = objective.loss_from_logits(logits, batch, weighted=False)  # plain CE for reports
             loss_sum, units = loss_sum + float(total), units + int(n)
         if task == "ner":
             probs = logits.softmax(-1)
@@ -82,16 +84,6 @@ def predict_encoded(model, data: Encoded, *, task: str, multi_label: bool, pad_i
 def _has_targets(batch: dict) -> bool:
     labels = batch["labels"]
     return bool((labels != -100).any()) if labels.dtype == torch.long else True
-
-
-def _loss(objective: TaskObjective, logits: torch.Tensor, batch: dict):
-    labels = batch["labels"]
-    if objective.multi_label:
-        total = F.binary_cross_entropy_with_logits(logits, labels, reduction="sum")
-    else:
-        total = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100,
-                                reduction="sum")
-    return total, objective.token_counts(batch).sum(), None
 
 
 def word_predictions(data: Encoded, scores: list, n_sentences: int, words_per_sentence: list[int]):

@@ -22,6 +22,7 @@ import torch
 
 from lmforge.engine import checkpoint as ckpt
 from lmforge.engine import distributed as dist
+from lmforge.engine.hardware import pick_device
 from lmforge.engine.loop import Engine, load_weights
 from lmforge.engine.logging import console
 from lmforge.errors import LmforgeError
@@ -95,7 +96,7 @@ def finetune(recipe: FinetuneRecipe, *, resume: bool = False, force: bool = Fals
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     t0 = time.perf_counter()
-    dist.setup("cuda" if cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available()) else "cpu")
+    dist.setup(pick_device(cfg.device))
     folder = tm.resolve_base(recipe.model.path)
     tokenizer = tm.load_task_tokenizer(recipe.model, folder)
     limit = tm.position_limit(json.loads((folder / "config.json").read_text()))
