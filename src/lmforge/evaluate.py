@@ -39,6 +39,8 @@ def evaluate_blocks(model, objective, data: BlockData, *, split: str = "validati
         starts = starts[:max_batches]
     was_training = model.training
     model.eval()
+    take = getattr(objective, "take_tallies", lambda training: {})
+    take(False)
     for b, start in enumerate(starts):
         if b % dist.world_size() != dist.rank():
             continue
@@ -52,12 +54,17 @@ def evaluate_blocks(model, objective, data: BlockData, *, split: str = "validati
         sums.index_add_(0, domains, per_example.double().cpu())
         counts.index_add_(0, domains, tokens)
     model.train(was_training)
-    totals = dist.all_reduce_sum(torch.cat([sums, counts]).to(device)).cpu()
-    sums, counts = totals[:n_domains], totals[n_domains:]
+    tallies = take(False)
+    names = list(getattr(objective, "tally_names", ()))  # the same on every rank, even one without batches
+    extra = torch.tensor([x for n in names for x in tallies.get(n, (0.0, 0.0))], dtype=torch.float64)
+    totals = dist.all_reduce_sum(torch.cat([sums, counts, extra]).to(device)).cpu()
+    extra = totals[2 * n_domains:]
+    sums, counts = totals[:n_domains], totals[n_domains:2 * n_domains]
     if counts.sum() == 0:
         return {}
     loss = float(sums.sum() / counts.sum())
     metrics = {"loss": loss, "ppl": _safe_exp(loss), "eval_tokens": int(counts.sum())}
+    metrics.update({n: float(extra[2 * i] / extra[2 * i + 1]) for i, n in enumerate(names) if extra[2 * i + 1]})
     for i, name in enumerate(data.domains):
         if counts[i] > 0:
             d_loss = float(sums[i] / counts[i])

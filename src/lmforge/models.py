@@ -5,8 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForMaskedLM, BertConfig, ElectraConfig,
-                          GPT2Config, LlamaConfig, RobertaConfig)
+from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForMaskedLM, AutoModelForPreTraining,
+                          AutoModelForSeq2SeqLM, BertConfig, ElectraConfig, GPT2Config, LlamaConfig, RobertaConfig,
+                          T5Config)
 
 from transformers.utils import logging as hf_logging
 
@@ -23,6 +24,9 @@ hf_logging.disable_progress_bar()  # our own progress bars only
 
 CAUSAL = ("gpt2", "llama")
 MASKED = ("bert", "roberta", "electra")
+# The families each objective can train from scratch.
+FAMILIES = {"clm": CAUSAL, "mlm": MASKED, "mlm+nsp": ("bert",), "mlm+sop": ("bert",), "electra": ("electra",),
+            "span": ("t5",)}
 # Models whose position table reserves slots for the padding offset.
 POSITION_OFFSET = {"roberta": 2}
 
@@ -41,6 +45,8 @@ def make_config(cfg: ModelConfig, objective: ObjectiveConfig, tokenizer):
     ids = special_ids(tokenizer)
     vocab = len(tokenizer)
     positions = cfg.max_positions or (objective.block_size - (objective.name == "clm"))
+    if objective.name == "electra":  # the discriminator; the generator is derived from it
+        positions = cfg.max_positions or objective.block_size
     p = cfg.dropout
     common = dict(vocab_size=vocab, pad_token_id=ids["pad"], bos_token_id=ids["bos"], eos_token_id=ids["eos"])
     if cfg.family == "bert":
@@ -70,11 +76,23 @@ def make_config(cfg: ModelConfig, objective: ObjectiveConfig, tokenizer):
                            intermediate_size=cfg.d_ff or int(8 * dims["d"] / 3) // 8 * 8 or 8,
                            max_position_embeddings=positions, attention_dropout=p, tie_word_embeddings=True,
                            **common)
+    if cfg.family == "t5":
+        # Relative position buckets: no position limit. decoder_start_token_id is the pad token, as in T5.
+        return T5Config(d_model=dims["d"], d_kv=dims["d"] // dims["heads"], d_ff=dims["ff"],
+                        num_layers=dims["layers"], num_decoder_layers=dims["layers"], num_heads=dims["heads"],
+                        dropout_rate=p, feed_forward_proj="relu", decoder_start_token_id=ids["pad"],
+                        vocab_size=vocab, pad_token_id=ids["pad"], eos_token_id=ids["eos"])
     raise LmforgeError(f"model.family: unknown family {cfg.family!r}")
 
 
 def auto_class(objective: str):
-    return AutoModelForCausalLM if objective == "clm" else AutoModelForMaskedLM
+    if objective == "clm":
+        return AutoModelForCausalLM
+    if objective in ("mlm+nsp", "mlm+sop"):
+        return AutoModelForPreTraining  # BertForPreTraining: the MLM head plus the two-way pair head
+    if objective == "span":
+        return AutoModelForSeq2SeqLM
+    return AutoModelForMaskedLM
 
 
 def family_of(model) -> str:
@@ -84,16 +102,23 @@ def family_of(model) -> str:
 def build_model(cfg: ModelConfig, objective: ObjectiveConfig, tokenizer, seed: int = 0):
     """A model for `objective`, checked against the tokenizer and block size."""
     torch.manual_seed(seed)
-    if cfg.path:
+    if objective.name == "electra":
+        from lmforge.objectives.electra import build_electra
+        model = build_electra(cfg, objective, tokenizer)
+    elif cfg.path:
         model = load_model(cfg.path, objective.name)
     else:
-        if objective.name == "clm" and cfg.family not in CAUSAL:
-            raise LmforgeError(f"model.family: '{cfg.family}' is an encoder; objective 'clm' needs one of {CAUSAL}")
-        if objective.name == "mlm" and cfg.family not in MASKED:
-            raise LmforgeError(f"model.family: '{cfg.family}' is a decoder; objective 'mlm' needs one of {MASKED}")
+        allowed = FAMILIES[objective.name]
+        if cfg.family not in allowed:
+            kind = "an encoder-decoder" if cfg.family == "t5" else ("a decoder" if cfg.family in CAUSAL else "an encoder")
+            raise LmforgeError(f"model.family: '{cfg.family}' is {kind}; objective '{objective.name}' needs "
+                               f"{' or '.join(repr(f) for f in allowed)}")
         config = make_config(cfg, objective, tokenizer)
         config._attn_implementation = "sdpa"
         model = auto_class(objective.name).from_config(config, attn_implementation="sdpa")
+    if objective.pairs and not hasattr(getattr(model, "cls", None), "seq_relationship"):
+        raise LmforgeError(f"{cfg.path or 'model'}: objective '{objective.name}' needs a BERT model (it has the "
+                           "two-way sentence-pair head)")
     check_compatible(model, tokenizer, objective.block_size, cfg.path or "model", causal=objective.name == "clm")
     return model
 
@@ -102,12 +127,16 @@ def load_model(path, objective: str):
     path = Path(path)
     if not (path / "config.json").is_file():
         raise LmforgeError(f"{path}: not a Hugging Face checkpoint folder (no config.json)")
+    if objective == "electra":
+        from lmforge.objectives.electra import ElectraPretrainer
+        return ElectraPretrainer.from_folder(path)
     try:
         config = AutoConfig.from_pretrained(str(path), local_files_only=True, trust_remote_code=False)
         return auto_class(objective).from_pretrained(str(path), config=config, local_files_only=True,
                                                      attn_implementation="sdpa", trust_remote_code=False)
     except ValueError as err:
-        raise LmforgeError(f"{path}: cannot load as a {'causal' if objective == 'clm' else 'masked'} LM: "
+        kind = {"clm": "a causal LM", "span": "an encoder-decoder LM"}.get(objective, "a masked LM")
+        raise LmforgeError(f"{path}: cannot load as {kind}: "
                            f"{str(err).splitlines()[0]}") from None
 
 
@@ -140,11 +169,17 @@ def count_parameters(model) -> dict:
 
 
 def flops_per_token(model, block_size: int, head_fraction: float = 1.0) -> float:
-    """Training FLOPs per token (forward + backward = 3x forward), as in the PaLM/nanoGPT estimate."""
+    """Training FLOPs per input token (forward + backward = 3x forward), as in the PaLM/nanoGPT estimate."""
+    if hasattr(model, "flops_per_token"):  # composite models (ELECTRA) count their parts
+        return model.flops_per_token(block_size, head_fraction)
     n = count_parameters(model)
     cfg = model.config
     layers = getattr(cfg, "num_hidden_layers", None) or getattr(cfg, "n_layer")
     d = getattr(cfg, "hidden_size", None) or getattr(cfg, "n_embd")
     head = 2 * d * model.get_input_embeddings().num_embeddings * head_fraction
     attention = 2 * 2 * layers * d * block_size  # QK^T and AV (full, unmasked count)
-    return 3 * (2 * n["body"] + head + attention)
+    body = n["body"]
+    if getattr(cfg, "is_encoder_decoder", False):
+        # An input token passes the encoder, a target token the decoder: about half the body each.
+        body = body / 2
+    return 3 * (2 * body + head + attention)

@@ -67,11 +67,19 @@ def get_tokenizer(recipe: Recipe, run_dir: Path):
         return load_tokenizer(saved)
     source = recipe.tokenizer.path or recipe.model.path
     if source:
-        return load_tokenizer(source)
+        return objective_tokenizer(load_tokenizer(source), recipe)
     if dist.is_main():
-        save_tokenizer(train_tokenizer_for(recipe.data, recipe.tokenizer), saved)
+        save_tokenizer(objective_tokenizer(train_tokenizer_for(recipe.data, recipe.tokenizer), recipe), saved)
     dist.barrier()
     return load_tokenizer(saved)
+
+
+def objective_tokenizer(tokenizer, recipe: Recipe):
+    """Tokens an objective adds to any tokenizer: span corruption's sentinels."""
+    if recipe.objective.name == "span":
+        from lmforge.objectives.span import add_sentinels
+        add_sentinels(tokenizer, recipe.objective.sentinels)
+    return tokenizer
 
 
 def pretrain(recipe: Recipe, *, resume: bool = False, force: bool = False, show_progress: bool = True) -> Path:
@@ -83,6 +91,9 @@ def pretrain(recipe: Recipe, *, resume: bool = False, force: bool = False, show_
     tokenizer = get_tokenizer(recipe, run_dir)
     objective = build_objective(recipe.objective, tokenizer, seed=recipe.train.seed)
     cfg = recipe.train
+    if recipe.data.streaming and recipe.objective.pairs:
+        raise LmforgeError(f"data.streaming: objective '{recipe.objective.name}' builds sentence pairs from whole "
+                           "documents and needs the cached (non-streaming) data")
     if recipe.data.streaming:
         data = None
         domains = sorted({s.domain for s in recipe.data.sources})
@@ -92,8 +103,7 @@ def pretrain(recipe: Recipe, *, resume: bool = False, force: bool = False, show_
         data = build_blocks(recipe.data, tokenizer, recipe.objective)
         loader = BlockLoader(data, cfg.batch_size, cfg.grad_accum, cfg.seed, world, rank)
     model = build_model(recipe.model, recipe.objective, tokenizer, seed=cfg.seed)
-    head_fraction = recipe.objective.mlm_probability if recipe.objective.name == "mlm" else 1.0
-    fpt = flops_per_token(model, recipe.objective.block_size, head_fraction)
+    fpt = flops_per_token(model, recipe.objective.block_size, head_fraction(recipe.objective))
 
     def evaluate(m):
         if data is None:
@@ -119,6 +129,17 @@ def pretrain(recipe: Recipe, *, resume: bool = False, force: bool = False, show_
     dist.barrier()
     dist.teardown()
     return run_dir
+
+
+def head_fraction(objective) -> float:
+    """Share of the input tokens the output layer runs on."""
+    if objective.masked:
+        return objective.mlm_probability
+    if objective.name == "span":
+        from lmforge.objectives.span import corrupted_lengths
+        inputs, targets = corrupted_lengths(objective.block_size, objective.noise_density, objective.mean_span_length)
+        return targets / (inputs + targets)
+    return 1.0
 
 
 def _join_process_group(recipe: Recipe) -> tuple[int, int]:

@@ -55,7 +55,7 @@ class TokenizerConfig(Section):
 
 
 class ModelConfig(Section):
-    family: Optional[Literal["bert", "roberta", "electra", "gpt2", "llama"]] = Field(
+    family: Optional[Literal["bert", "roberta", "electra", "gpt2", "llama", "t5"]] = Field(
         None, description="Architecture family when training from scratch.")
     size: Literal["tiny", "small", "base"] = Field("tiny", description="Size preset.")
     path: Optional[str] = Field(None, description="Local HF checkpoint folder to continue from.")
@@ -73,12 +73,36 @@ class ModelConfig(Section):
         return self
 
 
+OBJECTIVES = ("clm", "mlm", "mlm+nsp", "mlm+sop", "electra", "span")
+
+
 class ObjectiveConfig(Section):
-    name: Literal["clm", "mlm"] = Field("clm", description="Causal LM or masked LM.")
-    block_size: int = Field(128, ge=8, description="Tokens per training sequence.")
-    mlm_probability: float = Field(0.15, gt=0.0, lt=1.0, description="Fraction of tokens selected (MLM).")
-    whole_word: bool = Field(False, description="Mask whole words rather than sub-words (MLM).")
+    name: Literal["clm", "mlm", "mlm+nsp", "mlm+sop", "electra", "span"] = Field(
+        "clm", description="clm (causal LM), mlm (masked LM), mlm+nsp / mlm+sop (masked LM plus next-sentence or "
+                           "sentence-order prediction), electra (replaced-token detection), span (T5 span corruption).")
+    block_size: int = Field(128, ge=8, description="Tokens per training sequence (span: raw tokens before noising).")
+    mlm_probability: float = Field(0.15, gt=0.0, lt=1.0, description="Fraction of tokens selected (MLM, ELECTRA).")
+    whole_word: bool = Field(False, description="Mask whole words rather than sub-words (MLM, ELECTRA).")
     document_mask: bool = Field(False, description="Packed documents do not attend to each other (CLM).")
+    segment_by: Literal["sentence", "line"] = Field(
+        "sentence", description="NSP/SOP: a document's segments are its sentences or its lines.")
+    pair_probability: float = Field(0.5, gt=0.0, lt=1.0,
+                                    description="NSP: share of random next segments; SOP: share of swapped pairs.")
+    generator_fraction: float = Field(0.25, gt=0.0, le=1.0,
+                                      description="ELECTRA: generator width as a fraction of the discriminator's.")
+    rtd_weight: float = Field(50.0, gt=0.0, description="ELECTRA: weight of the replaced-token-detection loss.")
+    noise_density: float = Field(0.15, gt=0.0, lt=1.0, description="Span corruption: fraction of tokens noised.")
+    mean_span_length: float = Field(3.0, ge=1.0, description="Span corruption: mean length of a noised span.")
+    sentinels: int = Field(100, ge=1, description="Span corruption: sentinel tokens added to the tokenizer.")
+
+    @property
+    def masked(self) -> bool:
+        """Encoder objectives built on masked-LM data (the model is an encoder)."""
+        return self.name in ("mlm", "mlm+nsp", "mlm+sop", "electra")
+
+    @property
+    def pairs(self) -> bool:
+        return self.name in ("mlm+nsp", "mlm+sop")
 
 
 class TrainConfig(Section):

@@ -3,6 +3,7 @@
 Documents are packed within their domain (every block has one domain, so per-domain evaluation is
 exact) and joined by their separators: CLM documents end with EOS, MLM documents are [CLS] … [SEP].
 Under DDP, rank 0 builds the cache while the other ranks wait, then everyone memory-maps it.
+Sentence-pair objectives (NSP/SOP) store pair rows instead of packed blocks (see `lmforge.data.pairs`).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from typing import Iterator, Optional
 import datasets
 import numpy as np
 
+from lmforge.data.pairs import pair_builder
 from lmforge.data.sources import fingerprint_sources, load_documents
 from lmforge.engine import distributed as dist
 from lmforge.errors import LmforgeError
@@ -33,7 +35,7 @@ def default_cache_dir() -> Path:
 
 def _affixes(tokenizer, objective: str) -> tuple[list[int], list[int]]:
     ids = special_ids(tokenizer)
-    if objective == "mlm":
+    if objective in ("mlm", "electra"):
         return ([ids["cls"]] if ids["cls"] is not None else []), ([ids["sep"]] if ids["sep"] is not None else [])
     if ids["eos"] is None:
         raise LmforgeError("tokenizer: causal-LM packing needs an EOS (or SEP) token; this tokenizer has none")
@@ -73,6 +75,7 @@ class BlockData:
     validation: Optional[datasets.Dataset]
     domains: list[str]
     block_size: int
+    packed: bool = True  # False: independent rows (sentence pairs) that must not be shifted or joined
 
     def batch(self, split: str, indices) -> tuple[np.ndarray, np.ndarray]:
         ds = self.train if split == "train" else self.validation
@@ -85,6 +88,8 @@ def cache_key(data: DataConfig, tokenizer, objective: ObjectiveConfig) -> str:
     h.update(fingerprint_sources(data).encode())
     h.update(tokenizer.backend_tokenizer.to_str().encode() if hasattr(tokenizer, "backend_tokenizer") else b"")
     h.update(f"{objective.name}:{objective.block_size}:{_affixes(tokenizer, objective.name)}".encode())
+    if objective.pairs:
+        h.update(f"{objective.segment_by}:{objective.pair_probability}:{data.split_seed}".encode())
     return h.hexdigest()[:20]
 
 
@@ -103,25 +108,37 @@ def build_blocks(data: DataConfig, tokenizer, objective: ObjectiveConfig, progre
             "add text or lower objective.block_size")
     train = datasets.load_from_disk(str(target / "train"))
     val = datasets.load_from_disk(str(target / "validation")) if meta["validation_blocks"] else None
-    return BlockData(train=train, validation=val, domains=meta["domains"], block_size=objective.block_size)
+    return BlockData(train=train, validation=val, domains=meta["domains"], block_size=objective.block_size,
+                     packed=meta.get("layout", "packed") == "packed")
 
 
 def _build_cache(data, tokenizer, objective, target: Path, progress) -> None:
     docs = load_documents(data, streaming=False)
     domains = sorted(set(docs.unique("domain")))
     domain_ids = {d: i for i, d in enumerate(domains)}
-    fn = _tokenize_and_pack(tokenizer, objective.name, objective.block_size, domain_ids)
+    if objective.pairs:
+        ids = special_ids(tokenizer)
+        if ids["cls"] is None or ids["sep"] is None:
+            raise LmforgeError("tokenizer: sentence-pair objectives need [CLS] and [SEP] (or <s> and </s>) tokens")
+        fn = pair_builder(tokenizer, block_size=objective.block_size, kind=objective.name.split("+")[1],
+                          segment_by=objective.segment_by, probability=objective.pair_probability,
+                          seed=data.split_seed, domain_ids=domain_ids, cls=ids["cls"], sep=ids["sep"],
+                          pad=ids["pad"])
+    else:
+        fn = _tokenize_and_pack(tokenizer, objective.name, objective.block_size, domain_ids)
     tmp = target.with_name(target.name + f".tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     counts = {}
     for split in SPLITS:
         part = docs.filter(lambda b, s=split: [x == s for x in b["split"]], batched=True)
         packed = part.map(fn, batched=True, batch_size=1000, remove_columns=part.column_names,
+                          with_indices=objective.pairs,
                           num_proc=data.num_proc if data.num_proc > 1 and len(part) > 1000 else None)
         packed.save_to_disk(str(tmp / split))
         counts[split] = len(packed)
     (tmp / "meta.json").write_text(json.dumps(
-        {"domains": domains, "block_size": objective.block_size, "train_blocks": counts["train"],
+        {"domains": domains, "block_size": objective.block_size, "layout": "pairs" if objective.pairs else "packed",
+         "train_blocks": counts["train"],
          "validation_blocks": counts["validation"]}))
     target.parent.mkdir(parents=True, exist_ok=True)
     try:

@@ -69,6 +69,8 @@ class BlockLoader:
         rows = np.array([self._perm(int(e))[int(w)] for e, w in zip(epochs, pos % self.n)])
         if self.ids is None:  # too large for memory: read the blocks as they are
             ids, _ = self.data.batch("train", rows)
+        elif not self.data.packed:  # independent rows: taken whole
+            ids = self.ids[rows]
         else:
             ids = self.ids[rows]
             offsets = np.array([self.epoch_offset(int(e)) for e in epochs])

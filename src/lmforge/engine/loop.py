@@ -17,6 +17,7 @@ from lmforge.engine.hardware import autocast, matmul_roof, pick_device, pick_pre
 from lmforge.engine.logging import MetricsLog, Throughput, console, plot_losses, progress_bar
 from lmforge.engine.schedule import lr_at, warmup_steps
 from lmforge.errors import LmforgeError
+from lmforge.objectives.base import ratios
 from lmforge.recipe import TrainConfig
 
 
@@ -88,6 +89,9 @@ def load_weights(model, folder: Path, device="cpu") -> None:
     """Load a saved model (model.safetensors) or peft adapter (adapter_model.safetensors) into `model`."""
     from safetensors.torch import load_file
     folder = Path(folder)
+    if hasattr(model, "load_folder"):  # composite models (ELECTRA) load their parts
+        model.load_folder(folder, device)
+        return
     if (folder / "adapter_model.safetensors").is_file():
         from peft import set_peft_model_state_dict
         set_peft_model_state_dict(model, load_file(str(folder / "adapter_model.safetensors"), device=str(device)))
@@ -172,7 +176,8 @@ class Engine:
         return lr
 
     def train_step(self) -> tuple[float, float, int]:
-        """One optimizer step over `grad_accum` micro-batches. Returns (loss, grad norm, tokens)."""
+        """One optimizer step over `grad_accum` micro-batches. Returns (loss, grad norm, loss tokens); the
+        input tokens read (for throughput) are left in `self.step_inputs`."""
         cfg, step = self.cfg, self.state.step
         micro = []
         for m in range(cfg.grad_accum):
@@ -180,6 +185,7 @@ class Engine:
             micro.append(move(self.objective.make_batch(ids, positions, domains), self.device))
         # Normalise by the loss tokens of the whole step on all ranks: the large-batch gradient.
         local = sum(self.objective.count_tokens(b) for b in micro)
+        self.step_inputs = sum(self.objective.count_inputs(b) for b in micro) * dist.world_size()
         global_tokens = dist.all_reduce_sum(torch.tensor(float(local), device=self.device)).item()
         scale = dist.world_size() / max(global_tokens, 1.0)  # DDP averages gradients over ranks
         total = torch.zeros((), device=self.device)
@@ -257,7 +263,7 @@ class Engine:
                 loss, norm, tokens = self.train_step()
                 self.state.step += 1
                 self.state.tokens += tokens
-                meter.add(tokens)
+                meter.add(self.step_inputs)
                 if math.isnan(loss):
                     self.state.bad_steps += 1
                     console.print(f"[yellow]step {self.state.step}: loss or gradient not finite; step skipped")
@@ -274,6 +280,8 @@ class Engine:
                     record = {"step": self.state.step, "loss": window_loss / window_n, "lr": lr, "grad_norm": norm,
                               "tokens": self.state.tokens, "tokens_per_s": round(tps, 1), "mfu": round(mfu, 4),
                               "elapsed_s": round(time.perf_counter() - t_start, 2)}
+                    take = getattr(self.objective, "take_tallies", None)
+                    record.update({k: round(v, 5) for k, v in ratios(take(True) if take else {}).items()})
                     self.log.write(record)
                     bar.update(task, completed=self.state.step,
                                status=f"loss {record['loss']:.4f}  {tps:,.0f} tok/s  mfu {mfu:.0%}")

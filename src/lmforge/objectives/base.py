@@ -8,9 +8,14 @@ from lmforge.recipe import ObjectiveConfig
 
 
 class Objective:
-    """make_batch(block ids, example ids) → tensors; loss(model, batch) → (loss sum, tokens, extras)."""
+    """make_batch(block ids, example ids) → tensors; loss(model, batch) → (loss sum, tokens, extras).
+
+    Objectives with more to report than the loss (accuracies, loss parts) `tally` them during `loss`;
+    the engine logs the training tallies and the evaluation reports its own.
+    """
 
     name = "base"
+    tally_names: tuple[str, ...] = ()
 
     def make_batch(self, input_ids: torch.Tensor, example_ids: torch.Tensor, domains: torch.Tensor) -> dict:
         raise NotImplementedError
@@ -22,6 +27,23 @@ class Objective:
     def count_tokens(self, batch: dict) -> int:
         return int(self.token_counts(batch).sum())
 
+    def count_inputs(self, batch: dict) -> int:
+        """Tokens the model reads (for throughput): every non-padding input token."""
+        mask = batch.get("attention_mask")
+        return int(mask.sum()) if mask is not None else batch["input_ids"].numel()
+
+    def tally(self, model, name: str, value, count) -> None:
+        """Add to a running ratio (e.g. correct / total), kept apart for training and evaluation."""
+        store = self.__dict__.setdefault("_tallies", {}).setdefault(bool(model.training), {})
+        v, c = store.get(name, (0.0, 0.0))
+        store[name] = (v + value.detach().double() if torch.is_tensor(value) else v + value,
+                       c + (count.detach().double() if torch.is_tensor(count) else count))
+
+    def take_tallies(self, training: bool) -> dict[str, tuple[float, float]]:
+        """The (value, count) sums since the last call, then reset."""
+        store = self.__dict__.setdefault("_tallies", {}).pop(bool(training), {})
+        return {k: (float(v), float(c)) for k, (v, c) in store.items()}
+
     def loss(self, model, batch: dict) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
         """Return (sum of token losses, number of loss tokens, per-example loss sums or None)."""
         raise NotImplementedError
@@ -31,8 +53,21 @@ def build_objective(config: ObjectiveConfig, tokenizer, seed: int = 0) -> Object
     if config.name == "clm":
         from lmforge.objectives.clm import CausalLM
         return CausalLM(config, tokenizer)
+    if config.pairs:
+        from lmforge.objectives.pairs import PairedMaskedLM
+        return PairedMaskedLM(config, tokenizer, seed=seed)
+    if config.name == "electra":
+        from lmforge.objectives.electra import ReplacedTokenDetection
+        return ReplacedTokenDetection(config, tokenizer, seed=seed)
+    if config.name == "span":
+        from lmforge.objectives.span import SpanCorruption
+        return SpanCorruption(config, tokenizer, seed=seed)
     from lmforge.objectives.mlm import MaskedLM
     return MaskedLM(config, tokenizer, seed=seed)
+
+
+def ratios(tallies: dict[str, tuple[float, float]]) -> dict[str, float]:
+    return {name: value / count for name, (value, count) in tallies.items() if count}
 
 
 def token_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
