@@ -9,7 +9,7 @@ block ([CLS] A [SEP] B [SEP]), and the gathered chunk is cut at a random segment
 
 A chunk of one long segment is cut in the middle of its tokens. When A + B is too long, the longer
 side loses tokens first, always on the side away from the A|B boundary (A from its front, B from its
-back), so a true pair stays contiguous text.
+back, before an SOP swap), so the two segments of a pair always touch in the original text.
 
 Each row is stored as block_size token ids (padded) followed by one slot holding the pair label.
 """
@@ -21,7 +21,7 @@ from typing import Sequence
 
 import numpy as np
 
-_SENTENCE_END = re.compile(r"(?<=[.!?])[\"')\]]*\s+")
+_SENTENCE_END = re.compile(r"(?:(?<=[.!?])|(?<=[.!?][\"')\]]))\s+")
 
 
 def split_segments(text: str, by: str = "sentence") -> list[str]:
@@ -73,9 +73,10 @@ def document_pairs(segments: list[list[int]], others: list[list[list[int]]], *, 
             cut = int(rng.integers(1, len(chunk)))
             a_parts, b_parts = chunk[:cut], chunk[cut:]
         a, b, label = _flat(a_parts), _flat(b_parts), 0
+        swap = False
         if rng.random() < probability:
             if kind == "sop":
-                a, b, label = b, a, 1
+                swap, label = True, 1
             elif others:
                 other = others[int(rng.integers(len(others)))]
                 start = int(rng.integers(len(other)))
@@ -88,7 +89,9 @@ def document_pairs(segments: list[list[int]], others: list[list[list[int]]], *, 
                 label = 1
                 if len(chunk) > 1:
                     j -= len(b_parts)  # the displaced true segments begin the next pair
-        a, b = truncate_pair(a, b, budget)
+        a, b = truncate_pair(a, b, budget)  # before a swap, so the trimmed ends are the outer ones
+        if swap:
+            a, b = b, a
         if a and b:
             pairs.append((a, b, label))
     return pairs

@@ -5,6 +5,7 @@ from __future__ import annotations
 import glob
 import hashlib
 import json
+import re
 from pathlib import Path
 from typing import Iterable, Optional, Union
 
@@ -89,6 +90,9 @@ def _load_files(src: SourceConfig, files: list[Path], fmt: str, streaming: bool,
     if fmt == "text":
         ds = datasets.load_dataset("text", sample_by=src.sample_by, **kwargs)
         column = "text"
+        if src.sample_by == "paragraph":
+            # `datasets` splits on an exact blank line; a line of spaces (as in WikiText) also ends a paragraph.
+            ds = ds.map(_split_paragraphs, batched=True)
     elif fmt == "jsonl":
         ds = datasets.load_dataset("json", **kwargs)
         column = src.text_column
@@ -104,6 +108,13 @@ def _load_files(src: SourceConfig, files: list[Path], fmt: str, streaming: bool,
             f"{files[0]}: no column '{column}' (columns: {', '.join(map(str, columns))}); "
             "set 'text_column' on this source")
     return ds.select_columns([column]).rename_column(column, "text") if column != "text" else ds.select_columns(["text"])
+
+
+_PARAGRAPH_BREAK = re.compile(r"\n[ \t\r\f\v]*\n")
+
+
+def _split_paragraphs(batch: dict) -> dict:
+    return {"text": [p for text in batch["text"] for p in _PARAGRAPH_BREAK.split(text) if p.strip()]}
 
 
 def split_of(text: str, seed: int, fraction: float) -> str:

@@ -18,6 +18,7 @@ inputs are the targets shifted right behind the decoder start (pad) token.
 from __future__ import annotations
 
 import torch
+from tokenizers import AddedToken
 
 from lmforge.errors import LmforgeError
 from lmforge.objectives.base import Objective, token_cross_entropy
@@ -29,12 +30,13 @@ def sentinel_tokens(n: int) -> list[str]:
 
 
 def add_sentinels(tokenizer, n: int):
-    """Add the n sentinel tokens (as special tokens) when the tokenizer lacks them."""
-    names = sentinel_tokens(n)
+    """Add the n sentinel tokens when the tokenizer lacks them. They are whole added tokens that swallow
+    the space before them (so "The <extra_id_0> sat" encodes as it was noised) and are not marked
+    special, so decoded text keeps them: `lmforge generate` shows which span each filling belongs to."""
     vocab = tokenizer.get_vocab()
-    missing = [t for t in names if t not in vocab]
+    missing = [t for t in sentinel_tokens(n) if t not in vocab]
     if missing:
-        tokenizer.add_special_tokens({"additional_special_tokens": missing}, replace_extra_special_tokens=False)
+        tokenizer.add_tokens([AddedToken(t, lstrip=True, normalized=False, special=False) for t in missing])
     return tokenizer
 
 
