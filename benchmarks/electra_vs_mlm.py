@@ -1,6 +1,6 @@
 """ELECTRA vs masked LM at equal training compute, judged by SST-2 after the same fine-tuning recipe.
 
-    python benchmarks/electra_vs_mlm.py [--mlm-steps 3000] [--seeds 3] [--work DIR]
+    python benchmarks/electra_vs_mlm.py [--mlm-steps 2000] [--seeds 3] [--work DIR]
 
 Both encoders are the same ELECTRA-architecture discriminator (4 layers, 128 wide, 4 heads, FFN 512,
 block 128), pretrained from scratch on general English text: ../shared/data/wikitext2 (valid + test)
@@ -14,7 +14,7 @@ tokenizer trained here and shared by everything.
 Training FLOPs are counted, not timed: FLOPs per input token come from `lmforge.models.flops_per_token`
 (6 x non-embedding parameters + attention scores + output layer at the masked positions; for ELECTRA
 both networks), and ELECTRA gets the number of steps that matches MLM's total. Each encoder is then
-fine-tuned on SST-2 (full train split, 2 epochs, batch 32, lr 1e-4, 10 % warmup, linear decay) with
+fine-tuned on SST-2 (full train split, 1 epoch, batch 32, lr 1e-4, 10 % warmup, linear decay) with
 several seeds, and the dev accuracies are reported as mean and spread. A third row fine-tunes the
 same architecture from random weights, to show what pretraining buys at this scale.
 
@@ -81,7 +81,7 @@ def finetune_tree(name: str, model_path: str, seed: int, work: Path) -> dict:
                  "validation": {"path": str(SHARED / "sst2" / "dev.tsv")},
                  "text_column": "sentence", "label_column": "label", "max_length": 64},
         "model": {"path": model_path},
-        "train": {"epochs": 2, "batch_size": 32, "lr": 1e-4, "warmup_steps": 0.1, "schedule": "linear",
+        "train": {"epochs": 1, "batch_size": 32, "lr": 1e-4, "warmup_steps": 0.1, "schedule": "linear",
                   "weight_decay": 0.01, "eval_every": 0, "seed": seed, "precision": "fp32"},
         "output": {"dir": str(work / name), "tensorboard": False, "plots": False},
     }
@@ -119,7 +119,7 @@ def random_init_folder(work: Path, tokenizer: Path) -> Path:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--mlm-steps", type=int, default=3000, help="MLM pretraining steps (ELECTRA's follow from FLOPs)")
+    p.add_argument("--mlm-steps", type=int, default=2000, help="MLM pretraining steps (ELECTRA's follow from FLOPs)")
     p.add_argument("--seeds", type=int, default=3, help="fine-tuning seeds per encoder")
     p.add_argument("--work", type=Path, default=None, help="keep the runs here (default: a temporary folder)")
     p.add_argument("--no-random-baseline", action="store_true")

@@ -324,17 +324,31 @@ def experts_train(target: Path = typer.Argument(..., help="The experts recipe or
 
 @experts_app.command("merge")
 def experts_merge(target: Path = typer.Argument(..., help="The experts run folder (or its recipe)."),
-                  method: str = typer.Option("ensemble", help="'ensemble' (posterior-weighted) or 'average'."),
+                  method: str = typer.Option("ensemble", help="'ensemble' (posterior-weighted), 'average' or "
+                                             "'moe' (Branch-Train-MiX: one mixture-of-experts model)."),
                   weights: str = typer.Option("uniform", help="average: 'uniform' or 'prior' (estimated on "
                                               "held-out data)."),
-                  top_k: Optional[int] = typer.Option(None, min=1, help="ensemble: mix only the k likeliest experts."),
-                  set_: List[str] = typer.Option([], "--set", help=SET_HELP)):
-    """Combine trained experts into an ensemble (ensemble/) or one averaged model (average/)."""
+                  top_k: Optional[int] = typer.Option(None, min=1, help="ensemble: mix only the k likeliest experts; "
+                                                      "moe: experts per token (default 2)."),
+                  steps: Optional[int] = typer.Option(None, min=0, help="moe: training steps on the mixture after "
+                                                      "merging (default: experts.seed_steps; 0: merge only)."),
+                  train: str = typer.Option("router", help="moe: train only the routers ('router') or 'all' "
+                                            "parameters."),
+                  aux_weight: float = typer.Option(0.01, min=0.0, help="moe: weight of the load-balancing loss."),
+                  set_: List[str] = typer.Option([], "--set", help=SET_HELP),
+                  progress: bool = typer.Option(True, help="Show progress bars.")):
+    """Combine trained experts into an ensemble (ensemble/), one averaged model (average/) or one
+    mixture-of-experts model whose routers are trained on the mixture (moe/, moe-run/)."""
     from lmforge.experts import merge
-    if method not in ("ensemble", "average") or weights not in ("uniform", "prior"):
-        _fail(LmforgeError(f"--method/--weights: expected ensemble|average and uniform|prior, got {method}/{weights}"))
+    if method not in ("ensemble", "average", "moe") or weights not in ("uniform", "prior"):
+        _fail(LmforgeError(f"--method/--weights: expected ensemble|average|moe and uniform|prior, "
+                           f"got {method}/{weights}"))
+    if train not in ("router", "all"):
+        _fail(LmforgeError(f"--train: expected 'router' or 'all', got {train!r}"))
     try:
-        typer.echo(f"merged: {merge(_experts_run(target, set_), method, weights=weights, top_k=top_k)}")
+        folder = merge(_experts_run(target, set_), method, weights=weights, top_k=top_k, steps=steps, train=train,
+                       aux_weight=aux_weight, show_progress=progress)
+        typer.echo(f"merged: {folder}")
     except LmforgeError as err:
         _fail(err)
 

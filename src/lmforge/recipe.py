@@ -43,6 +43,9 @@ class DataConfig(Section):
     num_proc: int = Field(1, ge=1, description="Processes used to tokenize.")
     cache_dir: Optional[str] = Field(None, description="Tokenized-data cache (default ~/.cache/lmforge).")
     only_domains: Optional[list[str]] = Field(None, description="Keep only documents of these domains.")
+    domain_clusters: Optional[str] = Field(
+        None, description="A clustering folder (RUN/clusters of `lmforge experts branch` with experts.clusters): "
+                          "each document's domain becomes its nearest cluster, cluster-<c>.")
 
 
 class TokenizerConfig(Section):
@@ -150,6 +153,29 @@ class ExpertsConfig(Section):
     prior: Literal["uniform", "estimated"] = Field(
         "uniform", description="Domain prior of the ensemble: uniform, or estimated on held-out data.")
     top_k: Optional[int] = Field(None, ge=1, description="Ensemble: mix only the k most probable experts.")
+    clusters: Optional[int] = Field(None, ge=2, description="Unsupervised domains (c-BTM): cluster the training "
+                                                            "documents into k clusters, one expert each (default: "
+                                                            "the sources' domain tags).")
+    cluster_features: Literal["tfidf", "embeddings"] = Field(
+        "tfidf", description="What documents are clustered by: tf-idf, or mean-pooled embeddings of cluster_encoder.")
+    cluster_encoder: Optional[str] = Field(None, description="Local HF encoder folder for embedding features "
+                                                             "('package:NAME/folder' inside an installed package).")
+    cluster_documents: int = Field(20000, ge=1, description="Fit the clustering on at most this many training "
+                                                            "documents (a seeded sample).")
+    routing: Literal["posterior", "clusters"] = Field(
+        "posterior", description="Ensemble weights: the domain posterior (Bayes' rule over the context's likelihood), "
+                                 "or the context's distance to the cluster centres (c-BTM; needs clusters).")
+    routing_temperature: float = Field(0.1, gt=0.0, description="Cluster routing: T in exp(-distance^2 / T).")
+    routing_stride: int = Field(1, ge=1, description="Cluster routing: recompute the weights every N positions "
+                                                     "(1: at every position).")
+
+    @model_validator(mode="after")
+    def _clusters_needed(self) -> "ExpertsConfig":
+        if self.routing == "clusters" and self.clusters is None:
+            raise ValueError("experts.routing 'clusters' needs experts.clusters (the number of clusters)")
+        if self.clusters and self.cluster_features == "embeddings" and not self.cluster_encoder:
+            raise ValueError("experts.cluster_features 'embeddings' needs experts.cluster_encoder (an encoder folder)")
+        return self
 
 
 class Recipe(Section):
@@ -301,3 +327,6 @@ def _resolve_paths(recipe: Recipe, base: Path) -> None:
         src.path = resolve_path(src.path, base)
     recipe.model.path = resolve_path(recipe.model.path, base)
     recipe.tokenizer.path = resolve_path(recipe.tokenizer.path, base)
+    recipe.data.domain_clusters = resolve_path(recipe.data.domain_clusters, base)
+    if recipe.experts and recipe.experts.cluster_encoder and not recipe.experts.cluster_encoder.startswith("package:"):
+        recipe.experts.cluster_encoder = resolve_path(recipe.experts.cluster_encoder, base)

@@ -185,6 +185,10 @@ def load_documents(config: DataConfig, streaming: Optional[bool] = None):
             if not streaming and len(ds) == 0:
                 raise LmforgeError(f"{src.path}: no non-empty documents")
             parts.append(ds)
+    if config.domain_clusters:  # unsupervised domains (c-BTM): a document's domain is its nearest cluster
+        from lmforge.experts.cluster import ClusterLabeler
+        labeler = ClusterLabeler(config.domain_clusters)
+        parts = [p.map(labeler, batched=True, features=FEATURES) for p in parts]
     if config.only_domains:
         keep = set(config.only_domains)
         parts = [p.filter(lambda b: [d in keep for d in b["domain"]], batched=True) for p in parts]
@@ -212,9 +216,12 @@ def iter_texts(docs, split: str = "train", limit: Optional[int] = None) -> Itera
 
 
 def fingerprint_sources(config: DataConfig) -> str:
-    """A key that changes when any source file, split setting or format changes."""
+    """A key that changes when any source file, split setting, format or document clustering changes."""
     h = hashlib.sha256()
     h.update(config.model_dump_json(exclude={"num_proc", "cache_dir", "streaming"}).encode())
+    if config.domain_clusters:  # the clustering's content, not only its path, decides the domains
+        from lmforge.experts.cluster import clustering_fingerprint
+        h.update(clustering_fingerprint(config.domain_clusters).encode())
     for i, src in enumerate(config.sources):
         for f in expand_paths(src.path, f"data.sources[{i}].path"):
             st = f.stat()

@@ -6,15 +6,16 @@ Ensemble, for the prediction at position t (of token t+1):
     p(x_{t+1} | x_{≤t}) = Σ_d p(d | x_{≤t}) · p_d(x_{t+1} | x_{≤t})
     p(d | x_{≤t}) ∝ p(d) · Π_{s<t} p_d(x_{s+1} | x_{≤s})
 
-so the posterior at t uses only the tokens already seen. `ExpertEnsemble` returns the mixture's log
-probabilities as `.logits` (already normalised), so anything that takes a causal LM's logits — the
-evaluation loop, cross-entropy — works on it unchanged.
+so the posterior at t uses only the tokens already seen. A `router` replaces the posterior by other weights
+of the tokens seen so far (c-BTM's distance to cluster centres, `lmforge.experts.cluster.ClusterRouter`).
+`ExpertEnsemble` returns the mixture's log probabilities as `.logits` (already normalised), so anything that
+takes a causal LM's logits — the evaluation loop, cross-entropy — works on it unchanged.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
@@ -22,12 +23,12 @@ import torch
 @dataclass
 class EnsembleOutput:
     logits: torch.Tensor          # (B, T, V) log-probabilities of the mixture
-    posterior: torch.Tensor       # (B, T, D) p(d | x_{≤t}) used at each position
+    posterior: torch.Tensor       # (B, T, D) p(d | x_{≤t}) (or the router's weights) used at each position
 
 
 class ExpertEnsemble(torch.nn.Module):
     def __init__(self, experts: list, domains: list[str], prior: Optional[torch.Tensor] = None,
-                 top_k: Optional[int] = None):
+                 top_k: Optional[int] = None, router: Optional[Callable[[torch.Tensor], torch.Tensor]] = None):
         super().__init__()
         if not experts:
             raise ValueError("an ensemble needs at least one expert")
@@ -37,6 +38,7 @@ class ExpertEnsemble(torch.nn.Module):
         self.register_buffer("log_prior", (prior / prior.sum()).log())
         self.top_k = top_k if top_k and top_k < len(experts) else None
         self.config = experts[0].config  # position limits, vocabulary: the experts share them
+        self.router = router  # input_ids → (B, T, D) weights; None: the domain posterior
 
     def expert_logprobs(self, input_ids: torch.Tensor, **kwargs) -> torch.Tensor:
         """(D, B, T, V) next-token log-probabilities of every expert."""
@@ -57,7 +59,8 @@ class ExpertEnsemble(torch.nn.Module):
     def forward(self, input_ids: torch.Tensor, **kwargs) -> EnsembleOutput:
         kwargs = {k: v for k, v in kwargs.items() if k in ("position_ids", "attention_mask")}
         logprobs = self.expert_logprobs(input_ids, **kwargs)
-        posterior = self.posterior_from(logprobs, input_ids)
+        posterior = (self.posterior_from(logprobs, input_ids) if self.router is None
+                     else self.router(input_ids).to(logprobs.device, logprobs.dtype))
         weights = posterior.permute(2, 0, 1).clamp_min(1e-30).log()[..., None]  # (D, B, T, 1)
         return EnsembleOutput(logits=torch.logsumexp(weights + logprobs, dim=0), posterior=posterior)
 

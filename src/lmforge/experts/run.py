@@ -1,8 +1,10 @@
 """Branch-Train-Merge: branch a seed model into one expert per domain, train each expert on its domain only
-(independently: separate processes or machines), then merge them into an ensemble or a parameter average.
+(independently: separate processes or machines), then merge them into an ensemble, a parameter average or
+(Branch-Train-MiX) one mixture-of-experts model.
 
     RUN/
       recipe.yaml  experts.json        the experts recipe and the manifest (domains, seed, expert folders)
+      clusters/                        with experts.clusters (c-BTM): the clustering that names the domains
       seed/                            the seed model + tokenizer (HF folder)
       seed-run/                        the seed's pretraining run, when the recipe trains it
       experts/<domain>.yaml            the recipe of each expert
@@ -10,6 +12,9 @@
       dense/                           optional baseline: the seed trained on the mixture for the experts' total steps
       ensemble/ensemble.json           experts, domains, prior and top-k of the posterior-weighted ensemble
       average/                         one HF model: the weighted parameter average of the experts
+      moe/                             one HF model: the experts' FFNs as MoE experts, the rest averaged, trained
+                                       routers (merge.json: domains, top-k, aux weight, steps); see experts/moe.py
+      moe-run/                         the MoE's short training on the mixture (metrics.jsonl, checkpoints/)
 """
 
 from __future__ import annotations
@@ -44,6 +49,9 @@ def _domains(recipe: Recipe) -> list[str]:
         marker = Path(s.path) / PREPARED_MARKER
         present |= set(json.loads(marker.read_text()).get("domains", [])) if marker.is_file() else {s.domain}
     present = sorted(present)
+    if recipe.experts and recipe.experts.clusters:  # unsupervised domains: the clusters replace the tags
+        from lmforge.experts.cluster import cluster_name
+        present = [cluster_name(c) for c in range(recipe.experts.clusters)]
     wanted = recipe.experts.domains or present
     unknown = sorted(set(wanted) - set(present))
     if unknown:
@@ -67,6 +75,11 @@ def branch(recipe: Recipe, *, force: bool = False, show_progress: bool = True) -
     if force and run.exists():
         shutil.rmtree(run)
     run.mkdir(parents=True, exist_ok=True)
+    if recipe.experts.clusters:  # c-BTM: fit the clusters; from here on documents carry domain cluster-<c>
+        from lmforge.experts.cluster import cluster_recipe_documents
+        cluster_recipe_documents(recipe, run / "clusters")
+        recipe = recipe.model_copy(deep=True)
+        recipe.data.domain_clusters = str(run / "clusters")
     (run / "recipe.yaml").write_text(recipe.to_yaml())
     seed = run / "seed"
     if recipe.experts.seed:
@@ -172,8 +185,11 @@ def estimate_prior(ensemble: ExpertEnsemble, data, batch_size: int = 16, max_bat
     return (total / max(n, 1)).float()
 
 
-def merge(run: Path, method: str, *, weights: str = "uniform", top_k: Optional[int] = None) -> Path:
-    """ensemble: write ensemble/ensemble.json; average: write average/ (one HF model)."""
+def merge(run: Path, method: str, *, weights: str = "uniform", top_k: Optional[int] = None,
+          steps: Optional[int] = None, train: str = "router", aux_weight: float = 0.01,
+          show_progress: bool = True) -> Path:
+    """ensemble: write ensemble/ensemble.json; average: write average/ (one HF model); moe: write moe/ (one
+    mixture-of-experts model, its routers trained for `steps` on the mixture; see experts/moe.py)."""
     from lmforge.data.blocks import build_blocks
     from lmforge.tokenizer import load_tokenizer
     run = Path(run)
@@ -181,6 +197,11 @@ def merge(run: Path, method: str, *, weights: str = "uniform", top_k: Optional[i
     recipe = load_recipe(run / "recipe.yaml")
     experts = _expert_models(run, info)
     tokenizer = load_tokenizer(run / info["seed"])
+    if method == "moe":
+        from lmforge.experts.moe import merge_moe
+        return merge_moe(run, recipe, experts, info["domains"], tokenizer, top_k=top_k, steps=steps, train=train,
+                         aux_weight=aux_weight, sources=[f"../{info['experts'][d]}/final" for d in info["domains"]],
+                         show_progress=show_progress)
     cfg = recipe.experts or ExpertsConfig()
     ensemble = ExpertEnsemble(experts, info["domains"], top_k=top_k or cfg.top_k)
     prior = None
@@ -193,10 +214,12 @@ def merge(run: Path, method: str, *, weights: str = "uniform", top_k: Optional[i
             "method": "ensemble", "domains": info["domains"],
             "experts": [f"../{info['experts'][d]}/final" for d in info["domains"]],
             "prior": (prior.tolist() if prior is not None else [1.0 / len(experts)] * len(experts)),
-            "top_k": top_k or cfg.top_k})
+            "top_k": top_k or cfg.top_k, "routing": cfg.routing,
+            **({"clusters": "../clusters", "routing_temperature": cfg.routing_temperature,
+                "routing_stride": cfg.routing_stride} if cfg.routing == "clusters" else {})})
         return folder
     if method != "average":
-        raise LmforgeError(f"--method: expected 'ensemble' or 'average', got {method!r}")
+        raise LmforgeError(f"--method: expected 'ensemble', 'average' or 'moe', got {method!r}")
     w = prior.tolist() if prior is not None else None
     merged = experts[0]
     merged.load_state_dict(average_state_dicts([e.state_dict() for e in experts], w))
@@ -207,16 +230,19 @@ def merge(run: Path, method: str, *, weights: str = "uniform", top_k: Optional[i
 
 
 def load_ensemble(folder: Path) -> ExpertEnsemble:
-    """An ensemble folder (ensemble/ensemble.json) back as an ExpertEnsemble."""
+    """An ensemble folder (ensemble/ensemble.json) back as an ExpertEnsemble; routed by the distance to the
+    cluster centres when its run says `experts.routing: clusters` (see experts/cluster.py)."""
+    from lmforge.experts.cluster import ensemble_router
     from lmforge.models import load_model
     folder = Path(folder)
     spec = json.loads((folder / "ensemble.json").read_text())
     experts = [load_model((folder / p).resolve(), "clm").eval() for p in spec["experts"]]
-    return ExpertEnsemble(experts, spec["domains"], torch.tensor(spec["prior"]), spec.get("top_k"))
+    return ExpertEnsemble(experts, spec["domains"], torch.tensor(spec["prior"]), spec.get("top_k"),
+                          router=ensemble_router(folder, spec, spec["domains"]))
 
 
 def evaluate(run: Path, *, max_batches: Optional[int] = None, batch_size: int = 8) -> dict:
-    """Per-domain validation perplexity of every model the run holds: seed, experts' ensemble, average, dense."""
+    """Per-domain validation perplexity of every model the run holds: seed, experts' ensemble, average, moe, dense."""
     from lmforge.data.blocks import build_blocks
     from lmforge.evaluate import evaluate_blocks
     from lmforge.models import load_model
@@ -235,6 +261,9 @@ def evaluate(run: Path, *, max_batches: Optional[int] = None, batch_size: int = 
         models["ensemble"] = lambda: load_ensemble(run / "ensemble")
     if (run / "average" / "config.json").is_file():
         models["average"] = lambda: load_model(run / "average", "clm")
+    if (run / "moe" / "config.json").is_file():
+        from lmforge.experts.moe import load_moe
+        models["moe"] = lambda: load_moe(run / "moe")
     results = {}
     for name, make in models.items():
         model = make().eval()

@@ -1,0 +1,312 @@
+"""Branch-Train-MiX (Sukhbaatar et al. 2024): merge trained domain experts into one mixture-of-experts causal LM,
+then train it briefly on the mixed data.
+
+Each expert's feed-forward block of every layer becomes one expert of that layer's MoE; every other parameter
+(embeddings, attention, norms, LM head) is the uniform average of the experts'. A new router per layer (linear
+d_model → n_experts, small random init) sends each token to its top-k experts, weighted by a softmax over the k
+chosen logits, as in Mixtral. The short training adds a load-balancing loss (Switch / Mixtral) to the causal-LM
+loss and by default trains the routers only.
+
+    llama experts → transformers' MixtralForCausalLM (Llama attention, SwiGLU experts, top-k router): a plain
+                    Mixtral folder that `AutoModelForCausalLM` loads anywhere.
+    gpt2 experts  → `GPT2MoEForCausalLM`: GPT-2 whose every block's MLP is a `GPT2MoE` (router `mlp.gate` +
+                    GPT2MLP experts `mlp.experts.<i>`); config model_type "lmforge_gpt2_moe", registered with
+                    transformers' Auto classes when this module is imported.
+
+Either way `RUN/moe/` is one HF folder (config.json, model.safetensors, tokenizer) plus merge.json (method,
+domains, family, top_k, aux_weight, steps, trained parameters); `load_moe(folder)` loads it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel, MixtralConfig
+from transformers.modeling_outputs import MoeCausalLMOutputWithPast
+from transformers.models.gpt2.modeling_gpt2 import GPT2MLP, GPT2Model, GPT2PreTrainedModel
+
+from lmforge.errors import LmforgeError
+from lmforge.experts.ensemble import average_state_dicts
+from lmforge.objectives.base import token_cross_entropy
+from lmforge.objectives.clm import CausalLM
+
+FAMILIES = ("gpt2", "llama")
+ROUTER = "mlp.gate.weight"      # the router's parameter name in both families
+# Config keys that say nothing about the architecture (experts trained apart differ in them).
+NOT_ARCHITECTURE = {"_name_or_path", "transformers_version", "architectures", "dtype", "torch_dtype", "use_cache",
+                    "_commit_hash", "output_attentions", "output_hidden_states", "return_dict"}
+
+
+def route(logits: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(weights, expert index), each (tokens, k): the k largest router logits, softmax over those k only."""
+    top, index = logits.topk(top_k, dim=-1)
+    return torch.softmax(top.float(), dim=-1), index
+
+
+def load_balancing_loss(router_logits, top_k: int) -> torch.Tensor:
+    """Switch / Mixtral auxiliary loss n · Σ_i f_i · P_i, averaged over layers: f_i is the share of the top-k
+    assignments that go to expert i, P_i the mean router probability of expert i. It is 1 when the router's
+    probabilities are uniform and grows as routing collapses onto few experts (up to n for top-1)."""
+    losses = []
+    for logits in router_logits:
+        probs = torch.softmax(logits.float(), dim=-1)
+        n = probs.size(-1)
+        index = probs.topk(top_k, dim=-1).indices
+        share = torch.zeros(n, device=probs.device).scatter_add_(0, index.reshape(-1),
+                                                                  torch.ones(index.numel(), device=probs.device))
+        losses.append(n * (share / index.numel() * probs.mean(0)).sum())
+    return torch.stack(losses).mean()
+
+
+# ----------------------------------------------------------------------------- GPT-2 with MoE feed-forward blocks
+
+class GPT2MoEConfig(GPT2Config):
+    model_type = "lmforge_gpt2_moe"
+    num_local_experts: int = 2
+    num_experts_per_tok: int = 2
+
+
+class GPT2MoE(torch.nn.Module):
+    """One layer's feed-forward block: a router and `num_local_experts` GPT2MLPs, top-k per token."""
+
+    def __init__(self, config: GPT2MoEConfig):
+        super().__init__()
+        inner = config.n_inner if config.n_inner is not None else 4 * config.hidden_size
+        self.top_k = config.num_experts_per_tok
+        self.gate = torch.nn.Linear(config.hidden_size, config.num_local_experts, bias=False)
+        self.experts = torch.nn.ModuleList([GPT2MLP(inner, config) for _ in range(config.num_local_experts)])
+        self.router_logits: Optional[torch.Tensor] = None
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        x = hidden_states.reshape(-1, hidden_states.size(-1))
+        logits = self.gate(x)
+        self.router_logits = logits  # read (and cleared) by GPT2MoEForCausalLM.forward
+        weights, index = route(logits, self.top_k)
+        out = torch.zeros_like(x)
+        for e, expert in enumerate(self.experts):
+            token, slot = torch.where(index == e)
+            out.index_add_(0, token, (expert(x[token]) * weights[token, slot, None]).to(out.dtype))
+        return out.view_as(hidden_states)
+
+
+class GPT2MoEForCausalLM(GPT2LMHeadModel):
+    """GPT2LMHeadModel with a GPT2MoE in every block; `output_router_logits=True` returns the routers' logits
+    (one (tokens, n_experts) tensor per layer), as MixtralForCausalLM does."""
+
+    config_class = GPT2MoEConfig
+
+    def __init__(self, config: GPT2MoEConfig):
+        GPT2PreTrainedModel.__init__(self, config)  # GPT2LMHeadModel's own __init__ builds dense MLPs
+        self.transformer = GPT2Model(config)
+        for block in self.transformer.h:
+            block.mlp = GPT2MoE(config)
+        self.lm_head = torch.nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.post_init()
+
+    def forward(self, *args, output_router_logits: Optional[bool] = None, **kwargs):
+        out = super().forward(*args, **kwargs)
+        layers = [block.mlp for block in self.transformer.h]
+        router_logits = tuple(m.router_logits for m in layers)
+        for m in layers:
+            m.router_logits = None
+        if not output_router_logits or isinstance(out, tuple):
+            return out
+        return MoeCausalLMOutputWithPast(loss=out.loss, logits=out.logits, past_key_values=out.past_key_values,
+                                         hidden_states=out.hidden_states, attentions=out.attentions,
+                                         router_logits=router_logits)
+
+
+AutoConfig.register(GPT2MoEConfig.model_type, GPT2MoEConfig, exist_ok=True)
+AutoModelForCausalLM.register(GPT2MoEConfig, GPT2MoEForCausalLM, exist_ok=True)
+
+
+# ----------------------------------------------------------------------------- merging
+
+def _architecture(config) -> dict:
+    return {k: v for k, v in config.to_dict().items() if k not in NOT_ARCHITECTURE and not k.startswith("_")}
+
+
+def check_experts(experts: list, names: Optional[list[str]] = None) -> str:
+    """The experts' family, once every expert is known to share the first one's architecture."""
+    names = names or [f"expert {i}" for i in range(len(experts))]
+    if not experts:
+        raise LmforgeError("--method moe: no experts to merge")
+    family = getattr(experts[0].config, "model_type", type(experts[0]).__name__)
+    if family not in FAMILIES:
+        raise LmforgeError(f"--method moe: experts of family '{family}' cannot be merged into a mixture of "
+                           f"experts; supported families: {', '.join(FAMILIES)}")
+    reference = _architecture(experts[0].config)
+    shapes = {k: tuple(v.shape) for k, v in experts[0].state_dict().items()}
+    for name, expert in zip(names[1:], experts[1:]):
+        config = _architecture(expert.config)
+        differ = sorted(k for k in set(reference) | set(config) if reference.get(k) != config.get(k))
+        if not differ and {k: tuple(v.shape) for k, v in expert.state_dict().items()} != shapes:
+            differ = ["parameter shapes"]
+        if differ:
+            raise LmforgeError(f"--method moe: expert '{name}' has a different architecture from '{names[0]}' "
+                               f"({', '.join(differ[:5])} differ); all experts must be branches of one seed")
+    return family
+
+
+def _is_ffn(key: str) -> bool:
+    return ".mlp." in key
+
+
+def merge_experts(experts: list, *, top_k: Optional[int] = None, names: Optional[list[str]] = None,
+                  seed: int = 0, aux_weight: float = 0.01):
+    """One MoE causal LM from same-architecture experts: FFNs → experts, everything else averaged, new routers."""
+    family = check_experts(experts, names)
+    n = len(experts)
+    top_k = min(2, n) if top_k is None else top_k
+    if not 1 <= top_k <= n:
+        raise LmforgeError(f"--top-k: {top_k} experts per token, but there are {n} experts")
+    states = [e.state_dict() for e in experts]
+    state = average_state_dicts([{k: v for k, v in s.items() if not _is_ffn(k)} for s in states])
+    source = experts[0].config
+    if family == "gpt2":
+        config = GPT2MoEConfig(**{k: v for k, v in source.to_dict().items()
+                                  if k not in ("model_type", "architectures", "transformers_version", "_name_or_path")},
+                               num_local_experts=n, num_experts_per_tok=top_k)
+        for layer in range(config.n_layer):
+            prefix = f"transformer.h.{layer}.mlp."
+            for e, s in enumerate(states):
+                for key in (k for k in s if k.startswith(prefix)):
+                    state[f"{prefix}experts.{e}.{key[len(prefix):]}"] = s[key].clone()
+        model_class = GPT2MoEForCausalLM
+    else:
+        if getattr(source, "attention_bias", False) or getattr(source, "mlp_bias", False):
+            raise LmforgeError("--method moe: Llama experts with attention_bias or mlp_bias have no Mixtral "
+                               "equivalent (Mixtral's projections have no biases)")
+        config = MixtralConfig(
+            vocab_size=source.vocab_size, hidden_size=source.hidden_size, intermediate_size=source.intermediate_size,
+            num_hidden_layers=source.num_hidden_layers, num_attention_heads=source.num_attention_heads,
+            num_key_value_heads=source.num_key_value_heads, head_dim=source.head_dim, hidden_act=source.hidden_act,
+            max_position_embeddings=source.max_position_embeddings, initializer_range=source.initializer_range,
+            rms_norm_eps=source.rms_norm_eps, pad_token_id=source.pad_token_id, bos_token_id=source.bos_token_id,
+            eos_token_id=source.eos_token_id, tie_word_embeddings=source.tie_word_embeddings,
+            attention_dropout=source.attention_dropout, rope_parameters=dict(source.rope_parameters),
+            sliding_window=None, num_local_experts=n, num_experts_per_tok=top_k, router_aux_loss_coef=aux_weight)
+        for layer in range(config.num_hidden_layers):
+            prefix = f"model.layers.{layer}.mlp."
+            state[prefix + "experts.gate_up_proj"] = torch.stack(
+                [torch.cat([s[prefix + "gate_proj.weight"], s[prefix + "up_proj.weight"]]) for s in states])
+            state[prefix + "experts.down_proj"] = torch.stack([s[prefix + "down_proj.weight"] for s in states])
+        from transformers import MixtralForCausalLM
+        model_class = MixtralForCausalLM
+    config._attn_implementation = "sdpa"
+    model = model_class(config)
+    generator = torch.Generator().manual_seed(seed)
+    for key, param in model.state_dict().items():
+        if key.endswith(ROUTER):
+            state[key] = torch.randn(param.shape, generator=generator) * config.initializer_range
+    model.load_state_dict(state, strict=True)
+    return model.to(next(experts[0].parameters()).dtype)
+
+
+def router_parameter_names(model) -> list[str]:
+    return [name for name, _ in model.named_parameters() if name.endswith(ROUTER)]
+
+
+def load_moe(folder: Path):
+    """A saved MoE folder (RUN/moe/) back as a causal LM (MixtralForCausalLM or GPT2MoEForCausalLM)."""
+    from lmforge.models import load_model
+    return load_model(folder, "clm")
+
+
+# ----------------------------------------------------------------------------- training the routers
+
+class RoutedCausalLM(CausalLM):
+    """Causal LM loss + aux_weight · load-balancing loss (per loss token, so the engine's mean adds it once)."""
+
+    tally_names = ("aux_loss",)
+
+    def __init__(self, config, tokenizer, top_k: int, aux_weight: float):
+        super().__init__(config, tokenizer)
+        self.top_k, self.aux_weight = top_k, aux_weight
+
+    def loss(self, model, batch):
+        ids = batch["input_ids"]
+        kwargs = {"position_ids": batch["position_ids"][:, :-1]} if "position_ids" in batch else {}
+        out = model(input_ids=ids[:, :-1], use_cache=False, output_router_logits=True, **kwargs)
+        targets = ids[:, 1:]
+        losses = token_cross_entropy(out.logits.reshape(-1, out.logits.size(-1)), targets.reshape(-1))
+        per_example = losses.view(ids.size(0), -1).sum(1)
+        aux = load_balancing_loss(out.router_logits, self.top_k)
+        self.tally(model, "aux_loss", aux, 1)
+        total = per_example.sum() + self.aux_weight * aux * targets.numel()
+        return total, torch.tensor(targets.numel(), device=ids.device), per_example
+
+
+def train_moe(model, tokenizer, recipe, run_dir: Path, *, steps: int, train: str = "router",
+              aux_weight: float = 0.01, show_progress: bool = True):
+    """Train the merged model for `steps` on the recipe's data (all domains) with the lmforge engine; `train`
+    is 'router' (only the routers learn) or 'all'. Metrics, checkpoints and plots go to `run_dir`."""
+    from lmforge.data.blocks import build_blocks
+    from lmforge.data.loader import BlockLoader
+    from lmforge.engine import distributed as dist
+    from lmforge.engine.loop import Engine
+    from lmforge.evaluate import evaluate_blocks
+    from lmforge.models import count_parameters, flops_per_token
+    from lmforge.pretrain import prepare_run_dir
+    if train not in ("router", "all"):
+        raise LmforgeError(f"--train: expected 'router' or 'all', got {train!r}")
+    r = recipe.model_copy(deep=True)
+    r.experts, r.name = None, f"{recipe.name}-moe"
+    r.model.path, r.model.family = str(Path(run_dir).parent / "moe"), None
+    r.train.max_steps = steps
+    r.output.dir = str(run_dir)
+    cfg = r.train
+    routers = set(router_parameter_names(model))
+    for name, param in model.named_parameters():
+        param.requires_grad_(train == "all" or name in routers)
+    prepare_run_dir(r, resume=False, force=True)
+    data = build_blocks(r.data, tokenizer, r.objective)
+    loader = BlockLoader(data, cfg.batch_size, cfg.grad_accum, cfg.seed, dist.world_size(), dist.rank())
+    top_k = model.config.num_experts_per_tok
+    objective = RoutedCausalLM(r.objective, tokenizer, top_k, aux_weight)
+    n = model.config.num_local_experts
+    expert_params = sum(p.numel() for name, p in model.named_parameters() if ".mlp.experts." in name)
+    fpt = flops_per_token(model, r.objective.block_size) - 6 * expert_params * (n - top_k) / n  # active only
+
+    def evaluate(m):
+        return evaluate_blocks(m, objective, data, batch_size=cfg.batch_size, max_batches=cfg.eval_batches)
+
+    engine = Engine(model, tokenizer, objective, loader, cfg, run_dir, evaluate=evaluate, flops_per_token=fpt,
+                    tensorboard=r.output.tensorboard, plots=r.output.plots, show_progress=show_progress)
+    if show_progress:
+        from lmforge.engine.logging import console
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        console.print(f"[bold]{r.name}[/]: {n} experts, top-{top_k}, {count_parameters(model)['total'] / 1e6:.2f}M "
+                      f"parameters ({trainable:,} trained: {train}), {steps} steps on the mixture")
+    try:
+        engine.fit()
+    finally:
+        for param in model.parameters():
+            param.requires_grad_(True)
+    return model
+
+
+def merge_moe(run: Path, recipe, experts: list, domains: list[str], tokenizer, *, top_k: Optional[int] = None,
+              steps: Optional[int] = None, train: str = "router", aux_weight: float = 0.01,
+              sources: Optional[list[str]] = None, show_progress: bool = True) -> Path:
+    """Merge the experts into RUN/moe/ (written atomically), after `steps` of training in RUN/moe-run/
+    (default: the recipe's experts.seed_steps; 0: merge only). `sources`: the experts' folders, for merge.json."""
+    from lmforge.engine import checkpoint as ckpt
+    from lmforge.recipe import ExpertsConfig
+    if train not in ("router", "all"):
+        raise LmforgeError(f"--train: expected 'router' or 'all', got {train!r}")
+    if aux_weight < 0:
+        raise LmforgeError(f"--aux-weight: must be 0 or more, got {aux_weight}")
+    run = Path(run)
+    model = merge_experts(experts, top_k=top_k, names=domains, seed=recipe.train.seed, aux_weight=aux_weight)
+    steps = (recipe.experts or ExpertsConfig()).seed_steps if steps is None else steps
+    if steps > 0:
+        train_moe(model, tokenizer, recipe, run / "moe-run", steps=steps, train=train, aux_weight=aux_weight,
+                  show_progress=show_progress)
+    ckpt.save_model(run / "moe", model.cpu(), tokenizer, {"merge.json": {
+        "method": "moe", "domains": list(domains), "family": experts[0].config.model_type,
+        "experts": list(sources or []), "top_k": model.config.num_experts_per_tok,
+        "aux_weight": aux_weight, "steps": steps, "train": train if steps > 0 else None}})
+    return run / "moe"
