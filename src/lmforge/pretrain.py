@@ -19,7 +19,7 @@ from lmforge.engine.logging import console
 from lmforge.engine.loop import Engine
 from lmforge.errors import LmforgeError
 from lmforge.evaluate import evaluate_blocks, format_table
-from lmforge.models import build_model, count_parameters, flops_per_token
+from lmforge.models import build_model, count_parameters, flops_per_token, local_path
 from lmforge.objectives import build_objective
 from lmforge.recipe import Recipe
 from lmforge.tokenizer import load_tokenizer, save_tokenizer, train_tokenizer_for
@@ -67,7 +67,7 @@ def get_tokenizer(recipe: Recipe, run_dir: Path):
         return load_tokenizer(saved)
     source = recipe.tokenizer.path or recipe.model.path
     if source:
-        return objective_tokenizer(load_tokenizer(source), recipe)
+        return objective_tokenizer(load_tokenizer(local_path(source)), recipe)
     if dist.is_main():
         save_tokenizer(objective_tokenizer(train_tokenizer_for(recipe.data, recipe.tokenizer), recipe), saved)
     dist.barrier()
@@ -91,6 +91,8 @@ def pretrain(recipe: Recipe, *, resume: bool = False, force: bool = False, show_
     tokenizer = get_tokenizer(recipe, run_dir)
     objective = build_objective(recipe.objective, tokenizer, seed=recipe.train.seed)
     cfg = recipe.train
+    if recipe.data.streaming and recipe.data.domain_weights:
+        raise LmforgeError("data.domain_weights: weighted domain sampling needs the cached (non-streaming) data")
     if recipe.data.streaming and recipe.objective.pairs:
         raise LmforgeError(f"data.streaming: objective '{recipe.objective.name}' builds sentence pairs from whole "
                            "documents and needs the cached (non-streaming) data")
@@ -101,7 +103,7 @@ def pretrain(recipe: Recipe, *, resume: bool = False, force: bool = False, show_
                               cfg.seed, world, rank)
     else:
         data = build_blocks(recipe.data, tokenizer, recipe.objective)
-        loader = BlockLoader(data, cfg.batch_size, cfg.grad_accum, cfg.seed, world, rank)
+        loader = BlockLoader(data, cfg.batch_size, cfg.grad_accum, cfg.seed, world, rank, recipe.data.domain_weights)
     model = build_model(recipe.model, recipe.objective, tokenizer, seed=cfg.seed)
     fpt = flops_per_token(model, recipe.objective.block_size, head_fraction(recipe.objective))
 
@@ -131,6 +133,17 @@ def pretrain(recipe: Recipe, *, resume: bool = False, force: bool = False, show_
     return run_dir
 
 
+def before_after_table(start: dict, final: dict) -> str:
+    """Per-domain perplexity before the first step and after the last (continued pretraining)."""
+    domains = sorted(k.split("/", 1)[1] for k in final if k.startswith("ppl/"))
+    lines = ["## Before and after (validation perplexity)", "", "| domain | before | after | change |",
+             "|---|---:|---:|---:|"]
+    for d, key in [(d, f"ppl/{d}") for d in domains] + [("**all**", "ppl")]:
+        if key in start and key in final:
+            lines.append(f"| {d} | {start[key]:.2f} | {final[key]:.2f} | {final[key] / start[key] - 1:+.1%} |")
+    return "\n".join(lines)
+
+
 def head_fraction(objective) -> float:
     """Share of the input tokens the output layer runs on."""
     if objective.masked:
@@ -155,6 +168,9 @@ def write_summary(run_dir: Path, recipe: Recipe, state, final: dict, seconds: fl
              f"- steps: {state.step} ({stop}), tokens seen: {state.tokens:,}, wall time: {seconds:.0f} s",
              f"- best {recipe.train.metric}: {state.best_metric if state.best_metric is not None else 'n/a'}"
              f" at step {state.best_step}", ""]
+    start = next((h for h in state.history if h.get("split") == "validation" and h.get("step") == 0), None)
+    if start and final:
+        lines += [before_after_table(start, final), ""]
     if final:
         lines += [format_table(final, "## Validation (final step)"), ""]
     if (run_dir / "loss.png").exists():

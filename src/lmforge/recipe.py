@@ -43,9 +43,21 @@ class DataConfig(Section):
     num_proc: int = Field(1, ge=1, description="Processes used to tokenize.")
     cache_dir: Optional[str] = Field(None, description="Tokenized-data cache (default ~/.cache/lmforge).")
     only_domains: Optional[list[str]] = Field(None, description="Keep only documents of these domains.")
+    domain_weights: Optional[dict[str, float]] = Field(
+        None, description="Share of each domain in training batches, e.g. {legal: 0.8, general: 0.2} to replay "
+                          "general text while adapting to a domain (blocks drawn with replacement within a "
+                          "domain); default: every block once per epoch, so domains in proportion to size.")
     domain_clusters: Optional[str] = Field(
         None, description="A clustering folder (RUN/clusters of `lmforge experts branch` with experts.clusters): "
                           "each document's domain becomes its nearest cluster, cluster-<c>.")
+
+    @model_validator(mode="after")
+    def _positive_weights(self) -> "DataConfig":
+        if self.domain_weights is not None:
+            bad = {d: w for d, w in self.domain_weights.items() if not w > 0}
+            if bad or not self.domain_weights:
+                raise ValueError(f"data.domain_weights: every weight must be positive (got {bad or 'none'})")
+        return self
 
 
 class TokenizerConfig(Section):
@@ -134,6 +146,8 @@ class TrainConfig(Section):
     metric: str = Field("loss", description="Validation metric that picks the best checkpoint.")
     metric_mode: Literal["min", "max"] = Field("min", description="Whether lower or higher is better.")
     max_bad_steps: int = Field(5, ge=1, description="Stop after this many NaN/inf losses in a row.")
+    eval_at_start: bool = Field(False, description="Also evaluate before the first step (the 'before' of "
+                                                   "continued pretraining).")
     seed: int = Field(0, description="Seed of initialisation, data order, masking and dropout.")
     threads: Optional[int] = Field(None, ge=1, description="CPU threads (default: torch's choice).")
 

@@ -33,13 +33,40 @@ def _as_array(ds) -> Optional[np.ndarray]:
 class BlockLoader:
     """Training batches for one rank, addressed by (step, micro-batch)."""
 
-    def __init__(self, data: BlockData, batch_size: int, accum: int, seed: int, world: int = 1, rank: int = 0):
+    def __init__(self, data: BlockData, batch_size: int, accum: int, seed: int, world: int = 1, rank: int = 0,
+                 domain_weights: Optional[dict[str, float]] = None):
         self.data, self.batch_size, self.accum, self.seed = data, batch_size, accum, seed
         self.world, self.rank = world, rank
         self.n = len(data.train)
         self.ids = _as_array(data.train)
         self.domains = data.train.data.column("domain").to_numpy().astype(np.int64)
         self._perms: dict[int, np.ndarray] = {}
+        self.mixture = self._mixture(domain_weights) if domain_weights else None
+
+    def _mixture(self, weights: dict[str, float]) -> tuple[np.ndarray, list[np.ndarray]]:
+        """(cumulative domain shares, block rows of each weighted domain) for weighted sampling."""
+        unknown = sorted(set(weights) - set(self.data.domains))
+        if unknown:
+            raise LmforgeError(f"data.domain_weights: {unknown} not among the training data's domains "
+                               f"{self.data.domains}")
+        names = [d for d in self.data.domains if d in weights]
+        members = [np.flatnonzero(self.domains == self.data.domains.index(d)) for d in names]
+        empty = [d for d, m in zip(names, members) if len(m) == 0]
+        if empty:
+            raise LmforgeError(f"data.domain_weights: domain(s) {empty} have no training block")
+        shares = np.array([weights[d] for d in names], dtype=np.float64)
+        return np.cumsum(shares / shares.sum()), members
+
+    def weighted_rows(self, positions: np.ndarray) -> np.ndarray:
+        """Rows for sample positions under domain weights: the domain, then a block of it, drawn (with
+        replacement) from a generator seeded by the position alone, so any rank or resume gets the same."""
+        cumulative, members = self.mixture
+        rows = np.empty(len(positions), dtype=np.int64)
+        for i, p in enumerate(positions.tolist()):
+            rng = np.random.default_rng([self.seed, p, 2])
+            d = min(int(np.searchsorted(cumulative, rng.random(), side="right")), len(members) - 1)
+            rows[i] = members[d][rng.integers(len(members[d]))]
+        return rows
 
     @property
     def global_batch(self) -> int:
@@ -66,10 +93,13 @@ class BlockLoader:
         """(input ids, sample positions, domain ids) of one micro-batch."""
         pos = self.positions(step, micro)
         epochs = pos // self.n
-        rows = np.array([self._perm(int(e))[int(w)] for e, w in zip(epochs, pos % self.n)])
+        if self.mixture is not None:
+            rows = self.weighted_rows(pos)
+        else:
+            rows = np.array([self._perm(int(e))[int(w)] for e, w in zip(epochs, pos % self.n)])
         if self.ids is None:  # too large for memory: read the blocks as they are
             ids, _ = self.data.batch("train", rows)
-        elif not self.data.packed:  # independent rows: taken whole
+        elif not self.data.packed or self.mixture is not None:  # blocks taken whole
             ids = self.ids[rows]
         else:
             ids = self.ids[rows]

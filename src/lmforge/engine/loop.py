@@ -258,6 +258,11 @@ class Engine:
         t_start = time.perf_counter()
         with progress_bar(self.main and self.show_progress) as bar:
             task = bar.add_task("train", total=cfg.max_steps, completed=self.state.step, status="")
+            if cfg.eval_at_start and self.state.step == 0:
+                metrics = self.run_eval()  # the model as it comes in: the "before" of continued pretraining
+                if metrics:
+                    bar.console.print("step 0: " + "  ".join(
+                        f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float) and "/" not in k))
             while self.state.step < cfg.max_steps:
                 lr = self._set_lr()
                 loss, norm, tokens = self.train_step()

@@ -52,7 +52,7 @@ def _tfidf(terms: Optional[list[str]] = None):
 
 def encoder_folder(spec: str) -> Path:
     """A local HF encoder folder; 'package:NAME/sub' is a folder inside an installed Python package."""
-    from lmforge.finetune.model import package_path
+    from lmforge.models import package_path
     folder = package_path(spec) if spec.startswith("package:") else Path(spec)
     if not (folder / "config.json").is_file():
         raise LmforgeError(f"experts.cluster_encoder: {spec}: not a model folder (no config.json)")

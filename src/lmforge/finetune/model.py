@@ -14,6 +14,7 @@ from transformers.utils import logging as hf_logging
 
 from lmforge.errors import LmforgeError
 from lmforge.finetune.config import BaseModelSpec, StrategyConfig
+from lmforge.models import package_path
 from lmforge.tokenizer import load_tokenizer
 
 TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "tokenizer.model")
@@ -31,16 +32,6 @@ def resolve_base(path: str) -> Path:
     if (folder / "config.json").is_file():
         return folder
     return model_folder(folder)
-
-
-def package_path(spec: str) -> Path:
-    """'package:NAME/sub/folder' → that folder inside the installed Python package NAME (e.g. a model on PyPI)."""
-    import importlib.util
-    name, _, sub = spec[len("package:"):].partition("/")
-    found = importlib.util.find_spec(name) if name else None
-    if found is None or not found.submodule_search_locations:
-        raise LmforgeError(f"model.path: {spec}: no installed package '{name}'")
-    return Path(list(found.submodule_search_locations)[0]) / sub
 
 
 def load_task_tokenizer(spec: BaseModelSpec, folder: Path):

@@ -113,7 +113,8 @@ class ElectraPretrainer(torch.nn.Module):
 def build_electra(cfg, objective, tokenizer) -> ElectraPretrainer:
     """A generator + discriminator from scratch (`model.family: electra`) or from a checkpoint folder."""
     if cfg.path:
-        return ElectraPretrainer.from_folder(Path(cfg.path), objective.generator_fraction)
+        from lmforge.models import local_path
+        return ElectraPretrainer.from_folder(local_path(cfg.path), objective.generator_fraction)
     if cfg.family != "electra":
         raise LmforgeError(f"model.family: objective 'electra' trains an ELECTRA model; set model.family: electra "
                            f"(got '{cfg.family}')")
