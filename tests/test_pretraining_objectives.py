@@ -261,8 +261,9 @@ def test_electra_discriminator_fine_tunes_and_resume_is_exact(tmp_path, corpus):
     assert torch.equal(seq.state_dict()[key], disc[key])
 
 
-def test_pair_run_output_fine_tunes(tmp_path, corpus):
-    run_dir = pretrain(recipe_from_dict(_tree(corpus, tmp_path / "nsp", "mlm+nsp", max_steps=10)),
+@pytest.mark.parametrize("objective, model_type", [("mlm+nsp", "bert"), ("span", "t5")])
+def test_run_output_fine_tunes(tmp_path, corpus, objective, model_type):
+    run_dir = pretrain(recipe_from_dict(_tree(corpus, tmp_path / "pre", objective, max_steps=10)),
                        show_progress=False)
     rows = [{"text": t, "label": "prose" if i % 2 else "code"}
             for i, t in enumerate(open(corpus["prose"]).read().splitlines()[:40])]
@@ -276,7 +277,7 @@ def test_pair_run_output_fine_tunes(tmp_path, corpus):
         "output": {"dir": str(tmp_path / "ft"), "tensorboard": False, "plots": False}})
     out = finetune(recipe, show_progress=False)
     assert json.loads((out / "results.json").read_text())["validation"]["accuracy"] >= 0.0
-    assert AutoModelForSequenceClassification.from_pretrained(str(out / "final")).config.model_type == "bert"
+    assert AutoModelForSequenceClassification.from_pretrained(str(out / "final")).config.model_type == model_type
 
 
 @pytest.mark.parametrize("change, message", [

@@ -75,10 +75,10 @@ def get_tokenizer(recipe: Recipe, run_dir: Path):
 
 
 def objective_tokenizer(tokenizer, recipe: Recipe):
-    """Tokens an objective adds to any tokenizer: span corruption's sentinels."""
+    """What an objective adds to any tokenizer: span corruption's sentinels and closing EOS."""
     if recipe.objective.name == "span":
-        from lmforge.objectives.span import add_sentinels
-        add_sentinels(tokenizer, recipe.objective.sentinels)
+        from lmforge.objectives.span import add_sentinels, end_with_eos
+        end_with_eos(add_sentinels(tokenizer, recipe.objective.sentinels))
     return tokenizer
 
 

@@ -98,8 +98,11 @@ def load_weights(model, folder: Path, device="cpu") -> None:
         return
     weights = load_file(str(folder / "model.safetensors"), device=str(device))
     missing, unexpected = model.load_state_dict(weights, strict=False)
-    tied = getattr(model, "_tied_weights_keys", None) or {}
-    if unexpected or [m for m in missing if m not in tied]:
+    # A tied weight is saved once: a missing key is fine when it shares storage with a loaded one.
+    tensors = model.state_dict(keep_vars=True)
+    loaded = {tensors[k].data_ptr() for k in weights if k in tensors}
+    missing = [m for m in missing if tensors[m].data_ptr() not in loaded]
+    if unexpected or missing:
         raise LmforgeError(f"{folder}: checkpoint does not match the model (missing {missing[:3]}, "
                            f"unexpected {unexpected[:3]})")
 

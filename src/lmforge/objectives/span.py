@@ -40,6 +40,20 @@ def add_sentinels(tokenizer, n: int):
     return tokenizer
 
 
+def end_with_eos(tokenizer):
+    """Make the tokenizer close every text with EOS when it adds special tokens, as T5's does: encoder inputs
+    were trained ending in EOS (so `lmforge generate` prompts match them), and the sequence-classification
+    head of T5 pools at the EOS."""
+    eos = tokenizer.eos_token
+    probe = tokenizer("a")["input_ids"]
+    if eos is None or (probe and probe[-1] == tokenizer.eos_token_id):
+        return tokenizer
+    from tokenizers import processors
+    tokenizer.backend_tokenizer.post_processor = processors.TemplateProcessing(
+        single=f"$A {eos}", pair=f"$A {eos} $B {eos}", special_tokens=[(eos, tokenizer.eos_token_id)])
+    return tokenizer
+
+
 def span_counts(length: int, noise_density: float, mean_span_length: float) -> tuple[int, int]:
     """(noised tokens, spans) for a block of `length` tokens."""
     noise = min(max(int(round(length * noise_density)), 1), length - 1)
