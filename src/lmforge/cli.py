@@ -156,9 +156,13 @@ def eval_(run_dir: Path = typer.Argument(..., help="Run folder (or a checkpoint 
     if as_json:
         typer.echo(json.dumps(metrics, indent=2))
     else:
-        kind = "perplexity" if metrics["objective"] == "clm" else "masked-token loss / perplexity"
+        kind = {"clm": "perplexity", "span": "target-token loss / perplexity"}.get(
+            metrics["objective"], "masked-token loss / perplexity")
         shown = metrics if per_domain else {k: v for k, v in metrics.items() if "/" not in k}
         typer.echo(format_table(shown, f"{run_dir} — {split} {kind}"))
+        extra = {k: v for k, v in metrics.items() if isinstance(v, float) and "/" not in k and k not in ("loss", "ppl")}
+        if extra:  # the objective's own figures (pair accuracy, RTD accuracy, ...)
+            typer.echo("\n" + "  ".join(f"{k} {v:.4f}" for k, v in extra.items()))
     (Path(run_dir) / f"eval-{split}.json").write_text(json.dumps(metrics, indent=2))
 
 
