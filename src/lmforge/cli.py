@@ -315,13 +315,17 @@ def experts_train(target: Path = typer.Argument(..., help="The experts recipe or
                                                    "run one process per domain to train them in parallel."),
                   dense: bool = typer.Option(False, help="Also train the dense baseline (the seed on the mixture "
                                              "for the experts' total steps)."),
+                  demix: bool = typer.Option(False, help="Also train the DEMix model (RUN/demix/): the seed with one "
+                                             "FFN expert per domain in every layer, as many steps as the experts "
+                                             "together, each row through its domain's expert."),
                   set_: List[str] = typer.Option([], "--set", help=SET_HELP),
                   progress: bool = typer.Option(True, help="Show progress bars.")):
     """Train experts, each on its own domain only, as independent pretraining runs."""
     from lmforge.experts import train
     try:
-        # --dense alone trains only the baseline; no --domain and no --dense trains every expert.
-        train(_experts_run(target, set_), domain or ([] if dense else None), dense, show_progress=progress)
+        # --dense / --demix alone train only those; no --domain, --dense or --demix trains every expert.
+        train(_experts_run(target, set_), domain or ([] if dense or demix else None), dense, demix=demix,
+              show_progress=progress)
     except LmforgeError as err:
         _fail(err)
 
@@ -353,6 +357,37 @@ def experts_merge(target: Path = typer.Argument(..., help="The experts run folde
         folder = merge(_experts_run(target, set_), method, weights=weights, top_k=top_k, steps=steps, train=train,
                        aux_weight=aux_weight, show_progress=progress)
         typer.echo(f"merged: {folder}")
+    except LmforgeError as err:
+        _fail(err)
+
+
+@experts_app.command("demix-add")
+def experts_demix_add(target: Path = typer.Argument(..., help="The experts run folder (or its recipe)."),
+                      domain: str = typer.Option(..., "--domain", help="The new domain (its text must be in the "
+                                                 "run's data)."),
+                      steps: Optional[int] = typer.Option(None, min=1, help="Training steps of the new expert "
+                                                          "(default: the run's steps per expert)."),
+                      init: str = typer.Option("nearest", help="Start the new expert from 'nearest' (the expert "
+                                               "the new text is likeliest under) or from a named domain's expert."),
+                      set_: List[str] = typer.Option([], "--set", help=SET_HELP),
+                      progress: bool = typer.Option(True, help="Show progress bars.")):
+    """Add a domain expert to the DEMix model and train only it; the other experts stay exactly as they were."""
+    from lmforge.experts.demix import add_domain
+    try:
+        folder = add_domain(_experts_run(target, set_), domain, steps=steps, init=init, show_progress=progress)
+        typer.echo(f"DEMix model: {folder}")
+    except LmforgeError as err:
+        _fail(err)
+
+
+@experts_app.command("demix-remove")
+def experts_demix_remove(target: Path = typer.Argument(..., help="The experts run folder (or its recipe)."),
+                         domain: str = typer.Option(..., "--domain", help="The domain whose expert is removed."),
+                         set_: List[str] = typer.Option([], "--set", help=SET_HELP)):
+    """Remove a domain expert from the DEMix model (for example to drop a domain's data); nothing is retrained."""
+    from lmforge.experts.demix import remove_domain
+    try:
+        typer.echo(f"DEMix model: {remove_domain(_experts_run(target, set_), domain)}")
     except LmforgeError as err:
         _fail(err)
 

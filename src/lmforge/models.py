@@ -145,8 +145,11 @@ def load_model(path, objective: str):
     if objective == "electra":
         from lmforge.objectives.electra import ElectraPretrainer
         return ElectraPretrainer.from_folder(path)
-    if '"lmforge_gpt2_moe"' in (path / "config.json").read_text():
+    config_text = (path / "config.json").read_text()
+    if '"lmforge_gpt2_moe"' in config_text:
         import lmforge.experts.moe  # noqa: F401  (registers the Branch-Train-MiX GPT-2 MoE with the Auto classes)
+    if '_demix"' in config_text:
+        import lmforge.experts.demix  # noqa: F401  (registers the DEMix models with the Auto classes)
     try:
         config = AutoConfig.from_pretrained(str(path), local_files_only=True, trust_remote_code=False)
         return auto_class(objective).from_pretrained(str(path), config=config, local_files_only=True,

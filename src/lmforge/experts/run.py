@@ -15,6 +15,9 @@
       moe/                             one HF model: the experts' FFNs as MoE experts, the rest averaged, trained
                                        routers (merge.json: domains, top-k, aux weight, steps); see experts/moe.py
       moe-run/                         the MoE's short training on the mixture (metrics.jsonl, checkpoints/)
+      demix/                           one HF model with DEMix layers: an FFN expert per domain, shared attention
+                                       (demix.json: domains, prior, history of train/add/remove); experts/demix.py
+      demix-run/, demix-add-<domain>/  the DEMix training run, and each added expert's
 """
 
 from __future__ import annotations
@@ -134,9 +137,10 @@ def manifest(run: Path) -> dict:
     return json.loads(path.read_text())
 
 
-def train(run: Path, domains: Optional[list[str]] = None, dense: bool = False, *, show_progress: bool = True) -> list:
+def train(run: Path, domains: Optional[list[str]] = None, dense: bool = False, *, demix: bool = False,
+          show_progress: bool = True) -> list:
     """Train the named experts (None: all; [] none), each as an ordinary pretraining run; `dense` also trains
-    the equal-compute baseline."""
+    the equal-compute baseline, `demix` the DEMix model (one model, an FFN expert per domain; experts/demix.py)."""
     from lmforge.pretrain import pretrain
     run = Path(run)
     info = manifest(run)
@@ -154,6 +158,9 @@ def train(run: Path, domains: Optional[list[str]] = None, dense: bool = False, *
         recipe = expert_recipe(base, None, run / info["seed"], run / "dense")
         console.print(f"[bold]dense baseline[/]: {recipe.train.max_steps} steps on the mixture")
         done.append(pretrain(recipe, force=True, show_progress=show_progress))
+    if demix:
+        from lmforge.experts.demix import train_demix
+        done.append(train_demix(run, show_progress=show_progress))
     return done
 
 
@@ -169,18 +176,18 @@ def _expert_models(run: Path, info: dict) -> list:
     return models
 
 
-def estimate_prior(ensemble: ExpertEnsemble, data, batch_size: int = 16, max_batches: int = 20) -> torch.Tensor:
-    """p(d) = the mean over held-out blocks of the posterior at each block's last position (uniform start)."""
+def estimate_prior(posterior, data, batch_size: int = 16, max_batches: int = 20) -> torch.Tensor:
+    """p(d) = the mean over held-out blocks of the posterior at each block's last position (uniform start);
+    `posterior(input_ids)` gives (B, T, D) weights (an ExpertEnsemble's, a DEMix model's)."""
     if data.validation is None or len(data.validation) == 0:
         raise LmforgeError("the data has no validation split to estimate the domain prior on")
-    total = torch.zeros(len(ensemble.experts), dtype=torch.float64)
-    n = 0
+    total, n = None, 0
     with torch.no_grad():
         for start in range(0, min(len(data.validation), batch_size * max_batches), batch_size):
             rows = list(range(start, min(start + batch_size, len(data.validation))))
             ids, _ = data.batch("validation", rows)
-            out = ensemble(torch.from_numpy(ids))
-            total += out.posterior[:, -1].double().sum(0)
+            last = posterior(torch.from_numpy(ids)[:, :-1])[:, -1].double().sum(0)  # the T-1 positions a causal LM sees
+            total = last if total is None else total + last
             n += len(rows)
     return (total / max(n, 1)).float()
 
@@ -206,7 +213,8 @@ def merge(run: Path, method: str, *, weights: str = "uniform", top_k: Optional[i
     ensemble = ExpertEnsemble(experts, info["domains"], top_k=top_k or cfg.top_k)
     prior = None
     if (method == "ensemble" and cfg.prior == "estimated") or (method == "average" and weights == "prior"):
-        prior = estimate_prior(ensemble, build_blocks(recipe.data, tokenizer, recipe.objective))
+        data = build_blocks(recipe.data, tokenizer, recipe.objective)
+        prior = estimate_prior(lambda ids: ensemble(ids).posterior, data)
     if method == "ensemble":
         folder = run / "ensemble"
         folder.mkdir(exist_ok=True)
@@ -264,6 +272,8 @@ def evaluate(run: Path, *, max_batches: Optional[int] = None, batch_size: int = 
     if (run / "moe" / "config.json").is_file():
         from lmforge.experts.moe import load_moe
         models["moe"] = lambda: load_moe(run / "moe")
+    if (run / "demix" / "config.json").is_file():
+        models["demix"] = lambda: load_model(run / "demix", "clm")
     results = {}
     for name, make in models.items():
         model = make().eval()

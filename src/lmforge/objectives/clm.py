@@ -39,11 +39,16 @@ class CausalLM(Objective):
         ids = batch["input_ids"]
         return torch.full((ids.size(0),), ids.size(1) - 1, dtype=torch.long)
 
+    def forward_kwargs(self, batch) -> dict:
+        """Extra keyword arguments of the model's forward (routing, for models that take it)."""
+        return {}
+
     def loss(self, model, batch):
         # A block of T tokens gives T-1 predictions; the model runs on those T-1 positions only
         # (the last token's prediction would have no target).
         ids = batch["input_ids"]
         kwargs = {"position_ids": batch["position_ids"][:, :-1]} if "position_ids" in batch else {}
+        kwargs.update(self.forward_kwargs(batch))
         logits = model(input_ids=ids[:, :-1], use_cache=False, **kwargs).logits
         targets = ids[:, 1:]
         losses = token_cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1))
