@@ -1,15 +1,21 @@
-"""Branch-Train-Merge vs a dense model of equal training tokens, per domain.
+"""Domain experts vs a dense model of equal training tokens, per domain: BTM ensemble, BTM average, DEMix and
+Branch-Train-MiX.
 
     python benchmarks/experts.py            # recipes/experts-domains.yaml (runs `lmforge prep` first if needed)
     python benchmarks/experts.py --steps 100 --seed-steps 100    # shorter
 
-Seed: a GPT-2 4x128 trained on the 7-domain mixture. Experts: the seed trained `steps` on each of 4 domains
-(each expert its own process; two at a time on 2 cores). Dense: the seed trained 4 x `steps` on the mixture,
-so experts and dense see the same number of training tokens (printed). Out-of-domain: the domains no
-expert saw.
+Every model trains on the four expert domains only (biomedical, code, legal, scientific); wiki, drama and
+reviews are out of domain for all of them. Seed: a GPT-2 4x128 trained `seed-steps` on the four-domain mixture.
+Then, each from the seed, with the same number of training tokens (printed):
+  experts  `steps` on each domain alone, each expert its own process (two at a time on 2 cores);
+  dense    4 x `steps` on the mixture;
+  DEMix    4 x `steps`, domains in equal shares, each row through its domain's FFN expert;
+and after the experts, BTX: the experts merged into a top-2 MoE whose routers train `--btx-steps` on the mixture
+(tokens on top of the experts', printed). Dense and DEMix train at the same time, one process each.
 """
 import argparse
 import json
+import os
 import subprocess
 import sys
 import time
@@ -19,13 +25,27 @@ from lmforge.experts import branch, evaluate, format_comparison, merge
 from lmforge.recipe import load_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
+IN_DOMAIN = ["biomedical", "code", "legal", "scientific"]
+
+
+def cli(*args: str, threads: int) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "lmforge.cli", *args, "--no-progress"], cwd=ROOT,
+                            env={**os.environ, "OMP_NUM_THREADS": str(threads)}, stdout=subprocess.DEVNULL)
+
+
+def wait(procs: list) -> None:
+    for p in procs:
+        if p.wait():
+            raise SystemExit(f"failed: {' '.join(p.args)}")
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=None, help="Steps per expert (default: the recipe's).")
     ap.add_argument("--seed-steps", type=int, default=None)
+    ap.add_argument("--btx-steps", type=int, default=None, help="BTX router steps (default: the seed steps).")
     ap.add_argument("--parallel", type=int, default=2, help="Experts trained at once (separate processes).")
+    ap.add_argument("--out", default=str(ROOT / "runs" / "bench-experts"))
     args = ap.parse_args()
     if not (ROOT / "data" / "shared-corpora" / "lmforge-prep.json").is_file():
         subprocess.run([sys.executable, "-m", "lmforge.cli", "prep", str(ROOT / "recipes/prep/shared-corpora.yaml"),
@@ -33,47 +53,60 @@ def main() -> None:
     overrides = [f"experts.steps={args.steps}"] if args.steps else []
     overrides += [f"experts.seed_steps={args.seed_steps}"] if args.seed_steps else []
     recipe = load_recipe(ROOT / "recipes" / "experts-domains.yaml", overrides)
-    recipe.output.dir = str(ROOT / "runs" / "bench-experts")
+    all_data = recipe.data.model_copy(deep=True)
+    recipe.data.only_domains = IN_DOMAIN  # seed, dense, experts, DEMix and BTX see these four domains only
+    recipe.experts.domains = IN_DOMAIN
+    recipe.output.dir = args.out
     t0 = time.perf_counter()
     run = branch(recipe, force=True, show_progress=False)
     t_seed = time.perf_counter() - t0
     info = json.loads((run / "experts.json").read_text())
     threads = max(1, 2 // args.parallel)
-    env = {"OMP_NUM_THREADS": str(threads)}
     t0 = time.perf_counter()
     pending = list(info["domains"])
     while pending:
         batch, pending = pending[:args.parallel], pending[args.parallel:]
-        procs = [subprocess.Popen([sys.executable, "-m", "lmforge.cli", "experts", "train", str(run), "--domain", d,
-                                   "--no-progress"], cwd=ROOT, env={**__import__("os").environ, **env},
-                                  stdout=subprocess.DEVNULL) for d in batch]
-        for p in procs:
-            if p.wait():
-                raise SystemExit(f"expert training failed: {p.args}")
+        wait([cli("experts", "train", str(run), "--domain", d, threads=threads) for d in batch])
     t_experts = time.perf_counter() - t0
     t0 = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "lmforge.cli", "experts", "train", str(run), "--dense", "--no-progress"],
-                   check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
-    t_dense = time.perf_counter() - t0
+    wait([cli("experts", "train", str(run), "--dense", threads=1),
+          cli("experts", "train", str(run), "--demix", threads=1)])
+    t_dense_demix = time.perf_counter() - t0
     merge(run, "ensemble")
     merge(run, "average")
-    results = evaluate(run)
+    btx_steps = args.btx_steps or recipe.experts.seed_steps
+    t0 = time.perf_counter()
+    merge(run, "moe", steps=btx_steps, show_progress=False)
+    t_btx = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    results = evaluate(run, data_config=all_data)
+    t_eval = time.perf_counter() - t0
+    results = {{"ensemble": "BTM ensemble", "average": "BTM average", "moe": "BTX", "demix": "DEMix"}.get(k, k): v
+               for k, v in results.items()}
     steps = info["steps_per_expert"]
-    tokens = steps * recipe.train.batch_size * recipe.objective.block_size
-    print(f"seed: {recipe.experts.seed_steps} steps on the mixture ({t_seed:.0f} s)")
-    print(f"experts: {len(info['domains'])} x {steps} steps = {len(info['domains']) * tokens:,} tokens "
+    step_tokens = recipe.train.batch_size * recipe.objective.block_size
+    n = len(info["domains"])
+    print(f"seed: {recipe.experts.seed_steps} steps on the {n}-domain mixture ({t_seed:.0f} s)")
+    print(f"experts: {n} x {steps} steps = {n * steps * step_tokens:,} tokens "
           f"({t_experts:.0f} s wall, {args.parallel} processes at a time)")
-    print(f"dense: {len(info['domains']) * steps} steps = {len(info['domains']) * tokens:,} tokens ({t_dense:.0f} s)\n")
+    print(f"dense and DEMix: {n * steps} steps = {n * steps * step_tokens:,} tokens each "
+          f"({t_dense_demix:.0f} s wall, both at once)")
+    print(f"BTX: the experts' tokens + {btx_steps} router steps = {btx_steps * step_tokens:,} more ({t_btx:.0f} s)")
+    print(f"evaluation: {t_eval:.0f} s\n")
     print(format_comparison(results))
-    inside = [d for d in info["domains"]]
-    outside = sorted({k.split('/', 1)[1] for k in results["seed"] if k.startswith("ppl/")} - set(inside))
+    outside = sorted({k.split('/', 1)[1] for k in results["seed"] if k.startswith("ppl/")} - set(IN_DOMAIN))
+    summary = {}
     for name, m in results.items():
-        mean_in = sum(m[f"ppl/{d}"] for d in inside) / len(inside)
+        mean_in = sum(m[f"ppl/{d}"] for d in IN_DOMAIN) / len(IN_DOMAIN)
         mean_out = sum(m[f"ppl/{d}"] for d in outside) / max(len(outside), 1)
-        print(f"{name:>9}: in-domain mean ppl {mean_in:8.2f}   out-of-domain mean ppl {mean_out:8.2f}")
-    dense_in = sum(results["dense"][f"ppl/{d}"] for d in inside) / len(inside)
-    ens_in = sum(results["ensemble"][f"ppl/{d}"] for d in inside) / len(inside)
-    print(f"\nensemble vs dense, in-domain: {100 * (ens_in / dense_in - 1):+.1f} % (bar: <= -10 %)")
+        summary[name] = (mean_in, mean_out)
+        print(f"{name:>12}: in-domain mean ppl {mean_in:8.2f}   out-of-domain mean ppl {mean_out:8.2f}")
+    dense_in = summary["dense"][0]
+    print()
+    for name in ("BTM ensemble", "BTM average", "DEMix", "BTX"):
+        print(f"{name} vs dense, in-domain: {100 * (summary[name][0] / dense_in - 1):+.1f} %"
+              + ("  (bar: <= -10 %)" if name == "BTM ensemble" else "  (bar: < 0 %)" if name == "BTX" else ""))
+    (run / "benchmark.json").write_text(json.dumps({"results": results, "summary": summary}, indent=2))
 
 
 if __name__ == "__main__":

@@ -54,6 +54,43 @@ def test_posterior_concentrates_on_the_expert_that_explains_the_text():
         assert set(top1(ids).posterior[:, 2:].flatten().tolist()) <= {0.0, 1.0}
 
 
+def _perturbed(model, seed: int):
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=generator) * 0.05)
+    return model
+
+
+def test_ensemble_generates_like_a_causal_lm(tiny_lm_dir):
+    from lmforge.experts.ensemble import EnsembleForCausalLM
+    from lmforge.generate import Decoding, generate
+    from lmforge.models import load_model
+    from lmforge.tokenizer import load_tokenizer
+    torch.set_num_threads(1)
+    tok = load_tokenizer(tiny_lm_dir)
+    expert = load_model(tiny_lm_dir, "clm").eval()
+    prompts = ["The river", "def value", "Evening rain walked under the"]
+    greedy = Decoding(max_new_tokens=12, temperature=0)
+    alone = [c.token_ids for c in generate(expert, tok, prompts, greedy)]
+    twins = EnsembleForCausalLM(ExpertEnsemble([expert, load_model(tiny_lm_dir, "clm").eval()], ["a", "b"])).eval()
+    assert [c.token_ids for c in generate(twins, tok, prompts, greedy)] == alone  # identical experts: the expert
+    # Different experts: a left-padded batch gives what each prompt gives alone (padding is no evidence), and
+    # the text is the mixture's greedy continuation, computed here token by token.
+    mixed = EnsembleForCausalLM(ExpertEnsemble([expert, _perturbed(load_model(tiny_lm_dir, "clm").eval(), 1)],
+                                               ["a", "b"], prior=torch.tensor([0.3, 0.7]))).eval()
+    batched = [c.token_ids for c in generate(mixed, tok, prompts, greedy)]
+    assert batched == [generate(mixed, tok, [p], greedy)[0].token_ids for p in prompts]
+    ids = torch.tensor([tok("def value", add_special_tokens=False)["input_ids"]])
+    for token in batched[1]:
+        with torch.no_grad():
+            assert int(mixed(input_ids=ids).logits[0, -1].argmax()) == token
+        ids = torch.cat([ids, torch.tensor([[token]])], dim=1)
+    sampled = [generate(mixed, tok, ["The river"], Decoding(max_new_tokens=8, temperature=0.8, top_p=0.9, seed=3))[0]
+               for _ in range(2)]
+    assert sampled[0].token_ids == sampled[1].token_ids and len(sampled[0].token_ids) > 0
+
+
 def test_average_of_identical_experts_is_the_identity():
     a, b = tiny_gpt2(2), tiny_gpt2(2)
     merged = average_state_dicts([a.state_dict(), b.state_dict()], [0.25, 0.75])
@@ -88,6 +125,26 @@ def test_branch_train_merge_improves_each_domain_over_the_seed(tmp_path, corpus)
     with torch.no_grad():
         torch.testing.assert_close(again(ids).logits, load_ensemble(run / "ensemble")(ids).logits)
     assert json.loads((run / "average" / "merge.json").read_text())["weights"] == [0.5, 0.5]
+    # Generation and serving take the experts run folder (the ensemble by default) or one of its models.
+    from typer.testing import CliRunner
+    from lmforge.cli import app
+    from lmforge.experts.ensemble import EnsembleForCausalLM
+    from lmforge.generate import open_generator
+    from lmforge.serve.models import load_served_model
+    assert isinstance(open_generator(run)[0], EnsembleForCausalLM)
+    assert isinstance(open_generator(run / "ensemble")[0], EnsembleForCausalLM)
+    assert type(open_generator(run, "average")[0]).__name__ == "GPT2LMHeadModel"
+    assert load_served_model(f"btm={run}").name == "btm"
+    runner = CliRunner()
+    for which in ("ensemble", "average", "seed"):
+        done = runner.invoke(app, ["generate", str(run), "--model", which, "--prompt", "def", "--max-new-tokens", "5",
+                                   "--temperature", "0"])
+        assert done.exit_code == 0 and done.stdout.startswith("def"), done.output
+    done = runner.invoke(app, ["generate", str(run), "--model", "moe", "--prompt", "def"])
+    assert done.exit_code == 2
+    assert "no 'moe' model in this experts run yet (it has: ensemble, average, seed)" in done.output
+    done = runner.invoke(app, ["generate", str(run), "--model", "final", "--prompt", "def"])
+    assert done.exit_code == 2 and "an experts run holds ensemble, moe, demix, average, dense, seed" in done.output
 
 
 def test_only_domains_keeps_rows_of_those_domains(corpus):

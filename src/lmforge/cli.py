@@ -182,7 +182,9 @@ def generate(run_dir: Path = typer.Argument(..., help="Causal LM run folder, or 
                                                               "\\t a tab)."),
              seed: int = typer.Option(0, help="Sampling seed (same seed, same text)."),
              stream: bool = typer.Option(False, help="Print text as it is generated."),
-             model: Optional[str] = typer.Option(None, help="'final', 'best', 'latest' or a folder.")):
+             model: Optional[str] = typer.Option(None, help="'final', 'best', 'latest' or a folder; for an experts "
+                                                 "run: ensemble, moe, demix, average, dense or seed (default: the "
+                                                 "first of these that exists).")):
     """Continue a prompt with a causal LM (or an encoder-decoder model): greedy, sampling or beam search."""
     from lmforge.generate import Decoding, context_limit, encode_prompt, generate as run, open_generator
     from lmforge.generate import stream as run_stream

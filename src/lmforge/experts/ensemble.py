@@ -14,10 +14,13 @@ takes a causal LM's logits — the evaluation loop, cross-entropy — works on i
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from typing import Callable, Optional
 
 import torch
+from transformers import GenerationConfig, GenerationMixin, PreTrainedModel
+from transformers.modeling_outputs import CausalLMOutputWithPast
 
 
 @dataclass
@@ -45,10 +48,14 @@ class ExpertEnsemble(torch.nn.Module):
         return torch.stack([torch.log_softmax(e(input_ids=input_ids, use_cache=False, **kwargs).logits.float(), -1)
                             for e in self.experts])
 
-    def posterior_from(self, logprobs: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
-        """(B, T, D) domain posterior at each position, from the likelihood of the tokens seen before it."""
+    def posterior_from(self, logprobs: torch.Tensor, input_ids: torch.Tensor,
+                       attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """(B, T, D) domain posterior at each position, from the likelihood of the tokens seen before it
+        (padding, where `attention_mask` is 0, is no evidence)."""
         seen = logprobs[:, :, :-1].gather(-1, input_ids[None, :, 1:, None].expand(logprobs.size(0), -1, -1, 1))
         seen = seen.squeeze(-1)                                           # (D, B, T-1): log p_d(x_{s+1} | x_{≤s})
+        if attention_mask is not None:
+            seen = seen * (attention_mask[:, :-1] * attention_mask[:, 1:]).to(seen.dtype)
         cumulative = torch.cat([torch.zeros_like(seen[..., :1]), seen.cumsum(-1)], dim=-1)  # (D, B, T)
         scores = self.log_prior[:, None, None] + cumulative
         if self.top_k:
@@ -59,13 +66,37 @@ class ExpertEnsemble(torch.nn.Module):
     def forward(self, input_ids: torch.Tensor, **kwargs) -> EnsembleOutput:
         kwargs = {k: v for k, v in kwargs.items() if k in ("position_ids", "attention_mask")}
         logprobs = self.expert_logprobs(input_ids, **kwargs)
-        posterior = (self.posterior_from(logprobs, input_ids) if self.router is None
+        posterior = (self.posterior_from(logprobs, input_ids, kwargs.get("attention_mask")) if self.router is None
                      else self.router(input_ids).to(logprobs.device, logprobs.dtype))
         weights = posterior.permute(2, 0, 1).clamp_min(1e-30).log()[..., None]  # (D, B, T, 1)
         return EnsembleOutput(logits=torch.logsumexp(weights + logprobs, dim=0), posterior=posterior)
 
     def parameters_per_expert(self) -> int:
         return sum(p.numel() for p in self.experts[0].parameters())
+
+
+class EnsembleForCausalLM(PreTrainedModel, GenerationMixin):
+    """An ExpertEnsemble as a causal LM that transformers' `generate` drives (greedy, sampling, beam search):
+    its logits are the mixture's log-probabilities. It keeps no KV cache: every step reruns the experts on the
+    whole sequence, so the posterior is exact at every new token (D expert passes per token)."""
+
+    _supports_sdpa = True
+    kv_cache = False  # read by lmforge.generate
+
+    def __init__(self, ensemble: ExpertEnsemble):
+        super().__init__(copy.deepcopy(ensemble.config))
+        self.ensemble = ensemble
+        self.generation_config = GenerationConfig.from_model_config(self.config)
+        self.generation_config.use_cache = False
+
+    @property
+    def domains(self) -> list[str]:
+        return self.ensemble.domains
+
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, **kwargs) -> CausalLMOutputWithPast:
+        extra = {k: v for k, v in (("attention_mask", attention_mask), ("position_ids", position_ids))
+                 if v is not None}
+        return CausalLMOutputWithPast(logits=self.ensemble(input_ids, **extra).logits)
 
 
 def average_state_dicts(states: list[dict], weights: Optional[list[float]] = None) -> dict:

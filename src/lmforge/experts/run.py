@@ -249,8 +249,39 @@ def load_ensemble(folder: Path) -> ExpertEnsemble:
                           router=ensemble_router(folder, spec, spec["domains"]))
 
 
-def evaluate(run: Path, *, max_batches: Optional[int] = None, batch_size: int = 8) -> dict:
-    """Per-domain validation perplexity of every model the run holds: seed, experts' ensemble, average, moe, dense."""
+GENERATORS = ("ensemble", "moe", "demix", "average", "dense", "seed")  # an experts run's models, default order
+
+
+def open_experts_model(folder: Path, which: Optional[str] = None):
+    """(model, tokenizer) for generation and serving from an experts run (`which`: one of GENERATORS; default the
+    first that exists) or from its ensemble/ folder; the ensemble comes as an EnsembleForCausalLM."""
+    from lmforge.experts.ensemble import EnsembleForCausalLM
+    from lmforge.models import load_model
+    from lmforge.tokenizer import load_tokenizer
+    folder = Path(folder)
+    if (folder / "ensemble.json").is_file():
+        spec = json.loads((folder / "ensemble.json").read_text())
+        tokenizer = load_tokenizer((folder / spec["experts"][0]).resolve())
+        return EnsembleForCausalLM(load_ensemble(folder)).eval(), tokenizer
+    info = manifest(folder)
+    places = {"ensemble": folder / "ensemble" / "ensemble.json", "moe": folder / "moe" / "config.json",
+              "demix": folder / "demix" / "config.json", "average": folder / "average" / "config.json",
+              "dense": folder / "dense" / "final" / "config.json", "seed": folder / info["seed"] / "config.json"}
+    if which is not None and which not in places:
+        raise LmforgeError(f"--model: an experts run holds {', '.join(GENERATORS)}; got {which!r}")
+    present = [name for name in GENERATORS if places[name].is_file()]
+    if which is not None and which not in present:
+        raise LmforgeError(f"{folder}: no '{which}' model in this experts run yet (it has: {', '.join(present)})")
+    name = which or present[0]
+    if name == "ensemble":
+        return open_experts_model(folder / "ensemble")
+    model_dir = places[name].parent
+    return load_model(model_dir, "clm").eval(), load_tokenizer(model_dir)
+
+
+def evaluate(run: Path, *, max_batches: Optional[int] = None, batch_size: int = 8, data_config=None) -> dict:
+    """Per-domain validation perplexity of every model the run holds: seed, dense, experts' ensemble, average,
+    moe, demix; on the run recipe's data, or on `data_config` (e.g. with domains no model trained on)."""
     from lmforge.data.blocks import build_blocks
     from lmforge.evaluate import evaluate_blocks
     from lmforge.models import load_model
@@ -260,7 +291,7 @@ def evaluate(run: Path, *, max_batches: Optional[int] = None, batch_size: int = 
     info = manifest(run)
     recipe = load_recipe(run / "recipe.yaml")
     tokenizer = load_tokenizer(run / info["seed"])
-    data = build_blocks(recipe.data, tokenizer, recipe.objective)
+    data = build_blocks(data_config or recipe.data, tokenizer, recipe.objective)
     objective = build_objective(recipe.objective, tokenizer)
     models = {"seed": lambda: load_model(run / info["seed"], "clm")}
     if (run / "dense" / "final" / "config.json").is_file():

@@ -89,12 +89,16 @@ def context_limit(model) -> Optional[int]:
 
 
 def open_generator(run_dir: Path, which: Optional[str] = None):
-    """(model, tokenizer) of a pretraining run folder or a plain HF folder (causal LM or encoder-decoder)."""
+    """(model, tokenizer) of a pretraining run folder, a plain HF folder (causal LM or encoder-decoder) or an
+    experts run (`which`: ensemble, moe, demix, average, dense or seed) or its ensemble/ folder."""
     from lmforge.finetune.predict import is_task_run
     from lmforge.runs import model_folder, open_run
     run_dir = Path(run_dir)
     if is_task_run(run_dir):
         raise LmforgeError(f"{run_dir}: a fine-tuned classifier cannot generate text; use `lmforge predict`")
+    if run_dir.is_dir() and ((run_dir / "experts.json").is_file() or (run_dir / "ensemble.json").is_file()):
+        from lmforge.experts.run import open_experts_model
+        return open_experts_model(run_dir, which)
     if run_dir.is_dir():
         folder = model_folder(run_dir, which)
         config = json.loads((folder / "config.json").read_text())
@@ -188,7 +192,8 @@ def run_batch(model, tokenizer, batch: Batch, cancels: Optional[Sequence[Sequenc
     stop = RowStop(tokenizer, batch.width, batch.limits, [s.stop for s in batch.settings], cancels)
     kwargs = dict(max_new_tokens=max(batch.limits), do_sample=False, num_beams=s0.num_beams,
                   pad_token_id=pad, eos_token_id=eos, logits_processor=processors,
-                  stopping_criteria=StoppingCriteriaList([stop]), streamer=streamer, use_cache=True)
+                  stopping_criteria=StoppingCriteriaList([stop]), streamer=streamer,
+                  use_cache=getattr(model, "kv_cache", True))  # an expert ensemble reruns its experts instead
     if s0.num_beams > 1:
         kwargs.update(length_penalty=s0.length_penalty, early_stopping=s0.early_stopping)
     if s0.repetition_penalty != 1.0:
