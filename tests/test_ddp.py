@@ -26,7 +26,7 @@ def _losses(run_dir: Path) -> list[float]:
 
 
 @pytest.mark.skipif(not TORCHRUN.exists(), reason="torchrun not installed")
-@pytest.mark.parametrize("objective", ["clm", "mlm"])
+@pytest.mark.parametrize("objective", ["clm", "mlm", "mlm+sop"])
 def test_two_processes_match_one(tmp_path, corpus, objective):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     # One tokenizer for both runs: WordPiece/Unigram training in `tokenizers` breaks ties by hash order,
@@ -57,3 +57,9 @@ def test_two_processes_match_one(tmp_path, corpus, objective):
     val = [json.loads(l) for l in (runs[2] / "metrics.jsonl").read_text().splitlines() if '"split"' in l]
     ref = [json.loads(l) for l in (runs[1] / "metrics.jsonl").read_text().splitlines() if '"split"' in l]
     assert abs(val[-1]["loss"] - ref[-1]["loss"]) < TOLERANCE
+    if objective == "mlm+sop":  # the objective's own training tallies are summed over both ranks
+        logged = [[json.loads(l) for l in (runs[p] / "metrics.jsonl").read_text().splitlines()
+                   if '"split"' not in l] for p in (1, 2)]
+        for name in ("mlm_accuracy", "sop_accuracy", "sop_loss"):
+            a, b = [r[name] for r in logged[0]], [r[name] for r in logged[1]]
+            assert max(abs(x - y) for x, y in zip(a, b)) < 0.02, (name, a, b)

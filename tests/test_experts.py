@@ -91,6 +91,58 @@ def test_ensemble_generates_like_a_causal_lm(tiny_lm_dir):
     assert sampled[0].token_ids == sampled[1].token_ids and len(sampled[0].token_ids) > 0
 
 
+def test_relevance_weights_favour_the_expert_that_explains_the_new_text():
+    from lmforge.experts.run import relevance
+    experts = []
+    for low in (True, False):  # as above: "low" predicts tokens < 25, "high" tokens >= 25
+        model = tiny_gpt2(1)
+        with torch.no_grad():
+            bias = torch.full((50,), -8.0)
+            bias[:25 if low else 50][(0 if low else 25):] = 8.0
+            model.lm_head = torch.nn.Linear(16, 50, bias=True)
+            model.lm_head.weight.zero_()
+            model.lm_head.bias.copy_(bias)
+        experts.append(model)
+    ensemble = ExpertEnsemble(experts + [tiny_gpt2(7)], ["low", "high", "plain"])
+    ids = torch.randint(25, 50, (4, 10))
+    weights = relevance(ensemble, ids, top_k=None)
+    assert set(weights) == {"low", "high", "plain"} and abs(sum(weights.values()) - 1) < 1e-9
+    assert weights["high"] > 0.99
+    top2 = relevance(ensemble, ids, top_k=2)
+    assert list(top2) != ["low", "plain"] and "high" in top2 and len(top2) == 2
+
+
+def test_an_expert_added_later_starts_from_the_relevant_experts_average(tmp_path, corpus):
+    from lmforge.experts.run import add_expert
+    from lmforge.errors import LmforgeError
+    from lmforge.models import load_model
+    numbers = tmp_path / "numbers.jsonl"
+    numbers.write_text("".join(json.dumps({"text": " ".join(str((i * 7 + k) % 100) for k in range(40))}) + "\n"
+                               for i in range(200)))
+    tree = tiny_recipe({**corpus, "numbers": numbers}, tmp_path / "add", "clm", max_steps=6, eval_every=0)
+    tree["experts"] = {"seed_steps": 4, "steps": 6, "domains": ["code", "prose"]}
+    run = branch(recipe_from_dict(tree), show_progress=False)
+    with pytest.raises(LmforgeError, match="no trained expert to average yet"):
+        add_expert(run, "numbers")
+    train(run, show_progress=False)
+    with pytest.raises(LmforgeError, match="'code' already has an expert"):
+        add_expert(run, "code")
+    with pytest.raises(LmforgeError, match="no text of domain 'legal' in this run's data"):
+        add_expert(run, "legal")
+    add_expert(run, "numbers", top_k=2)
+    info = json.loads((run / "experts.json").read_text())
+    assert info["domains"] == ["code", "prose", "numbers"] and info["added"]["numbers"]["from"] == "average"
+    weights = info["added"]["numbers"]["weights"]
+    assert set(weights) == {"code", "prose"} and abs(sum(weights.values()) - 1) < 1e-9
+    states = {d: load_model(run / "experts" / d / "final", "clm").state_dict() for d in weights}
+    start = load_model(run / "experts" / "numbers-init", "clm").state_dict()
+    key = "transformer.h.0.mlp.c_fc.weight"
+    torch.testing.assert_close(start[key], sum(w * states[d][key] for d, w in weights.items()))
+    train(run, ["numbers"], show_progress=False)  # an ordinary expert from here on
+    merge(run, "ensemble")
+    assert json.loads((run / "ensemble" / "ensemble.json").read_text())["domains"] == ["code", "prose", "numbers"]
+
+
 def test_average_of_identical_experts_is_the_identity():
     a, b = tiny_gpt2(2), tiny_gpt2(2)
     merged = average_state_dicts([a.state_dict(), b.state_dict()], [0.25, 0.75])

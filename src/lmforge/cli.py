@@ -363,6 +363,22 @@ def experts_merge(target: Path = typer.Argument(..., help="The experts run folde
         _fail(err)
 
 
+@experts_app.command("add")
+def experts_add(target: Path = typer.Argument(..., help="The experts run folder (or its recipe)."),
+                domain: str = typer.Option(..., "--domain", help="The new domain (its text must be in the run's data)."),
+                init: str = typer.Option("average", help="'average': start from the parameter average of the trained "
+                                         "experts most relevant to the new domain (weighted by their posterior on "
+                                         "its text); 'seed': from the seed."),
+                top_k: Optional[int] = typer.Option(2, min=1, help="average: the k most relevant experts."),
+                set_: List[str] = typer.Option([], "--set", help=SET_HELP)):
+    """Add an expert for a new domain to a branched run; train it with `lmforge experts train RUN --domain D`."""
+    from lmforge.experts.run import add_expert
+    try:
+        typer.echo(f"expert recipe: {add_expert(_experts_run(target, set_), domain, init=init, top_k=top_k)}")
+    except LmforgeError as err:
+        _fail(err)
+
+
 @experts_app.command("demix-add")
 def experts_demix_add(target: Path = typer.Argument(..., help="The experts run folder (or its recipe)."),
                       domain: str = typer.Option(..., "--domain", help="The new domain (its text must be in the "

@@ -252,6 +252,17 @@ class Engine:
         patience = self.cfg.early_stopping_patience
         return patience is not None and self.state.evals_without_improvement >= patience
 
+    def _training_tallies(self) -> dict:
+        """The objective's training tallies since the last log, summed over every rank."""
+        take = getattr(self.objective, "take_tallies", None)
+        tallies = take(True) if take else {}
+        if dist.world_size() == 1:
+            return tallies
+        names = list(getattr(self.objective, "tally_names", ()))  # the same on every rank
+        flat = torch.tensor([x for n in names for x in tallies.get(n, (0.0, 0.0))], dtype=torch.float64)
+        flat = dist.all_reduce_sum(flat.to(self.device)).cpu().tolist()
+        return {n: (flat[2 * i], flat[2 * i + 1]) for i, n in enumerate(names)}
+
     def fit(self) -> TrainState:
         cfg = self.cfg
         self.model.train()
@@ -288,8 +299,7 @@ class Engine:
                     record = {"step": self.state.step, "loss": window_loss / window_n, "lr": lr, "grad_norm": norm,
                               "tokens": self.state.tokens, "tokens_per_s": round(tps, 1), "mfu": round(mfu, 4),
                               "elapsed_s": round(time.perf_counter() - t_start, 2)}
-                    take = getattr(self.objective, "take_tallies", None)
-                    record.update({k: round(v, 5) for k, v in ratios(take(True) if take else {}).items()})
+                    record.update({k: round(v, 5) for k, v in ratios(self._training_tallies()).items()})
                     self.log.write(record)
                     bar.update(task, completed=self.state.step,
                                status=f"loss {record['loss']:.4f}  {tps:,.0f} tok/s  mfu {mfu:.0%}")

@@ -9,6 +9,8 @@
       seed-run/                        the seed's pretraining run, when the recipe trains it
       experts/<domain>.yaml            the recipe of each expert
       experts/<domain>/                one ordinary pretraining run per domain (its recipe.yaml, final/, ...)
+      experts/<domain>-init/           an added expert's starting point: the relevance-weighted average of the
+                                       existing experts (`add_expert`; experts.json "added" records the weights)
       dense/                           optional baseline: the seed trained on the mixture for the experts' total steps
       ensemble/ensemble.json           experts, domains, prior and top-k of the posterior-weighted ensemble
       average/                         one HF model: the weighted parameter average of the experts
@@ -128,6 +130,67 @@ def expert_recipe(recipe: Recipe, domain: Optional[str], seed: Path, out: Path) 
     r.train.max_steps = steps * n
     r.output.dir = str(out)
     return r
+
+
+def relevance(ensemble: ExpertEnsemble, input_ids: torch.Tensor, top_k: Optional[int] = None) -> dict[str, float]:
+    """How relevant each expert is to some text: the mean over its blocks of the posterior at the last position
+    (uniform prior), kept for the `top_k` most relevant experts and renormalised to sum to one."""
+    with torch.no_grad():
+        mean = ensemble.posterior_from(ensemble.expert_logprobs(input_ids), input_ids)[:, -1].double().mean(0)
+    keep = mean.topk(min(top_k or len(mean), len(mean))).indices.tolist()
+    total = float(mean[keep].sum())
+    return {ensemble.domains[i]: float(mean[i]) / total for i in sorted(keep)}
+
+
+def add_expert(run: Path, domain: str, *, init: str = "average", top_k: Optional[int] = 2,
+               blocks: int = 64) -> Path:
+    """Add an expert for `domain` (text of it must be in the run's data) to a branched run, to train later with
+    `train(run, [domain])`. `init`: 'average' starts it from the parameter average of the trained experts
+    most relevant to the new domain, weighted by their relevance (`relevance` on up to `blocks` training
+    blocks of the domain; `top_k` experts, None: all), as Branch-Train-Merge does; 'seed' from the seed."""
+    from lmforge.data.blocks import build_blocks
+    from lmforge.models import load_model
+    from lmforge.tokenizer import load_tokenizer
+    run = Path(run)
+    info = manifest(run)
+    recipe = load_recipe(run / "recipe.yaml")
+    if domain in info["domains"]:
+        raise LmforgeError(f"--domain: '{domain}' already has an expert in {run}")
+    if init not in ("average", "seed"):
+        raise LmforgeError(f"--init: expected 'average' or 'seed', got {init!r}")
+    tokenizer = load_tokenizer(run / info["seed"])
+    try:
+        data = build_blocks(recipe.data.model_copy(update={"only_domains": [domain], "domain_weights": None}),
+                            tokenizer, recipe.objective)
+    except LmforgeError as err:
+        if "only_domains" not in str(err):
+            raise
+        raise LmforgeError(f"--domain: no text of domain '{domain}' in this run's data (data.sources)") from None
+    if data.train is None or len(data.train) == 0:
+        raise LmforgeError(f"--domain: no training text of domain '{domain}' in this run's data")
+    source, record = run / info["seed"], {"from": "seed"}
+    if init == "average":
+        trained = [d for d in info["domains"] if (run / info["experts"][d] / "final" / "config.json").is_file()]
+        if not trained:
+            raise LmforgeError(f"{run}: no trained expert to average yet; train some first or use --init seed")
+        experts = [load_model(run / info["experts"][d] / "final", "clm").eval() for d in trained]
+        ids, _ = data.batch("train", list(range(min(len(data.train), blocks))))
+        weights = relevance(ExpertEnsemble(experts, trained), torch.from_numpy(ids)[:, :-1], top_k)
+        chosen = [trained.index(d) for d in weights]
+        merged = experts[chosen[0]]
+        merged.load_state_dict(average_state_dicts([experts[i].state_dict() for i in chosen],
+                                                   list(weights.values())))
+        source = run / "experts" / f"{domain}-init"
+        ckpt.save_model(source, merged, tokenizer)
+        record = {"from": "average", "weights": weights}
+        console.print(f"new expert '{domain}' starts from " + " + ".join(f"{w:.2f}·{d}" for d, w in weights.items()))
+    r = expert_recipe(recipe, domain, source, run / "experts" / domain)
+    (run / "experts" / f"{domain}.yaml").write_text(r.to_yaml())
+    info["domains"].append(domain)
+    info["experts"][domain] = f"experts/{domain}"
+    info.setdefault("added", {})[domain] = record
+    _write_json(run / MANIFEST, info)
+    return run / "experts" / f"{domain}.yaml"
 
 
 def manifest(run: Path) -> dict:

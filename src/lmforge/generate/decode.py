@@ -189,10 +189,13 @@ def run_batch(model, tokenizer, batch: Batch, cancels: Optional[Sequence[Sequenc
     if s0.num_beams == 1 and (s0.logprobs is not None or any(s.sampling for s in batch.settings)):
         selector = RowSelector(batch.settings, model.device)
         processors.append(selector)
-    stop = RowStop(tokenizer, batch.width, batch.limits, [s.stop for s in batch.settings], cancels)
+    criteria = StoppingCriteriaList()
+    if any(s.stop for s in batch.settings) or any(cancels) or len(set(batch.limits)) > 1:
+        # (otherwise generate's own max_new_tokens and EOS checks are all a row needs: no per-step work here)
+        criteria.append(RowStop(tokenizer, batch.width, batch.limits, [s.stop for s in batch.settings], cancels))
     kwargs = dict(max_new_tokens=max(batch.limits), do_sample=False, num_beams=s0.num_beams,
                   pad_token_id=pad, eos_token_id=eos, logits_processor=processors,
-                  stopping_criteria=StoppingCriteriaList([stop]), streamer=streamer,
+                  stopping_criteria=criteria, streamer=streamer,
                   use_cache=getattr(model, "kv_cache", True))  # an expert ensemble reruns its experts instead
     if s0.num_beams > 1:
         kwargs.update(length_penalty=s0.length_penalty, early_stopping=s0.early_stopping)
