@@ -10,8 +10,8 @@ Then, each from the seed, with the same number of training tokens (printed):
   experts  `steps` on each domain alone, each expert its own process (two at a time on 2 cores);
   dense    4 x `steps` on the mixture;
   DEMix    4 x `steps`, domains in equal shares, each row through its domain's FFN expert;
-and after the experts, BTX: the experts merged into a top-2 MoE whose routers train `--btx-steps` on the mixture
-(tokens on top of the experts', printed). Dense and DEMix train at the same time, one process each.
+and after the experts, BTX: the experts merged into a top-2 MoE trained `--btx-steps` on the mixture (every
+parameter, or only the routers with --btx-train router; tokens on top of the experts', printed). Dense and DEMix train at the same time, one process each.
 """
 import argparse
 import json
@@ -43,7 +43,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=None, help="Steps per expert (default: the recipe's).")
     ap.add_argument("--seed-steps", type=int, default=None)
-    ap.add_argument("--btx-steps", type=int, default=None, help="BTX router steps (default: the seed steps).")
+    ap.add_argument("--btx-steps", type=int, default=None, help="BTX training steps (default: the seed steps).")
+    ap.add_argument("--btx-train", default="all", choices=["all", "router"],
+                    help="What BTX trains after merging: every parameter, as in the paper (default), or the routers.")
     ap.add_argument("--parallel", type=int, default=2, help="Experts trained at once (separate processes).")
     ap.add_argument("--out", default=str(ROOT / "runs" / "bench-experts"))
     args = ap.parse_args()
@@ -76,7 +78,7 @@ def main() -> None:
     merge(run, "average")
     btx_steps = args.btx_steps or recipe.experts.seed_steps
     t0 = time.perf_counter()
-    merge(run, "moe", steps=btx_steps, show_progress=False)
+    merge(run, "moe", steps=btx_steps, train=args.btx_train, show_progress=False)
     t_btx = time.perf_counter() - t0
     t0 = time.perf_counter()
     results = evaluate(run, data_config=all_data)
@@ -91,7 +93,8 @@ def main() -> None:
           f"({t_experts:.0f} s wall, {args.parallel} processes at a time)")
     print(f"dense and DEMix: {n * steps} steps = {n * steps * step_tokens:,} tokens each "
           f"({t_dense_demix:.0f} s wall, both at once)")
-    print(f"BTX: the experts' tokens + {btx_steps} router steps = {btx_steps * step_tokens:,} more ({t_btx:.0f} s)")
+    print(f"BTX: the experts' tokens + {btx_steps} steps ({args.btx_train}) = {btx_steps * step_tokens:,} more "
+          f"({t_btx:.0f} s)")
     print(f"evaluation: {t_eval:.0f} s\n")
     print(format_comparison(results))
     outside = sorted({k.split('/', 1)[1] for k in results["seed"] if k.startswith("ppl/")} - set(IN_DOMAIN))
