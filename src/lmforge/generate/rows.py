@@ -42,11 +42,16 @@ class RowSelector(LogitsProcessor):
         self.record: list[list] = [[] for _ in settings]   # per row, per step: (logprob, top ids, top logprobs)
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        chosen = scores.argmax(-1)
-        for warp, rows, index in self.groups:
-            probs = warp(input_ids[index], scores[index]).softmax(-1)
-            for k, i in enumerate(rows):
-                chosen[i] = torch.multinomial(probs[k:k + 1], 1, generator=self.generators[i])[0, 0]
+        if len(self.groups) == 1 and len(self.groups[0][1]) == 1 == scores.shape[0]:
+            # one sampling row (the common single-request case): no greedy pick, no row gathering
+            probs = self.groups[0][0](input_ids, scores).softmax(-1)
+            chosen = torch.multinomial(probs, 1, generator=self.generators[0])[:, 0]
+        else:
+            chosen = scores.argmax(-1)
+            for warp, rows, index in self.groups:
+                probs = warp(input_ids[index], scores[index]).softmax(-1)
+                for k, i in enumerate(rows):
+                    chosen[i] = torch.multinomial(probs[k:k + 1], 1, generator=self.generators[i])[0, 0]
         if self.top is not None:
             logp = scores.float().log_softmax(-1)
             picked = logp.gather(1, chosen[:, None])[:, 0].tolist()
