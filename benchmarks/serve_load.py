@@ -147,8 +147,8 @@ async def load(port: int, model: str, prompts: list[str], clients: int, per_clie
 # ----------------------------------------------------------------------------- one sequence
 
 def single_sequence(folder: str, prompt: str, max_tokens: int, device: str, repeats: int) -> dict:
-    """tokens/s of lmforge.generate vs plain model.generate on one prompt (greedy and seeded sampling),
-    interleaved repeats, medians."""
+    """tokens/s of lmforge.generate vs plain model.generate on one prompt (greedy and seeded sampling): the
+    two alternate which goes first each round; the ratio is the median of the rounds' paired ratios."""
     from transformers import AutoModelForCausalLM
     from lmforge.generate import Decoding, generate
     from lmforge.tokenizer import load_tokenizer
@@ -160,25 +160,35 @@ def single_sequence(folder: str, prompt: str, max_tokens: int, device: str, repe
         settings = Decoding(max_new_tokens=max_tokens, temperature=0.8 if sample else 0, top_k=50, seed=0)
         plain_kwargs = dict(max_new_tokens=max_tokens, do_sample=sample, pad_token_id=tok.pad_token_id,
                             eos_token_id=tok.eos_token_id, **({"temperature": 0.8, "top_k": 50} if sample else {}))
-        ours_rates, plain_rates = [], []
-        for r in range(repeats + 1):  # the first round warms up
+
+        def ours() -> tuple[int, float]:
             sync(device)
             t0 = time.perf_counter()
-            n_ours = generate(model, tok, [prompt], settings)[0].completion_tokens
+            n = generate(model, tok, [prompt], settings)[0].completion_tokens
             sync(device)
-            t1 = time.perf_counter()
+            return n, time.perf_counter() - t0
+
+        def plain() -> tuple[int, float]:
             torch.manual_seed(0)
+            sync(device)
+            t0 = time.perf_counter()
             with torch.inference_mode():
                 res = model.generate(ids, attention_mask=torch.ones_like(ids), **plain_kwargs)
             sync(device)
-            t2 = time.perf_counter()
-            n_plain = res.shape[1] - ids.shape[1]
+            return res.shape[1] - ids.shape[1], time.perf_counter() - t0
+
+        ours_rates, plain_rates = [], []
+        for r in range(repeats + 1):  # the first round warms up
+            first, second = (ours, plain) if r % 2 else (plain, ours)
+            a, b = first(), second()
+            (n_ours, t_ours), (n_plain, t_plain) = (a, b) if r % 2 else (b, a)
             if r:
-                ours_rates.append(n_ours / (t1 - t0))
-                plain_rates.append(n_plain / (t2 - t1))
-        ours, plain = statistics.median(ours_rates), statistics.median(plain_rates)
-        out[mode] = {"lmforge_tokens_per_s": round(ours, 1), "plain_tokens_per_s": round(plain, 1),
-                     "ratio": round(ours / plain, 3), "tokens": n_ours}
+                ours_rates.append(n_ours / t_ours)
+                plain_rates.append(n_plain / t_plain)
+        ratio = statistics.median(o / p for o, p in zip(ours_rates, plain_rates))
+        out[mode] = {"lmforge_tokens_per_s": round(statistics.median(ours_rates), 1),
+                     "plain_tokens_per_s": round(statistics.median(plain_rates), 1),
+                     "ratio": round(ratio, 3), "tokens": n_ours}
     return out
 
 

@@ -193,12 +193,14 @@ def run_batch(model, tokenizer, batch: Batch, cancels: Optional[Sequence[Sequenc
     if any(s.stop for s in batch.settings) or any(cancels) or len(set(batch.limits)) > 1:
         # (otherwise generate's own max_new_tokens and EOS checks are all a row needs: no per-step work here)
         criteria.append(RowStop(tokenizer, batch.width, batch.limits, [s.stop for s in batch.settings], cancels))
-    kwargs = dict(max_new_tokens=max(batch.limits), do_sample=False, num_beams=s0.num_beams,
-                  pad_token_id=pad, eos_token_id=eos, logits_processor=processors,
-                  stopping_criteria=criteria, streamer=streamer,
-                  use_cache=getattr(model, "kv_cache", True))  # an expert ensemble reruns its experts instead
+    kwargs = dict(max_new_tokens=max(batch.limits), do_sample=False, pad_token_id=pad, eos_token_id=eos)
+    # only what differs from generate's defaults: a plain greedy row is a plain generate call
+    kwargs.update({k: v for k, v in (("logits_processor", processors), ("stopping_criteria", criteria),
+                                     ("streamer", streamer)) if v})
+    if not getattr(model, "kv_cache", True):  # an expert ensemble reruns its experts instead
+        kwargs["use_cache"] = False
     if s0.num_beams > 1:
-        kwargs.update(length_penalty=s0.length_penalty, early_stopping=s0.early_stopping)
+        kwargs.update(num_beams=s0.num_beams, length_penalty=s0.length_penalty, early_stopping=s0.early_stopping)
     if s0.repetition_penalty != 1.0:
         kwargs["repetition_penalty"] = s0.repetition_penalty
     if model.config.is_encoder_decoder:
