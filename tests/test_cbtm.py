@@ -48,6 +48,27 @@ def test_tfidf_clustering_recovers_the_two_kinds_and_loads_back_identically(mixe
     np.testing.assert_array_equal(fit_clustering(texts, 2, seed=0)[0].centres, clustering.centres)
 
 
+def test_balanced_clustering_caps_cluster_sizes_and_assigns_by_document_alone(tmp_path):
+    from lmforge.experts.cluster import BALANCE_SLACK, balancing_offsets
+    # 240 prose documents and 60 code documents: plain k-means with k = 3 leaves one cluster far too large.
+    texts = make_docs("prose", 240, seed=3) + make_docs("code", 60, seed=4)
+    plain = np.bincount(fit_clustering(texts, 3, seed=0)[1], minlength=3)
+    clustering, labels = fit_clustering(texts, 3, seed=0, balanced=True)
+    sizes = np.bincount(labels, minlength=3)
+    cap = (1 + BALANCE_SLACK) * len(texts) / 3
+    assert plain.max() > cap >= sizes.max() and sizes.min() > 0, (plain, sizes)
+    assert clustering.info["balanced"] is True and clustering.info["sizes"] == sizes.tolist()
+    clustering.save(tmp_path / "clusters")
+    again = Clustering.load(tmp_path / "clusters")  # the offsets are saved: any process assigns the same way
+    np.testing.assert_array_equal(again.offsets, clustering.offsets)
+    np.testing.assert_array_equal(again.assign(texts), labels)
+    np.testing.assert_array_equal(again.assign(texts[:7]), labels[:7])  # one document at a time, same answer
+    # The auction itself: skewed distances end balanced within the slack.
+    d = np.random.default_rng(0).random((1000, 4)) * np.array([0.2, 1.0, 1.0, 1.0])
+    counts = np.bincount((d + balancing_offsets(d)).argmin(1), minlength=4)
+    assert counts.max() <= 1.1 * 250 and np.bincount(d.argmin(1), minlength=4).max() > 500
+
+
 def test_embedding_clustering_recovers_the_two_kinds(mixed, minilm_dir):
     _, kinds = mixed
     texts = list(kinds)[:40]

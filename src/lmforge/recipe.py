@@ -174,6 +174,8 @@ class ExpertsConfig(Section):
         "tfidf", description="What documents are clustered by: tf-idf, or mean-pooled embeddings of cluster_encoder.")
     cluster_encoder: Optional[str] = Field(None, description="Local HF encoder folder for embedding features "
                                                              "('package:NAME/folder' inside an installed package).")
+    cluster_balance: bool = Field(False, description="Balanced clusters (c-BTM): no cluster holds more than 1.1x "
+                                                     "its share of the fitted documents.")
     cluster_documents: int = Field(20000, ge=1, description="Fit the clustering on at most this many training "
                                                             "documents (a seeded sample).")
     routing: Literal["posterior", "clusters"] = Field(

@@ -36,6 +36,8 @@ CENTRES = "centres.safetensors"
 REPORT = "report.md"
 MAX_TERMS = 20_000      # tf-idf vocabulary cap: the most frequent terms of the fitted documents
 KMEANS_INITS = 4        # k-means restarts; fixed so a seed always gives the same clustering
+BALANCE_SLACK = 0.1     # balanced clusterings: no cluster above 1.1 x n/k of the fitted documents
+BALANCE_ROUNDS = 10     # balanced k-means: rounds of (balanced assignment, centre update)
 ENCODER_MAX_LENGTH = 256
 ENCODER_BATCH = 32
 
@@ -64,12 +66,15 @@ class Clustering:
 
     def __init__(self, features: str = "tfidf", *, terms: Optional[list[str]] = None,
                  idf: Optional[np.ndarray] = None, encoder: Optional[str] = None,
-                 centres: Optional[np.ndarray] = None, info: Optional[dict] = None):
+                 centres: Optional[np.ndarray] = None, offsets: Optional[np.ndarray] = None,
+                 info: Optional[dict] = None):
         if features not in ("tfidf", "embeddings"):
             raise LmforgeError(f"experts.cluster_features: expected 'tfidf' or 'embeddings', got {features!r}")
         self.features, self.terms, self.encoder = features, terms, encoder
         self.idf = None if idf is None else np.asarray(idf, dtype=np.float32)
         self.centres = None if centres is None else np.asarray(centres, dtype=np.float32)
+        # balanced clusterings: per-cluster additions to the squared distance when documents are assigned
+        self.offsets = None if offsets is None else np.asarray(offsets, dtype=np.float32)
         self.info = dict(info or {})
         self._vectorizer = None
         self._encoder = None
@@ -116,9 +121,12 @@ class Clustering:
         x = self.featurize(texts) if features is None else features
         return np.maximum(euclidean_distances(x, self.centres, squared=True), 0.0)
 
-    def assign(self, texts: list[str]) -> np.ndarray:
-        """Index of each text's nearest centre."""
-        return self.distances(texts).argmin(1) if len(texts) else np.zeros(0, dtype=np.int64)
+    def assign(self, texts: list[str], features=None) -> np.ndarray:
+        """Each text's cluster: its nearest centre (after the balancing offsets, when the clustering has them)."""
+        if not len(texts):
+            return np.zeros(0, dtype=np.int64)
+        d = self.distances(texts, features)
+        return (d + self.offsets if self.offsets is not None else d).argmin(1)
 
     def save(self, folder: Union[str, Path]) -> None:
         from safetensors.numpy import save_file
@@ -127,6 +135,8 @@ class Clustering:
         tensors = {"centres": np.ascontiguousarray(self.centres)}
         if self.idf is not None:
             tensors["idf"] = np.ascontiguousarray(self.idf)
+        if self.offsets is not None:
+            tensors["offsets"] = np.ascontiguousarray(self.offsets)
         save_file(tensors, str(folder / CENTRES))
         spec = {"k": self.k, "features": self.features, "names": self.names, "encoder": self.encoder,
                 "terms": self.terms, **self.info}
@@ -145,7 +155,7 @@ class Clustering:
         tensors = load_file(str(folder / CENTRES))
         info = {k: v for k, v in spec.items() if k not in ("k", "features", "names", "encoder", "terms")}
         return cls(spec["features"], terms=spec.get("terms"), idf=tensors.get("idf"), encoder=spec.get("encoder"),
-                   centres=tensors["centres"], info=info)
+                   centres=tensors["centres"], offsets=tensors.get("offsets"), info=info)
 
 
 def clustering_fingerprint(folder: Union[str, Path]) -> str:
@@ -160,9 +170,33 @@ def clustering_fingerprint(folder: Union[str, Path]) -> str:
     return h.hexdigest()[:16]
 
 
+def balancing_offsets(d: np.ndarray, slack: float = BALANCE_SLACK, rounds: int = 400) -> np.ndarray:
+    """Per-cluster offsets b such that argmin_c (d[:, c] + b[c]) puts at most (1 + slack)·n/k rows in any
+    cluster: a price on each cluster, raised while it is over-full and lowered while it is under-full (an
+    auction; the best balance found is kept if the bound is not reached)."""
+    n, k = d.shape
+    cap = (1 + slack) * n / k
+    ordered = np.sort(d, axis=1)
+    step = float(np.median(ordered[:, 1] - ordered[:, 0])) if k > 1 else 0.0
+    step = step or float(d.std()) or 1.0
+    offsets = np.zeros(k, dtype=np.float64)
+    best, best_max = offsets.copy(), np.inf
+    for r in range(rounds):
+        counts = np.bincount((d + offsets).argmin(1), minlength=k)
+        if counts.max() < best_max:
+            best, best_max = offsets.copy(), counts.max()
+        if counts.max() <= cap:
+            break
+        offsets += step * (counts / (n / k) - 1.0) / (1 + r / 50)
+        offsets -= offsets.min()
+    return best.astype(np.float32)
+
+
 def fit_clustering(texts: list[str], k: int, features: str = "tfidf", encoder: Optional[str] = None,
-                   seed: int = 0) -> tuple[Clustering, np.ndarray]:
-    """k-means over the texts' features; returns the clustering and each text's cluster."""
+                   seed: int = 0, balanced: bool = False) -> tuple[Clustering, np.ndarray]:
+    """k-means over the texts' features; returns the clustering and each text's cluster. `balanced` (as
+    c-BTM): alternate balanced assignment (`balancing_offsets`) and centre updates, and keep the offsets,
+    so that every document's cluster is still a function of the document alone."""
     from sklearn.cluster import KMeans
     if len(texts) < k:
         raise LmforgeError(f"experts.clusters: {k} clusters but only {len(texts)} training document(s) to "
@@ -180,14 +214,25 @@ def fit_clustering(texts: list[str], k: int, features: str = "tfidf", encoder: O
     x = clustering.featurize(texts)
     kmeans = KMeans(n_clusters=k, n_init=KMEANS_INITS, random_state=seed).fit(x)
     clustering.centres = kmeans.cluster_centers_.astype(np.float32)
+    if balanced:
+        for _ in range(BALANCE_ROUNDS):
+            d = clustering.distances(texts, features=x)
+            clustering.offsets = balancing_offsets(d)
+            labels = (d + clustering.offsets).argmin(1)
+            centres = np.stack([np.asarray(x[labels == c].mean(0)).ravel() if (labels == c).any()
+                                else clustering.centres[c] for c in range(k)]).astype(np.float32)
+            if np.allclose(centres, clustering.centres, atol=1e-6):
+                break
+            clustering.centres = centres
+        clustering.offsets = balancing_offsets(clustering.distances(texts, features=x))
     # Assigned again through the saved-and-loaded path (float32 centres), so training-time and load-time
     # assignments are the same function.
-    labels = clustering.distances(texts, features=x).argmin(1)
+    labels = clustering.assign(texts, features=x)
     sizes = np.bincount(labels, minlength=k)
     if (sizes == 0).any():
         raise LmforgeError(f"experts.clusters: only {int((sizes > 0).sum())} of {k} clusters hold documents "
                            f"(the {len(texts)} documents are too alike); lower experts.clusters")
-    clustering.info.update({"fitted_on": len(texts), "seed": seed, "sizes": sizes.tolist()})
+    clustering.info.update({"fitted_on": len(texts), "seed": seed, "balanced": balanced, "sizes": sizes.tolist()})
     return clustering, labels
 
 
@@ -251,7 +296,7 @@ def cluster_recipe_documents(recipe, folder: Union[str, Path], *, show: bool = T
     data = recipe.data.model_copy(update={"domain_clusters": None})  # fit on the text, whatever its labels
     texts, tags = _training_texts(data, cfg.cluster_documents, recipe.train.seed)
     clustering, labels = fit_clustering(texts, cfg.clusters, cfg.cluster_features, cfg.cluster_encoder,
-                                        seed=recipe.train.seed)
+                                        seed=recipe.train.seed, balanced=cfg.cluster_balance)
     clustering.save(folder)
     report = format_report(clustering, texts, labels, tags)
     (Path(folder) / REPORT).write_text(report)
