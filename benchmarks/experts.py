@@ -47,12 +47,14 @@ def main() -> None:
     ap.add_argument("--btx-train", default="all", choices=["all", "router"],
                     help="What BTX trains after merging: every parameter, as in the paper (default), or the routers.")
     ap.add_argument("--parallel", type=int, default=2, help="Experts trained at once (separate processes).")
+    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                    help="Recipe override, e.g. --set model.d_model=64 (repeatable).")
     ap.add_argument("--out", default=str(ROOT / "runs" / "bench-experts"))
     args = ap.parse_args()
     if not (ROOT / "data" / "shared-corpora" / "lmforge-prep.json").is_file():
         subprocess.run([sys.executable, "-m", "lmforge.cli", "prep", str(ROOT / "recipes/prep/shared-corpora.yaml"),
                         "--no-progress"], check=True, cwd=ROOT)
-    overrides = [f"experts.steps={args.steps}"] if args.steps else []
+    overrides = list(args.overrides) + ([f"experts.steps={args.steps}"] if args.steps else [])
     overrides += [f"experts.seed_steps={args.seed_steps}"] if args.seed_steps else []
     recipe = load_recipe(ROOT / "recipes" / "experts-domains.yaml", overrides)
     all_data = recipe.data.model_copy(deep=True)
