@@ -247,6 +247,18 @@ def test_classify_ner_health_metrics_and_api_key(main_server, task_dirs):
     assert m["requests"]["/v1/classify"]["200"] >= 1 and m["requests"]["/v1/ner"]["400"] >= 1
     assert m["latency_ms"]["/v1/classify"]["p50"] > 0 and m["latency_ms"]["/v1/classify"]["count"] >= 1
     assert m["models"]["tagger"]["kind"] == "ner"
+    # The same figures for Prometheus, parsed back with prometheus_client's own parser.
+    from prometheus_client.parser import text_string_to_metric_families
+    prom = httpx.get(f"{main_server}/metrics", params={"format": "prometheus"}, headers=auth())
+    assert prom.status_code == 200 and prom.headers["content-type"].startswith("text/plain")
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+               for family in text_string_to_metric_families(prom.text) for s in family.samples}
+    assert samples[("lmforge_requests_total", (("route", "/v1/classify"), ("status", "200")))] >= 1
+    assert samples[("lmforge_request_latency_seconds", (("quantile", "0.5"), ("route", "/v1/classify")))] > 0
+    assert ("lmforge_queued", (("model", "tagger"),)) in samples and ("lmforge_in_flight", ()) in samples
+    bad = httpx.get(f"{main_server}/metrics", params={"format": "xml"}, headers=auth())
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "format"
+    assert httpx.get(f"{main_server}/metrics", params={"format": "prometheus"}).status_code == 401  # key needed
 
 
 def test_32_concurrent_clients_are_batched_and_exact(main_server, lm):

@@ -16,7 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from typing import Callable, Optional
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Request, Response
 
 from lmforge.errors import LmforgeError
 from lmforge.generate import Completion, Decoding, context_limit, encode_prompt
@@ -223,10 +223,16 @@ def create_app(models: dict, api_key: Optional[str] = None, *, max_batch: int = 
         return {"status": "ok", "models": list(served)}
 
     @app.get("/metrics")
-    async def metrics():
+    async def metrics(format: str = "json"):
         snap = server.metrics.snapshot()
         snap["models"] = {name: {"kind": m.kind, "queued": server.batchers[name].jobs.qsize()
                                  if name in server.batchers else 0} for name, m in served.items()}
+        if format == "prometheus":
+            from prometheus_client import CONTENT_TYPE_LATEST
+            from lmforge.serve.metrics import prometheus_text
+            return Response(prometheus_text(snap), media_type=CONTENT_TYPE_LATEST)
+        if format != "json":
+            raise APIError(400, f"format: expected 'json' or 'prometheus', got {format!r}", param="format")
         return snap
 
     def model_card(m: ServedModel) -> dict:

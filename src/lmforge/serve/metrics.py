@@ -1,4 +1,5 @@
-"""What `GET /metrics` reports: requests per route and status, latency quantiles, generated tokens/s, batching."""
+"""What `GET /metrics` reports: requests per route and status, latency quantiles, generated tokens/s, batching;
+as JSON, or in Prometheus' text format (`GET /metrics?format=prometheus`)."""
 
 from __future__ import annotations
 
@@ -87,3 +88,48 @@ def _quantiles(values: list[float]) -> dict:
     def q(p: float) -> float:
         return round(1000 * values[min(len(values) - 1, int(p * len(values)))], 3)
     return {"count": len(values), "p50": q(0.50), "p99": q(0.99)}
+
+
+def prometheus_text(snapshot: dict) -> bytes:
+    """The snapshot in Prometheus' text exposition format (names prefixed `lmforge_`), via prometheus_client."""
+    from prometheus_client import CollectorRegistry, generate_latest
+    from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, SummaryMetricFamily
+
+    class Snapshot:
+        def collect(self):
+            requests = CounterMetricFamily("lmforge_requests", "HTTP requests by route and status",
+                                           labels=["route", "status"])
+            for route, statuses in snapshot["requests"].items():
+                for status, n in statuses.items():
+                    requests.add_metric([route, status], n)
+            yield requests
+            latency = GaugeMetricFamily("lmforge_request_latency_seconds",
+                                        "Request latency quantiles over the recent requests of each route",
+                                        labels=["route", "quantile"])
+            for route, q in snapshot["latency_ms"].items():
+                for name, value in (("0.5", q["p50"]), ("0.99", q["p99"])):
+                    latency.add_metric([route, name], value / 1000)
+            yield latency
+            yield CounterMetricFamily("lmforge_prompt_tokens", "Prompt tokens read", value=snapshot["prompt_tokens"])
+            yield CounterMetricFamily("lmforge_generated_tokens", "Tokens generated",
+                                      value=snapshot["generated_tokens"])
+            yield CounterMetricFamily("lmforge_batches", "Generation batches run", value=snapshot["batches"])
+            yield CounterMetricFamily("lmforge_cancelled", "Requests ended by a timeout or a client leaving",
+                                      value=snapshot["cancelled"])
+            for name, help_, key in (
+                    ("lmforge_generated_tokens_per_second", "Generated tokens/s over the last 60 s",
+                     "generated_tokens_per_s_last_60s"),
+                    ("lmforge_mean_batch_size", "Mean rows per generation batch", "mean_batch_size"),
+                    ("lmforge_largest_batch", "Largest generation batch", "largest_batch"),
+                    ("lmforge_in_flight", "Requests being served", "in_flight"),
+                    ("lmforge_waiting", "Requests waiting for a slot", "waiting"),
+                    ("lmforge_uptime_seconds", "Seconds since the server started", "uptime_s")):
+                yield GaugeMetricFamily(name, help_, value=snapshot[key])
+            queued = GaugeMetricFamily("lmforge_queued", "Requests queued per model", labels=["model"])
+            for model, info in snapshot.get("models", {}).items():
+                queued.add_metric([model], info["queued"])
+            yield queued
+
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(Snapshot())
+    return generate_latest(registry)
