@@ -137,6 +137,30 @@ def test_adding_and_removing_experts_leaves_the_others_unchanged(family):
         remove_expert(remove_expert(demix, "a"), "b")
 
 
+def test_concurrent_forwards_in_threads_keep_their_own_routing():
+    import copy
+    import threading
+    demix = scrambled(demix_from_dense(tiny_gpt2(6), ["a", "b"]))
+    ids = torch.randint(0, VOCAB, (2, 12))
+    expected = [logits(demix, ids, domain=e) for e in range(2)]
+    results, barrier = {}, threading.Barrier(4)
+
+    def run(k: int) -> None:
+        barrier.wait()
+        for _ in range(5):
+            results.setdefault(k, []).append(logits(demix, ids, domain=k % 2))
+
+    threads = [threading.Thread(target=run, args=(k,)) for k in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for k, outs in results.items():
+        assert all(torch.equal(o, expected[k % 2]) for o in outs), k
+    twin = copy.deepcopy(demix)  # copies work, and start with no routing of their own
+    assert torch.equal(logits(twin, ids, domain=1), expected[1])
+
+
 def test_saved_demix_loads_back_bit_identical_with_the_auto_classes(tmp_path):
     demix = scrambled(demix_from_dense(tiny_gpt2(4), ["x", "y"]))
     demix.config.demix_prior = [0.25, 0.75]

@@ -25,6 +25,7 @@ mixes with given weights; neither: the domain posterior (D + 1 forwards).
 from __future__ import annotations
 
 import json
+import threading
 from pathlib import Path
 from typing import Optional
 
@@ -37,17 +38,28 @@ from lmforge.errors import LmforgeError
 from lmforge.objectives.clm import CausalLM
 
 
-class DEMixFFN(torch.nn.Module):
-    """One layer's feed-forward block: one MLP per domain. `routing` (set by the model for one forward) is a
-    (B,) long tensor (row b → expert routing[b]) or (B, T|1, D) mixture weights."""
+class RoutingState(threading.local):
+    """What one forward of a DEMix model routes by, per thread: a served model runs concurrent forwards
+    (streams in their own threads), and each must see only its own routing and generation weights."""
 
-    def __init__(self, experts: list):
+    routing: Optional[torch.Tensor] = None
+    generation_weights: Optional[torch.Tensor] = None
+
+    def __reduce__(self):  # copies and pickles start empty
+        return (RoutingState, ())
+
+
+class DEMixFFN(torch.nn.Module):
+    """One layer's feed-forward block: one MLP per domain. `state.routing` (set by the model for one forward,
+    per thread) is a (B,) long tensor (row b → expert routing[b]) or (B, T|1, D) mixture weights."""
+
+    def __init__(self, experts: list, state: RoutingState):
         super().__init__()
         self.experts = torch.nn.ModuleList(experts)
-        self.routing: Optional[torch.Tensor] = None
+        self.state = state
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        routing = self.routing
+        routing = self.state.routing
         if routing is None:
             raise RuntimeError("a DEMix layer runs only inside its model's forward (which sets the routing)")
         if not torch.is_floating_point(routing):
@@ -76,17 +88,16 @@ class DEMixMixin:
         n = len(self.config.demix_domains)
         if n < 1:
             raise ValueError("a DEMix model needs at least one domain (config.demix_domains)")
+        self._routing_state = RoutingState()
         for layer in self._demix_layers():
-            layer.mlp = DEMixFFN([self._make_mlp() for _ in range(n)])
-        self._generation_weights: Optional[torch.Tensor] = None
+            layer.mlp = DEMixFFN([self._make_mlp() for _ in range(n)], self._routing_state)
 
     @property
     def domains(self) -> list[str]:
         return list(self.config.demix_domains)
 
     def _route(self, routing: Optional[torch.Tensor]) -> None:
-        for layer in self._demix_layers():
-            layer.mlp.routing = routing
+        self._routing_state.routing = routing
 
     def log_prior(self, device=None) -> torch.Tensor:
         n = len(self.domains)
@@ -131,12 +142,13 @@ class DEMixMixin:
             routing = domain_weights if domain_weights.dim() == 3 else domain_weights[:, None, :]
         else:
             past = past_key_values.get_seq_length() if past_key_values is not None else 0
-            if past == 0 or self._generation_weights is None:
+            state = self._routing_state
+            if past == 0 or state.generation_weights is None:
                 extra = {k: kwargs[k] for k in ("position_ids", "token_type_ids") if kwargs.get(k) is not None}
                 routing = self.domain_posterior(input_ids, attention_mask, **extra)
-                self._generation_weights = routing[:, -1:]  # kept for the tokens generated after this prompt
+                state.generation_weights = routing[:, -1:]  # kept for the tokens generated after this prompt
             else:
-                routing = self._generation_weights
+                routing = state.generation_weights
         self._route(routing)
         try:
             return super().forward(input_ids=input_ids, attention_mask=attention_mask,
