@@ -31,8 +31,8 @@ def test_ensemble_of_identical_experts_equals_the_expert():
     torch.testing.assert_close(out.posterior.sum(-1), torch.ones(3, 12))
 
 
-def test_posterior_concentrates_on_the_expert_that_explains_the_text():
-    # Expert "low" puts almost all mass on tokens < 25, expert "high" on tokens >= 25.
+def low_and_high_experts() -> list:
+    """Expert "low" puts almost all mass on tokens < 25, expert "high" on tokens >= 25."""
     experts = []
     for low in (True, False):
         model = tiny_gpt2(1)
@@ -43,6 +43,11 @@ def test_posterior_concentrates_on_the_expert_that_explains_the_text():
             model.lm_head.weight.zero_()
             model.lm_head.bias.copy_(bias)
         experts.append(model)
+    return experts
+
+
+def test_posterior_concentrates_on_the_expert_that_explains_the_text():
+    experts = low_and_high_experts()
     ensemble = ExpertEnsemble(experts, ["low", "high"])
     ids = torch.randint(25, 50, (2, 10))  # text of the "high" domain
     with torch.no_grad():
@@ -93,16 +98,7 @@ def test_ensemble_generates_like_a_causal_lm(tiny_lm_dir):
 
 def test_relevance_weights_favour_the_expert_that_explains_the_new_text():
     from lmforge.experts.run import relevance
-    experts = []
-    for low in (True, False):  # as above: "low" predicts tokens < 25, "high" tokens >= 25
-        model = tiny_gpt2(1)
-        with torch.no_grad():
-            bias = torch.full((50,), -8.0)
-            bias[:25 if low else 50][(0 if low else 25):] = 8.0
-            model.lm_head = torch.nn.Linear(16, 50, bias=True)
-            model.lm_head.weight.zero_()
-            model.lm_head.bias.copy_(bias)
-        experts.append(model)
+    experts = low_and_high_experts()
     ensemble = ExpertEnsemble(experts + [tiny_gpt2(7)], ["low", "high", "plain"])
     ids = torch.randint(25, 50, (4, 10))
     weights = relevance(ensemble, ids, top_k=None)

@@ -35,6 +35,7 @@ from transformers.models.gpt2.modeling_gpt2 import GPT2MLP
 from transformers.models.llama.modeling_llama import LlamaMLP
 
 from lmforge.errors import LmforgeError
+from lmforge.experts.ensemble import domain_posterior
 from lmforge.objectives.clm import CausalLM
 
 
@@ -117,18 +118,9 @@ class DEMixMixin:
                                          **kwargs).logits
             finally:
                 self._route(None)
-            logp = torch.log_softmax(logits[:, :-1].float(), -1).gather(-1, input_ids[:, 1:, None]).squeeze(-1)
-            if attention_mask is not None:  # a prediction counts when its context token and target are real
-                logp = logp * (attention_mask[:, :-1] * attention_mask[:, 1:]).to(logp.dtype)
-            seen.append(logp)
-        seen = torch.stack(seen)                                                       # (D, B, T-1)
-        cumulative = torch.cat([torch.zeros_like(seen[..., :1]), seen.cumsum(-1)], dim=-1)  # (D, B, T)
-        scores = self.log_prior(input_ids.device)[:, None, None] + cumulative
-        top_k = self.config.demix_top_k
-        if top_k and top_k < len(self.domains):
-            kth = scores.topk(top_k, dim=0).values[-1:]
-            scores = scores.masked_fill(scores < kth, float("-inf"))
-        return torch.softmax(scores, dim=0).permute(1, 2, 0)
+            seen.append(torch.log_softmax(logits[:, :-1].float(), -1).gather(-1, input_ids[:, 1:, None]).squeeze(-1))
+        return domain_posterior(torch.stack(seen), self.log_prior(input_ids.device), self.config.demix_top_k,
+                                attention_mask)
 
     def forward(self, input_ids=None, attention_mask=None, past_key_values=None, domain=None, domain_weights=None,
                 **kwargs):
@@ -326,9 +318,8 @@ def _train(model, tokenizer, recipe, run_dir, *, domains: list[str], steps: int,
     from lmforge.data.loader import BlockLoader
     from lmforge.engine import distributed as dist
     from lmforge.engine.logging import console
-    from lmforge.engine.loop import Engine
-    from lmforge.evaluate import evaluate_blocks
-    from lmforge.models import count_parameters, flops_per_token
+    from lmforge.experts.moe import experts_engine
+    from lmforge.models import count_parameters
     from lmforge.pretrain import prepare_run_dir
     r = recipe.model_copy(deep=True)
     r.experts, r.name = None, name
@@ -350,14 +341,8 @@ def _train(model, tokenizer, recipe, run_dir, *, domains: list[str], steps: int,
     expert_of = torch.tensor([model.domains.index(d) if d in model.domains else -1 for d in data.domains])
     objective = DomainRoutedCausalLM(r.objective, tokenizer, expert_of)
     n = len(model.domains)
-    expert_params = sum(p.numel() for k, p in model.named_parameters() if ".mlp.experts." in k)
-    fpt = flops_per_token(model, r.objective.block_size) - 6 * expert_params * (n - 1) / n  # one expert per token
-
-    def evaluate(m):
-        return evaluate_blocks(m, objective, data, batch_size=cfg.batch_size, max_batches=cfg.eval_batches)
-
-    engine = Engine(model, tokenizer, objective, loader, cfg, run_dir, evaluate=evaluate, flops_per_token=fpt,
-                    tensorboard=r.output.tensorboard, plots=r.output.plots, show_progress=show_progress)
+    engine = experts_engine(model, tokenizer, objective, loader, data, r, run_dir, active=1, total=n,
+                            show_progress=show_progress)  # one expert per token
     if show_progress:
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         console.print(f"[bold]{name}[/]: {n} domain experts per layer, {count_parameters(model)['total'] / 1e6:.2f}M "

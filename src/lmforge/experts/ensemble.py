@@ -29,6 +29,21 @@ class EnsembleOutput:
     posterior: torch.Tensor       # (B, T, D) p(d | x_{≤t}) (or the router's weights) used at each position
 
 
+def domain_posterior(seen: torch.Tensor, log_prior: torch.Tensor, top_k: Optional[int] = None,
+                     attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """(B, T, D) p(d | x_{≤t}) ∝ p(d) · Π_{s<t} p_d(x_{s+1} | x_{≤s}), from `seen` (D, B, T-1), each domain's
+    log-likelihood of every observed next token; `top_k` keeps the k likeliest domains; a prediction whose
+    context token or target is padding (`attention_mask` 0) is no evidence."""
+    if attention_mask is not None:
+        seen = seen * (attention_mask[:, :-1] * attention_mask[:, 1:]).to(seen.dtype)
+    cumulative = torch.cat([torch.zeros_like(seen[..., :1]), seen.cumsum(-1)], dim=-1)  # (D, B, T)
+    scores = log_prior.to(seen.device)[:, None, None] + cumulative
+    if top_k and top_k < scores.size(0):
+        kth = scores.topk(top_k, dim=0).values[-1:]
+        scores = scores.masked_fill(scores < kth, float("-inf"))
+    return torch.softmax(scores, dim=0).permute(1, 2, 0)
+
+
 class ExpertEnsemble(torch.nn.Module):
     def __init__(self, experts: list, domains: list[str], prior: Optional[torch.Tensor] = None,
                  top_k: Optional[int] = None, router: Optional[Callable[[torch.Tensor], torch.Tensor]] = None):
@@ -53,15 +68,7 @@ class ExpertEnsemble(torch.nn.Module):
         """(B, T, D) domain posterior at each position, from the likelihood of the tokens seen before it
         (padding, where `attention_mask` is 0, is no evidence)."""
         seen = logprobs[:, :, :-1].gather(-1, input_ids[None, :, 1:, None].expand(logprobs.size(0), -1, -1, 1))
-        seen = seen.squeeze(-1)                                           # (D, B, T-1): log p_d(x_{s+1} | x_{≤s})
-        if attention_mask is not None:
-            seen = seen * (attention_mask[:, :-1] * attention_mask[:, 1:]).to(seen.dtype)
-        cumulative = torch.cat([torch.zeros_like(seen[..., :1]), seen.cumsum(-1)], dim=-1)  # (D, B, T)
-        scores = self.log_prior[:, None, None] + cumulative
-        if self.top_k:
-            kth = scores.topk(self.top_k, dim=0).values[-1:]
-            scores = scores.masked_fill(scores < kth, float("-inf"))
-        return torch.softmax(scores, dim=0).permute(1, 2, 0)
+        return domain_posterior(seen.squeeze(-1), self.log_prior, self.top_k, attention_mask)
 
     def forward(self, input_ids: torch.Tensor, **kwargs) -> EnsembleOutput:
         kwargs = {k: v for k, v in kwargs.items() if k in ("position_ids", "attention_mask")}

@@ -239,6 +239,24 @@ class RoutedCausalLM(CausalLM):
         return total, torch.tensor(targets.numel(), device=ids.device), per_example
 
 
+def experts_engine(model, tokenizer, objective, loader, data, recipe, run_dir: Path, *, active: int, total: int,
+                   show_progress: bool = True):
+    """The lmforge engine for a model whose FFNs are `total` experts (`.mlp.experts.` parameters), `active` of
+    them per token: FLOPs count the active experts only; evaluation is the objective's on `data`'s validation."""
+    from lmforge.engine.loop import Engine
+    from lmforge.evaluate import evaluate_blocks
+    from lmforge.models import flops_per_token
+    cfg = recipe.train
+    experts = sum(p.numel() for name, p in model.named_parameters() if ".mlp.experts." in name)
+    fpt = flops_per_token(model, recipe.objective.block_size) - 6 * experts * (total - active) / total
+
+    def evaluate(m):
+        return evaluate_blocks(m, objective, data, batch_size=cfg.batch_size, max_batches=cfg.eval_batches)
+
+    return Engine(model, tokenizer, objective, loader, cfg, run_dir, evaluate=evaluate, flops_per_token=fpt,
+                  tensorboard=recipe.output.tensorboard, plots=recipe.output.plots, show_progress=show_progress)
+
+
 def train_moe(model, tokenizer, recipe, run_dir: Path, *, steps: int, train: str = "router",
               aux_weight: float = 0.01, show_progress: bool = True):
     """Train the merged model for `steps` on the recipe's data (all domains) with the lmforge engine; `train`
@@ -246,9 +264,7 @@ def train_moe(model, tokenizer, recipe, run_dir: Path, *, steps: int, train: str
     from lmforge.data.blocks import build_blocks
     from lmforge.data.loader import BlockLoader
     from lmforge.engine import distributed as dist
-    from lmforge.engine.loop import Engine
-    from lmforge.evaluate import evaluate_blocks
-    from lmforge.models import count_parameters, flops_per_token
+    from lmforge.models import count_parameters
     from lmforge.pretrain import prepare_run_dir
     if train not in ("router", "all"):
         raise LmforgeError(f"--train: expected 'router' or 'all', got {train!r}")
@@ -267,14 +283,8 @@ def train_moe(model, tokenizer, recipe, run_dir: Path, *, steps: int, train: str
     top_k = model.config.num_experts_per_tok
     objective = RoutedCausalLM(r.objective, tokenizer, top_k, aux_weight)
     n = model.config.num_local_experts
-    expert_params = sum(p.numel() for name, p in model.named_parameters() if ".mlp.experts." in name)
-    fpt = flops_per_token(model, r.objective.block_size) - 6 * expert_params * (n - top_k) / n  # active only
-
-    def evaluate(m):
-        return evaluate_blocks(m, objective, data, batch_size=cfg.batch_size, max_batches=cfg.eval_batches)
-
-    engine = Engine(model, tokenizer, objective, loader, cfg, run_dir, evaluate=evaluate, flops_per_token=fpt,
-                    tensorboard=r.output.tensorboard, plots=r.output.plots, show_progress=show_progress)
+    engine = experts_engine(model, tokenizer, objective, loader, data, r, run_dir, active=top_k, total=n,
+                            show_progress=show_progress)
     if show_progress:
         from lmforge.engine.logging import console
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
