@@ -64,6 +64,28 @@ def test_seeded_sampling_is_reproducible_and_equals_transformers(lm):
     assert batched[2].completion_tokens <= 5 and batched[0].completion_tokens <= 10
 
 
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_the_lean_loop_decodes_exactly_as_generate(lm, family, monkeypatch):
+    """Greedy, seeded sampling, left padding, per-row limits, stop strings and EOS: the same tokens either way."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+    from lmforge.generate import decode
+    model, tok = lm
+    if family == "llama":
+        torch.manual_seed(0)
+        model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64,
+                                             num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+                                             max_position_embeddings=128)).eval()
+    rows = [Decoding(max_new_tokens=30, temperature=0), Decoding(max_new_tokens=12, temperature=0.9, top_p=0.9, seed=3),
+            Decoding(max_new_tokens=30, temperature=0, stop=("e",)), Decoding(max_new_tokens=25, temperature=1.5, seed=5)]
+    assert decode.lean_decodable(model, rows[0])
+    lean = generate(model, tok, PROMPTS, rows)
+    monkeypatch.setattr(decode, "lean_decodable", lambda *a: False)
+    plain = generate(model, tok, PROMPTS, rows)
+    assert [c.token_ids for c in lean] == [c.token_ids for c in plain]
+    assert [(c.text, c.finish_reason) for c in lean] == [(c.text, c.finish_reason) for c in plain]
+    assert lean[1].completion_tokens <= 12 and lean[2].finish_reason == "stop"
+
+
 def test_stop_strings_cut_the_text_and_end_generation(lm):
     model, tok = lm
     full = generate(model, tok, ["def value"], Decoding(max_new_tokens=40, temperature=0))[0]

@@ -1,7 +1,10 @@
-"""Decoding settings, preparing a batch of prompts, and one batched `generate` call with per-row control."""
+"""Decoding settings, preparing a batch of prompts, and one batched decoding call with per-row control (a lean
+loop for one-token-per-step decoding of transformers' decoder-only models, `generate` for the rest)."""
 
 from __future__ import annotations
 
+import functools
+import inspect
 import json
 import threading
 from dataclasses import dataclass, field
@@ -207,11 +210,66 @@ def run_batch(model, tokenizer, batch: Batch, cancels: Optional[Sequence[Sequenc
         start = getattr(model.generation_config, "decoder_start_token_id", None)
         kwargs["decoder_start_token_id"] = start if start is not None else pad
     with torch.inference_mode():
-        out = model.generate(batch.input_ids, attention_mask=batch.attention_mask, **kwargs)
+        if lean_decodable(model, s0):
+            out = lean_decode(model, batch.input_ids, batch.attention_mask, max(batch.limits), eos, pad,
+                              processors, criteria, streamer)
+        else:
+            out = model.generate(batch.input_ids, attention_mask=batch.attention_mask, **kwargs)
     sequences = out.tolist() if isinstance(out, torch.Tensor) else out.sequences.tolist()
     return [_completion(tokenizer, seq[batch.width:], batch, r, eos, {eos, pad} - {None},
                         selector.record[r] if selector and s0.logprobs is not None else None)
             for r, seq in enumerate(sequences)]
+
+
+def lean_decodable(model, settings: Decoding) -> bool:
+    """Whether `lean_decode` can stand in for `generate`: one token per step (no beams, no repetition penalty)
+    from a transformers decoder-only model with a KV cache (expert ensembles and DEMix models use generate)."""
+    return (settings.num_beams == 1 and settings.repetition_penalty == 1.0 and not model.config.is_encoder_decoder
+            and type(model).__module__.startswith("transformers.models.") and getattr(model, "kv_cache", True)
+            and model.config.use_cache is not False and _forward_takes(type(model)))
+
+
+@functools.lru_cache(maxsize=None)
+def _forward_takes(cls) -> bool:
+    return {"position_ids", "past_key_values", "logits_to_keep"} <= set(inspect.signature(cls.forward).parameters)
+
+
+def lean_decode(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int,
+                eos: Optional[int], pad: int, processors: LogitsProcessorList, criteria: StoppingCriteriaList,
+                streamer: Optional[BaseStreamer] = None) -> torch.Tensor:
+    """What `model.generate` does for greedy decoding with these processors and criteria (same forwards, same
+    tokens), without its per-call set-up and per-step bookkeeping, which cost as much as a small model's forward.
+    Left-padded rows get positions counted from their first real token, as generate gives them; a row that has
+    ended (EOS or a criterion) gets `pad` until every row has."""
+    ids, mask = input_ids, attention_mask
+    positions = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)
+    unfinished = torch.ones(ids.shape[0], dtype=torch.bool, device=ids.device)
+    step, cache = ids, None
+    if streamer is not None:
+        streamer.put(ids.cpu())
+    for _ in range(max_new_tokens):
+        out = model(input_ids=step, attention_mask=mask, position_ids=positions, past_key_values=cache,
+                    use_cache=True, logits_to_keep=1)
+        scores = out.logits[:, -1, :].to(dtype=torch.float32)
+        if processors:
+            scores = processors(ids, scores)
+        chosen = scores.argmax(-1)
+        chosen = torch.where(unfinished, chosen, pad)
+        ids = torch.cat([ids, chosen[:, None]], dim=-1)
+        if streamer is not None:
+            streamer.put(chosen.cpu())
+        if eos is not None:
+            unfinished &= chosen != eos
+        if criteria:
+            unfinished &= ~criteria(ids, scores)
+        if not unfinished.any():
+            break
+        step, cache = chosen[:, None], out.past_key_values
+        mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=-1)
+        positions = positions[:, -1:] + 1
+    if streamer is not None:
+        streamer.end()
+    return ids
 
 
 def _completion(tokenizer, new: list[int], batch: Batch, r: int, eos: Optional[int], ends: set, record) -> Completion:
