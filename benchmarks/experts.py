@@ -7,9 +7,13 @@ Branch-Train-MiX.
 Every model trains on the four expert domains only (biomedical, code, legal, scientific); wiki, drama and
 reviews are out of domain for all of them. Seed: a GPT-2 4x128 trained `seed-steps` on the four-domain mixture.
 Then, each from the seed, with the same number of training tokens (printed):
-  experts  `steps` on each domain alone, each expert its own process (two at a time on 2 cores);
-  dense    4 x `steps` on the mixture;
-  DEMix    4 x `steps`, domains in equal shares, each row through its domain's FFN expert;
+  experts  `steps` on each domain alone at batch experts.batch_size (4: BTM's compute matching gives each of
+           the 4 experts a quarter of the hardware, so a quarter of the batch and the dense run's updates),
+           each expert its own process (two at a time on 2 cores);
+  dense    on the mixture at train.batch_size (16), as many tokens as the four experts together;
+  DEMix    the same steps, domains in equal shares, each row through its domain's FFN expert;
+  dense, small batch: the seed on the mixture at the experts' batch for 4 x `steps` (as many tokens, 4x the
+           updates): does a smaller batch alone explain the experts' gain? (--no-small-batch-dense skips it)
 and after the experts, BTX: the experts merged into a top-2 MoE trained `--btx-steps` on the mixture (every
 parameter, or only the routers with --btx-train router; tokens on top of the experts', printed). Dense and DEMix train at the same time, one process each.
 """
@@ -22,6 +26,7 @@ import time
 from pathlib import Path
 
 from lmforge.experts import branch, evaluate, format_comparison, merge
+from lmforge.experts.run import expert_recipe, mixture_steps
 from lmforge.recipe import load_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -47,6 +52,8 @@ def main() -> None:
     ap.add_argument("--btx-train", default="all", choices=["all", "router"],
                     help="What BTX trains after merging: every parameter, as in the paper (default), or the routers.")
     ap.add_argument("--parallel", type=int, default=2, help="Experts trained at once (separate processes).")
+    ap.add_argument("--no-small-batch-dense", dest="small_batch_dense", action="store_false",
+                    help="Skip the dense control trained at the experts' batch size.")
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                     help="Recipe override, e.g. --set model.d_model=64 (repeatable).")
     ap.add_argument("--out", default=str(ROOT / "runs" / "bench-experts"))
@@ -76,6 +83,17 @@ def main() -> None:
     wait([cli("experts", "train", str(run), "--dense", threads=1),
           cli("experts", "train", str(run), "--demix", threads=1)])
     t_dense_demix = time.perf_counter() - t0
+    extra, t_small = {}, 0.0
+    expert_batch = info.get("expert_batch_size", recipe.train.batch_size)
+    n = len(info["domains"])
+    if args.small_batch_dense and expert_batch != recipe.train.batch_size:
+        r = expert_recipe(load_recipe(run / "recipe.yaml"), None, run / info["seed"], run / "dense-small-batch")
+        r.train.batch_size, r.train.max_steps = expert_batch, n * info["steps_per_expert"]
+        (run / "dense-small-batch.yaml").write_text(r.to_yaml())
+        t0 = time.perf_counter()
+        wait([cli("pretrain", str(run / "dense-small-batch.yaml"), "--force", threads=2)])
+        t_small = time.perf_counter() - t0
+        extra["dense, small batch"] = run / "dense-small-batch" / "final"
     merge(run, "ensemble")
     merge(run, "average")
     btx_steps = args.btx_steps or recipe.experts.seed_steps
@@ -83,18 +101,22 @@ def main() -> None:
     merge(run, "moe", steps=btx_steps, train=args.btx_train, show_progress=False)
     t_btx = time.perf_counter() - t0
     t0 = time.perf_counter()
-    results = evaluate(run, data_config=all_data)
+    results = evaluate(run, data_config=all_data, extra=extra)
     t_eval = time.perf_counter() - t0
     results = {{"ensemble": "BTM ensemble", "average": "BTM average", "moe": "BTX", "demix": "DEMix"}.get(k, k): v
                for k, v in results.items()}
     steps = info["steps_per_expert"]
-    step_tokens = recipe.train.batch_size * recipe.objective.block_size
-    n = len(info["domains"])
+    block = recipe.objective.block_size
+    step_tokens = recipe.train.batch_size * block
+    mixed = mixture_steps(recipe, n)
     print(f"seed: {recipe.experts.seed_steps} steps on the {n}-domain mixture ({t_seed:.0f} s)")
-    print(f"experts: {n} x {steps} steps = {n * steps * step_tokens:,} tokens "
+    print(f"experts: {n} x {steps} steps at batch {expert_batch} = {n * steps * expert_batch * block:,} tokens "
           f"({t_experts:.0f} s wall, {args.parallel} processes at a time)")
-    print(f"dense and DEMix: {n * steps} steps = {n * steps * step_tokens:,} tokens each "
+    print(f"dense and DEMix: {mixed} steps at batch {recipe.train.batch_size} = {mixed * step_tokens:,} tokens each "
           f"({t_dense_demix:.0f} s wall, both at once)")
+    if extra:
+        print(f"dense, small batch: {n * steps} steps at batch {expert_batch} = {n * steps * expert_batch * block:,} "
+              f"tokens ({t_small:.0f} s)")
     print(f"BTX: the experts' tokens + {btx_steps} steps ({args.btx_train}) = {btx_steps * step_tokens:,} more "
           f"({t_btx:.0f} s)")
     print(f"evaluation: {t_eval:.0f} s\n")
@@ -108,7 +130,7 @@ def main() -> None:
         print(f"{name:>12}: in-domain mean ppl {mean_in:8.2f}   out-of-domain mean ppl {mean_out:8.2f}")
     dense_in = summary["dense"][0]
     print()
-    for name in ("BTM ensemble", "BTM average", "DEMix", "BTX"):
+    for name in ("BTM ensemble", "BTM average", "DEMix", "BTX", *extra):
         print(f"{name} vs dense, in-domain: {100 * (summary[name][0] / dense_in - 1):+.1f} %"
               + ("  (bar: <= -10 %)" if name == "BTM ensemble" else "  (bar: < 0 %)" if name == "BTX" else ""))
     (run / "benchmark.json").write_text(json.dumps({"results": results, "summary": summary}, indent=2))

@@ -316,10 +316,10 @@ def experts_train(target: Path = typer.Argument(..., help="The experts recipe or
                   domain: List[str] = typer.Option([], "--domain", help="Train only this expert (repeatable); "
                                                    "run one process per domain to train them in parallel."),
                   dense: bool = typer.Option(False, help="Also train the dense baseline (the seed on the mixture "
-                                             "for the experts' total steps)."),
+                                             "on as many tokens as the experts together)."),
                   demix: bool = typer.Option(False, help="Also train the DEMix model (RUN/demix/): the seed with one "
-                                             "FFN expert per domain in every layer, as many steps as the experts "
-                                             "together, each row through its domain's expert."),
+                                             "FFN expert per domain in every layer, as many tokens as the "
+                                             "experts together, each row through its domain's expert."),
                   set_: List[str] = typer.Option([], "--set", help=SET_HELP),
                   progress: bool = typer.Option(True, help="Show progress bars.")):
     """Train experts, each on its own domain only, as independent pretraining runs."""

@@ -164,6 +164,11 @@ class ExpertsConfig(Section):
     seed_steps: int = Field(200, ge=1, description="Steps of the seed model trained on the whole mixture.")
     domains: Optional[list[str]] = Field(None, description="Domains that get an expert (default: every domain).")
     steps: Optional[int] = Field(None, ge=1, description="Training steps per expert (default: train.max_steps).")
+    batch_size: Optional[int] = Field(
+        None, ge=1, description="Batch size of each expert (default: train.batch_size). As in Branch-Train-Merge's "
+                                "compute matching, train.batch_size / k with k experts gives each expert 1/k of the "
+                                "hardware and the dense baseline's number of updates; the dense baseline and DEMix "
+                                "train at train.batch_size on as many tokens as the experts together.")
     prior: Literal["uniform", "estimated"] = Field(
         "uniform", description="Domain prior of the ensemble: uniform, or estimated on held-out data.")
     top_k: Optional[int] = Field(None, ge=1, description="Ensemble: mix only the k most probable experts.")

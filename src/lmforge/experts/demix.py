@@ -368,11 +368,11 @@ def _save(run, model, tokenizer, record: dict) -> None:
 
 
 def train_demix(run, *, steps: Optional[int] = None, show_progress: bool = True):
-    """RUN/demix/: the seed with one copy of its FFNs per domain, trained `steps` (default: the experts' total
-    steps, so it sees as many tokens as the experts together) on the experts' domains in equal shares."""
+    """RUN/demix/: the seed with one copy of its FFNs per domain, trained `steps` (default: as many tokens as the
+    experts together, at the recipe's batch size) on the experts' domains in equal shares."""
     from lmforge.data.blocks import build_blocks
     from lmforge.engine.logging import console
-    from lmforge.experts.run import manifest
+    from lmforge.experts.run import manifest, mixture_steps
     from lmforge.models import load_model
     from lmforge.recipe import ExpertsConfig, load_recipe
     from lmforge.tokenizer import load_tokenizer
@@ -383,7 +383,7 @@ def train_demix(run, *, steps: Optional[int] = None, show_progress: bool = True)
     domains = list(info["domains"])
     tokenizer = load_tokenizer(run / info["seed"])
     model = demix_from_dense(load_model(run / info["seed"], "clm"), domains, top_k=cfg.top_k)
-    steps = steps or info["steps_per_expert"] * len(domains)
+    steps = steps or mixture_steps(recipe, len(domains))
     console.print(f"[bold]DEMix[/]: {steps} steps on {len(domains)} domains, each row through its domain's expert")
     tokens = _train(model, tokenizer, recipe, run / "demix-run", domains=domains, steps=steps,
                     name=f"{recipe.name}-demix", show_progress=show_progress)
@@ -407,11 +407,11 @@ def add_domain(run, domain: str, *, steps: Optional[int] = None, init: str = "ne
     expert on the domain; every other parameter stays as it was. `init`: 'nearest' (the expert whose domain
     the new text is likeliest under: highest mean posterior on its training blocks) or an expert's domain."""
     from lmforge.engine.logging import console
-    from lmforge.experts.run import manifest
+    from lmforge.experts.run import manifest, mixture_steps
     from lmforge.recipe import load_recipe
     from lmforge.tokenizer import load_tokenizer
     run = Path(run)
-    info = manifest(run)
+    manifest(run)
     recipe = load_recipe(run / "recipe.yaml")
     model = _load_demix(run).eval()
     if domain in model.domains:
@@ -430,7 +430,8 @@ def add_domain(run, domain: str, *, steps: Optional[int] = None, init: str = "ne
     trainable = set(expert_parameter_names(model, domain))
     for name, param in model.named_parameters():
         param.requires_grad_(name in trainable)
-    steps = steps or info["steps_per_expert"]
+    # as many tokens as an expert of the run (experts may train at a smaller batch than the recipe's)
+    steps = steps or mixture_steps(recipe, 1)
     tokens = _train(model.train(), tokenizer, recipe, run / f"demix-add-{domain}", domains=[domain], steps=steps,
                     name=f"{recipe.name}-demix-{domain}", show_progress=show_progress)
     for param in model.parameters():

@@ -11,7 +11,8 @@
       experts/<domain>/                one ordinary pretraining run per domain (its recipe.yaml, final/, ...)
       experts/<domain>-init/           an added expert's starting point: the relevance-weighted average of the
                                        existing experts (`add_expert`; experts.json "added" records the weights)
-      dense/                           optional baseline: the seed trained on the mixture for the experts' total steps
+      dense/                           optional baseline: the seed trained on the mixture, as many tokens as the
+                                       experts together
       ensemble/ensemble.json           experts, domains, prior and top-k of the posterior-weighted ensemble
       average/                         one HF model: the weighted parameter average of the experts
       moe/                             one HF model: the experts' FFNs as MoE experts, the rest averaged, trained
@@ -109,7 +110,8 @@ def branch(recipe: Recipe, *, force: bool = False, show_progress: bool = True) -
         (run / "experts" / f"{domain}.yaml").write_text(r.to_yaml())
         experts[domain] = f"experts/{domain}"
     _write_json(run / MANIFEST, {"domains": domains, "seed": "seed", "experts": experts,
-                                 "steps_per_expert": recipe.experts.steps or recipe.train.max_steps})
+                                 "steps_per_expert": recipe.experts.steps or recipe.train.max_steps,
+                                 "expert_batch_size": recipe.experts.batch_size or recipe.train.batch_size})
     console.print(f"branched {len(domains)} experts from {seed}: {', '.join(domains)}")
     return run
 
@@ -125,11 +127,24 @@ def expert_recipe(recipe: Recipe, domain: Optional[str], seed: Path, out: Path) 
         r.name = f"{recipe.name}-dense"
     r.model.path, r.model.family = str(seed), None
     r.tokenizer.path = str(seed)
-    steps = recipe.experts.steps or recipe.train.max_steps if recipe.experts else recipe.train.max_steps
-    n = len(_domains(recipe)) if domain is None else 1
-    r.train.max_steps = steps * n
+    if domain is None:
+        r.train.max_steps = mixture_steps(recipe, len(_domains(recipe)))
+    else:
+        steps = recipe.experts.steps or recipe.train.max_steps if recipe.experts else recipe.train.max_steps
+        r.train.max_steps = steps
+        r.train.batch_size = recipe.experts.batch_size or recipe.train.batch_size if recipe.experts else \
+            recipe.train.batch_size
     r.output.dir = str(out)
     return r
+
+
+def mixture_steps(recipe: Recipe, n_experts: int) -> int:
+    """Steps at train.batch_size that see as many tokens as `n_experts` experts together (the dense baseline's
+    and DEMix's budget): n x experts.steps x experts.batch_size / train.batch_size, rounded to the nearest step."""
+    cfg = recipe.experts
+    steps = (cfg.steps if cfg and cfg.steps else None) or recipe.train.max_steps
+    batch = (cfg.batch_size if cfg and cfg.batch_size else None) or recipe.train.batch_size
+    return max(1, round(n_experts * steps * batch / recipe.train.batch_size))
 
 
 def relevance(ensemble: ExpertEnsemble, input_ids: torch.Tensor, top_k: Optional[int] = None) -> dict[str, float]:
@@ -342,9 +357,11 @@ def open_experts_model(folder: Path, which: Optional[str] = None):
     return load_model(model_dir, "clm").eval(), load_tokenizer(model_dir)
 
 
-def evaluate(run: Path, *, max_batches: Optional[int] = None, batch_size: int = 8, data_config=None) -> dict:
+def evaluate(run: Path, *, max_batches: Optional[int] = None, batch_size: int = 8, data_config=None,
+             extra: Optional[dict] = None) -> dict:
     """Per-domain validation perplexity of every model the run holds: seed, dense, experts' ensemble, average,
-    moe, demix; on the run recipe's data, or on `data_config` (e.g. with domains no model trained on)."""
+    moe, demix (and `extra`: name -> model folder); on the run recipe's data, or on `data_config` (e.g. with
+    domains no model trained on)."""
     from lmforge.data.blocks import build_blocks
     from lmforge.evaluate import evaluate_blocks
     from lmforge.models import load_model
@@ -368,6 +385,8 @@ def evaluate(run: Path, *, max_batches: Optional[int] = None, batch_size: int = 
         models["moe"] = lambda: load_moe(run / "moe")
     if (run / "demix" / "config.json").is_file():
         models["demix"] = lambda: load_model(run / "demix", "clm")
+    for name, folder in (extra or {}).items():
+        models[name] = lambda folder=folder: load_model(Path(folder), "clm")
     results = {}
     for name, make in models.items():
         model = make().eval()
