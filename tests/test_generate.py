@@ -84,6 +84,10 @@ def test_the_lean_loop_decodes_exactly_as_generate(lm, family, monkeypatch):
     assert [c.token_ids for c in lean] == [c.token_ids for c in plain]
     assert [(c.text, c.finish_reason) for c in lean] == [(c.text, c.finish_reason) for c in plain]
     assert lean[1].completion_tokens <= 12 and lean[2].finish_reason == "stop"
+    # a checkpoint whose generation_config asks generate for more (here a repetition penalty) keeps generate
+    model.generation_config.repetition_penalty = 1.3
+    assert not decode.lean_decodable(model, rows[0])
+    model.generation_config.repetition_penalty = 1.0
 
 
 def test_stop_strings_cut_the_text_and_end_generation(lm):

@@ -226,7 +226,16 @@ def lean_decodable(model, settings: Decoding) -> bool:
     from a transformers decoder-only model with a KV cache (expert ensembles and DEMix models use generate)."""
     return (settings.num_beams == 1 and settings.repetition_penalty == 1.0 and not model.config.is_encoder_decoder
             and type(model).__module__.startswith("transformers.models.") and getattr(model, "kv_cache", True)
-            and model.config.use_cache is not False and _forward_takes(type(model)))
+            and model.config.use_cache is not False and _forward_takes(type(model))
+            and set(model.generation_config.to_diff_dict()) <= _INERT_GENERATION_KEYS)
+
+
+# generation_config entries that change nothing in greedy decoding with explicit eos/pad and max_new_tokens; any
+# other (a checkpoint's own repetition penalty, suppressed or forced tokens, ...) makes generate add processors
+_INERT_GENERATION_KEYS = {"use_cache", "output_attentions", "output_hidden_states", "bos_token_id", "eos_token_id",
+                          "pad_token_id", "decoder_start_token_id", "_from_model_config", "transformers_version",
+                          "do_sample", "temperature", "top_k", "top_p", "max_length", "max_new_tokens",
+                          "return_dict_in_generate", "output_scores", "output_logits"}
 
 
 @functools.lru_cache(maxsize=None)
