@@ -252,13 +252,14 @@ def lean_decode(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, ma
     ended (EOS or a criterion) gets `pad` until every row has."""
     ids, mask = input_ids, attention_mask
     positions = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)
+    full = bool(mask.all())  # no padding: the causal mask alone is right, and the model need not build one per step
     unfinished = torch.ones(ids.shape[0], dtype=torch.bool, device=ids.device)
     step, cache = ids, None
     if streamer is not None:
         streamer.put(ids.cpu())
     for _ in range(max_new_tokens):
-        out = model(input_ids=step, attention_mask=mask, position_ids=positions, past_key_values=cache,
-                    use_cache=True, logits_to_keep=1)
+        out = model(input_ids=step, attention_mask=None if full else mask, position_ids=positions,
+                    past_key_values=cache, use_cache=True, logits_to_keep=1)
         scores = out.logits[:, -1, :].to(dtype=torch.float32)
         if processors:
             scores = processors(ids, scores)
@@ -274,7 +275,8 @@ def lean_decode(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, ma
         if not unfinished.any():
             break
         step, cache = chosen[:, None], out.past_key_values
-        mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=-1)
+        if not full:
+            mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=-1)
         positions = positions[:, -1:] + 1
     if streamer is not None:
         streamer.end()
