@@ -244,12 +244,12 @@ def _forward_takes(cls) -> bool:
 
 
 def lean_decode(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int,
-                eos: Optional[int], pad: int, processors: LogitsProcessorList, criteria: StoppingCriteriaList,
+                eos: Optional[int], pad: Optional[int], processors: LogitsProcessorList, criteria: StoppingCriteriaList,
                 streamer: Optional[BaseStreamer] = None) -> torch.Tensor:
     """What `model.generate` does for greedy decoding with these processors and criteria (same forwards, same
     tokens), without its per-call set-up and per-step bookkeeping, which cost as much as a small model's forward.
-    Left-padded rows get positions counted from their first real token, as generate gives them; a row that has
-    ended (EOS or a criterion) gets `pad` until every row has."""
+    Left-padded rows get positions counted from their first real token, as generate gives them; with an `eos`,
+    a row that has ended (EOS or a criterion) gets `pad` until every row has."""
     ids, mask = input_ids, attention_mask
     positions = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)
     full = bool(mask.all())  # no padding: the causal mask alone is right, and the model need not build one per step
@@ -264,7 +264,8 @@ def lean_decode(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, ma
         if processors:
             scores = processors(ids, scores)
         chosen = scores.argmax(-1)
-        chosen = torch.where(unfinished, chosen, pad)
+        if eos is not None:  # as generate: with an end token, ended rows get padding
+            chosen = torch.where(unfinished, chosen, pad)
         ids = torch.cat([ids, chosen[:, None]], dim=-1)
         if streamer is not None:
             streamer.put(chosen.cpu())
