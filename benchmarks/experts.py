@@ -15,7 +15,8 @@ Then, each from the seed, with the same number of training tokens (printed):
   dense, small batch: the seed on the mixture at the experts' batch for 4 x `steps` (as many tokens, 4x the
            updates): does a smaller batch alone explain the experts' gain? (--no-small-batch-dense skips it)
 and after the experts, BTX: the experts merged into a top-2 MoE trained `--btx-steps` on the mixture (every
-parameter, or only the routers with --btx-train router; tokens on top of the experts', printed). Dense and DEMix train at the same time, one process each.
+parameter, or only the routers with --btx-train router; tokens on top of the experts', printed). Dense and DEMix
+train at the same time, one process each.
 """
 import argparse
 import json
@@ -87,7 +88,7 @@ def main() -> None:
     expert_batch = info.get("expert_batch_size", recipe.train.batch_size)
     n = len(info["domains"])
     if args.small_batch_dense and expert_batch != recipe.train.batch_size:
-        r = expert_recipe(load_recipe(run / "recipe.yaml"), None, run / info["seed"], run / "dense-small-batch")
+        r = expert_recipe(recipe, None, run / info["seed"], run / "dense-small-batch")
         r.train.batch_size, r.train.max_steps = expert_batch, n * info["steps_per_expert"]
         (run / "dense-small-batch.yaml").write_text(r.to_yaml())
         t0 = time.perf_counter()
@@ -109,14 +110,15 @@ def main() -> None:
     block = recipe.objective.block_size
     step_tokens = recipe.train.batch_size * block
     mixed = mixture_steps(recipe, n)
+    expert_tokens = n * steps * expert_batch * block
     print(f"seed: {recipe.experts.seed_steps} steps on the {n}-domain mixture ({t_seed:.0f} s)")
-    print(f"experts: {n} x {steps} steps at batch {expert_batch} = {n * steps * expert_batch * block:,} tokens "
+    print(f"experts: {n} x {steps} steps at batch {expert_batch} = {expert_tokens:,} tokens "
           f"({t_experts:.0f} s wall, {args.parallel} processes at a time)")
     print(f"dense and DEMix: {mixed} steps at batch {recipe.train.batch_size} = {mixed * step_tokens:,} tokens each "
           f"({t_dense_demix:.0f} s wall, both at once)")
     if extra:
-        print(f"dense, small batch: {n * steps} steps at batch {expert_batch} = {n * steps * expert_batch * block:,} "
-              f"tokens ({t_small:.0f} s)")
+        print(f"dense, small batch: {n * steps} steps at batch {expert_batch} = {expert_tokens:,} tokens "
+              f"({t_small:.0f} s)")
     print(f"BTX: the experts' tokens + {btx_steps} steps ({args.btx_train}) = {btx_steps * step_tokens:,} more "
           f"({t_btx:.0f} s)")
     print(f"evaluation: {t_eval:.0f} s\n")

@@ -109,9 +109,9 @@ def branch(recipe: Recipe, *, force: bool = False, show_progress: bool = True) -
         # Beside the expert's run folder, not in it: training with --force replaces the run folder.
         (run / "experts" / f"{domain}.yaml").write_text(r.to_yaml())
         experts[domain] = f"experts/{domain}"
+    steps, batch = expert_budget(recipe)
     _write_json(run / MANIFEST, {"domains": domains, "seed": "seed", "experts": experts,
-                                 "steps_per_expert": recipe.experts.steps or recipe.train.max_steps,
-                                 "expert_batch_size": recipe.experts.batch_size or recipe.train.batch_size})
+                                 "steps_per_expert": steps, "expert_batch_size": batch})
     console.print(f"branched {len(domains)} experts from {seed}: {', '.join(domains)}")
     return run
 
@@ -130,20 +130,22 @@ def expert_recipe(recipe: Recipe, domain: Optional[str], seed: Path, out: Path) 
     if domain is None:
         r.train.max_steps = mixture_steps(recipe, len(_domains(recipe)))
     else:
-        steps = recipe.experts.steps or recipe.train.max_steps if recipe.experts else recipe.train.max_steps
-        r.train.max_steps = steps
-        r.train.batch_size = recipe.experts.batch_size or recipe.train.batch_size if recipe.experts else \
-            recipe.train.batch_size
+        r.train.max_steps, r.train.batch_size = expert_budget(recipe)
     r.output.dir = str(out)
     return r
+
+
+def expert_budget(recipe: Recipe) -> tuple[int, int]:
+    """(steps, batch size) of each expert: experts.steps and experts.batch_size, by default the recipe's train
+    max_steps and batch_size."""
+    cfg = recipe.experts
+    return (cfg and cfg.steps) or recipe.train.max_steps, (cfg and cfg.batch_size) or recipe.train.batch_size
 
 
 def mixture_steps(recipe: Recipe, n_experts: int) -> int:
     """Steps at train.batch_size that see as many tokens as `n_experts` experts together (the dense baseline's
     and DEMix's budget): n x experts.steps x experts.batch_size / train.batch_size, rounded to the nearest step."""
-    cfg = recipe.experts
-    steps = (cfg.steps if cfg and cfg.steps else None) or recipe.train.max_steps
-    batch = (cfg.batch_size if cfg and cfg.batch_size else None) or recipe.train.batch_size
+    steps, batch = expert_budget(recipe)
     return max(1, round(n_experts * steps * batch / recipe.train.batch_size))
 
 
