@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import types
 
-import torch.nn.functional as F
+from lmforge.engine.dropout import attention
 
 
 def _first_position_forward(self, hidden_states, attention_mask=None, *args, **kwargs):
@@ -24,10 +24,9 @@ def _first_position_forward(self, hidden_states, attention_mask=None, *args, **k
     mask = attention_mask
     if mask is not None and mask.dim() == 4 and mask.shape[-2] > 1:
         mask = mask[:, :, :1, :]
-    context = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
-                                             dropout_p=attn.dropout.p if self.training else 0.0,
-                                             scale=attn.scaling)
-    context = context.transpose(1, 2).reshape(batch, 1, heads * size)
+    context, _ = attention(attn, q, k, v, mask, dropout=attn.dropout.p if self.training else 0.0,
+                           scaling=attn.scaling, is_causal=False)
+    context = context.reshape(batch, 1, heads * size)
     attention_output = self.attention.output(context, first)
     return self.output(self.intermediate(attention_output), attention_output)
 
