@@ -41,7 +41,7 @@ def _gradients(tmp_path, tok, objective, ids, batch_size, accum, **train):
     model = BertForMaskedLM(BertConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=2,
                                        num_attention_heads=2, intermediate_size=64, max_position_embeddings=32,
                                        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0))
-    cfg = TrainConfig(batch_size=batch_size, grad_accum=accum, max_steps=1, grad_clip=None, **train)
+    cfg = TrainConfig(batch_size=batch_size, grad_accum=accum, max_steps=1, **{"grad_clip": None, **train})
     engine = Engine(model, tok, objective, FixedLoader(ids, batch_size, accum), cfg, tmp_path,
                     tensorboard=False, plots=False, show_progress=False)
     engine.optimizer.step = lambda *a, **k: None  # keep the gradients to compare them
@@ -62,6 +62,17 @@ def test_accumulation_gives_the_large_batch_gradient(tmp_path, mlm_setup):
     counts = [objective.count_tokens(objective.make_batch(*FixedLoader(ids, 8, 4).micro_batch(0, m)))
               for m in range(4)]
     assert len(set(counts)) > 1, "micro-batches must hold unequal numbers of loss tokens"
+
+
+def test_clipping_scales_only_gradients_above_the_limit(tmp_path, mlm_setup):
+    tok, objective, ids = mlm_setup
+    _, _, raw = _gradients(tmp_path / "a", tok, objective, ids, 32, 1)
+    norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in raw.values()])).item()
+    _, _, loose = _gradients(tmp_path / "b", tok, objective, ids, 32, 1, grad_clip=2 * norm)
+    assert all(torch.equal(raw[n], loose[n]) for n in raw)  # under the limit: untouched, bit for bit
+    _, _, clipped = _gradients(tmp_path / "c", tok, objective, ids, 32, 1, grad_clip=norm / 4)
+    for n, g in raw.items():
+        assert torch.allclose(clipped[n], g * (norm / 4) / (norm + 1e-6), rtol=1e-5, atol=1e-9), n
 
 
 def test_warmup_and_schedules():

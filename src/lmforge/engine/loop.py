@@ -208,8 +208,11 @@ class Engine:
         if self.scaler:
             self.scaler.unscale_(self.optimizer)
         params = [p for p in self.model.parameters() if p.grad is not None]
-        norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip else float("inf"))
-        norm = float(norm)
+        total = torch.nn.utils.get_total_norm([p.grad for p in params])
+        norm = float(total)
+        # clip_grad_norm_ multiplies every gradient by min(1, clip / (norm + 1e-6)) even when that is 1
+        if cfg.grad_clip and norm + 1e-6 > cfg.grad_clip:
+            torch.nn.utils.clip_grads_with_norm_(params, cfg.grad_clip, total)
         if not (math.isfinite(loss) and math.isfinite(norm)):
             self.optimizer.zero_grad(set_to_none=True)
             if self.scaler:
