@@ -15,9 +15,9 @@ import time
 
 import torch
 import torch.nn.functional as F
-from transformers import (AutoTokenizer, BertConfig, BertForMaskedLM, DataCollatorForLanguageModeling,
-                          GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast, Trainer, TrainerCallback,
-                          TrainingArguments, set_seed)
+from transformers import (AutoModelForMaskedLM, AutoTokenizer, BertConfig, BertForMaskedLM,
+                          DataCollatorForLanguageModeling, GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast,
+                          Trainer, TrainerCallback, TrainingArguments, set_seed)
 from transformers.trainer_callback import PrinterCallback
 
 SHAKESPEARE = "/work/shared/data/tinyshakespeare/input.txt"
@@ -229,6 +229,26 @@ def _masked_eval_loss(model, tok, examples, batch=32, seed=0):
     return total / count
 
 
+def _mlm_split(text_path):
+    lines = [l for l in open(text_path, encoding="utf-8").read().splitlines() if l.strip()]
+    cut = int(0.9 * len(lines))
+    return lines[:cut], lines[cut:]
+
+
+def mlm_held_out(text_path, tok):
+    """The held-out 10 % as 128-token blocks and line by line, tokenized as the Trainer runs see them."""
+    held_lines = _mlm_split(text_path)[1]
+    return (group_texts(_lines_to_examples(tok, held_lines, truncate=False)),
+            _lines_to_examples(tok, held_lines, truncate=True))
+
+
+def masked_eval_loss(model_dir, text_path, seed=0):
+    """`_masked_eval_loss` on the held-out blocks for a saved masked-LM folder: the Trainer runs' targets."""
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForMaskedLM.from_pretrained(model_dir, attn_implementation="sdpa")
+    return _masked_eval_loss(model, tok, mlm_held_out(text_path, tok)[0], seed=seed)
+
+
 def trainer_mlm(text_path, tokenizer_dir, mode, steps, log=print):
     """A 4-layer, 128-wide BERT trained by Trainer with masked-LM on `text_path`.
 
@@ -244,15 +264,12 @@ def trainer_mlm(text_path, tokenizer_dir, mode, steps, log=print):
     tok = AutoTokenizer.from_pretrained(tokenizer_dir)
     # Blank lines are dropped in both modes (run_mlm keeps them in packed mode, as bare
     # [CLS][SEP] pairs): both modes then train on the same text.
-    lines = [l for l in open(text_path, encoding="utf-8").read().splitlines() if l.strip()]
-    cut = int(0.9 * len(lines))
-    train_lines, held_lines = lines[:cut], lines[cut:]
+    train_lines, held_lines = _mlm_split(text_path)
     if mode == "packed":
         train_set = group_texts(_lines_to_examples(tok, train_lines, truncate=False))
     else:
         train_set = _lines_to_examples(tok, train_lines, truncate=True)
-    held_blocks = group_texts(_lines_to_examples(tok, held_lines, truncate=False))
-    held_examples = _lines_to_examples(tok, held_lines, truncate=True)
+    held_blocks, held_examples = mlm_held_out(text_path, tok)
 
     set_seed(seed)  # BertConfig's default dropout 0.1 is kept, as in run_mlm.py
     model = BertForMaskedLM(BertConfig(
