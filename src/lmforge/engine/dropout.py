@@ -120,10 +120,3 @@ def use_fast_dropout(model: nn.Module) -> int:
             changed += 1
     return changed
 
-
-def restore_attention(model: nn.Module) -> None:
-    """Undo the attention swap (the `FastDropout` modules may stay: they behave like `nn.Dropout`)."""
-    for module in model.modules():
-        config = getattr(module, "config", None)
-        if config is not None and getattr(config, "_attn_implementation", None) == ATTENTION:
-            config._attn_implementation = "sdpa"
