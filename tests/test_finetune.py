@@ -380,3 +380,25 @@ def test_resume_continues_exactly(tmp_path, base_dir):
     a = load_file(str(whole / "checkpoints" / "step-000020" / "model.safetensors"))
     b = load_file(str(part / "checkpoints" / "step-000020" / "model.safetensors"))
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_throughput_counts_input_tokens(tmp_path, base_dir, monkeypatch):
+    """tokens/s counts the non-padding input tokens read, and MFU uses the FLOPs of one such token."""
+    import lmforge.engine.loop as loop
+    from lmforge.engine.logging import read_metrics
+    from lmforge.models import flops_per_token
+    from transformers import AutoTokenizer
+    monkeypatch.setattr(loop, "matmul_roof", lambda *a, **k: 1e6)  # a fixed roof: MFU = tokens/s x FLOPs / 1e6
+    train, dev = sentiment(tmp_path, n_train=160, n_dev=32)
+    r = recipe(base_dir, tmp_path / "run", data={"train": {"path": str(train)}, "validation": {"path": str(dev)},
+                                                 "text_column": "sentence"}, epochs=1, log_every=2)
+    run = finetune(r, show_progress=False)
+    tok = AutoTokenizer.from_pretrained(run / "final")
+    sentences = [line.split("\t")[0] for line in train.read_text().splitlines()[1:]]
+    mean_len = sum(len(ids) for ids in tok(sentences)["input_ids"]) / len(sentences)
+    model = AutoModelForSequenceClassification.from_pretrained(run / "final")
+    expected = flops_per_token(model, max(8, round(mean_len)), head_fraction=0.0) / 1e6
+    logged = [rec for rec in read_metrics(run) if "split" not in rec]
+    assert logged and all(rec["tokens_per_s"] > 0 for rec in logged)
+    for rec in logged:
+        assert rec["mfu"] / rec["tokens_per_s"] == pytest.approx(expected, rel=2e-3)

@@ -134,15 +134,11 @@ def finetune(recipe: FinetuneRecipe, *, resume: bool = False, force: bool = Fals
             return {}
         return score_split(m, data, "validation", recipe, objective)["metrics_flat"]
 
-    # The engine counts loss units (examples, or tagged words): MFU needs the FLOPs of one unit's tokens.
+    # Throughput counts the non-padding input tokens read; attention's cost follows the mean example length.
     train_enc = data.encoded["train"]
-    tokens = sum(map(len, train_enc.input_ids))
-    units = sum(1 for y in train_enc.labels if y != -1) if recipe.task == "classification" else \
-        sum(t != -100 for row in train_enc.labels for t in row)
-    mean_len = tokens / len(train_enc)
-    unit_flops = flops_per_token(model, max(8, round(mean_len)), head_fraction=0.0) * tokens / max(units, 1)
+    mean_len = sum(map(len, train_enc.input_ids)) / max(len(train_enc), 1)
     engine = Engine(model, tokenizer, objective, loader, train_cfg, run_dir, evaluate=evaluate,
-                    flops_per_token=unit_flops,
+                    flops_per_token=flops_per_token(model, max(8, round(mean_len)), head_fraction=0.0),
                     tensorboard=recipe.output.tensorboard, plots=recipe.output.plots, show_progress=show_progress,
                     param_groups=tm.param_groups(model, cfg.weight_decay, strategy, cfg.lr))
     if resume:
