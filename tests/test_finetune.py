@@ -402,3 +402,16 @@ def test_throughput_counts_input_tokens(tmp_path, base_dir, monkeypatch):
     assert logged and all(rec["tokens_per_s"] > 0 for rec in logged)
     for rec in logged:
         assert rec["mfu"] / rec["tokens_per_s"] == pytest.approx(expected, rel=2e-3)
+
+
+def test_flops_of_frozen_weights_leave_out_their_weight_gradients(base_dir):
+    """A frozen body weight costs forward (2) + input gradient (2) FLOPs per token, not the 6 of a trained one."""
+    from lmforge.models import count_parameters, flops_per_token, frozen_body_parameters
+    model = AutoModelForSequenceClassification.from_pretrained(base_dir, num_labels=2)
+    full = flops_per_token(model, 16, head_fraction=0.0, frozen=frozen_body_parameters(model))
+    assert frozen_body_parameters(model) == 0 and full == flops_per_token(model, 16, head_fraction=0.0)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    body = count_parameters(model)["body"]
+    assert frozen_body_parameters(model) == body
+    assert full - flops_per_token(model, 16, head_fraction=0.0, frozen=body) == 2 * body

@@ -33,7 +33,7 @@ from lmforge.finetune.encode import Encoded, TaskLoader, encode_classification, 
 from lmforge.finetune.metrics import classification_metrics, format_report, ner_metrics, plot_confusion
 from lmforge.finetune.objective import TaskObjective, predict_encoded, word_predictions
 from lmforge.finetune.tables import LabelSet, read_rows, read_sentences
-from lmforge.models import flops_per_token
+from lmforge.models import flops_per_token, frozen_body_parameters
 
 SPLITS = ("train", "validation", "test")
 
@@ -138,7 +138,8 @@ def finetune(recipe: FinetuneRecipe, *, resume: bool = False, force: bool = Fals
     train_enc = data.encoded["train"]
     mean_len = sum(map(len, train_enc.input_ids)) / max(len(train_enc), 1)
     engine = Engine(model, tokenizer, objective, loader, train_cfg, run_dir, evaluate=evaluate,
-                    flops_per_token=flops_per_token(model, max(8, round(mean_len)), head_fraction=0.0),
+                    flops_per_token=flops_per_token(model, max(8, round(mean_len)), head_fraction=0.0,
+                                                    frozen=frozen_body_parameters(model)),
                     tensorboard=recipe.output.tensorboard, plots=recipe.output.plots, show_progress=show_progress,
                     param_groups=tm.param_groups(model, cfg.weight_decay, strategy, cfg.lr))
     if resume:
