@@ -36,7 +36,8 @@ def _children(pid: int) -> list[int]:
     return found
 
 
-def _run(cmd: list[str], env: dict, out_dir: Path, timeout: float = 150.0, attempts: int = 2) -> subprocess.CompletedProcess:
+def _run(cmd: list[str], env: dict, out_dir: Path, timeout: float = 150.0,
+         attempts: int = 2) -> subprocess.CompletedProcess:
     """Run a training command; a run that hangs has its workers' Python stacks dumped (faulthandler on
     SIGABRT) and is tried once more. torch's process-group shutdown can rarely hang at exit on gloo; the
     stacks say where, and a hang that repeats still fails the test."""
