@@ -178,12 +178,16 @@ def check_compatible(model, tokenizer, block_size: int, where: str, causal: bool
                            f"position limit {limit}")
 
 
+def _is_position(name: str) -> bool:
+    return "position" in name or name.endswith("wpe.weight")
+
+
 def count_parameters(model) -> dict:
     total = sum(p.numel() for p in model.parameters())
     embed = model.get_input_embeddings().weight.numel()
     positions = 0
     for name, p in model.named_parameters():
-        if "position" in name or name.endswith("wpe.weight"):
+        if _is_position(name):
             positions += p.numel()
     return {"total": total, "embedding": embed, "positions": positions, "body": total - embed - positions}
 
@@ -192,8 +196,7 @@ def frozen_body_parameters(model) -> int:
     """Body parameters (not the token or position embeddings) that get no weight gradient."""
     embedding = model.get_input_embeddings().weight
     return sum(p.numel() for name, p in model.named_parameters()
-               if not p.requires_grad and p is not embedding and "position" not in name
-               and not name.endswith("wpe.weight"))
+               if not p.requires_grad and p is not embedding and not _is_position(name))
 
 
 def flops_per_token(model, block_size: int, head_fraction: float = 1.0, frozen: int = 0) -> float:
