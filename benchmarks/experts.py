@@ -21,6 +21,7 @@ train at the same time, one process each.
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -52,6 +53,12 @@ def main() -> None:
     ap.add_argument("--btx-steps", type=int, default=None, help="BTX training steps (default: the seed steps).")
     ap.add_argument("--btx-train", default="all", choices=["all", "router"],
                     help="What BTX trains after merging: every parameter, as in the paper (default), or the routers.")
+    ap.add_argument("--weights", default="uniform", choices=["uniform", "fisher"],
+                    help="How the BTM average and BTX's shared parameters average the experts: uniformly, or "
+                         "Fisher-weighted (each weight from the experts whose domain relies on it; the uniform "
+                         "average is then evaluated too).")
+    ap.add_argument("--merge-only", action="store_true",
+                    help="Reuse the trained run in --out (seed, experts, dense, DEMix): only merge and evaluate.")
     ap.add_argument("--parallel", type=int, default=2, help="Experts trained at once (separate processes).")
     ap.add_argument("--no-small-batch-dense", dest="small_batch_dense", action="store_false",
                     help="Skip the dense control trained at the experts' batch size.")
@@ -69,6 +76,9 @@ def main() -> None:
     recipe.data.only_domains = IN_DOMAIN  # seed, dense, experts, DEMix and BTX see these four domains only
     recipe.experts.domains = IN_DOMAIN
     recipe.output.dir = args.out
+    if args.merge_only:
+        merge_only(recipe, all_data, args)
+        return
     t0 = time.perf_counter()
     run = branch(recipe, force=True, show_progress=False)
     t_seed = time.perf_counter() - t0
@@ -95,17 +105,7 @@ def main() -> None:
         wait([cli("pretrain", str(run / "dense-small-batch.yaml"), "--force", threads=2)])
         t_small = time.perf_counter() - t0
         extra["dense, small batch"] = run / "dense-small-batch" / "final"
-    merge(run, "ensemble")
-    merge(run, "average")
-    btx_steps = args.btx_steps or recipe.experts.seed_steps
-    t0 = time.perf_counter()
-    merge(run, "moe", steps=btx_steps, train=args.btx_train, show_progress=False)
-    t_btx = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    results = evaluate(run, data_config=all_data, extra=extra)
-    t_eval = time.perf_counter() - t0
-    results = {{"ensemble": "BTM ensemble", "average": "BTM average", "moe": "BTX", "demix": "DEMix"}.get(k, k): v
-               for k, v in results.items()}
+    btx_steps, t_btx, results, t_eval = merge_and_evaluate(run, recipe, all_data, args, extra)
     steps = info["steps_per_expert"]
     block = recipe.objective.block_size
     step_tokens = recipe.train.batch_size * block
@@ -122,6 +122,51 @@ def main() -> None:
     print(f"BTX: the experts' tokens + {btx_steps} steps ({args.btx_train}) = {btx_steps * step_tokens:,} more "
           f"({t_btx:.0f} s)")
     print(f"evaluation: {t_eval:.0f} s\n")
+    report(run, results, "benchmark.json")
+
+
+def merge_and_evaluate(run: Path, recipe, all_data, args, extra: dict):
+    """Ensemble, average and BTX merges of a trained run, then every model's per-domain perplexity."""
+    merge(run, "ensemble")
+    if args.weights == "fisher":  # the uniform average too, for comparison
+        merge(run, "average")
+        uniform = run / "average-uniform"
+        if uniform.exists():
+            shutil.rmtree(uniform)
+        (run / "average").rename(uniform)
+        extra = {**extra, "BTM average (uniform)": uniform}
+    merge(run, "average", weights=args.weights, show_progress=False)
+    btx_steps = args.btx_steps or recipe.experts.seed_steps
+    t0 = time.perf_counter()
+    merge(run, "moe", weights=args.weights, steps=btx_steps, train=args.btx_train, show_progress=False)
+    t_btx = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    results = evaluate(run, data_config=all_data, extra=extra)
+    t_eval = time.perf_counter() - t0
+    suffix = " (Fisher)" if args.weights == "fisher" else ""
+    results = {{"ensemble": "BTM ensemble", "average": "BTM average" + suffix, "moe": "BTX" + suffix,
+                "demix": "DEMix"}.get(k, k): v for k, v in results.items()}
+    return btx_steps, t_btx, results, t_eval
+
+
+def merge_only(recipe, all_data, args) -> None:
+    run = Path(args.out)
+    if not (run / "experts.json").is_file():
+        raise SystemExit(f"--merge-only: {run} holds no trained experts run (run without --merge-only first)")
+    extra = {}
+    if (run / "dense-small-batch" / "final" / "config.json").is_file():
+        extra["dense, small batch"] = run / "dense-small-batch" / "final"
+    btx_steps, t_btx, results, t_eval = merge_and_evaluate(run, load_recipe(run / "recipe.yaml"), all_data, args,
+                                                           extra)
+    step_tokens = recipe.train.batch_size * recipe.objective.block_size
+    print(f"{run}: merges of the trained experts ({args.weights} weights)")
+    print(f"BTX: the experts' tokens + {btx_steps} steps ({args.btx_train}) = {btx_steps * step_tokens:,} more "
+          f"({t_btx:.0f} s)")
+    print(f"evaluation: {t_eval:.0f} s\n")
+    report(run, results, f"benchmark-merge-{args.weights}.json")
+
+
+def report(run: Path, results: dict, name: str) -> None:
     print(format_comparison(results))
     outside = sorted({k.split('/', 1)[1] for k in results["seed"] if k.startswith("ppl/")} - set(IN_DOMAIN))
     summary = {}
@@ -132,10 +177,10 @@ def main() -> None:
         print(f"{name:>12}: in-domain mean ppl {mean_in:8.2f}   out-of-domain mean ppl {mean_out:8.2f}")
     dense_in = summary["dense"][0]
     print()
-    for name in ("BTM ensemble", "BTM average", "DEMix", "BTX", *extra):
+    for name in (n for n in results if n not in ("seed", "dense")):
         print(f"{name} vs dense, in-domain: {100 * (summary[name][0] / dense_in - 1):+.1f} %"
-              + ("  (bar: <= -10 %)" if name == "BTM ensemble" else "  (bar: < 0 %)" if name == "BTX" else ""))
-    (run / "benchmark.json").write_text(json.dumps({"results": results, "summary": summary}, indent=2))
+              + ("  (bar: <= -10 %)" if name == "BTM ensemble" else "  (bar: < 0 %)" if name.startswith("BTX") else ""))
+    (run / name).write_text(json.dumps({"results": results, "summary": summary}, indent=2))
 
 
 if __name__ == "__main__":

@@ -49,12 +49,14 @@ def run_lmforge(tree: dict) -> dict:
 
 
 def _run_lmforge(tree: dict) -> dict:
-    """Train a recipe tree; return its training seconds (last training log line), metrics and peak RSS."""
+    """Train a recipe tree; return its training seconds (the last training log line's elapsed time, the figure
+    Trainer's side reports), the whole run's seconds (data, training, evaluation, export), metrics and peak RSS."""
     reset_peak_rss()
     run = finetune(finetune_recipe_from_dict(tree), force=True, show_progress=False)
     train = [r for r in read_metrics(run) if "split" not in r]
     results = json.loads((run / "results.json").read_text())
-    return {"seconds": train[-1]["elapsed_s"], "steps": train[-1]["step"], "peak_rss_mb": peak_rss_mb(), **results}
+    return {**results, "run_seconds": results["seconds"], "seconds": train[-1]["elapsed_s"], "steps": train[-1]["step"],
+            "peak_rss_mb": peak_rss_mb()}
 
 
 def common_train(epochs, steps_hint=10**9) -> dict:

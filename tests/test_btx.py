@@ -145,7 +145,7 @@ def test_branch_train_mix_end_to_end(tmp_path, corpus):
     info = json.loads((run / "moe" / "merge.json").read_text())
     assert info | {"experts": None} == {"method": "moe", "domains": ["code", "prose"], "family": "gpt2",
                                         "experts": None, "top_k": 2, "aux_weight": 0.05, "steps": 3,
-                                        "train": "router"}
+                                        "train": "router", "shared": "uniform"}
     records = [json.loads(line) for line in (run / "moe-run" / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in records if "loss" in r and "split" not in r]
     assert [r["step"] for r in steps] == [1, 2, 3]
@@ -159,3 +159,15 @@ def test_branch_train_mix_end_to_end(tmp_path, corpus):
     with torch.no_grad():
         out = model.generate(ids, max_new_tokens=4, do_sample=False, pad_token_id=tokenizer.pad_token_id)
     assert out.shape == (1, ids.size(1) + 4)
+    # Fisher-weighted shared parameters: the same experts, each shared weight pulled towards the expert whose
+    # domain's gradients it carries; the FFN experts are the experts' own.
+    merge(run, "moe", weights="fisher", steps=0, show_progress=False)
+    fisher = load_moe(run / "moe").state_dict()
+    assert json.loads((run / "moe" / "merge.json").read_text())["shared"] == "fisher"
+    assert not torch.allclose(fisher["transformer.wte.weight"], before["transformer.wte.weight"])
+    ffn = [k for k in fisher if ".mlp.experts." in k]
+    assert ffn and all(torch.equal(fisher[k], before[k]) for k in ffn)
+    from typer.testing import CliRunner
+    from lmforge.cli import app
+    done = CliRunner().invoke(app, ["experts", "merge", str(run), "--method", "moe", "--weights", "prior"])
+    assert done.exit_code == 2 and "moe: uniform|fisher" in done.output

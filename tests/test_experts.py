@@ -173,6 +173,12 @@ def test_branch_train_merge_improves_each_domain_over_the_seed(tmp_path, corpus)
     with torch.no_grad():
         torch.testing.assert_close(again(ids).logits, load_ensemble(run / "ensemble")(ids).logits)
     assert json.loads((run / "average" / "merge.json").read_text())["weights"] == [0.5, 0.5]
+    uniform = results["average"]
+    merge(run, "average", weights="fisher", show_progress=False)
+    assert json.loads((run / "average" / "merge.json").read_text())["weights"] == "fisher"
+    fisher = evaluate(run)["average"]
+    for domain in ("code", "prose"):
+        assert 1 < fisher[f"ppl/{domain}"] < uniform[f"ppl/{domain}"] * 1.5, domain
     # Generation and serving take the experts run folder (the ensemble by default) or one of its models.
     from typer.testing import CliRunner
     from lmforge.cli import app

@@ -336,8 +336,10 @@ def experts_train(target: Path = typer.Argument(..., help="The experts recipe or
 def experts_merge(target: Path = typer.Argument(..., help="The experts run folder (or its recipe)."),
                   method: str = typer.Option("ensemble", help="'ensemble' (posterior-weighted), 'average' or "
                                              "'moe' (Branch-Train-MiX: one mixture-of-experts model)."),
-                  weights: str = typer.Option("uniform", help="average: 'uniform' or 'prior' (estimated on "
-                                              "held-out data)."),
+                  weights: str = typer.Option("uniform", help="average: 'uniform', 'prior' (estimated on "
+                                              "held-out data) or 'fisher' (each weight from the experts whose "
+                                              "domain relies on it); moe: how the shared (non-FFN) parameters "
+                                              "are averaged, 'uniform' or 'fisher'."),
                   top_k: Optional[int] = typer.Option(None, min=1, help="ensemble: mix only the k likeliest experts; "
                                                       "moe: experts per token (default 2)."),
                   steps: Optional[int] = typer.Option(None, min=0, help="moe: training steps on the mixture after "
@@ -350,9 +352,10 @@ def experts_merge(target: Path = typer.Argument(..., help="The experts run folde
     """Combine trained experts into an ensemble (ensemble/), one averaged model (average/) or one
     mixture-of-experts model whose routers are trained on the mixture (moe/, moe-run/)."""
     from lmforge.experts import merge
-    if method not in ("ensemble", "average", "moe") or weights not in ("uniform", "prior"):
-        _fail(LmforgeError(f"--method/--weights: expected ensemble|average|moe and uniform|prior, "
-                           f"got {method}/{weights}"))
+    if method not in ("ensemble", "average", "moe") or weights not in ("uniform", "prior", "fisher") or \
+            (method == "moe" and weights == "prior"):
+        _fail(LmforgeError(f"--method/--weights: expected ensemble|average|moe and uniform|prior|fisher "
+                           f"(moe: uniform|fisher), got {method}/{weights}"))
     if train not in ("router", "all"):
         _fail(LmforgeError(f"--train: expected 'router' or 'all', got {train!r}"))
     try:

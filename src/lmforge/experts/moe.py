@@ -2,7 +2,8 @@
 then train it briefly on the mixed data.
 
 Each expert's feed-forward block of every layer becomes one expert of that layer's MoE; every other parameter
-(embeddings, attention, norms, LM head) is the uniform average of the experts'. A new router per layer (linear
+(embeddings, attention, norms, LM head) is the uniform average of the experts' (or their Fisher-weighted
+average, `--weights fisher`: each weight closest to the experts whose domain relies on it; experts/fisher.py). A new router per layer (linear
 d_model → n_experts, small random init) sends each token to its top-k experts, weighted by a softmax over the k
 chosen logits, as in Mixtral. The short training adds a load-balancing loss (Switch / Mixtral) to the causal-LM
 loss and by default trains the routers only.
@@ -29,6 +30,7 @@ from transformers.models.gpt2.modeling_gpt2 import GPT2MLP, GPT2Model, GPT2PreTr
 
 from lmforge.errors import LmforgeError
 from lmforge.experts.ensemble import average_state_dicts
+from lmforge.experts.fisher import fisher_average
 from lmforge.objectives.base import token_cross_entropy
 from lmforge.objectives.clm import CausalLM
 
@@ -155,15 +157,17 @@ def _is_ffn(key: str) -> bool:
 
 
 def merge_experts(experts: list, *, top_k: Optional[int] = None, names: Optional[list[str]] = None,
-                  seed: int = 0, aux_weight: float = 0.01):
-    """One MoE causal LM from same-architecture experts: FFNs → experts, everything else averaged, new routers."""
+                  seed: int = 0, aux_weight: float = 0.01, fishers: Optional[list[dict]] = None):
+    """One MoE causal LM from same-architecture experts: FFNs → experts, everything else averaged (uniformly, or
+    Fisher-weighted with `fishers`, one per expert: see experts/fisher.py), new routers."""
     family = check_experts(experts, names)
     n = len(experts)
     top_k = min(2, n) if top_k is None else top_k
     if not 1 <= top_k <= n:
         raise LmforgeError(f"--top-k: {top_k} experts per token, but there are {n} experts")
     states = [e.state_dict() for e in experts]
-    state = average_state_dicts([{k: v for k, v in s.items() if not _is_ffn(k)} for s in states])
+    shared = [{k: v for k, v in s.items() if not _is_ffn(k)} for s in states]
+    state = average_state_dicts(shared) if fishers is None else fisher_average(shared, fishers)
     source = experts[0].config
     if family == "gpt2":
         config = GPT2MoEConfig(**{k: v for k, v in source.to_dict().items()
@@ -300,7 +304,8 @@ def train_moe(model, tokenizer, recipe, run_dir: Path, *, steps: int, train: str
 
 def merge_moe(run: Path, recipe, experts: list, domains: list[str], tokenizer, *, top_k: Optional[int] = None,
               steps: Optional[int] = None, train: str = "router", aux_weight: float = 0.01,
-              sources: Optional[list[str]] = None, show_progress: bool = True) -> Path:
+              sources: Optional[list[str]] = None, fishers: Optional[list[dict]] = None,
+              show_progress: bool = True) -> Path:
     """Merge the experts into RUN/moe/ (written atomically), after `steps` of training in RUN/moe-run/
     (default: the recipe's experts.seed_steps; 0: merge only). `sources`: the experts' folders, for merge.json."""
     from lmforge.engine import checkpoint as ckpt
@@ -310,7 +315,8 @@ def merge_moe(run: Path, recipe, experts: list, domains: list[str], tokenizer, *
     if aux_weight < 0:
         raise LmforgeError(f"--aux-weight: must be 0 or more, got {aux_weight}")
     run = Path(run)
-    model = merge_experts(experts, top_k=top_k, names=domains, seed=recipe.train.seed, aux_weight=aux_weight)
+    model = merge_experts(experts, top_k=top_k, names=domains, seed=recipe.train.seed, aux_weight=aux_weight,
+                          fishers=fishers)
     steps = (recipe.experts or ExpertsConfig()).seed_steps if steps is None else steps
     if steps > 0:
         train_moe(model, tokenizer, recipe, run / "moe-run", steps=steps, train=train, aux_weight=aux_weight,
@@ -318,5 +324,6 @@ def merge_moe(run: Path, recipe, experts: list, domains: list[str], tokenizer, *
     ckpt.save_model(run / "moe", model.cpu(), tokenizer, {"merge.json": {
         "method": "moe", "domains": list(domains), "family": experts[0].config.model_type,
         "experts": list(sources or []), "top_k": model.config.num_experts_per_tok,
-        "aux_weight": aux_weight, "steps": steps, "train": train if steps > 0 else None}})
+        "aux_weight": aux_weight, "steps": steps, "train": train if steps > 0 else None,
+        "shared": "fisher" if fishers is not None else "uniform"}})
     return run / "moe"

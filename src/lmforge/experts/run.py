@@ -37,9 +37,11 @@ from lmforge.engine import checkpoint as ckpt
 from lmforge.engine.logging import console
 from lmforge.errors import LmforgeError
 from lmforge.experts.ensemble import ExpertEnsemble, average_state_dicts
+from lmforge.experts.fisher import diagonal_fisher, domain_blocks, fisher_average
 from lmforge.recipe import ExpertsConfig, Recipe, load_recipe
 
 MANIFEST = "experts.json"
+FISHER_BLOCKS = 64   # training blocks of its domain on which each expert's Fisher is estimated (--weights fisher)
 
 
 def _write_json(path: Path, payload: dict) -> None:
@@ -284,11 +286,18 @@ def merge(run: Path, method: str, *, weights: str = "uniform", top_k: Optional[i
     recipe = load_recipe(run / "recipe.yaml")
     experts = _expert_models(run, info)
     tokenizer = load_tokenizer(run / info["seed"])
+    if weights not in ("uniform", "prior", "fisher") or (method == "moe" and weights == "prior"):
+        raise LmforgeError(f"--weights: expected 'uniform', 'prior' (average) or 'fisher', got {weights!r} "
+                           f"for --method {method}")
+    fishers = None
+    if weights == "fisher" and method in ("average", "moe"):
+        fishers = expert_fishers(experts, info["domains"], build_blocks(recipe.data, tokenizer, recipe.objective),
+                                 seed=recipe.train.seed, show_progress=show_progress)
     if method == "moe":
         from lmforge.experts.moe import merge_moe
         return merge_moe(run, recipe, experts, info["domains"], tokenizer, top_k=top_k, steps=steps, train=train,
                          aux_weight=aux_weight, sources=[f"../{info['experts'][d]}/final" for d in info["domains"]],
-                         show_progress=show_progress)
+                         fishers=fishers, show_progress=show_progress)
     cfg = recipe.experts or ExpertsConfig()
     ensemble = ExpertEnsemble(experts, info["domains"], top_k=top_k or cfg.top_k)
     prior = None
@@ -309,12 +318,29 @@ def merge(run: Path, method: str, *, weights: str = "uniform", top_k: Optional[i
     if method != "average":
         raise LmforgeError(f"--method: expected 'ensemble', 'average' or 'moe', got {method!r}")
     w = prior.tolist() if prior is not None else None
+    states = [e.state_dict() for e in experts]
     merged = experts[0]
-    merged.load_state_dict(average_state_dicts([e.state_dict() for e in experts], w))
+    if fishers is not None:
+        merged.load_state_dict(fisher_average(states, fishers))
+        record = {"weights": "fisher", "fisher_blocks": FISHER_BLOCKS}
+    else:
+        merged.load_state_dict(average_state_dicts(states, w))
+        record = {"weights": w or [1.0 / len(experts)] * len(experts)}
     ckpt.save_model(run / "average", merged, tokenizer,
-                    {"merge.json": {"method": "average", "domains": info["domains"],
-                                    "weights": w or [1.0 / len(experts)] * len(experts)}})
+                    {"merge.json": {"method": "average", "domains": info["domains"], **record}})
     return run / "average"
+
+
+def expert_fishers(experts: list, domains: list[str], data, *, n_blocks: Optional[int] = None, seed: int = 0,
+                   show_progress: bool = True) -> list[dict]:
+    """Each expert's diagonal Fisher on `n_blocks` (default FISHER_BLOCKS) training blocks of its own domain."""
+    n_blocks = n_blocks or FISHER_BLOCKS
+    out = []
+    for model, domain in zip(experts, domains):
+        if show_progress:
+            console.print(f"Fisher weights of expert '{domain}' on {n_blocks} blocks of its domain")
+        out.append(diagonal_fisher(model, domain_blocks(data, domain, n_blocks, seed)))
+    return out
 
 
 def load_ensemble(folder: Path) -> ExpertEnsemble:
