@@ -177,3 +177,6 @@ def test_clustered_experts_branch_train_merge_and_evaluate(mixed, tmp_path):
     for model in results.values():
         for name in ("cluster-0", "cluster-1"):
             assert math.isfinite(model[f"ppl/{name}"]) and model[f"ppl/{name}"] > 1.0
+    # Fisher weights read each expert's own cluster from the run's data: the documents carry cluster names.
+    merge(run, "average", weights="fisher", show_progress=False)
+    assert json.loads((run / "average" / "merge.json").read_text())["weights"] == "fisher"
