@@ -57,6 +57,8 @@ def main() -> None:
                     help="How the BTM average and BTX's shared parameters average the experts: uniformly, or "
                          "Fisher-weighted (each weight from the experts whose domain relies on it; the uniform "
                          "average is then evaluated too).")
+    ap.add_argument("--fisher-blocks", type=int, default=None,
+                    help="--weights fisher: blocks of its domain per expert's Fisher (default: merge's, 256).")
     ap.add_argument("--merge-only", action="store_true",
                     help="Reuse the trained run in --out (seed, experts, dense, DEMix): only merge and evaluate.")
     ap.add_argument("--parallel", type=int, default=2, help="Experts trained at once (separate processes).")
@@ -135,10 +137,11 @@ def merge_and_evaluate(run: Path, recipe, all_data, args, extra: dict):
             shutil.rmtree(uniform)
         (run / "average").rename(uniform)
         extra = {**extra, "BTM average (uniform)": uniform}
-    merge(run, "average", weights=args.weights, show_progress=False)
+    merge(run, "average", weights=args.weights, fisher_blocks=args.fisher_blocks, show_progress=False)
     btx_steps = args.btx_steps or recipe.experts.seed_steps
     t0 = time.perf_counter()
-    merge(run, "moe", weights=args.weights, steps=btx_steps, train=args.btx_train, show_progress=False)
+    merge(run, "moe", weights=args.weights, steps=btx_steps, train=args.btx_train, fisher_blocks=args.fisher_blocks,
+          show_progress=False)
     t_btx = time.perf_counter() - t0
     t0 = time.perf_counter()
     results = evaluate(run, data_config=all_data, extra=extra)

@@ -347,6 +347,9 @@ def experts_merge(target: Path = typer.Argument(..., help="The experts run folde
                   train: str = typer.Option("router", help="moe: train only the routers ('router') or 'all' "
                                             "parameters."),
                   aux_weight: float = typer.Option(0.01, min=0.0, help="moe: weight of the load-balancing loss."),
+                  fisher_blocks: int = typer.Option(256, min=1, help="--weights fisher: training blocks of its own "
+                                                    "domain on which each expert's Fisher is estimated (more: a "
+                                                    "better estimate, one backward pass each)."),
                   set_: List[str] = typer.Option([], "--set", help=SET_HELP),
                   progress: bool = typer.Option(True, help="Show progress bars.")):
     """Combine trained experts into an ensemble (ensemble/), one averaged model (average/) or one
@@ -360,7 +363,7 @@ def experts_merge(target: Path = typer.Argument(..., help="The experts run folde
         _fail(LmforgeError(f"--train: expected 'router' or 'all', got {train!r}"))
     try:
         folder = merge(_experts_run(target, set_), method, weights=weights, top_k=top_k, steps=steps, train=train,
-                       aux_weight=aux_weight, show_progress=progress)
+                       aux_weight=aux_weight, fisher_blocks=fisher_blocks, show_progress=progress)
         typer.echo(f"merged: {folder}")
     except LmforgeError as err:
         _fail(err)

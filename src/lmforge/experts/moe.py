@@ -305,7 +305,7 @@ def train_moe(model, tokenizer, recipe, run_dir: Path, *, steps: int, train: str
 def merge_moe(run: Path, recipe, experts: list, domains: list[str], tokenizer, *, top_k: Optional[int] = None,
               steps: Optional[int] = None, train: str = "router", aux_weight: float = 0.01,
               sources: Optional[list[str]] = None, fishers: Optional[list[dict]] = None,
-              show_progress: bool = True) -> Path:
+              fisher_blocks: Optional[int] = None, show_progress: bool = True) -> Path:
     """Merge the experts into RUN/moe/ (written atomically), after `steps` of training in RUN/moe-run/
     (default: the recipe's experts.seed_steps; 0: merge only). `sources`: the experts' folders, for merge.json."""
     from lmforge.engine import checkpoint as ckpt
@@ -325,5 +325,6 @@ def merge_moe(run: Path, recipe, experts: list, domains: list[str], tokenizer, *
         "method": "moe", "domains": list(domains), "family": experts[0].config.model_type,
         "experts": list(sources or []), "top_k": model.config.num_experts_per_tok,
         "aux_weight": aux_weight, "steps": steps, "train": train if steps > 0 else None,
-        "shared": "fisher" if fishers is not None else "uniform"}})
+        "shared": "fisher" if fishers is not None else "uniform",
+        **({"fisher_blocks": fisher_blocks} if fishers is not None else {})}})
     return run / "moe"

@@ -41,7 +41,7 @@ from lmforge.experts.fisher import diagonal_fisher, domain_blocks, fisher_averag
 from lmforge.recipe import ExpertsConfig, Recipe, load_recipe
 
 MANIFEST = "experts.json"
-FISHER_BLOCKS = 64   # training blocks of its domain on which each expert's Fisher is estimated (--weights fisher)
+FISHER_BLOCKS = 256  # training blocks of its domain on which each expert's Fisher is estimated (--weights fisher)
 
 
 def _write_json(path: Path, payload: dict) -> None:
@@ -276,7 +276,7 @@ def estimate_prior(posterior, data, batch_size: int = 16, max_batches: int = 20)
 
 def merge(run: Path, method: str, *, weights: str = "uniform", top_k: Optional[int] = None,
           steps: Optional[int] = None, train: str = "router", aux_weight: float = 0.01,
-          show_progress: bool = True) -> Path:
+          fisher_blocks: Optional[int] = None, show_progress: bool = True) -> Path:
     """ensemble: write ensemble/ensemble.json; average: write average/ (one HF model); moe: write moe/ (one
     mixture-of-experts model, its routers trained for `steps` on the mixture; see experts/moe.py)."""
     from lmforge.data.blocks import build_blocks
@@ -291,13 +291,14 @@ def merge(run: Path, method: str, *, weights: str = "uniform", top_k: Optional[i
                            f"for --method {method}")
     fishers = None
     if weights == "fisher" and method in ("average", "moe"):
+        fisher_blocks = fisher_blocks or FISHER_BLOCKS
         fishers = expert_fishers(experts, info["domains"], build_blocks(recipe.data, tokenizer, recipe.objective),
-                                 seed=recipe.train.seed, show_progress=show_progress)
+                                 n_blocks=fisher_blocks, seed=recipe.train.seed, show_progress=show_progress)
     if method == "moe":
         from lmforge.experts.moe import merge_moe
         return merge_moe(run, recipe, experts, info["domains"], tokenizer, top_k=top_k, steps=steps, train=train,
                          aux_weight=aux_weight, sources=[f"../{info['experts'][d]}/final" for d in info["domains"]],
-                         fishers=fishers, show_progress=show_progress)
+                         fishers=fishers, fisher_blocks=fisher_blocks, show_progress=show_progress)
     cfg = recipe.experts or ExpertsConfig()
     ensemble = ExpertEnsemble(experts, info["domains"], top_k=top_k or cfg.top_k)
     prior = None
@@ -322,7 +323,7 @@ def merge(run: Path, method: str, *, weights: str = "uniform", top_k: Optional[i
     merged = experts[0]
     if fishers is not None:
         merged.load_state_dict(fisher_average(states, fishers))
-        record = {"weights": "fisher", "fisher_blocks": FISHER_BLOCKS}
+        record = {"weights": "fisher", "fisher_blocks": fisher_blocks}
     else:
         merged.load_state_dict(average_state_dicts(states, w))
         record = {"weights": w or [1.0 / len(experts)] * len(experts)}
