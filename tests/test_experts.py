@@ -174,8 +174,9 @@ def test_branch_train_merge_improves_each_domain_over_the_seed(tmp_path, corpus)
         torch.testing.assert_close(again(ids).logits, load_ensemble(run / "ensemble")(ids).logits)
     assert json.loads((run / "average" / "merge.json").read_text())["weights"] == [0.5, 0.5]
     uniform = results["average"]
-    merge(run, "average", weights="fisher", show_progress=False)
-    assert json.loads((run / "average" / "merge.json").read_text())["weights"] == "fisher"
+    merge(run, "average", weights="fisher", fisher_blocks=8, show_progress=False)
+    record = json.loads((run / "average" / "merge.json").read_text())
+    assert record["weights"] == "fisher" and record["fisher_blocks"] == 8
     fisher = evaluate(run)["average"]
     for domain in ("code", "prose"):
         assert 1 < fisher[f"ppl/{domain}"] < uniform[f"ppl/{domain}"] * 1.5, domain
