@@ -59,6 +59,8 @@ def main() -> None:
                          "average is then evaluated too).")
     ap.add_argument("--fisher-blocks", type=int, default=None,
                     help="--weights fisher: blocks of its domain per expert's Fisher (default: merge's, 256).")
+    ap.add_argument("--router-init", default="random", choices=["random", "centroids"],
+                    help="BTX routers: random (the paper's) or at the domains' mean hidden states.")
     ap.add_argument("--merge-only", action="store_true",
                     help="Reuse the trained run in --out (seed, experts, dense, DEMix): only merge and evaluate.")
     ap.add_argument("--parallel", type=int, default=2, help="Experts trained at once (separate processes).")
@@ -141,7 +143,7 @@ def merge_and_evaluate(run: Path, recipe, all_data, args, extra: dict):
     btx_steps = args.btx_steps or recipe.experts.seed_steps
     t0 = time.perf_counter()
     merge(run, "moe", weights=args.weights, steps=btx_steps, train=args.btx_train, fisher_blocks=args.fisher_blocks,
-          show_progress=False)
+          router_init=args.router_init, show_progress=False)
     t_btx = time.perf_counter() - t0
     t0 = time.perf_counter()
     results = evaluate(run, data_config=all_data, extra=extra)

@@ -82,6 +82,37 @@ def test_shared_parameters_are_averaged_and_ffns_become_experts(family):
     assert len(routers) == 2 and all(moe.get_parameter(n).shape == (2, 32) for n in routers)
 
 
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_centroid_routers_send_each_domain_to_its_own_expert(family):
+    from lmforge.experts.moe import centroid_routers
+    experts = [MAKERS[family](seed) for seed in (0, 1)]
+    moe = merge_experts(experts, names=["low", "high"], top_k=1).eval()
+    generator = torch.Generator().manual_seed(0)
+    low = torch.randint(1, VOCAB // 2, (4, 17), generator=generator)     # two "domains": disjoint vocabularies
+    high = torch.randint(VOCAB // 2, VOCAB, (4, 17), generator=generator)
+    before = {k: v.clone() for k, v in moe.state_dict().items()}
+    centroid_routers(moe, [low.numpy(), high.numpy()], margin=2.0)
+    routers = set(router_parameter_names(moe))
+    assert all(torch.equal(v, before[k]) != (k in routers) for k, v in moe.state_dict().items())
+    seen = {}
+    mlps = [moe.get_submodule(name[:-len(".gate.weight")]) for name in sorted(routers)]
+    hooks = [m.register_forward_pre_hook(lambda _m, a, k, i=i: seen.__setitem__(i, (a[0] if a else k["hidden_states"])),
+                                         with_kwargs=True) for i, m in enumerate(mlps)]
+    for d, ids in enumerate((low, high)):
+        with torch.no_grad():
+            moe(input_ids=ids[:, :-1])
+        for i, name in enumerate(sorted(routers)):
+            x = seen[i].reshape(-1, seen[i].shape[-1])
+            mean_logits = x.mean(0) @ moe.get_parameter(name).T
+            torch.testing.assert_close(mean_logits[d], torch.tensor(2.0), atol=1e-3, rtol=0)  # the margin, exactly
+            assert mean_logits[d] > mean_logits[1 - d]
+            assert (x @ moe.get_parameter(name).T).argmax(-1).eq(d).float().mean() > 0.5  # most tokens go home
+    for h in hooks:
+        h.remove()
+    with pytest.raises(LmforgeError, match="3 domains' text for 2 experts"):
+        centroid_routers(moe, [low.numpy()] * 3)
+
+
 def test_load_balancing_loss_is_one_when_uniform_and_larger_when_collapsed():
     n, tokens = 4, 512
     assert load_balancing_loss([torch.zeros(tokens, n)], top_k=2).item() == pytest.approx(1.0)
@@ -145,7 +176,7 @@ def test_branch_train_mix_end_to_end(tmp_path, corpus):
     info = json.loads((run / "moe" / "merge.json").read_text())
     assert info | {"experts": None} == {"method": "moe", "domains": ["code", "prose"], "family": "gpt2",
                                         "experts": None, "top_k": 2, "aux_weight": 0.05, "steps": 3,
-                                        "train": "router", "shared": "uniform"}
+                                        "train": "router", "shared": "uniform", "router_init": "random"}
     records = [json.loads(line) for line in (run / "moe-run" / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in records if "loss" in r and "split" not in r]
     assert [r["step"] for r in steps] == [1, 2, 3]
@@ -161,9 +192,11 @@ def test_branch_train_mix_end_to_end(tmp_path, corpus):
     assert out.shape == (1, ids.size(1) + 4)
     # Fisher-weighted shared parameters: the same experts, each shared weight pulled towards the expert whose
     # domain's gradients it carries; the FFN experts are the experts' own.
-    merge(run, "moe", weights="fisher", steps=0, show_progress=False)
+    merge(run, "moe", weights="fisher", steps=0, router_init="centroids", show_progress=False)
     fisher = load_moe(run / "moe").state_dict()
-    assert json.loads((run / "moe" / "merge.json").read_text())["shared"] == "fisher"
+    info = json.loads((run / "moe" / "merge.json").read_text())
+    assert info["shared"] == "fisher" and info["router_init"] == "centroids"
+    assert all(not torch.equal(fisher[k], before[k]) for k in routers)
     assert not torch.allclose(fisher["transformer.wte.weight"], before["transformer.wte.weight"])
     ffn = [k for k in fisher if ".mlp.experts." in k]
     assert ffn and all(torch.equal(fisher[k], before[k]) for k in ffn)

@@ -350,6 +350,9 @@ def experts_merge(target: Path = typer.Argument(..., help="The experts run folde
                   fisher_blocks: int = typer.Option(256, min=1, help="--weights fisher: training blocks of its own "
                                                     "domain on which each expert's Fisher is estimated (more: a "
                                                     "better estimate, one backward pass each)."),
+                  router_init: str = typer.Option("random", help="moe: 'random' routers (as in the paper) or "
+                                                  "'centroids': each expert's router row points at its domain's mean "
+                                                  "hidden state, so text starts at its own domain's FFNs."),
                   set_: List[str] = typer.Option([], "--set", help=SET_HELP),
                   progress: bool = typer.Option(True, help="Show progress bars.")):
     """Combine trained experts into an ensemble (ensemble/), one averaged model (average/) or one
@@ -363,7 +366,8 @@ def experts_merge(target: Path = typer.Argument(..., help="The experts run folde
         _fail(LmforgeError(f"--train: expected 'router' or 'all', got {train!r}"))
     try:
         folder = merge(_experts_run(target, set_), method, weights=weights, top_k=top_k, steps=steps, train=train,
-                       aux_weight=aux_weight, fisher_blocks=fisher_blocks, show_progress=progress)
+                       aux_weight=aux_weight, fisher_blocks=fisher_blocks, router_init=router_init,
+                       show_progress=progress)
         typer.echo(f"merged: {folder}")
     except LmforgeError as err:
         _fail(err)

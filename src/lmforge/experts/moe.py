@@ -213,6 +213,46 @@ def router_parameter_names(model) -> list[str]:
     return [name for name, _ in model.named_parameters() if name.endswith(ROUTER)]
 
 
+@torch.no_grad()
+def centroid_routers(model, blocks: list, margin: float = 2.0) -> None:
+    """Start each router where the experts came from: expert d's row is the mean input of that layer's MoE over
+    `blocks[d]` (token ids of domain d's text) minus the mean over all domains, made orthogonal to the overall
+    mean (so a logit measures the distance from the average along the domain's direction), scaled so that domain
+    d's mean input scores `margin` on expert d. Layers are set bottom-up, each from the inputs that the routers
+    below it (already set) produce. Text of one domain then goes first to its own experts' FFNs, instead of
+    wherever random routers send it. No other parameter changes."""
+    names = router_parameter_names(model)
+    if len(blocks) != model.config.num_local_experts:
+        raise LmforgeError(f"router init: {len(blocks)} domains' text for {model.config.num_local_experts} experts")
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    seen: list[torch.Tensor] = []
+
+    def capture(_module, args, kwargs):
+        x = args[0] if args else kwargs["hidden_states"]
+        seen.append(x.reshape(-1, x.shape[-1]).double().mean(0))
+    try:
+        for name in names:
+            hook = model.get_submodule(name[:-len(".gate.weight")]).register_forward_pre_hook(capture, with_kwargs=True)
+            seen.clear()
+            try:
+                for ids in blocks:
+                    model(input_ids=torch.as_tensor(ids, dtype=torch.long, device=device)[:, :-1])
+            finally:
+                hook.remove()
+            mu = torch.stack(seen)                             # (experts, hidden): each domain's mean input
+            overall = mu.mean(0)
+            unit = overall / overall.norm().clamp_min(1e-12)
+            rows = mu - overall
+            rows = rows - (rows @ unit)[:, None] * unit        # orthogonal to the overall mean
+            own = (rows * (mu - overall)).sum(1)               # each domain's mean on its own row, before scaling
+            param = model.get_parameter(name)
+            param.copy_((rows * (margin / own.clamp_min(1e-12))[:, None]).to(param.dtype))
+    finally:
+        model.train(was_training)
+
+
 def load_moe(folder: Path):
     """A saved MoE folder (RUN/moe/) back as a causal LM (MixtralForCausalLM or GPT2MoEForCausalLM)."""
     from lmforge.models import load_model
@@ -305,9 +345,12 @@ def train_moe(model, tokenizer, recipe, run_dir: Path, *, steps: int, train: str
 def merge_moe(run: Path, recipe, experts: list, domains: list[str], tokenizer, *, top_k: Optional[int] = None,
               steps: Optional[int] = None, train: str = "router", aux_weight: float = 0.01,
               sources: Optional[list[str]] = None, fishers: Optional[list[dict]] = None,
-              fisher_blocks: Optional[int] = None, show_progress: bool = True) -> Path:
+              fisher_blocks: Optional[int] = None, router_blocks: Optional[list] = None,
+              show_progress: bool = True) -> Path:
     """Merge the experts into RUN/moe/ (written atomically), after `steps` of training in RUN/moe-run/
-    (default: the recipe's experts.seed_steps; 0: merge only). `sources`: the experts' folders, for merge.json."""
+    (default: the recipe's experts.seed_steps; 0: merge only). `sources`: the experts' folders, for merge.json;
+    `fishers`: Fisher-weighted shared parameters; `router_blocks` (token ids of each domain's text, in expert order):
+    routers start at the domains' centroids (centroid_routers) instead of at random."""
     from lmforge.engine import checkpoint as ckpt
     from lmforge.recipe import ExpertsConfig
     if train not in ("router", "all"):
@@ -317,6 +360,8 @@ def merge_moe(run: Path, recipe, experts: list, domains: list[str], tokenizer, *
     run = Path(run)
     model = merge_experts(experts, top_k=top_k, names=domains, seed=recipe.train.seed, aux_weight=aux_weight,
                           fishers=fishers)
+    if router_blocks is not None:
+        centroid_routers(model, router_blocks)
     steps = (recipe.experts or ExpertsConfig()).seed_steps if steps is None else steps
     if steps > 0:
         train_moe(model, tokenizer, recipe, run / "moe-run", steps=steps, train=train, aux_weight=aux_weight,
@@ -326,5 +371,6 @@ def merge_moe(run: Path, recipe, experts: list, domains: list[str], tokenizer, *
         "experts": list(sources or []), "top_k": model.config.num_experts_per_tok,
         "aux_weight": aux_weight, "steps": steps, "train": train if steps > 0 else None,
         "shared": "fisher" if fishers is not None else "uniform",
-        **({"fisher_blocks": fisher_blocks} if fishers is not None else {})}})
+        **({"fisher_blocks": fisher_blocks} if fishers is not None else {}),
+        "router_init": "centroids" if router_blocks is not None else "random"}})
     return run / "moe"

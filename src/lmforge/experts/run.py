@@ -42,6 +42,7 @@ from lmforge.recipe import ExpertsConfig, Recipe, load_recipe
 
 MANIFEST = "experts.json"
 FISHER_BLOCKS = 256  # training blocks of its domain on which each expert's Fisher is estimated (--weights fisher)
+ROUTER_BLOCKS = 32   # training blocks of each domain whose mean hidden states start the routers (--router-init)
 
 
 def _write_json(path: Path, payload: dict) -> None:
@@ -276,7 +277,7 @@ def estimate_prior(posterior, data, batch_size: int = 16, max_batches: int = 20)
 
 def merge(run: Path, method: str, *, weights: str = "uniform", top_k: Optional[int] = None,
           steps: Optional[int] = None, train: str = "router", aux_weight: float = 0.01,
-          fisher_blocks: Optional[int] = None, show_progress: bool = True) -> Path:
+          fisher_blocks: Optional[int] = None, router_init: str = "random", show_progress: bool = True) -> Path:
     """ensemble: write ensemble/ensemble.json; average: write average/ (one HF model); moe: write moe/ (one
     mixture-of-experts model, its routers trained for `steps` on the mixture; see experts/moe.py)."""
     from lmforge.data.blocks import build_blocks
@@ -289,16 +290,23 @@ def merge(run: Path, method: str, *, weights: str = "uniform", top_k: Optional[i
     if weights not in ("uniform", "prior", "fisher") or (method == "moe" and weights == "prior"):
         raise LmforgeError(f"--weights: expected 'uniform', 'prior' (average) or 'fisher', got {weights!r} "
                            f"for --method {method}")
-    fishers = None
-    if weights == "fisher" and method in ("average", "moe"):
-        fisher_blocks = fisher_blocks or FISHER_BLOCKS
-        fishers = expert_fishers(experts, info["domains"], build_blocks(recipe.data, tokenizer, recipe.objective),
-                                 n_blocks=fisher_blocks, seed=recipe.train.seed, show_progress=show_progress)
+    if router_init not in ("random", "centroids"):
+        raise LmforgeError(f"--router-init: expected 'random' or 'centroids', got {router_init!r}")
+    fishers, router_blocks = None, None
+    if (weights == "fisher" and method in ("average", "moe")) or (method == "moe" and router_init == "centroids"):
+        data = build_blocks(recipe.data, tokenizer, recipe.objective)
+        if weights == "fisher":
+            fisher_blocks = fisher_blocks or FISHER_BLOCKS
+            fishers = expert_fishers(experts, info["domains"], data, n_blocks=fisher_blocks, seed=recipe.train.seed,
+                                     show_progress=show_progress)
+        if method == "moe" and router_init == "centroids":
+            router_blocks = [domain_blocks(data, d, ROUTER_BLOCKS, recipe.train.seed) for d in info["domains"]]
     if method == "moe":
         from lmforge.experts.moe import merge_moe
         return merge_moe(run, recipe, experts, info["domains"], tokenizer, top_k=top_k, steps=steps, train=train,
                          aux_weight=aux_weight, sources=[f"../{info['experts'][d]}/final" for d in info["domains"]],
-                         fishers=fishers, fisher_blocks=fisher_blocks, show_progress=show_progress)
+                         fishers=fishers, fisher_blocks=fisher_blocks, router_blocks=router_blocks,
+                         show_progress=show_progress)
     cfg = recipe.experts or ExpertsConfig()
     ensemble = ExpertEnsemble(experts, info["domains"], top_k=top_k or cfg.top_k)
     prior = None
