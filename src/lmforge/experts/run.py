@@ -285,13 +285,13 @@ def merge(run: Path, method: str, *, weights: str = "uniform", top_k: Optional[i
     run = Path(run)
     info = manifest(run)
     recipe = load_recipe(run / "recipe.yaml")
-    experts = _expert_models(run, info)
-    tokenizer = load_tokenizer(run / info["seed"])
     if weights not in ("uniform", "prior", "fisher") or (method == "moe" and weights == "prior"):
         raise LmforgeError(f"--weights: expected 'uniform', 'prior' (average) or 'fisher', got {weights!r} "
                            f"for --method {method}")
     if router_init not in ("random", "centroids"):
         raise LmforgeError(f"--router-init: expected 'random' or 'centroids', got {router_init!r}")
+    experts = _expert_models(run, info)
+    tokenizer = load_tokenizer(run / info["seed"])
     fishers, router_blocks = None, None
     if (weights == "fisher" and method in ("average", "moe")) or (method == "moe" and router_init == "centroids"):
         data = build_blocks(recipe.data, tokenizer, recipe.objective)
