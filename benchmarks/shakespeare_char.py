@@ -1,27 +1,40 @@
 """nanoGPT's Shakespeare-char CPU recipe: lmforge vs transformers.Trainer, measured in the same run.
 
-    python benchmarks/shakespeare_char.py [--iters 2000] [--text PATH]
+    python benchmarks/shakespeare_char.py [--iters 2000] [--repeats 3] [--text PATH]
 
 Both train GPT-2 (4 layers, 4 heads, 128 wide, no dropout) on the first 90 % of the character
 stream with batch 12, AdamW lr 1e-3 (betas 0.9/0.99, decay 0.1), 100 warmup steps, cosine to 1e-4,
 clip 1.0, 2000 iterations, 64 next-character predictions per sequence. Validation loss is on the
 last 10 %. Bars: lmforge validation loss <= 1.90 and training tokens/s >= 1.2x Trainer's.
+
+Each side runs in a fresh Python process, so neither inherits the other's memory or settings. Runs
+alternate (lmforge first in odd repeats, Trainer first in even ones); the ratio printed is the median of
+the per-repeat ratios, since this machine's timings move by several percent from run to run.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import statistics
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
-import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 import peers  # noqa: E402
 
 from ours import train_and_read  # noqa: E402
+
+from lmforge.engine.hardware import KEEP_FREED_MEMORY_ENV  # noqa: E402
+from lmforge.engine.lean import LEAN_FORWARD_ENV  # noqa: E402
+
+# lmforge with one of its CPU speed-ups turned off, to measure what each is worth
+ABLATIONS = {"lmforge_freeing": {KEEP_FREED_MEMORY_ENV: "0"},  # glibc gives freed activations back to the kernel
+             "lmforge_hf_forward": {LEAN_FORWARD_ENV: "0"}}  # transformers' GPT-2 forward
 
 SHAKESPEARE = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare" / "input.txt"
 
@@ -53,33 +66,72 @@ def lmforge_run(text_path: Path, iters: int, work: Path, compile_: bool) -> dict
             "val_loss": val["loss"], "seconds": seconds, "peak_rss_mb": rss, "mfu_logged": train[-1]["mfu"]}
 
 
+def isolated(side: str, args) -> dict:
+    """One side's figures, measured in a fresh Python process."""
+    cmd = [sys.executable, __file__, "--side", side, "--iters", str(args.iters), "--text", str(args.text)]
+    env = {**os.environ, **ABLATIONS.get(side, {})}
+    out = subprocess.run(cmd, check=True, stdout=subprocess.PIPE, text=True, env=env).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def run_side(side: str, args) -> dict:
+    if side == "trainer":
+        return peers.trainer_shakespeare_char(str(args.text), args.iters, log=lambda *a: None)
+    with tempfile.TemporaryDirectory() as tmp:
+        return lmforge_run(args.text, args.iters, Path(tmp), compile_=side == "lmforge_compiled")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--iters", type=int, default=2000)
+    p.add_argument("--repeats", type=int, default=3, help="pairs of runs; the ratio is their median")
     p.add_argument("--text", type=Path, default=SHAKESPEARE)
     p.add_argument("--compile", action="store_true", help="also measure lmforge with torch.compile")
+    p.add_argument("--ablate", default="", help="also measure lmforge without these speed-ups, comma-separated: "
+                   "freeing (glibc returns freed memory), hf_forward (transformers' GPT-2 forward)")
+    p.add_argument("--side", help=argparse.SUPPRESS)
     args = p.parse_args()
     if not args.text.exists():
         sys.exit(f"skipped: {args.text} not found")
-    torch.set_num_threads(torch.get_num_threads())
-    roof = peers.matmul_roof()
-    results = {"matmul_roof_gflops": round(roof, 1)}
-    with tempfile.TemporaryDirectory() as tmp:
-        results["lmforge"] = lmforge_run(args.text, args.iters, Path(tmp), compile_=False)
+    if args.side:
+        print(json.dumps(run_side(args.side, args)))
+        return
+    ablations = [name for name in args.ablate.split(",") if name]
+    unknown = [name for name in ablations if f"lmforge_{name}" not in ABLATIONS]
+    if unknown:
+        p.error(f"--ablate: unknown {', '.join(unknown)} (choose from "
+                f"{', '.join(k.removeprefix('lmforge_') for k in ABLATIONS)})")
+    roofs = []
+    ours_name = "lmforge_compiled" if args.compile else "lmforge"
+    runs = []
+    for i in range(args.repeats):
+        order = ["lmforge", "trainer"] if i % 2 == 0 else ["trainer", "lmforge"]
         if args.compile:
-            results["lmforge_compiled"] = lmforge_run(args.text, args.iters, Path(tmp), compile_=True)
-    results["trainer"] = peers.trainer_shakespeare_char(str(args.text), args.iters, log=lambda *a: None)
+            order.insert(order.index("lmforge") + 1, "lmforge_compiled")
+        for name in ablations:
+            order.insert(order.index("lmforge") + 1, f"lmforge_{name}")
+        roofs.append(peers.matmul_roof())
+        pair = {side: isolated(side, args) for side in order}
+        pair["speed_ratio_vs_trainer"] = round(pair[ours_name]["tokens_per_s"] / pair["trainer"]["tokens_per_s"], 3)
+        print(f"repeat {i + 1}: " + ", ".join(f"{k} {v['ms_per_iter']:.1f} ms/iter" for k, v in pair.items()
+                                              if isinstance(v, dict)) + f", ratio {pair['speed_ratio_vs_trainer']}",
+              file=sys.stderr)
+        runs.append(pair)
     # model FLOPs per trained token (6N + attention), N = non-embedding parameters of the 4x128 GPT-2
     n_params = 4 * 12 * 128 * 128
     flops_per_token = 6 * n_params + 6 * 128 * 65 + 12 * 4 * 128 * 64
-    for name in ("lmforge", "lmforge_compiled", "trainer"):
-        if name in results:
-            r = results[name]
-            r["mfu_vs_roof"] = round(r["tokens_per_s"] * flops_per_token / (roof * 1e9), 4)
-    ours = results["lmforge_compiled" if args.compile and
-                   results["lmforge_compiled"]["tokens_per_s"] > results["lmforge"]["tokens_per_s"] else "lmforge"]
-    results["speed_ratio_vs_trainer"] = round(ours["tokens_per_s"] / results["trainer"]["tokens_per_s"], 3)
-    results["bars"] = {"val_loss<=1.90": ours["val_loss"] <= 1.90,
+    roof = statistics.median(roofs)
+    results = {"matmul_roof_gflops": round(roof, 1), "repeats": runs}
+    for name in ("lmforge", "lmforge_compiled", *ABLATIONS, "trainer"):
+        if name in runs[0]:
+            ms = statistics.median(r[name]["ms_per_iter"] for r in runs)
+            tps = statistics.median(r[name]["tokens_per_s"] for r in runs)
+            results[name] = {"median_ms_per_iter": round(ms, 2), "median_tokens_per_s": round(tps),
+                             "val_loss": runs[0][name]["val_loss"],
+                             "peak_rss_mb": round(max(r[name]["peak_rss_mb"] for r in runs)),
+                             "mfu_vs_roof": round(tps * flops_per_token / (roof * 1e9), 4)}
+    results["speed_ratio_vs_trainer"] = statistics.median(r["speed_ratio_vs_trainer"] for r in runs)
+    results["bars"] = {"val_loss<=1.90": max(r[ours_name]["val_loss"] for r in runs) <= 1.90,
                        "tokens_per_s>=1.2x_trainer": results["speed_ratio_vs_trainer"] >= 1.2}
     print(json.dumps(results, indent=2))
 

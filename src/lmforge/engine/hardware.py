@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import functools
+import os
+import sys
 import time
 
 import torch
@@ -16,6 +19,39 @@ def pick_device(requested: str) -> str:
         from lmforge.errors import LmforgeError
         raise LmforgeError("train.device: 'cuda' was asked for but no CUDA device is available")
     return requested
+
+
+# glibc's mallopt() parameters (malloc.h)
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+KEEP_FREED_MEMORY_ENV = "LMFORGE_KEEP_FREED_MEMORY"
+
+
+@functools.lru_cache(maxsize=None)
+def keep_freed_memory() -> bool:
+    """Let the process keep the memory a training step frees, to reuse at the next step.
+
+    glibc serves every allocation above its mmap threshold (128 KiB at start) with fresh pages from
+    the kernel and hands them back when it is freed. A CPU training step frees and re-allocates the same
+    activation buffers at every step, so each step page-faults and zeroes them all again: about 1,000
+    faults a step for a 4-layer, 128-wide GPT-2 at batch 12, several percent of the step. Raising the
+    mmap and trim thresholds makes freed blocks stay in the heap, where the next step finds them. The
+    cost is that the process keeps its peak memory until it exits, which a training run reaches at every
+    step anyway.
+
+    Linux with glibc only (a no-op elsewhere); `LMFORGE_KEEP_FREED_MEMORY=0` turns it off. Returns
+    whether it applied.
+    """
+    if not sys.platform.startswith("linux") or os.environ.get(KEEP_FREED_MEMORY_ENV, "1") == "0":
+        return False
+    try:
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
+    except (OSError, AttributeError):  # musl and other C libraries without mallopt
+        return False
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    # Older glibc caps the mmap threshold at 32 MiB; newer ones take 1 GiB.
+    if not any(mallopt(_M_MMAP_THRESHOLD, limit) for limit in (1 << 30, 32 << 20)):
+        return False
+    return bool(mallopt(_M_TRIM_THRESHOLD, 1 << 30))
 
 
 def pick_precision(requested: str, device: str) -> str:

@@ -14,7 +14,7 @@ import torch
 from lmforge.engine import checkpoint as ckpt
 from lmforge.engine import distributed as dist
 from lmforge.engine.dropout import use_fast_dropout
-from lmforge.engine.hardware import autocast, matmul_roof, pick_device, pick_precision
+from lmforge.engine.hardware import autocast, keep_freed_memory, matmul_roof, pick_device, pick_precision
 from lmforge.engine.logging import MetricsLog, Throughput, console, plot_losses, progress_bar
 from lmforge.engine.schedule import lr_at, warmup_steps
 from lmforge.errors import LmforgeError
@@ -125,6 +125,8 @@ class Engine:
         self.device = dist.setup(self.device_type)
         self.precision = pick_precision(cfg.precision, self.device_type)
         self.model = model.to(self.device)
+        if self.device_type == "cpu":
+            keep_freed_memory()  # no page faults for the activations every step
         if self.device_type == "cpu" and not cfg.compile:
             use_fast_dropout(self.model)  # torch's CPU dropout mask is the slow part of dropout
         self.flops_per_token = flops_per_token

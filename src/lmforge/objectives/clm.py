@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from lmforge.engine.lean import causal_logits
 from lmforge.objectives.base import Objective, token_cross_entropy
 from lmforge.recipe import ObjectiveConfig
 from lmforge.tokenizer import special_ids
@@ -49,7 +50,7 @@ class CausalLM(Objective):
         ids = batch["input_ids"]
         kwargs = {"position_ids": batch["position_ids"][:, :-1]} if "position_ids" in batch else {}
         kwargs.update(self.forward_kwargs(batch))
-        logits = model(input_ids=ids[:, :-1], use_cache=False, **kwargs).logits
+        logits = causal_logits(model, ids[:, :-1], use_cache=False, **kwargs)
         targets = ids[:, 1:]
         losses = token_cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1))
         per_example = losses.view(ids.size(0), -1).sum(1)
