@@ -19,6 +19,7 @@ demo: setup
 	$(BIN)/lmforge quickstart
 
 test: setup
+	$(BIN)/lint-imports
 	$(BIN)/python -m pytest tests
 
 bench: setup

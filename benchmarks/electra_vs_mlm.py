@@ -134,7 +134,8 @@ def main() -> None:
 
 def run(work: Path, args) -> None:
     from lmforge.recipe import DataConfig, TokenizerConfig
-    from lmforge.tokenizer import save_tokenizer, train_tokenizer_for
+    from lmforge.pretrain import train_tokenizer_for
+    from lmforge.tokenizer import save_tokenizer
     ENGLISH.append(biomedical_jsonl(work))
     tokenizer = work / "tokenizer"
     if not (tokenizer / "tokenizer.json").exists():

@@ -66,7 +66,8 @@ def main() -> None:
         work = Path(tmp)
         from lmforge.objectives.span import add_sentinels
         from lmforge.recipe import DataConfig, TokenizerConfig
-        from lmforge.tokenizer import save_tokenizer, train_tokenizer_for
+        from lmforge.pretrain import train_tokenizer_for
+        from lmforge.tokenizer import save_tokenizer
         tok = train_tokenizer_for(DataConfig(sources=tree("mlm", 1, work)["data"]["sources"]),
                                   TokenizerConfig(kind="bpe", vocab_size=8000))
         save_tokenizer(add_sentinels(tok, 100), work / "tokenizer")  # one vocabulary for every objective

@@ -30,7 +30,7 @@ import peers  # noqa: E402
 from ours import train_and_read  # noqa: E402
 
 from lmforge.engine.hardware import KEEP_FREED_MEMORY_ENV  # noqa: E402
-from lmforge.engine.lean import LEAN_FORWARD_ENV  # noqa: E402
+from lmforge.models.lean import LEAN_FORWARD_ENV  # noqa: E402
 
 # lmforge with one of its CPU speed-ups turned off, to measure what each is worth
 ABLATIONS = {"lmforge_freeing": {KEEP_FREED_MEMORY_ENV: "0"},  # glibc gives freed activations back to the kernel

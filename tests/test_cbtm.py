@@ -13,7 +13,7 @@ import torch
 
 from lmforge.errors import LmforgeError
 from lmforge.experts import branch, evaluate, load_ensemble, merge, train
-from lmforge.experts.cluster import Clustering, ClusterRouter, fit_clustering
+from lmforge.data.clusters import Clustering, ClusterRouter, fit_clustering
 from lmforge.recipe import load_recipe, recipe_from_dict
 
 from conftest import make_docs, tiny_recipe
@@ -49,7 +49,7 @@ def test_tfidf_clustering_recovers_the_two_kinds_and_loads_back_identically(mixe
 
 
 def test_balanced_clustering_caps_cluster_sizes_and_assigns_by_document_alone(tmp_path):
-    from lmforge.experts.cluster import BALANCE_SLACK, balancing_offsets
+    from lmforge.data.clusters import BALANCE_SLACK, balancing_offsets
     # 240 prose documents and 60 code documents: plain k-means with k = 3 leaves one cluster far too large.
     texts = make_docs("prose", 240, seed=3) + make_docs("code", 60, seed=4)
     plain = np.bincount(fit_clustering(texts, 3, seed=0)[1], minlength=3)

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from lmforge.errors import LmforgeError
-from lmforge.finetune.conll import (SCHEMES, Sentence, convert_tags, entity_spans, label_list, read_conll,
+from lmforge.tasks.conll import (SCHEMES, Sentence, convert_tags, entity_spans, label_list, read_conll,
                                     read_token_jsonl, validate_tag)
 
 CONLL2003 = Path(__file__).resolve().parents[2] / "shared" / "data" / "conll2003"

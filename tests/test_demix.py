@@ -13,8 +13,8 @@ from transformers import AutoModelForCausalLM, BertConfig, BertLMHeadModel, GPT2
 
 from lmforge.errors import LmforgeError
 from lmforge.experts import branch, evaluate, train
-from lmforge.experts.demix import (add_domain, add_expert, demix_from_dense, expert_parameter_names, remove_domain,
-                                   remove_expert)
+from lmforge.experts.demix import add_domain, remove_domain
+from lmforge.models.demix import add_expert, demix_from_dense, expert_parameter_names, remove_expert
 from lmforge.recipe import recipe_from_dict
 
 from conftest import tiny_recipe

@@ -68,7 +68,7 @@ def _perturbed(model, seed: int):
 
 
 def test_ensemble_generates_like_a_causal_lm(tiny_lm_dir):
-    from lmforge.experts.ensemble import EnsembleForCausalLM
+    from lmforge.models.ensemble import EnsembleForCausalLM
     from lmforge.generate import Decoding, generate
     from lmforge.models import load_model
     from lmforge.tokenizer import load_tokenizer
@@ -183,7 +183,7 @@ def test_branch_train_merge_improves_each_domain_over_the_seed(tmp_path, corpus)
     # Generation and serving take the experts run folder (the ensemble by default) or one of its models.
     from typer.testing import CliRunner
     from lmforge.cli import app
-    from lmforge.experts.ensemble import EnsembleForCausalLM
+    from lmforge.models.ensemble import EnsembleForCausalLM
     from lmforge.generate import open_generator
     from lmforge.serve.models import load_served_model
     assert isinstance(open_generator(run)[0], EnsembleForCausalLM)

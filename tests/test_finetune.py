@@ -177,7 +177,7 @@ def test_ner_learns_and_matches_seqeval(tmp_path, base_dir):
     model = AutoModelForTokenClassification.from_pretrained(run / "final")
     assert model.config.id2label == {0: "O", 1: "B-LOC", 2: "I-LOC", 3: "B-PER", 4: "I-PER"}
     # Our report agrees exactly with seqeval on the same word-level predictions (from `predict`).
-    from lmforge.finetune.conll import read_conll
+    from lmforge.tasks.conll import read_conll
     gold = read_conll(dev)
     inputs = tmp_path / "dev.jsonl"
     inputs.write_text("".join(json.dumps({"tokens": s.tokens}) + "\n" for s in gold))
@@ -213,8 +213,8 @@ def test_lora_adapter_alone_equals_merged_export(tmp_path, base_dir):
 
 
 def test_freezing_and_layer_decay(tmp_path, base_dir):
-    from lmforge.finetune.config import StrategyConfig
-    from lmforge.finetune.model import apply_freezing, build_task_model, param_groups
+    from lmforge.tasks.config import StrategyConfig
+    from lmforge.tasks.model import apply_freezing, build_task_model, param_groups
     from lmforge.tokenizer import load_tokenizer
     tok = load_tokenizer(base_dir)
     model = build_task_model(base_dir, "classification", ["a", "b"], False, tok)
@@ -384,7 +384,7 @@ def test_resume_continues_exactly(tmp_path, base_dir):
 
 def test_throughput_counts_input_tokens(tmp_path, base_dir, monkeypatch):
     """tokens/s counts the non-padding input tokens read, and MFU uses the FLOPs of one such token."""
-    import lmforge.engine.loop as loop
+    from lmforge.engine import loop
     from lmforge.engine.logging import read_metrics
     from lmforge.models import flops_per_token
     from transformers import AutoTokenizer

@@ -7,7 +7,7 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
 from lmforge.engine.dropout import use_fast_dropout
-from lmforge.engine.lean import causal_logits, lean_applies
+from lmforge.models.lean import causal_logits, lean_applies
 
 
 def gpt2(dropout=0.0, attn_dropout=0.0, **kw):

@@ -345,7 +345,7 @@ def test_output_folder_report_and_figures(tmp_path):
     docs += [docs[0], edit(docs[1], 0.05, rng), "short."]
     tree = {"sources": [{"path": write_jsonl(tmp_path / "a.jsonl", docs), "domain": "web"}],
             "output": {"dir": str(tmp_path / "out")}, "split": {"validation_fraction": 0.2}}
-    out = prep(prep_recipe_from_dict(tree), show_progress=False)
+    out = prep(prep_recipe_from_dict(tree), show_progress=False).run_dir
     assert {p.name for p in out.iterdir()} >= {"lmforge-prep.json", "train", "validation", "report.md", "stats.json",
                                               "sizes.png", "removals.png", "lengths.png", "duplicates.png"}
     report = (out / "report.md").read_text()

@@ -13,7 +13,8 @@ from conftest import tiny_recipe
 from lmforge.data.pairs import document_pairs, encode_pair, split_segments, truncate_pair
 from lmforge.engine.logging import read_metrics
 from lmforge.errors import LmforgeError
-from lmforge.objectives.electra import ElectraPretrainer, ReplacedTokenDetection, generator_config, replace_tokens
+from lmforge.models.electra import ElectraPretrainer, generator_config
+from lmforge.objectives.electra import ReplacedTokenDetection, replace_tokens
 from lmforge.objectives.pairs import token_types
 from lmforge.objectives.span import (SpanCorruption, corrupt, corrupted_lengths, noise_mask, sentinel_tokens,
                                      span_counts)

@@ -24,7 +24,7 @@ from typer.testing import CliRunner
 
 from conftest import make_docs
 from lmforge.cli import app as cli
-from lmforge.finetune.predict import classify_texts, tag_texts, word_offsets
+from lmforge.tasks.predict import classify_texts, tag_texts, word_offsets
 from lmforge.generate import Decoding, generate
 from lmforge.recipe import TokenizerConfig
 from lmforge.serve import ServedModel, create_app, load_served_model

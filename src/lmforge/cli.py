@@ -1,4 +1,8 @@
-"""The lmforge command line: one subcommand per stage; each parses, loads the recipe, calls the stage."""
+"""The lmforge command line: one subcommand per stage; each parses its arguments and calls the stage's public
+entry (the function the Python API exports). Nothing imports this module.
+
+Each command imports its stage when it runs: `lmforge --help` and `lmforge recipe show` then start in a fraction
+of a second instead of loading torch and transformers first."""
 
 from __future__ import annotations
 
@@ -33,7 +37,7 @@ def _load(recipe_file: Path, overrides: List[str]):
     """A pretraining recipe, or a fine-tuning recipe (one with a `task:` key)."""
     from lmforge.recipe import load_recipe, read_yaml_mapping
     if Path(recipe_file).is_file() and "task" in read_yaml_mapping(recipe_file, "a recipe is a mapping of sections"):
-        from lmforge.finetune import load_finetune_recipe
+        from lmforge.tasks.config import load_finetune_recipe
         return load_finetune_recipe(recipe_file, overrides)
     return load_recipe(recipe_file, overrides)
 
@@ -57,9 +61,9 @@ def prep(recipe: Path = typer.Argument(..., help="Prep recipe YAML file."),
          force: bool = typer.Option(False, help="Replace an existing output folder."),
          progress: bool = typer.Option(True, help="Show a progress bar.")):
     """Normalise, filter, deduplicate, split and mix raw text into a dataset folder that pretraining reads."""
-    from lmforge.prep import load_prep_recipe, prep as run
+    from lmforge.prep import prep as run
     try:
-        out = run(load_prep_recipe(recipe, set_), force=force, show_progress=progress)
+        out = run(recipe, overrides=set_, force=force, show_progress=progress)
         typer.echo(f"prepared data: {out} (report: {out / 'report.md'})")
     except LmforgeError as err:
         _fail(err)
@@ -88,9 +92,9 @@ def finetune(recipe: Path = typer.Argument(..., help="Fine-tuning recipe YAML fi
              progress: bool = typer.Option(True, help="Show a progress bar.")):
     """Fine-tune a checkpoint for text classification or NER (full, frozen layers or LoRA/peft); writes the model,
     reports for the validation and test files, and a model card."""
-    from lmforge.finetune import finetune as run, load_finetune_recipe
+    from lmforge.finetune import finetune as run
     try:
-        run_dir = run(load_finetune_recipe(recipe, set_), resume=resume, force=force, show_progress=progress)
+        run_dir = run(recipe, overrides=set_, resume=resume, force=force, show_progress=progress)
         typer.echo(f"run folder: {run_dir}")
     except LmforgeError as err:
         _fail(err)
@@ -123,12 +127,12 @@ def eval_(run_dir: Path = typer.Argument(..., help="Run folder (or a checkpoint 
           as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table.")):
     """Perplexity (causal LM) or masked-token loss/perplexity (masked LM), overall and per domain; for a
     fine-tuning run, the task report (accuracy/F1/MCC or entity-level scores) of a split."""
-    from lmforge.evaluate import evaluate_run, format_table
-    from lmforge.finetune.predict import evaluate_task_run, is_task_run
+    from lmforge.evaluate import evaluate, format_table
+    from lmforge.tasks.predict import is_task_run
     if (Path(run_dir) / "experts.json").is_file():
-        from lmforge.experts import evaluate, format_comparison
+        from lmforge.experts import evaluate as evaluate_experts, format_comparison
         try:
-            results = evaluate(run_dir, max_batches=max_batches)
+            results = evaluate_experts(run_dir, max_batches=max_batches)
         except LmforgeError as err:
             _fail(err)
         typer.echo(json.dumps(results, indent=2) if as_json else
@@ -139,7 +143,7 @@ def eval_(run_dir: Path = typer.Argument(..., help="Run folder (or a checkpoint 
         if split not in ("validation", "test", "train"):
             _fail(LmforgeError(f"--split: expected 'validation', 'test' or 'train', got {split!r}"))
         try:
-            metrics = evaluate_task_run(run_dir, split, file, which=model)
+            metrics = evaluate(run_dir, split=split, file=file, which=model)
         except LmforgeError as err:
             _fail(err)
         if as_json:
@@ -148,7 +152,7 @@ def eval_(run_dir: Path = typer.Argument(..., help="Run folder (or a checkpoint 
     if split not in ("validation", "train"):
         _fail(LmforgeError(f"--split: expected 'validation' or 'train', got {split!r}"))
     try:
-        metrics = evaluate_run(run_dir, split=split, which=model, max_batches=max_batches)
+        metrics = evaluate(run_dir, split=split, which=model, max_batches=max_batches)
     except LmforgeError as err:
         _fail(err)
     if not metrics or "loss" not in metrics:
@@ -259,9 +263,23 @@ def recipe_show(recipe: Path = typer.Argument(..., help="Recipe YAML file."),
 
 
 @recipe_app.command("fields")
-def recipe_fields():
+def recipe_fields(markdown: bool = typer.Option(False, "--markdown", help="Print the Markdown field reference of "
+                                                "every recipe kind (docs/recipes.md is this output).")):
     """List every recipe field with its default and meaning."""
-    from lmforge.recipe import Recipe
+    from lmforge.prep.config import PrepRecipe
+    from lmforge.recipe import Recipe, fields_markdown
+    from lmforge.tasks.config import FinetuneRecipe
+    if markdown:
+        typer.echo("\n".join([
+            "# Recipe fields", "",
+            "Generated from the recipe classes by `lmforge recipe fields --markdown`; a test fails when this file is",
+            "stale. A nested field is written with dots (`train.lr`), a list entry with `[]` "
+            "(`data.sources[].path`); `--set` takes the same dotted names with a list index (`data.sources.0.path`).",
+            "",
+            fields_markdown(Recipe, "Pretraining and experts recipes (`lmforge pretrain`, `lmforge experts`)"),
+            fields_markdown(FinetuneRecipe, "Fine-tuning recipes (`lmforge finetune`)"),
+            fields_markdown(PrepRecipe, "Data preparation recipes (`lmforge prep`)")]).rstrip())
+        return
     for section, field in Recipe.model_fields.items():
         cls = field.annotation
         if not hasattr(cls, "model_fields"):
@@ -278,7 +296,8 @@ def tokenizer_train(recipe: Path = typer.Argument(..., help="Recipe YAML (its da
                     out: Path = typer.Option(..., help="Folder to save the tokenizer in (HF format)."),
                     set_: List[str] = typer.Option([], "--set", help=SET_HELP)):
     """Train a WordPiece, byte-level BPE, Unigram or character tokenizer on the recipe's training split."""
-    from lmforge.tokenizer import save_tokenizer, train_tokenizer_for
+    from lmforge.pretrain import train_tokenizer_for
+    from lmforge.tokenizer import save_tokenizer
     try:
         r = _load(recipe, set_)
         tok = train_tokenizer_for(r.data, r.tokenizer)
@@ -382,7 +401,7 @@ def experts_add(target: Path = typer.Argument(..., help="The experts run folder 
                 top_k: Optional[int] = typer.Option(2, min=1, help="average: the k most relevant experts."),
                 set_: List[str] = typer.Option([], "--set", help=SET_HELP)):
     """Add an expert for a new domain to a branched run; train it with `lmforge experts train RUN --domain D`."""
-    from lmforge.experts.run import add_expert
+    from lmforge.experts import add_expert
     try:
         typer.echo(f"expert recipe: {add_expert(_experts_run(target, set_), domain, init=init, top_k=top_k)}")
     except LmforgeError as err:
@@ -400,7 +419,7 @@ def experts_demix_add(target: Path = typer.Argument(..., help="The experts run f
                       set_: List[str] = typer.Option([], "--set", help=SET_HELP),
                       progress: bool = typer.Option(True, help="Show progress bars.")):
     """Add a domain expert to the DEMix model and train only it; the other experts stay exactly as they were."""
-    from lmforge.experts.demix import add_domain
+    from lmforge.experts import add_domain
     try:
         folder = add_domain(_experts_run(target, set_), domain, steps=steps, init=init, show_progress=progress)
         typer.echo(f"DEMix model: {folder}")
@@ -413,7 +432,7 @@ def experts_demix_remove(target: Path = typer.Argument(..., help="The experts ru
                          domain: str = typer.Option(..., "--domain", help="The domain whose expert is removed."),
                          set_: List[str] = typer.Option([], "--set", help=SET_HELP)):
     """Remove a domain expert from the DEMix model (for example to drop a domain's data); nothing is retrained."""
-    from lmforge.experts.demix import remove_domain
+    from lmforge.experts import remove_domain
     try:
         typer.echo(f"DEMix model: {remove_domain(_experts_run(target, set_), domain)}")
     except LmforgeError as err:

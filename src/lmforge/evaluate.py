@@ -7,13 +7,20 @@ every world-th batch and the sums are all-reduced.
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import Optional
 
 import numpy as np
 import torch
 
-from lmforge.data.blocks import BlockData
+from lmforge.data.blocks import BlockData, build_blocks
 from lmforge.engine import distributed as dist
+from lmforge.errors import LmforgeError
+from lmforge.objectives import build_objective
+from lmforge.runs import open_run
+from lmforge.tasks.predict import is_task_run
+from lmforge.tasks.report import evaluate_task_run
+from lmforge.stage import callable_stage
 
 EVAL_EXAMPLE_OFFSET = 10**12  # validation masks never coincide with training masks
 
@@ -86,10 +93,6 @@ def format_table(metrics: dict, title: str = "") -> str:
 def evaluate_run(run_dir, *, split: str = "validation", which: Optional[str] = None,
                  batch_size: Optional[int] = None, max_batches: Optional[int] = None) -> dict:
     """Evaluate a pretraining run folder's model on its recipe's data."""
-    from lmforge.data.blocks import build_blocks
-    from lmforge.errors import LmforgeError
-    from lmforge.objectives import build_objective
-    from lmforge.runs import open_run
 
     recipe, model, tokenizer = open_run(run_dir, which)
     if recipe is None:
@@ -104,3 +107,17 @@ def evaluate_run(run_dir, *, split: str = "validation", which: Optional[str] = N
                               max_batches=max_batches)
     metrics["objective"] = recipe.objective.name
     return metrics
+
+
+def evaluate(run_dir, *, split: str = "validation", which: Optional[str] = None, file: Optional[Path] = None,
+             batch_size: Optional[int] = None, max_batches: Optional[int] = None) -> dict:
+    """The metrics of a run folder on a split of its recipe's data: a fine-tuning run's task report (accuracy,
+    F1, MCC or entity-level scores; `file` scores another file as the split), or a pretraining run's loss and
+    perplexity, overall and per domain. An experts run is evaluated by `lmforge.experts.evaluate`."""
+    if is_task_run(Path(run_dir)):
+        return evaluate_task_run(Path(run_dir), split, file, which=which)
+    if file is not None:
+        raise LmforgeError("--file: only a fine-tuning run scores a file; a pretraining run reads its recipe's data")
+    return evaluate_run(run_dir, split=split, which=which, batch_size=batch_size, max_batches=max_batches)
+
+callable_stage(__name__)  # `from lmforge import evaluate` can be called: evaluate(...)

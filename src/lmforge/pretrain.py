@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import time
 from pathlib import Path
+from typing import Union
 
 import torch
+from transformers import PreTrainedTokenizerFast
 
 from lmforge.data.blocks import build_blocks
 from lmforge.data.loader import BlockLoader, StreamLoader
+from lmforge.data.sources import iter_texts, load_documents
 from lmforge.engine import checkpoint as ckpt
 from lmforge.engine import distributed as dist
 from lmforge.engine.hardware import pick_device
@@ -21,43 +22,18 @@ from lmforge.errors import LmforgeError
 from lmforge.evaluate import evaluate_blocks, format_table
 from lmforge.models import build_model, count_parameters, flops_per_token, local_path
 from lmforge.objectives import build_objective
-from lmforge.recipe import Recipe
-from lmforge.tokenizer import load_tokenizer, save_tokenizer, train_tokenizer_for
+from lmforge.objectives.span import add_sentinels, corrupted_lengths, end_with_eos
+from lmforge.recipe import Recipe, TokenizerConfig, coerce_recipe, load_recipe
+from lmforge.stage import RunResult
+from lmforge.runs import prepare_run_dir
+from lmforge.tokenizer import load_tokenizer, save_tokenizer, train_tokenizer
+from lmforge.stage import callable_stage
 
 
-RUN_ARTEFACTS = {"recipe.yaml", "metrics.jsonl", "tensorboard", "tokenizer", "best", "checkpoints", "final",
-                 "loss.png", "summary.md", "results.json", "eval-validation.json", "eval-train.json",
-                 ".tokenizer.tmp", ".recipe.yaml.tmp", "adapter", "README.md", "eval-test.json",
-                 *(f"report-{s}.{ext}" for s in ("train", "validation", "test") for ext in ("txt", "png"))}
-
-
-def prepare_run_dir(recipe: Recipe, resume: bool, force: bool) -> Path:
-    run_dir = Path(recipe.output.dir)
-    if dist.is_main() and run_dir.is_dir() and not resume:
-        entries = {p.name for p in run_dir.iterdir()}
-        trained = entries & {"checkpoints", "final"}
-        if (trained or entries - RUN_ARTEFACTS) and not force:
-            what = "holds a trained run" if trained else "holds files lmforge did not write"
-            raise LmforgeError(f"{run_dir}: the run folder {what}; pass --resume to continue it "
-                               "or --force to start over")
-        if trained or force:
-            shutil.rmtree(run_dir)
-        else:  # leftovers of a run that failed before its first checkpoint
-            for name in entries:
-                shutil.rmtree(run_dir / name) if (run_dir / name).is_dir() else (run_dir / name).unlink()
-    if dist.is_main():
-        try:
-            run_dir.mkdir(parents=True, exist_ok=True)
-            probe = run_dir / ".write-test"
-            probe.write_text("ok")
-            probe.unlink()
-        except OSError as err:
-            raise LmforgeError(f"{run_dir}: cannot write the run folder ({err.strerror})") from None
-        tmp = run_dir / ".recipe.yaml.tmp"
-        tmp.write_text(recipe.to_yaml())
-        os.replace(tmp, run_dir / "recipe.yaml")
-    dist.barrier()
-    return run_dir
+def train_tokenizer_for(data, config: TokenizerConfig) -> PreTrainedTokenizerFast:
+    """Train `config`'s tokenizer on the training split of a recipe's `data` section."""
+    docs = load_documents(data)
+    return train_tokenizer(iter_texts(docs, "train", config.max_train_documents), config)
 
 
 def get_tokenizer(recipe: Recipe, run_dir: Path):
@@ -76,13 +52,16 @@ def get_tokenizer(recipe: Recipe, run_dir: Path):
 
 def objective_tokenizer(tokenizer, recipe: Recipe):
     """What an objective adds to any tokenizer: span corruption's sentinels and closing EOS."""
-    if recipe.objective.name == "span":
-        from lmforge.objectives.span import add_sentinels, end_with_eos
+    if recipe.objective.kind == "span":
         end_with_eos(add_sentinels(tokenizer, recipe.objective.sentinels))
     return tokenizer
 
 
-def pretrain(recipe: Recipe, *, resume: bool = False, force: bool = False, show_progress: bool = True) -> Path:
+def pretrain(recipe: Union[Recipe, str, Path, dict], *, overrides: Union[list[str], tuple] = (), resume: bool = False,
+             force: bool = False, show_progress: bool = True) -> RunResult:
+    """Pretrain as the recipe (object, YAML file or dict, plus `--set` style overrides) says; returns the run
+    folder and its last validation metrics."""
+    recipe = coerce_recipe(recipe, overrides, Recipe, load_recipe)
     if recipe.train.threads:
         torch.set_num_threads(recipe.train.threads)
     world, rank = _join_process_group(recipe)  # first: the set-up below uses barriers
@@ -124,13 +103,13 @@ def pretrain(recipe: Recipe, *, resume: bool = False, force: bool = False, show_
                       f"{len(data.train) if data else 'streamed'} training blocks of {recipe.objective.block_size}, "
                       f"global batch {loader.global_batch}")
     state = engine.fit()
+    final = next((h for h in reversed(state.history) if h.get("split") == "validation"), {})
     if dist.is_main():
         ckpt.save_model(run_dir / "final", model, tokenizer)
-        final = next((h for h in reversed(state.history) if h.get("split") == "validation"), {})
         write_summary(run_dir, recipe, state, final, time.perf_counter() - t0, count_parameters(model))
     dist.barrier()
     dist.teardown()
-    return run_dir
+    return RunResult(run_dir, final)
 
 
 def before_after_table(start: dict, final: dict) -> str:
@@ -148,8 +127,7 @@ def head_fraction(objective) -> float:
     """Share of the input tokens the output layer runs on."""
     if objective.masked:
         return objective.mlm_probability
-    if objective.name == "span":
-        from lmforge.objectives.span import corrupted_lengths
+    if objective.kind == "span":
         inputs, targets = corrupted_lengths(objective.block_size, objective.noise_density, objective.mean_span_length)
         return targets / (inputs + targets)
     return 1.0
@@ -180,3 +158,5 @@ def write_summary(run_dir: Path, recipe: Recipe, state, final: dict, seconds: fl
     (run_dir / "summary.md").write_text("\n".join(lines))
     (run_dir / "results.json").write_text(json.dumps({"steps": state.step, "tokens": state.tokens,
                                                       "seconds": seconds, "validation": final}, indent=2))
+
+callable_stage(__name__)  # `from lmforge import pretrain` can be called: pretrain(...)

@@ -18,6 +18,9 @@ from lmforge.engine.logging import console
 from lmforge.errors import LmforgeError
 from lmforge.evaluate import format_table
 from lmforge.recipe import recipe_from_dict
+from lmforge.generate import generate_text
+from lmforge.pretrain import pretrain
+from lmforge.runs import open_run
 
 SKIP_DIRS = {"test", "tests", "idlelib", "lib2to3", "site-packages", "__pycache__", "turtledemo", "ensurepip"}
 
@@ -85,9 +88,6 @@ def quickstart_recipes(out: Path, corpus: dict[str, Path], tiny: bool) -> tuple[
 
 def quickstart(out: Path = Path("runs/quickstart"), *, tiny: bool = False, force: bool = True,
                show_progress: bool = True) -> Path:
-    from lmforge.generate import generate_text
-    from lmforge.pretrain import pretrain
-    from lmforge.runs import open_run
 
     out = Path(out)
     budget = 200_000 if tiny else 2_000_000
@@ -103,7 +103,7 @@ def quickstart(out: Path = Path("runs/quickstart"), *, tiny: bool = False, force
     for tree in (clm_dict, mlm_dict):
         recipe = recipe_from_dict(tree, "quickstart")
         console.rule(f"{recipe.name}: {recipe.objective.name}")
-        run_dir = pretrain(recipe, force=force, show_progress=show_progress)
+        run_dir = pretrain(recipe, force=force, show_progress=show_progress).run_dir
         results[recipe.objective.name] = (run_dir, json.loads((run_dir / "results.json").read_text()))
     _, model, tokenizer = open_run(results["clm"][0])
     samples = [(p, generate_text(model, tokenizer, p, max_new_tokens=48, temperature=0.8, top_k=40, seed=i))

@@ -13,9 +13,10 @@ from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from lmforge.errors import LmforgeError
+from lmforge import registry
 
 
 class Section(BaseModel):
@@ -70,8 +71,9 @@ class TokenizerConfig(Section):
 
 
 class ModelConfig(Section):
-    family: Optional[Literal["bert", "roberta", "electra", "gpt2", "llama", "t5"]] = Field(
-        None, description="Architecture family when training from scratch.")
+    family: Optional[str] = Field(
+        None, description="Architecture family when training from scratch: bert, roberta, electra, gpt2, llama, t5 "
+                          "or a registered one.")
     size: Literal["tiny", "small", "base"] = Field("tiny", description="Size preset.")
     path: Optional[str] = Field(None, description="Local HF checkpoint folder to continue from.")
     n_layers: Optional[int] = Field(None, ge=1, description="Override the preset's layer count.")
@@ -81,6 +83,8 @@ class ModelConfig(Section):
     max_positions: Optional[int] = Field(None, ge=8, description="Position limit (default: block size).")
     dropout: float = Field(0.1, ge=0.0, lt=1.0, description="Dropout everywhere.")
 
+    _known_family = field_validator("family")(lambda cls, v: v if v is None else registry.FAMILIES.check(v))
+
     @model_validator(mode="after")
     def _one_origin(self) -> "ModelConfig":
         if self.family is None and self.path is None:
@@ -88,13 +92,12 @@ class ModelConfig(Section):
         return self
 
 
-OBJECTIVES = ("clm", "mlm", "mlm+nsp", "mlm+sop", "electra", "span")
-
 
 class ObjectiveConfig(Section):
-    name: Literal["clm", "mlm", "mlm+nsp", "mlm+sop", "electra", "span"] = Field(
+    name: str = Field(
         "clm", description="clm (causal LM), mlm (masked LM), mlm+nsp / mlm+sop (masked LM plus next-sentence or "
-                           "sentence-order prediction), electra (replaced-token detection), span (T5 span corruption).")
+                           "sentence-order prediction), electra (replaced-token detection), span (T5 span corruption), "
+                           "or a registered objective.")
     block_size: int = Field(128, ge=8, description="Tokens per training sequence (span: raw tokens before noising).")
     mlm_probability: float = Field(0.15, gt=0.0, lt=1.0, description="Fraction of tokens selected (MLM, ELECTRA).")
     whole_word: bool = Field(False, description="Mask whole words rather than sub-words (MLM, ELECTRA).")
@@ -110,14 +113,21 @@ class ObjectiveConfig(Section):
     mean_span_length: float = Field(3.0, ge=1.0, description="Span corruption: mean length of a noised span.")
     sentinels: int = Field(100, ge=1, description="Span corruption: sentinel tokens added to the tokenizer.")
 
+    _known_name = field_validator("name")(lambda cls, v: registry.OBJECTIVES.check(v))
+
+    @property
+    def kind(self) -> str:
+        """The built-in objective this one behaves like: its data layout, model head and families."""
+        return registry.objective_kind(self.name)
+
     @property
     def masked(self) -> bool:
         """Encoder objectives built on masked-LM data (the model is an encoder)."""
-        return self.name in ("mlm", "mlm+nsp", "mlm+sop", "electra")
+        return self.kind in ("mlm", "mlm+nsp", "mlm+sop", "electra")
 
     @property
     def pairs(self) -> bool:
-        return self.name in ("mlm+nsp", "mlm+sop")
+        return self.kind in ("mlm+nsp", "mlm+sop")
 
 
 class TrainConfig(Section):
@@ -183,9 +193,11 @@ class ExpertsConfig(Section):
                                                      "its share of the fitted documents.")
     cluster_documents: int = Field(20000, ge=1, description="Fit the clustering on at most this many training "
                                                             "documents (a seeded sample).")
-    routing: Literal["posterior", "clusters"] = Field(
+    routing: str = Field(
         "posterior", description="Ensemble weights: the domain posterior (Bayes' rule over the context's likelihood), "
-                                 "or the context's distance to the cluster centres (c-BTM; needs clusters).")
+                                 "the context's distance to the cluster centres (clusters: c-BTM; needs clusters), "
+                                 "or a registered routing rule.")
+    _known_routing = field_validator("routing")(lambda cls, v: registry.ROUTERS.check(v))
     routing_temperature: float = Field(0.1, gt=0.0, description="Cluster routing: T in exp(-distance^2 / T).")
     routing_stride: int = Field(1, ge=1, description="Cluster routing: recompute the weights every N positions "
                                                      "(1: at every position).")
@@ -351,3 +363,59 @@ def _resolve_paths(recipe: Recipe, base: Path) -> None:
     recipe.data.domain_clusters = resolve_path(recipe.data.domain_clusters, base)
     if recipe.experts and recipe.experts.cluster_encoder and not recipe.experts.cluster_encoder.startswith("package:"):
         recipe.experts.cluster_encoder = resolve_path(recipe.experts.cluster_encoder, base)
+
+
+def coerce_recipe(recipe, overrides: Union[list[str], tuple], root: type[BaseModel], load) -> BaseModel:
+    """A stage's recipe from what a caller holds: a file (read with `load`), a dict, or a recipe object; `--set`
+    style `overrides` are applied and the result validated again."""
+    if isinstance(recipe, (str, os.PathLike)):
+        return load(recipe, overrides)
+    if isinstance(recipe, dict):
+        return validate_tree(root, recipe, "recipe", overrides)
+    if isinstance(recipe, root):
+        return validate_tree(root, recipe.model_dump(mode="json"), "recipe", overrides) if overrides else recipe
+    raise LmforgeError(f"expected a {root.__name__}, a recipe file or a dict, got {type(recipe).__name__}")
+
+
+def _type_name(annotation) -> str:
+    text = getattr(annotation, "__name__", None) if isinstance(annotation, type) else None
+    text = text or str(annotation).replace("typing.", "")
+    return text.replace("NoneType", "None").replace("|", "\\|")
+
+
+def _section_class(annotation) -> Optional[type[BaseModel]]:
+    inner = getattr(annotation, "__args__", (annotation,))
+    for a in (annotation, *inner):
+        if isinstance(a, type) and issubclass(a, BaseModel):
+            return a
+        nested = getattr(a, "__args__", ())  # list[SourceConfig]
+        found = next((n for n in nested if isinstance(n, type) and issubclass(n, BaseModel)), None)
+        if found:
+            return found
+    return None
+
+
+def fields_markdown(root: type[BaseModel], title: str) -> str:
+    """A Markdown reference of every field of a recipe class: one table per section (docs/recipes.md)."""
+    out = [f"## {title}", ""]
+    rows: dict[str, list[str]] = {}
+
+    def walk(cls: type[BaseModel], prefix: str, section: str) -> None:
+        for name, f in cls.model_fields.items():
+            sub = _section_class(f.annotation)
+            key = f"{prefix}{name}"
+            if sub is not None:
+                many = "list" in str(f.annotation)
+                walk(sub, f"{key}[]." if many else f"{key}.", key if not prefix else section)
+                continue
+            default = "required" if f.is_required() else repr(f.default if f.default_factory is None
+                                                                else f.default_factory())
+            text = (f.description or "").replace("|", "\\|").replace("\n", " ")
+            rows.setdefault(section, []).append(
+                f"| `{key}` | {_type_name(f.annotation)} | `{default}` | {text} |")
+
+    walk(root, "", "(top level)")
+    for section, lines in rows.items():
+        out += [f"### `{section}`" if section != "(top level)" else "### top level", "",
+                "| field | type | default | meaning |", "|---|---|---|---|", *lines, ""]
+    return "\n".join(out)

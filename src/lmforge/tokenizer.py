@@ -89,13 +89,6 @@ def train_tokenizer(texts: Iterable[str], config: TokenizerConfig) -> PreTrained
     return fast
 
 
-def train_tokenizer_for(data, config: TokenizerConfig) -> PreTrainedTokenizerFast:
-    """Train `config`'s tokenizer on the training split of a recipe's `data` section."""
-    from lmforge.data.sources import iter_texts, load_documents  # data imports this module
-    docs = load_documents(data)
-    return train_tokenizer(iter_texts(docs, "train", config.max_train_documents), config)
-
-
 def save_tokenizer(tokenizer, folder: Union[str, Path]) -> None:
     """Save in HF format atomically: a temporary folder renamed over the target."""
     folder = Path(folder)

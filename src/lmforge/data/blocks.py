@@ -18,10 +18,10 @@ from typing import Iterator, Optional
 
 import datasets
 import numpy as np
+import torch.distributed as tdist
 
 from lmforge.data.pairs import pair_builder
 from lmforge.data.sources import fingerprint_sources, load_documents
-from lmforge.engine import distributed as dist
 from lmforge.errors import LmforgeError
 from lmforge.recipe import DataConfig, ObjectiveConfig
 from lmforge.tokenizer import special_ids
@@ -87,7 +87,7 @@ def cache_key(data: DataConfig, tokenizer, objective: ObjectiveConfig) -> str:
     h = hashlib.sha256()
     h.update(fingerprint_sources(data).encode())
     h.update(tokenizer.backend_tokenizer.to_str().encode() if hasattr(tokenizer, "backend_tokenizer") else b"")
-    h.update(f"{objective.name}:{objective.block_size}:{_affixes(tokenizer, objective.name)}".encode())
+    h.update(f"{objective.name}:{objective.block_size}:{_affixes(tokenizer, objective.kind)}".encode())
     if objective.pairs:
         h.update(f"{objective.segment_by}:{objective.pair_probability}:{data.split_seed}".encode())
     return h.hexdigest()[:20]
@@ -97,9 +97,12 @@ def build_blocks(data: DataConfig, tokenizer, objective: ObjectiveConfig, progre
     """Tokenized, packed blocks for both splits, from the on-disk cache when it is already there."""
     root = Path(data.cache_dir) if data.cache_dir else default_cache_dir()
     target = root / "blocks" / cache_key(data, tokenizer, objective)
-    if dist.is_main() and not (target / "meta.json").exists():
+    # Under torchrun the first process builds the cache while the others wait for it.
+    together = tdist.is_available() and tdist.is_initialized()
+    if (not together or tdist.get_rank() == 0) and not (target / "meta.json").exists():
         _build_cache(data, tokenizer, objective, target, progress)
-    dist.barrier()
+    if together:
+        tdist.barrier()
     meta = json.loads((target / "meta.json").read_text())
     # Checked before loading: `datasets` cannot load back a split saved with zero rows.
     if meta["train_blocks"] == 0:
@@ -120,12 +123,12 @@ def _build_cache(data, tokenizer, objective, target: Path, progress) -> None:
         ids = special_ids(tokenizer)
         if ids["cls"] is None or ids["sep"] is None:
             raise LmforgeError("tokenizer: sentence-pair objectives need [CLS] and [SEP] (or <s> and </s>) tokens")
-        fn = pair_builder(tokenizer, block_size=objective.block_size, kind=objective.name.split("+")[1],
+        fn = pair_builder(tokenizer, block_size=objective.block_size, kind=objective.kind.split("+")[1],
                           segment_by=objective.segment_by, probability=objective.pair_probability,
                           seed=data.split_seed, domain_ids=domain_ids, cls=ids["cls"], sep=ids["sep"],
                           pad=ids["pad"])
     else:
-        fn = _tokenize_and_pack(tokenizer, objective.name, objective.block_size, domain_ids)
+        fn = _tokenize_and_pack(tokenizer, objective.kind, objective.block_size, domain_ids)
     tmp = target.with_name(target.name + f".tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     counts = {}
@@ -154,7 +157,7 @@ def stream_blocks(data: DataConfig, tokenizer, objective: ObjectiveConfig, split
     docs = docs.filter(lambda row: row["split"] == split)
     if split == "train":
         docs = docs.shuffle(seed=seed, buffer_size=buffer)
-    head, tail = _affixes(tokenizer, objective.name)
+    head, tail = _affixes(tokenizer, objective.kind)
     streams: dict[str, list[int]] = {}
     produced = 0
     for row in docs:

@@ -13,6 +13,8 @@ import datasets
 
 from lmforge.errors import LmforgeError
 from lmforge.recipe import DataConfig, SourceConfig
+from lmforge.data.clusters import ClusterLabeler
+from lmforge.data.clusters import clustering_fingerprint
 
 EXTENSIONS = {".txt": "text", ".text": "text", ".md": "text", ".py": "text", ".jsonl": "jsonl",
               ".json": "jsonl", ".csv": "csv", ".tsv": "tsv", ".parquet": "parquet"}
@@ -186,7 +188,6 @@ def load_documents(config: DataConfig, streaming: Optional[bool] = None):
                 raise LmforgeError(f"{src.path}: no non-empty documents")
             parts.append(ds)
     if config.domain_clusters:  # unsupervised domains (c-BTM): a document's domain is its nearest cluster
-        from lmforge.experts.cluster import ClusterLabeler
         labeler = ClusterLabeler(config.domain_clusters)
         parts = [p.map(labeler, batched=True, features=FEATURES) for p in parts]
     if config.only_domains:
@@ -220,7 +221,6 @@ def fingerprint_sources(config: DataConfig) -> str:
     h = hashlib.sha256()
     h.update(config.model_dump_json(exclude={"num_proc", "cache_dir", "streaming"}).encode())
     if config.domain_clusters:  # the clustering's content, not only its path, decides the domains
-        from lmforge.experts.cluster import clustering_fingerprint
         h.update(clustering_fingerprint(config.domain_clusters).encode())
     for i, src in enumerate(config.sources):
         for f in expand_paths(src.path, f"data.sources[{i}].path"):

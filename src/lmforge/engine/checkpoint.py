@@ -19,6 +19,9 @@ from pathlib import Path
 from typing import Optional
 
 import torch
+from safetensors.torch import load_file
+
+from lmforge.errors import LmforgeError
 
 STATE_FILE = "trainer_state.pt"
 STEP_DIR = re.compile(r"^step-(\d+)$")
@@ -92,3 +95,24 @@ def prune_checkpoints(root: Path, keep_last: int) -> None:
 def load_state(folder: Path) -> dict:
     # weights_only: a checkpoint can never execute code on load.
     return torch.load(Path(folder) / STATE_FILE, map_location="cpu", weights_only=True)
+
+
+def load_weights(model, folder: Path, device="cpu") -> None:
+    """Load a saved model (model.safetensors) or peft adapter (adapter_model.safetensors) into `model`."""
+    folder = Path(folder)
+    if hasattr(model, "load_folder"):  # composite models (ELECTRA) load their parts
+        model.load_folder(folder, device)
+        return
+    if (folder / "adapter_model.safetensors").is_file():
+        from peft import set_peft_model_state_dict  # peft is imported only for adapter checkpoints
+        set_peft_model_state_dict(model, load_file(str(folder / "adapter_model.safetensors"), device=str(device)))
+        return
+    weights = load_file(str(folder / "model.safetensors"), device=str(device))
+    missing, unexpected = model.load_state_dict(weights, strict=False)
+    # A tied weight is saved once: a missing key is fine when it shares storage with a loaded one.
+    tensors = model.state_dict(keep_vars=True)
+    loaded = {tensors[k].data_ptr() for k in weights if k in tensors}
+    missing = [m for m in missing if tensors[m].data_ptr() not in loaded]
+    if unexpected or missing:
+        raise LmforgeError(f"{folder}: checkpoint does not match the model (missing {missing[:3]}, "
+                           f"unexpected {unexpected[:3]})")

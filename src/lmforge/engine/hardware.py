@@ -10,13 +10,13 @@ import sys
 import time
 
 import torch
+from lmforge.errors import LmforgeError
 
 
 def pick_device(requested: str) -> str:
     if requested == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if requested == "cuda" and not torch.cuda.is_available():
-        from lmforge.errors import LmforgeError
         raise LmforgeError("train.device: 'cuda' was asked for but no CUDA device is available")
     return requested
 

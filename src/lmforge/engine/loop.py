@@ -12,13 +12,13 @@ from typing import Callable, Optional
 import torch
 
 from lmforge.engine import checkpoint as ckpt
+from lmforge.engine.checkpoint import load_weights
 from lmforge.engine import distributed as dist
 from lmforge.engine.dropout import use_fast_dropout
 from lmforge.engine.hardware import autocast, keep_freed_memory, matmul_roof, pick_device, pick_precision
 from lmforge.engine.logging import MetricsLog, Throughput, console, plot_losses, progress_bar
 from lmforge.engine.schedule import lr_at, warmup_steps
 from lmforge.errors import LmforgeError
-from lmforge.objectives.base import ratios
 from lmforge.recipe import TrainConfig
 
 
@@ -86,26 +86,8 @@ def make_optimizer(model, cfg: TrainConfig, device: str, groups: Optional[list[d
         return torch.optim.AdamW(groups, foreach=True, **kwargs)
 
 
-def load_weights(model, folder: Path, device="cpu") -> None:
-    """Load a saved model (model.safetensors) or peft adapter (adapter_model.safetensors) into `model`."""
-    from safetensors.torch import load_file
-    folder = Path(folder)
-    if hasattr(model, "load_folder"):  # composite models (ELECTRA) load their parts
-        model.load_folder(folder, device)
-        return
-    if (folder / "adapter_model.safetensors").is_file():
-        from peft import set_peft_model_state_dict
-        set_peft_model_state_dict(model, load_file(str(folder / "adapter_model.safetensors"), device=str(device)))
-        return
-    weights = load_file(str(folder / "model.safetensors"), device=str(device))
-    missing, unexpected = model.load_state_dict(weights, strict=False)
-    # A tied weight is saved once: a missing key is fine when it shares storage with a loaded one.
-    tensors = model.state_dict(keep_vars=True)
-    loaded = {tensors[k].data_ptr() for k in weights if k in tensors}
-    missing = [m for m in missing if tensors[m].data_ptr() not in loaded]
-    if unexpected or missing:
-        raise LmforgeError(f"{folder}: checkpoint does not match the model (missing {missing[:3]}, "
-                           f"unexpected {unexpected[:3]})")
+def ratios(tallies: dict[str, tuple[float, float]]) -> dict[str, float]:
+    return {name: value / count for name, (value, count) in tallies.items() if count}
 
 
 def move(batch: dict, device) -> dict:

@@ -3,19 +3,13 @@ then train it briefly on the mixed data.
 
 Each expert's feed-forward block of every layer becomes one expert of that layer's MoE; every other parameter
 (embeddings, attention, norms, LM head) is the uniform average of the experts' (or their Fisher-weighted
-average, `--weights fisher`: each weight closest to the experts whose domain relies on it; experts/fisher.py). A new router per layer (linear
-d_model → n_experts, small random init) sends each token to its top-k experts, weighted by a softmax over the k
-chosen logits, as in Mixtral. The short training adds a load-balancing loss (Switch / Mixtral) to the causal-LM
-loss and by default trains the routers only.
+average, `--weights fisher`: each weight closest to the experts whose domain relies on it; experts/fisher.py). A
+new router per layer (small random init, or the domains' centroids) sends each token to its top-k experts. The
+short training adds a load-balancing loss (Switch / Mixtral) to the causal-LM loss and by default trains the
+routers only. The model classes live in `lmforge.models.moe`.
 
-    llama experts → transformers' MixtralForCausalLM (Llama attention, SwiGLU experts, top-k router): a plain
-                    Mixtral folder that `AutoModelForCausalLM` loads anywhere.
-    gpt2 experts  → `GPT2MoEForCausalLM`: GPT-2 whose every block's MLP is a `GPT2MoE` (router `mlp.gate` +
-                    GPT2MLP experts `mlp.experts.<i>`); config model_type "lmforge_gpt2_moe", registered with
-                    transformers' Auto classes when this module is imported.
-
-Either way `RUN/moe/` is one HF folder (config.json, model.safetensors, tokenizer) plus merge.json (method,
-domains, family, top_k, aux_weight, steps, trained parameters); `load_moe(folder)` loads it.
+`RUN/moe/` is one HF folder (config.json, model.safetensors, tokenizer) plus merge.json (method, domains, family,
+top_k, aux_weight, steps, trained parameters); `load_moe(folder)` loads it.
 """
 
 from __future__ import annotations
@@ -24,104 +18,25 @@ from pathlib import Path
 from typing import Optional
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel, MixtralConfig
-from transformers.modeling_outputs import MoeCausalLMOutputWithPast
-from transformers.models.gpt2.modeling_gpt2 import GPT2MLP, GPT2Model, GPT2PreTrainedModel
+from transformers import MixtralConfig
 
+from lmforge.data.blocks import build_blocks
+from lmforge.data.loader import BlockLoader
+from lmforge.engine import checkpoint as ckpt
+from lmforge.engine import distributed as dist
+from lmforge.engine.logging import console
+from lmforge.engine.loop import Engine
 from lmforge.errors import LmforgeError
-from lmforge.experts.ensemble import average_state_dicts
+from lmforge.evaluate import evaluate_blocks
 from lmforge.experts.fisher import fisher_average
+from lmforge.models import count_parameters, flops_per_token, load_model
+from lmforge.models.ensemble import average_state_dicts
+from lmforge.models.moe import (FAMILIES, NOT_ARCHITECTURE, ROUTER, GPT2MoEConfig, GPT2MoEForCausalLM,
+                                load_balancing_loss)
 from lmforge.objectives.base import token_cross_entropy
 from lmforge.objectives.clm import CausalLM
-
-FAMILIES = ("gpt2", "llama")
-ROUTER = "mlp.gate.weight"      # the router's parameter name in both families
-# Config keys that say nothing about the architecture (experts trained apart differ in them).
-NOT_ARCHITECTURE = {"_name_or_path", "transformers_version", "architectures", "dtype", "torch_dtype", "use_cache",
-                    "_commit_hash", "output_attentions", "output_hidden_states", "return_dict"}
-
-
-def route(logits: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(weights, expert index), each (tokens, k): the k largest router logits, softmax over those k only."""
-    top, index = logits.topk(top_k, dim=-1)
-    return torch.softmax(top.float(), dim=-1), index
-
-
-def load_balancing_loss(router_logits, top_k: int) -> torch.Tensor:
-    """Switch / Mixtral auxiliary loss n · Σ_i f_i · P_i, averaged over layers: f_i is the share of the top-k
-    assignments that go to expert i, P_i the mean router probability of expert i. It is 1 when the router's
-    probabilities are uniform and grows as routing collapses onto few experts (up to n for top-1)."""
-    losses = []
-    for logits in router_logits:
-        probs = torch.softmax(logits.float(), dim=-1)
-        n = probs.size(-1)
-        index = probs.topk(top_k, dim=-1).indices
-        share = torch.zeros(n, device=probs.device).scatter_add_(0, index.reshape(-1),
-                                                                  torch.ones(index.numel(), device=probs.device))
-        losses.append(n * (share / index.numel() * probs.mean(0)).sum())
-    return torch.stack(losses).mean()
-
-
-# ----------------------------------------------------------------------------- GPT-2 with MoE feed-forward blocks
-
-class GPT2MoEConfig(GPT2Config):
-    model_type = "lmforge_gpt2_moe"
-    num_local_experts: int = 2
-    num_experts_per_tok: int = 2
-
-
-class GPT2MoE(torch.nn.Module):
-    """One layer's feed-forward block: a router and `num_local_experts` GPT2MLPs, top-k per token."""
-
-    def __init__(self, config: GPT2MoEConfig):
-        super().__init__()
-        inner = config.n_inner if config.n_inner is not None else 4 * config.hidden_size
-        self.top_k = config.num_experts_per_tok
-        self.gate = torch.nn.Linear(config.hidden_size, config.num_local_experts, bias=False)
-        self.experts = torch.nn.ModuleList([GPT2MLP(inner, config) for _ in range(config.num_local_experts)])
-        self.router_logits: Optional[torch.Tensor] = None
-
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        x = hidden_states.reshape(-1, hidden_states.size(-1))
-        logits = self.gate(x)
-        self.router_logits = logits  # read (and cleared) by GPT2MoEForCausalLM.forward
-        weights, index = route(logits, self.top_k)
-        out = torch.zeros_like(x)
-        for e, expert in enumerate(self.experts):
-            token, slot = torch.where(index == e)
-            out.index_add_(0, token, (expert(x[token]) * weights[token, slot, None]).to(out.dtype))
-        return out.view_as(hidden_states)
-
-
-class GPT2MoEForCausalLM(GPT2LMHeadModel):
-    """GPT2LMHeadModel with a GPT2MoE in every block; `output_router_logits=True` returns the routers' logits
-    (one (tokens, n_experts) tensor per layer), as MixtralForCausalLM does."""
-
-    config_class = GPT2MoEConfig
-
-    def __init__(self, config: GPT2MoEConfig):
-        GPT2PreTrainedModel.__init__(self, config)  # GPT2LMHeadModel's own __init__ builds dense MLPs
-        self.transformer = GPT2Model(config)
-        for block in self.transformer.h:
-            block.mlp = GPT2MoE(config)
-        self.lm_head = torch.nn.Linear(config.n_embd, config.vocab_size, bias=False)
-        self.post_init()
-
-    def forward(self, *args, output_router_logits: Optional[bool] = None, **kwargs):
-        out = super().forward(*args, **kwargs)
-        layers = [block.mlp for block in self.transformer.h]
-        router_logits = tuple(m.router_logits for m in layers)
-        for m in layers:
-            m.router_logits = None
-        if not output_router_logits or isinstance(out, tuple):
-            return out
-        return MoeCausalLMOutputWithPast(loss=out.loss, logits=out.logits, past_key_values=out.past_key_values,
-                                         hidden_states=out.hidden_states, attentions=out.attentions,
-                                         router_logits=router_logits)
-
-
-AutoConfig.register(GPT2MoEConfig.model_type, GPT2MoEConfig, exist_ok=True)
-AutoModelForCausalLM.register(GPT2MoEConfig, GPT2MoEForCausalLM, exist_ok=True)
+from lmforge.recipe import ExpertsConfig
+from lmforge.runs import prepare_run_dir
 
 
 # ----------------------------------------------------------------------------- merging
@@ -255,7 +170,6 @@ def centroid_routers(model, blocks: list, margin: float = 2.0) -> None:
 
 def load_moe(folder: Path):
     """A saved MoE folder (RUN/moe/) back as a causal LM (MixtralForCausalLM or GPT2MoEForCausalLM)."""
-    from lmforge.models import load_model
     return load_model(folder, "clm")
 
 
@@ -287,9 +201,6 @@ def experts_engine(model, tokenizer, objective, loader, data, recipe, run_dir: P
                    show_progress: bool = True):
     """The lmforge engine for a model whose FFNs are `total` experts (`.mlp.experts.` parameters), `active` of
     them per token: FLOPs count the active experts only; evaluation is the objective's on `data`'s validation."""
-    from lmforge.engine.loop import Engine
-    from lmforge.evaluate import evaluate_blocks
-    from lmforge.models import flops_per_token
     cfg = recipe.train
     experts = sum(p.numel() for name, p in model.named_parameters() if ".mlp.experts." in name)
     fpt = flops_per_token(model, recipe.objective.block_size) - 6 * experts * (total - active) / total
@@ -305,11 +216,6 @@ def train_moe(model, tokenizer, recipe, run_dir: Path, *, steps: int, train: str
               aux_weight: float = 0.01, show_progress: bool = True):
     """Train the merged model for `steps` on the recipe's data (all domains) with the lmforge engine; `train`
     is 'router' (only the routers learn) or 'all'. Metrics, checkpoints and plots go to `run_dir`."""
-    from lmforge.data.blocks import build_blocks
-    from lmforge.data.loader import BlockLoader
-    from lmforge.engine import distributed as dist
-    from lmforge.models import count_parameters
-    from lmforge.pretrain import prepare_run_dir
     if train not in ("router", "all"):
         raise LmforgeError(f"--train: expected 'router' or 'all', got {train!r}")
     r = recipe.model_copy(deep=True)
@@ -330,7 +236,6 @@ def train_moe(model, tokenizer, recipe, run_dir: Path, *, steps: int, train: str
     engine = experts_engine(model, tokenizer, objective, loader, data, r, run_dir, active=top_k, total=n,
                             show_progress=show_progress)
     if show_progress:
-        from lmforge.engine.logging import console
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         console.print(f"[bold]{r.name}[/]: {n} experts, top-{top_k}, {count_parameters(model)['total'] / 1e6:.2f}M "
                       f"parameters ({trainable:,} trained: {train}), {steps} steps on the mixture")
@@ -351,8 +256,6 @@ def merge_moe(run: Path, recipe, experts: list, domains: list[str], tokenizer, *
     (default: the recipe's experts.seed_steps; 0: merge only). `sources`: the experts' folders, for merge.json;
     `fishers`: Fisher-weighted shared parameters; `router_blocks` (token ids of each domain's text, in expert order):
     routers start at the domains' centroids (centroid_routers) instead of at random."""
-    from lmforge.engine import checkpoint as ckpt
-    from lmforge.recipe import ExpertsConfig
     if train not in ("router", "all"):
         raise LmforgeError(f"--train: expected 'router' or 'all', got {train!r}")
     if aux_weight < 0:

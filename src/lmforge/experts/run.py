@@ -33,14 +33,27 @@ from typing import Optional
 
 import torch
 
+from lmforge.data.blocks import build_blocks
+from lmforge.data.clusters import cluster_name
+from lmforge.data.sources import PREPARED_MARKER
 from lmforge.engine import checkpoint as ckpt
 from lmforge.engine.logging import console
 from lmforge.errors import LmforgeError
-from lmforge.experts.ensemble import ExpertEnsemble, average_state_dicts
+from lmforge.evaluate import evaluate_blocks
+from lmforge.experts.budget import expert_budget, mixture_steps
+from lmforge.experts.cluster import cluster_recipe_documents
+from lmforge.experts.demix import train_demix
 from lmforge.experts.fisher import diagonal_fisher, domain_blocks, fisher_average
+from lmforge.experts.moe import load_moe, merge_moe
+from lmforge.experts.prior import estimate_prior
+from lmforge.models import load_model
+from lmforge.models.ensemble import ExpertEnsemble, average_state_dicts
+from lmforge.objectives import build_objective
+from lmforge.pretrain import pretrain
 from lmforge.recipe import ExpertsConfig, Recipe, load_recipe
+from lmforge.runs import MANIFEST, load_ensemble, manifest, model_folder
+from lmforge.tokenizer import load_tokenizer
 
-MANIFEST = "experts.json"
 FISHER_BLOCKS = 256  # training blocks of its domain on which each expert's Fisher is estimated (--weights fisher)
 ROUTER_BLOCKS = 32   # training blocks of each domain whose mean hidden states start the routers (--router-init)
 
@@ -52,14 +65,12 @@ def _write_json(path: Path, payload: dict) -> None:
 
 
 def _domains(recipe: Recipe) -> list[str]:
-    from lmforge.data.sources import PREPARED_MARKER
     present = set()
     for s in recipe.data.sources:
         marker = Path(s.path) / PREPARED_MARKER
         present |= set(json.loads(marker.read_text()).get("domains", [])) if marker.is_file() else {s.domain}
     present = sorted(present)
     if recipe.experts and recipe.experts.clusters:  # unsupervised domains: the clusters replace the tags
-        from lmforge.experts.cluster import cluster_name
         present = [cluster_name(c) for c in range(recipe.experts.clusters)]
     wanted = recipe.experts.domains or present
     unknown = sorted(set(wanted) - set(present))
@@ -72,7 +83,6 @@ def _domains(recipe: Recipe) -> list[str]:
 
 def branch(recipe: Recipe, *, force: bool = False, show_progress: bool = True) -> Path:
     """Make the seed (copy it, or pretrain it on the mixture) and one expert recipe per domain."""
-    from lmforge.pretrain import pretrain
     if recipe.experts is None:
         recipe = recipe.model_copy(update={"experts": ExpertsConfig()})
     if recipe.objective.name != "clm":
@@ -85,14 +95,12 @@ def branch(recipe: Recipe, *, force: bool = False, show_progress: bool = True) -
         shutil.rmtree(run)
     run.mkdir(parents=True, exist_ok=True)
     if recipe.experts.clusters:  # c-BTM: fit the clusters; from here on documents carry domain cluster-<c>
-        from lmforge.experts.cluster import cluster_recipe_documents
         cluster_recipe_documents(recipe, run / "clusters")
         recipe = recipe.model_copy(deep=True)
         recipe.data.domain_clusters = str(run / "clusters")
     (run / "recipe.yaml").write_text(recipe.to_yaml())
     seed = run / "seed"
     if recipe.experts.seed:
-        from lmforge.runs import model_folder
         source = model_folder(Path(recipe.experts.seed))
         shutil.copytree(source, seed, ignore=shutil.ignore_patterns("trainer_state.pt"))
         if not (seed / "tokenizer.json").exists() and not (seed / "vocab.txt").exists():
@@ -138,20 +146,6 @@ def expert_recipe(recipe: Recipe, domain: Optional[str], seed: Path, out: Path) 
     return r
 
 
-def expert_budget(recipe: Recipe) -> tuple[int, int]:
-    """(steps, batch size) of each expert: experts.steps and experts.batch_size, by default the recipe's train
-    max_steps and batch_size."""
-    cfg = recipe.experts
-    return (cfg and cfg.steps) or recipe.train.max_steps, (cfg and cfg.batch_size) or recipe.train.batch_size
-
-
-def mixture_steps(recipe: Recipe, n_experts: int) -> int:
-    """Steps at train.batch_size that see as many tokens as `n_experts` experts together (the dense baseline's
-    and DEMix's budget): n x experts.steps x experts.batch_size / train.batch_size, rounded to the nearest step."""
-    steps, batch = expert_budget(recipe)
-    return max(1, round(n_experts * steps * batch / recipe.train.batch_size))
-
-
 def relevance(ensemble: ExpertEnsemble, input_ids: torch.Tensor, top_k: Optional[int] = None) -> dict[str, float]:
     """How relevant each expert is to some text: the mean over its blocks of the posterior at the last position
     (uniform prior), kept for the `top_k` most relevant experts and renormalised to sum to one."""
@@ -168,9 +162,6 @@ def add_expert(run: Path, domain: str, *, init: str = "average", top_k: Optional
     `train(run, [domain])`. `init`: 'average' starts it from the parameter average of the trained experts
     most relevant to the new domain, weighted by their relevance (`relevance` on up to `blocks` training
     blocks of the domain; `top_k` experts, None: all), as Branch-Train-Merge does; 'seed' from the seed."""
-    from lmforge.data.blocks import build_blocks
-    from lmforge.models import load_model
-    from lmforge.tokenizer import load_tokenizer
     run = Path(run)
     info = manifest(run)
     recipe = load_recipe(run / "recipe.yaml")
@@ -213,18 +204,10 @@ def add_expert(run: Path, domain: str, *, init: str = "average", top_k: Optional
     return run / "experts" / f"{domain}.yaml"
 
 
-def manifest(run: Path) -> dict:
-    path = Path(run) / MANIFEST
-    if not path.is_file():
-        raise LmforgeError(f"{run}: not an experts run (no {MANIFEST}); run `lmforge experts branch` first")
-    return json.loads(path.read_text())
-
-
 def train(run: Path, domains: Optional[list[str]] = None, dense: bool = False, *, demix: bool = False,
           show_progress: bool = True) -> list:
     """Train the named experts (None: all; [] none), each as an ordinary pretraining run; `dense` also trains
     the equal-compute baseline, `demix` the DEMix model (one model, an FFN expert per domain; experts/demix.py)."""
-    from lmforge.pretrain import pretrain
     run = Path(run)
     info = manifest(run)
     todo = list(info["domains"] if domains is None else domains)
@@ -242,13 +225,11 @@ def train(run: Path, domains: Optional[list[str]] = None, dense: bool = False, *
         console.print(f"[bold]dense baseline[/]: {recipe.train.max_steps} steps on the mixture")
         done.append(pretrain(recipe, force=True, show_progress=show_progress))
     if demix:
-        from lmforge.experts.demix import train_demix
         done.append(train_demix(run, show_progress=show_progress))
     return done
 
 
 def _expert_models(run: Path, info: dict) -> list:
-    from lmforge.models import load_model
     models = []
     for domain in info["domains"]:
         folder = run / info["experts"][domain] / "final"
@@ -259,29 +240,11 @@ def _expert_models(run: Path, info: dict) -> list:
     return models
 
 
-def estimate_prior(posterior, data, batch_size: int = 16, max_batches: int = 20) -> torch.Tensor:
-    """p(d) = the mean over held-out blocks of the posterior at each block's last position (uniform start);
-    `posterior(input_ids)` gives (B, T, D) weights (an ExpertEnsemble's, a DEMix model's)."""
-    if data.validation is None or len(data.validation) == 0:
-        raise LmforgeError("the data has no validation split to estimate the domain prior on")
-    total, n = None, 0
-    with torch.no_grad():
-        for start in range(0, min(len(data.validation), batch_size * max_batches), batch_size):
-            rows = list(range(start, min(start + batch_size, len(data.validation))))
-            ids, _ = data.batch("validation", rows)
-            last = posterior(torch.from_numpy(ids)[:, :-1])[:, -1].double().sum(0)  # the T-1 positions a causal LM sees
-            total = last if total is None else total + last
-            n += len(rows)
-    return (total / max(n, 1)).float()
-
-
 def merge(run: Path, method: str, *, weights: str = "uniform", top_k: Optional[int] = None,
           steps: Optional[int] = None, train: str = "router", aux_weight: float = 0.01,
           fisher_blocks: Optional[int] = None, router_init: str = "random", show_progress: bool = True) -> Path:
     """ensemble: write ensemble/ensemble.json; average: write average/ (one HF model); moe: write moe/ (one
     mixture-of-experts model, its routers trained for `steps` on the mixture; see experts/moe.py)."""
-    from lmforge.data.blocks import build_blocks
-    from lmforge.tokenizer import load_tokenizer
     run = Path(run)
     info = manifest(run)
     recipe = load_recipe(run / "recipe.yaml")
@@ -302,7 +265,6 @@ def merge(run: Path, method: str, *, weights: str = "uniform", top_k: Optional[i
         if method == "moe" and router_init == "centroids":
             router_blocks = [domain_blocks(data, d, ROUTER_BLOCKS, recipe.train.seed) for d in info["domains"]]
     if method == "moe":
-        from lmforge.experts.moe import merge_moe
         return merge_moe(run, recipe, experts, info["domains"], tokenizer, top_k=top_k, steps=steps, train=train,
                          aux_weight=aux_weight, sources=[f"../{info['experts'][d]}/final" for d in info["domains"]],
                          fishers=fishers, fisher_blocks=fisher_blocks, router_blocks=router_blocks,
@@ -352,58 +314,11 @@ def expert_fishers(experts: list, domains: list[str], data, *, n_blocks: Optiona
     return out
 
 
-def load_ensemble(folder: Path) -> ExpertEnsemble:
-    """An ensemble folder (ensemble/ensemble.json) back as an ExpertEnsemble; routed by the distance to the
-    cluster centres when its run says `experts.routing: clusters` (see experts/cluster.py)."""
-    from lmforge.experts.cluster import ensemble_router
-    from lmforge.models import load_model
-    folder = Path(folder)
-    spec = json.loads((folder / "ensemble.json").read_text())
-    experts = [load_model((folder / p).resolve(), "clm").eval() for p in spec["experts"]]
-    return ExpertEnsemble(experts, spec["domains"], torch.tensor(spec["prior"]), spec.get("top_k"),
-                          router=ensemble_router(folder, spec, spec["domains"]))
-
-
-GENERATORS = ("ensemble", "moe", "demix", "average", "dense", "seed")  # an experts run's models, default order
-
-
-def open_experts_model(folder: Path, which: Optional[str] = None):
-    """(model, tokenizer) for generation and serving from an experts run (`which`: one of GENERATORS; default the
-    first that exists) or from its ensemble/ folder; the ensemble comes as an EnsembleForCausalLM."""
-    from lmforge.experts.ensemble import EnsembleForCausalLM
-    from lmforge.models import load_model
-    from lmforge.tokenizer import load_tokenizer
-    folder = Path(folder)
-    if (folder / "ensemble.json").is_file():
-        spec = json.loads((folder / "ensemble.json").read_text())
-        tokenizer = load_tokenizer((folder / spec["experts"][0]).resolve())
-        return EnsembleForCausalLM(load_ensemble(folder)).eval(), tokenizer
-    info = manifest(folder)
-    places = {"ensemble": folder / "ensemble" / "ensemble.json", "moe": folder / "moe" / "config.json",
-              "demix": folder / "demix" / "config.json", "average": folder / "average" / "config.json",
-              "dense": folder / "dense" / "final" / "config.json", "seed": folder / info["seed"] / "config.json"}
-    if which is not None and which not in places:
-        raise LmforgeError(f"--model: an experts run holds {', '.join(GENERATORS)}; got {which!r}")
-    present = [name for name in GENERATORS if places[name].is_file()]
-    if which is not None and which not in present:
-        raise LmforgeError(f"{folder}: no '{which}' model in this experts run yet (it has: {', '.join(present)})")
-    name = which or present[0]
-    if name == "ensemble":
-        return open_experts_model(folder / "ensemble")
-    model_dir = places[name].parent
-    return load_model(model_dir, "clm").eval(), load_tokenizer(model_dir)
-
-
 def evaluate(run: Path, *, max_batches: Optional[int] = None, batch_size: int = 8, data_config=None,
              extra: Optional[dict] = None) -> dict:
     """Per-domain validation perplexity of every model the run holds: seed, dense, experts' ensemble, average,
     moe, demix (and `extra`: name -> model folder); on the run recipe's data, or on `data_config` (e.g. with
     domains no model trained on)."""
-    from lmforge.data.blocks import build_blocks
-    from lmforge.evaluate import evaluate_blocks
-    from lmforge.models import load_model
-    from lmforge.objectives import build_objective
-    from lmforge.tokenizer import load_tokenizer
     run = Path(run)
     info = manifest(run)
     recipe = load_recipe(run / "recipe.yaml")
@@ -418,7 +333,6 @@ def evaluate(run: Path, *, max_batches: Optional[int] = None, batch_size: int = 
     if (run / "average" / "config.json").is_file():
         models["average"] = lambda: load_model(run / "average", "clm")
     if (run / "moe" / "config.json").is_file():
-        from lmforge.experts.moe import load_moe
         models["moe"] = lambda: load_moe(run / "moe")
     if (run / "demix" / "config.json").is_file():
         models["demix"] = lambda: load_model(run / "demix", "clm")

@@ -12,65 +12,30 @@
 from __future__ import annotations
 
 import json
-import os
 import time
 from collections import Counter
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 
 from lmforge.engine import checkpoint as ckpt
 from lmforge.engine import distributed as dist
 from lmforge.engine.hardware import pick_device
-from lmforge.engine.loop import Engine, load_weights
+from lmforge.engine.checkpoint import load_weights
+from lmforge.engine.loop import Engine
 from lmforge.engine.logging import console
 from lmforge.errors import LmforgeError
-from lmforge.finetune import model as tm
-from lmforge.finetune.config import FinetuneRecipe
 from lmforge.finetune.fast import first_position_only
-from lmforge.finetune.encode import Encoded, TaskLoader, encode_classification, encode_ner
-from lmforge.finetune.metrics import classification_metrics, format_report, ner_metrics, plot_confusion
-from lmforge.finetune.objective import TaskObjective, predict_encoded, word_predictions
-from lmforge.finetune.tables import LabelSet, read_rows, read_sentences
+from lmforge.finetune.objective import TaskObjective
 from lmforge.models import flops_per_token, frozen_body_parameters
-
-SPLITS = ("train", "validation", "test")
-
-
-class TaskData:
-    """The recipe's splits, read and encoded, with the label set."""
-
-    def __init__(self, recipe: FinetuneRecipe, tokenizer, labels: Optional[list[str]] = None):
-        d, self.task = recipe.data, recipe.task
-        self.raw, self.encoded = {}, {}
-        for split in SPLITS:
-            spec = getattr(d, split)
-            if spec is not None:
-                self.raw[split] = read_rows(spec, d) if self.task == "classification" else read_sentences(spec, d)
-        if d.max_examples:
-            self.raw["train"] = self.raw["train"][:d.max_examples]
-        if labels is None:
-            if self.task == "classification":
-                labels = LabelSet.infer([r.labels for r in self.raw["train"]], d.labels, d.unknown_label).names
-            else:
-                from lmforge.finetune.conll import label_list
-                labels = d.labels or label_list(self.raw["train"])
-        self.labels = LabelSet(labels, d.unknown_label)
-        for split, raw in self.raw.items():
-            where = getattr(d, split).path
-            if self.task == "classification":
-                enc = encode_classification(tokenizer, raw, self.labels, d.max_length, d.multi_label, where)
-            else:
-                enc = encode_ner(tokenizer, raw, self.labels, d.max_length, where)
-            self.encoded[split] = enc
-            if enc.truncated:
-                console.print(f"[yellow]{where}: {enc.truncated} of {len(raw)} examples truncated to "
-                              f"{d.max_length} tokens")
-            if enc.windows:
-                console.print(f"{where}: {enc.windows} of {len(raw)} sentences longer than {d.max_length} tokens "
-                              "split into windows")
-
+from lmforge.recipe import coerce_recipe
+from lmforge.stage import RunResult
+from lmforge.runs import prepare_run_dir
+from lmforge.tasks import model as tm
+from lmforge.tasks.config import FinetuneRecipe, load_finetune_recipe
+from lmforge.tasks.encode import TaskLoader
+from lmforge.tasks.report import SPLITS, TaskData, score_split, write_split_report, write_text_atomic
 
 def class_weights(recipe: FinetuneRecipe, data: TaskData) -> Optional[torch.Tensor]:
     spec = recipe.train.class_weights
@@ -90,8 +55,11 @@ def class_weights(recipe: FinetuneRecipe, data: TaskData) -> Optional[torch.Tens
     return torch.tensor([float(spec.get(n, 1.0)) for n in names])
 
 
-def finetune(recipe: FinetuneRecipe, *, resume: bool = False, force: bool = False, show_progress: bool = True) -> Path:
-    from lmforge.pretrain import prepare_run_dir
+def finetune(recipe: Union[FinetuneRecipe, str, Path, dict], *, overrides: Union[list[str], tuple] = (),
+             resume: bool = False, force: bool = False, show_progress: bool = True) -> RunResult:
+    """Fine-tune as the recipe (object, YAML file or dict, plus `--set` style overrides) says; returns the run
+    folder and the headline metrics of each evaluated split."""
+    recipe = coerce_recipe(recipe, overrides, FinetuneRecipe, load_finetune_recipe)
     cfg = recipe.train
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -150,10 +118,10 @@ def finetune(recipe: FinetuneRecipe, *, resume: bool = False, force: bool = Fals
                       f"parameters trained ({strategy.method}), {train_cfg.max_steps} steps "
                       f"({loader.steps_per_epoch} per epoch) on {engine.device_type}")
     state = engine.fit()
+    results = {}
     if dist.is_main():
         if (run_dir / "best").is_dir():  # the dev metric's best step, not the last one
             load_weights(model, run_dir / "best", engine.device)
-        results = {}
         for split in ("validation", "test"):
             if split in data.encoded:
                 results[split] = write_split_report(run_dir, model, data, split, recipe, objective)
@@ -166,68 +134,8 @@ def finetune(recipe: FinetuneRecipe, *, resume: bool = False, force: bool = Fals
                 for s, r in results.items()}}, indent=2))
     dist.barrier()
     dist.teardown()
-    return run_dir
-
-
-def score_split(model, data: TaskData, split: str, recipe: FinetuneRecipe, objective=None) -> dict:
-    """Predict a split and score it; returns metrics (nested) and metrics_flat (headline numbers only)."""
-    enc: Encoded = data.encoded[split]
-    multi = recipe.data.multi_label
-    out = predict_encoded(model, enc, task=data.task, multi_label=multi, pad_id=model.config.pad_token_id or 0,
-                          batch_size=recipe.train.eval_batch_size, objective=objective)
-    names = data.labels.names
-    if data.task == "classification":
-        import numpy as np
-        scores = np.stack(out["scores"])
-        pred = (scores >= 0.5).astype(int) if multi else scores.argmax(1)
-        gold = np.asarray(enc.labels, dtype=int) if multi else np.asarray(enc.labels)
-        metrics = classification_metrics(gold, pred, names, multi)
-    else:
-        sentences = data.raw[split]
-        labels, _ = word_predictions(enc, out["scores"], len(sentences), [len(s.tokens) for s in sentences])
-        pred_tags = [[names[i] for i in row] for row in labels]
-        metrics = ner_metrics([s.tags for s in sentences], pred_tags)
-    if "loss" in out:
-        metrics["loss"] = out["loss"]
-    flat = {k: v for k, v in metrics.items() if isinstance(v, float)}
-    return {"metrics": metrics, "metrics_flat": flat}
-
-
-def write_split_report(run_dir: Path, model, data: TaskData, split: str, recipe: FinetuneRecipe, objective=None) -> dict:
-    model.eval()
-    metrics = score_split(model, data, split, recipe, objective)["metrics"]
-    title = f"{recipe.name}: {split} ({getattr(recipe.data, split).path})"
-    _atomic_write(run_dir / f"report-{split}.txt", format_report(metrics, title))
-    _atomic_write(run_dir / f"eval-{split}.json", json.dumps(metrics, indent=2))
-    plot_report(metrics, run_dir / f"report-{split}.png", title)
-    console.print(format_report(metrics, title))
-    return metrics
-
-
-def plot_report(metrics: dict, out: Path, title: str) -> None:
-    if "confusion" in metrics:
-        plot_confusion(metrics, out, title)
-        return
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    table = metrics.get("per_class") or metrics.get("per_type") or {}
-    if not table:
-        return
-    names = list(table)
-    fig, ax = plt.subplots(figsize=(max(4, 0.6 * len(names) + 2), 3.5))
-    xs = range(len(names))
-    for k, (key, offset) in enumerate((("precision", -0.27), ("recall", 0.0), ("f1", 0.27))):
-        ax.bar([x + offset for x in xs], [table[n][key] for n in names], width=0.27, label=key)
-    ax.set_xticks(list(xs), names, rotation=30, ha="right")
-    ax.set_ylim(0, 1)
-    ax.legend(fontsize=8)
-    ax.set_title(f"{title}\nF1 {metrics.get('f1', metrics.get('macro_f1', 0)):.4f}", fontsize=9)
-    fig.tight_layout()
-    tmp = out.with_name(f".{out.name}.tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    tmp.replace(out)
+    return RunResult(run_dir, {split: {k: v for k, v in r.items() if isinstance(v, float)}
+                               for split, r in results.items()})
 
 
 def export(run_dir: Path, model, tokenizer, is_peft: bool) -> None:
@@ -268,10 +176,4 @@ def write_model_card(run_dir, recipe, data, results, state, seconds, trainable, 
               f"model = AutoModelFor{'Sequence' if data.task == 'classification' else 'Token'}Classification"
               f".from_pretrained('{run_dir}/final')", "```", "",
               f"or `lmforge predict {run_dir} --input FILE.jsonl --output preds.jsonl`.", ""]
-    _atomic_write(Path(run_dir) / "README.md", "\n".join(lines))
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    write_text_atomic(Path(run_dir) / "README.md", "\n".join(lines))

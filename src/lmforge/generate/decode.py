@@ -17,6 +17,9 @@ from transformers.generation.streamers import BaseStreamer
 
 from lmforge.errors import LmforgeError
 from lmforge.generate.rows import RowSelector, RowStop, cut_at_stop
+from lmforge.tasks.predict import is_task_run
+from lmforge.runs import model_folder, open_experts_model, open_run
+from lmforge.tokenizer import load_tokenizer
 
 
 @dataclass(frozen=True)
@@ -94,20 +97,16 @@ def context_limit(model) -> Optional[int]:
 def open_generator(run_dir: Path, which: Optional[str] = None):
     """(model, tokenizer) of a pretraining run folder, a plain HF folder (causal LM or encoder-decoder) or an
     experts run (`which`: ensemble, moe, demix, average, dense or seed) or its ensemble/ folder."""
-    from lmforge.finetune.predict import is_task_run
-    from lmforge.runs import model_folder, open_run
     run_dir = Path(run_dir)
     if is_task_run(run_dir):
         raise LmforgeError(f"{run_dir}: a fine-tuned classifier cannot generate text; use `lmforge predict`")
     if run_dir.is_dir() and ((run_dir / "experts.json").is_file() or (run_dir / "ensemble.json").is_file()):
-        from lmforge.experts.run import open_experts_model
         return open_experts_model(run_dir, which)
     if run_dir.is_dir():
         folder = model_folder(run_dir, which)
         config = json.loads((folder / "config.json").read_text())
         if config.get("is_encoder_decoder"):
             from transformers import AutoModelForSeq2SeqLM
-            from lmforge.tokenizer import load_tokenizer
             model = AutoModelForSeq2SeqLM.from_pretrained(str(folder), local_files_only=True, trust_remote_code=False)
             return model.eval(), load_tokenizer(folder)
     _, model, tokenizer = open_run(run_dir, which)

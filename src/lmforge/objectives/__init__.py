@@ -5,5 +5,12 @@ normalise by the tokens of the whole optimizer step (accumulation and DDP give t
 """
 
 from lmforge.objectives.base import Objective, build_objective
+# The built-in objectives register themselves by name when imported.
+from lmforge.objectives.clm import CausalLM
+from lmforge.objectives.electra import ReplacedTokenDetection
+from lmforge.objectives.mlm import MaskedLM
+from lmforge.objectives.pairs import PairedMaskedLM
+from lmforge.objectives.span import SpanCorruption
 
-__all__ = ["Objective", "build_objective"]
+__all__ = ["CausalLM", "MaskedLM", "Objective", "PairedMaskedLM", "ReplacedTokenDetection", "SpanCorruption",
+           "build_objective"]

@@ -5,6 +5,7 @@ from typing import Optional
 import torch
 
 from lmforge.recipe import ObjectiveConfig
+from lmforge.registry import OBJECTIVES
 
 
 class Objective:
@@ -50,24 +51,8 @@ class Objective:
 
 
 def build_objective(config: ObjectiveConfig, tokenizer, seed: int = 0) -> Objective:
-    if config.name == "clm":
-        from lmforge.objectives.clm import CausalLM
-        return CausalLM(config, tokenizer)
-    if config.pairs:
-        from lmforge.objectives.pairs import PairedMaskedLM
-        return PairedMaskedLM(config, tokenizer, seed=seed)
-    if config.name == "electra":
-        from lmforge.objectives.electra import ReplacedTokenDetection
-        return ReplacedTokenDetection(config, tokenizer, seed=seed)
-    if config.name == "span":
-        from lmforge.objectives.span import SpanCorruption
-        return SpanCorruption(config, tokenizer, seed=seed)
-    from lmforge.objectives.mlm import MaskedLM
-    return MaskedLM(config, tokenizer, seed=seed)
-
-
-def ratios(tallies: dict[str, tuple[float, float]]) -> dict[str, float]:
-    return {name: value / count for name, (value, count) in tallies.items() if count}
+    """The objective the recipe names, built-in or registered (`lmforge.register_objective`)."""
+    return OBJECTIVES.get(config.name).value(config, tokenizer, seed)
 
 
 def token_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import torch
 
-from lmforge.engine.lean import causal_logits
+from lmforge.models.lean import causal_logits
 from lmforge.objectives.base import Objective, token_cross_entropy
 from lmforge.recipe import ObjectiveConfig
+from lmforge.registry import register_objective
 from lmforge.tokenizer import special_ids
 
 
@@ -23,10 +24,11 @@ def document_position_ids(input_ids: torch.Tensor, eos_id: int) -> torch.Tensor:
     return arange - torch.cummax(starts, dim=1).values
 
 
+@register_objective("clm", like="clm")
 class CausalLM(Objective):
     name = "clm"
 
-    def __init__(self, config: ObjectiveConfig, tokenizer):
+    def __init__(self, config: ObjectiveConfig, tokenizer, seed: int = 0):
         self.config = config
         self.eos = special_ids(tokenizer)["eos"]
 

@@ -10,6 +10,7 @@ import torch
 
 from lmforge.objectives.base import Objective, token_cross_entropy
 from lmforge.recipe import ObjectiveConfig
+from lmforge.registry import register_objective
 from lmforge.tokenizer import special_ids, word_start_table
 
 
@@ -51,6 +52,7 @@ def _split_mlm(model):
     return None, None
 
 
+@register_objective("mlm", like="mlm")
 class MaskedLM(Objective):
     name = "mlm"
 

@@ -16,6 +16,7 @@ import torch
 
 from lmforge.objectives.base import token_cross_entropy
 from lmforge.objectives.mlm import MaskedLM, mask_tokens
+from lmforge.registry import register_objective
 from lmforge.tokenizer import special_ids
 
 
@@ -26,11 +27,13 @@ def token_types(input_ids: torch.Tensor, sep_id: int, pad_id: int) -> torch.Tens
     return (after_first_sep & (input_ids != pad_id)).long()
 
 
+@register_objective("mlm+nsp", like="mlm+nsp")
+@register_objective("mlm+sop", like="mlm+sop")
 class PairedMaskedLM(MaskedLM):
     def __init__(self, config, tokenizer, seed: int = 0):
         super().__init__(config, tokenizer, seed=seed)
         self.name = config.name
-        self.task = config.name.split("+")[1]  # nsp | sop
+        self.task = config.kind.split("+")[1]  # nsp | sop
         self.tally_names = ("mlm_accuracy", f"{self.task}_loss", f"{self.task}_accuracy")
         ids = special_ids(tokenizer)
         self.sep_id, self.pad_id = ids["sep"], ids["pad"]

@@ -22,6 +22,7 @@ from tokenizers import AddedToken
 
 from lmforge.errors import LmforgeError
 from lmforge.objectives.base import Objective, token_cross_entropy
+from lmforge.registry import register_objective
 from lmforge.tokenizer import special_ids
 
 
@@ -99,6 +100,7 @@ def corrupt(ids: torch.Tensor, mask: torch.Tensor, sentinel_ids: list[int], eos:
     return inputs + [eos], targets + [eos]
 
 
+@register_objective("span", like="span")
 class SpanCorruption(Objective):
     name = "span"
 

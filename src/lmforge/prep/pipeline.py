@@ -28,6 +28,8 @@ from lmforge.data.sources import PREPARED_MARKER as MARKER
 from lmforge.errors import LmforgeError
 from lmforge.prep import mix
 from lmforge.prep.config import PrepRecipe, load_prep_recipe
+from lmforge.recipe import coerce_recipe
+from lmforge.stage import RunResult
 from lmforge.prep.dedup import near_pairs
 from lmforge.prep.read import Unit, plan_units
 from lmforge.prep.report import write_report
@@ -103,10 +105,10 @@ def _sum_by(codes: np.ndarray, values: np.ndarray, mask: np.ndarray, names: list
 
 
 def prep(recipe: Union[PrepRecipe, str, Path], *, force: bool = False, show_progress: bool = True,
-         overrides: Union[list[str], tuple] = ()) -> Path:
-    """Run the whole preparation; returns the dataset folder (train/ and validation/ Parquet shards)."""
-    if not isinstance(recipe, PrepRecipe):
-        recipe = load_prep_recipe(recipe, overrides)
+         overrides: Union[list[str], tuple] = ()) -> RunResult:
+    """Run the whole preparation (recipe object, YAML file or dict, plus `--set` style overrides); returns the
+    dataset folder (train/ and validation/ Parquet shards) and its statistics (stats.json)."""
+    recipe = coerce_recipe(recipe, overrides, PrepRecipe, load_prep_recipe)
     t0 = time.perf_counter()
     out = Path(recipe.output.dir)
     _check_output(out, force)
@@ -194,7 +196,7 @@ def prep(recipe: Union[PrepRecipe, str, Path], *, force: bool = False, show_prog
         Console(stderr=True).print(
             f"[bold]{recipe.name}[/]: kept {train + val:,} of {read:,} documents ({train:,} train, "
             f"{val:,} validation); {stats['input_bytes'] / 2**20:,.1f} MB at {stats['mb_per_s']:.2f} MB/s")
-    return out
+    return RunResult(out, stats)
 
 
 def _decide(recipe: PrepRecipe, cols: dict, sig: np.ndarray, domains: list[str]) -> dict:

@@ -26,6 +26,9 @@ from lmforge.serve.metrics import Metrics
 from lmforge.serve.models import ServedModel
 from lmforge.serve.schemas import ChatRequest, ClassifyRequest, CompletionRequest, NerRequest, Sampling
 from lmforge.serve.streaming import EventStream, sse, stream_rows
+from lmforge.serve.metrics import prometheus_text
+from lmforge.tasks.predict import classify_texts
+from lmforge.tasks.predict import tag_texts
 
 MAX_ROWS = 64  # prompts × n per request
 
@@ -229,7 +232,6 @@ def create_app(models: dict, api_key: Optional[str] = None, *, max_batch: int = 
                                  if name in server.batchers else 0} for name, m in served.items()}
         if format == "prometheus":
             from prometheus_client import CONTENT_TYPE_LATEST
-            from lmforge.serve.metrics import prometheus_text
             return Response(prometheus_text(snap), media_type=CONTENT_TYPE_LATEST)
         if format != "json":
             raise APIError(400, f"format: expected 'json' or 'prometheus', got {format!r}", param="format")
@@ -328,7 +330,6 @@ def create_app(models: dict, api_key: Optional[str] = None, *, max_batch: int = 
 
     @app.post("/v1/classify")
     async def classify(body: ClassifyRequest, request: Request):
-        from lmforge.finetune.predict import classify_texts
         m = server.model(body.model, "classification")
         results = await server.run_task(m, lambda: classify_texts(m.model, m.tokenizer, body.texts, body.text_pairs,
                                                                   max_length=m.max_length), request)
@@ -336,7 +337,6 @@ def create_app(models: dict, api_key: Optional[str] = None, *, max_batch: int = 
 
     @app.post("/v1/ner")
     async def ner(body: NerRequest, request: Request):
-        from lmforge.finetune.predict import tag_texts
         m = server.model(body.model, "ner")
         results = await server.run_task(m, lambda: tag_texts(m.model, m.tokenizer, list(body.texts),
                                                              max_length=m.max_length), request)

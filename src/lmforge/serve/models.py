@@ -14,6 +14,9 @@ from pathlib import Path
 from typing import Optional
 
 from lmforge.errors import LmforgeError
+from lmforge.generate import check_generative
+from lmforge.tasks.predict import is_task_run, open_task_model
+from lmforge.generate import open_generator
 
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
 KINDS = ("generate", "classification", "ner")
@@ -42,7 +45,6 @@ class ServedModel:
         elif "SequenceClassification" in cls_name:
             kind = "classification"
         else:
-            from lmforge.generate import check_generative
             check_generative(model)
             kind = "generate"
         if not NAME.match(name):
@@ -62,8 +64,6 @@ def parse_spec(spec: str) -> tuple[str, Path]:
 
 def load_served_model(spec: str) -> ServedModel:
     """Open a pretraining run (causal LM), a fine-tuning run (classifier or tagger) or a plain HF folder."""
-    from lmforge.finetune.predict import is_task_run, open_task_model
-    from lmforge.generate import open_generator
     name, path = parse_spec(spec)
     if not path.exists():
         raise LmforgeError(f"{path}: no such run folder")

@@ -13,7 +13,8 @@ from pathlib import Path
 from typing import Optional, Union
 
 from lmforge.errors import LmforgeError
-from lmforge.finetune.config import SplitFile, TaskData
+from lmforge.tasks.config import SplitFile, TaskData
+from lmforge.tasks.conll import read_conll, read_token_jsonl
 
 EXTENSIONS = {".csv": "csv", ".tsv": "tsv", ".jsonl": "jsonl", ".json": "jsonl", ".parquet": "parquet",
               ".txt": "conll", ".conll": "conll", ".bio": "conll", ".iob": "conll"}
@@ -133,7 +134,6 @@ def _field_of(column: str, data: TaskData) -> str:
 
 def read_sentences(spec: SplitFile, data: TaskData):
     """The sentences of an NER file (CoNLL columns or JSONL tokens + tags), tags converted to BIO."""
-    from lmforge.finetune.conll import read_conll, read_token_jsonl
     path = Path(spec.path)
     _check_readable(path)
     fmt = format_of(spec)

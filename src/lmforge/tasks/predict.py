@@ -13,12 +13,12 @@ import torch
 from transformers import AutoModelForSequenceClassification, AutoModelForTokenClassification
 
 from lmforge.errors import LmforgeError
-from lmforge.finetune import model as tm
-from lmforge.finetune.config import BaseModelSpec, FinetuneRecipe, SplitFile, load_finetune_recipe
-from lmforge.finetune.conll import Sentence, entity_spans
-from lmforge.finetune.encode import encode_classification, encode_ner
-from lmforge.finetune.objective import predict_encoded, word_predictions
-from lmforge.finetune.tables import LabelSet, Row, _records, format_of
+from lmforge.tasks import model as tm
+from lmforge.tasks.config import BaseModelSpec, FinetuneRecipe, SplitFile, load_finetune_recipe
+from lmforge.tasks.conll import Sentence, entity_spans
+from lmforge.tasks.encode import encode_classification, encode_ner
+from lmforge.tasks.infer import predict_encoded, word_predictions
+from lmforge.tasks.tables import LabelSet, Row, _records, format_of
 
 WORD = re.compile(r"\w+(?:[-'’.]\w+)*|[^\w\s]", re.UNICODE)
 
@@ -54,26 +54,6 @@ def open_task_model(run_dir: Path, which: Optional[str] = None):
                                  attn_implementation="sdpa")
     model.eval()
     return recipe, model, tokenizer, task
-
-
-def evaluate_task_run(run_dir: Path, split: str = "validation", file: Optional[Path] = None,
-                      which: Optional[str] = None) -> dict:
-    """Score the run's model on a split of its recipe (or on `file`); writes report-SPLIT.txt/.png, eval-SPLIT.json."""
-    from lmforge.finetune.run import TaskData, write_split_report
-    recipe, model, tokenizer, task = open_task_model(run_dir, which)
-    if recipe is None:
-        raise LmforgeError(f"{run_dir}: no recipe.yaml; evaluation needs the run's data settings")
-    if file is not None:
-        setattr(recipe.data, split, SplitFile(path=str(file)))
-    if getattr(recipe.data, split, None) is None:
-        raise LmforgeError(f"{run_dir}: the recipe has no {split} file; pass --file")
-    keep = {"train": recipe.data.train, split: getattr(recipe.data, split)}
-    for name in ("validation", "test"):
-        if name not in keep:
-            setattr(recipe.data, name, None)
-    names = [model.config.id2label[i] for i in range(model.config.num_labels)]
-    data = TaskData(recipe, tokenizer, labels=names)
-    return write_split_report(Path(run_dir), model, data, split, recipe)
 
 
 def word_offsets(text: str) -> list[tuple[str, int, int]]:

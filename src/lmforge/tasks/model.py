@@ -13,9 +13,10 @@ from transformers import AutoConfig, AutoModelForSequenceClassification, AutoMod
 from transformers.utils import logging as hf_logging
 
 from lmforge.errors import LmforgeError
-from lmforge.finetune.config import BaseModelSpec, StrategyConfig
-from lmforge.models import package_path
+from lmforge.tasks.config import BaseModelSpec, StrategyConfig
+from lmforge.paths import package_path
 from lmforge.tokenizer import load_tokenizer
+from lmforge.runs import model_folder
 
 TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "tokenizer.model")
 LAYER = re.compile(r"\.(?:layer|h|layers)\.(\d+)\.")
@@ -25,7 +26,6 @@ HEADS = ("classifier", "score", "pooler")  # the pooler is new for most encoders
 
 def resolve_base(path: str) -> Path:
     """A model folder: an HF folder as is, or the model inside an lmforge run folder (final, then best)."""
-    from lmforge.runs import model_folder
     folder = package_path(path) if path.startswith("package:") else Path(path)
     if not folder.exists():
         raise LmforgeError(f"model.path: {path}: no such folder")

@@ -7,7 +7,7 @@ Ensemble, for the prediction at position t (of token t+1):
     p(d | x_{≤t}) ∝ p(d) · Π_{s<t} p_d(x_{s+1} | x_{≤s})
 
 so the posterior at t uses only the tokens already seen. A `router` replaces the posterior by other weights
-of the tokens seen so far (c-BTM's distance to cluster centres, `lmforge.experts.cluster.ClusterRouter`).
+of the tokens seen so far (c-BTM's distance to cluster centres; the rules by name are in `lmforge.models.routers`).
 `ExpertEnsemble` returns the mixture's log probabilities as `.logits` (already normalised), so anything that
 takes a causal LM's logits — the evaluation loop, cross-entropy — works on it unchanged.
 """

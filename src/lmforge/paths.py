@@ -1,0 +1,22 @@
+"""Where a model lives: a folder, or `package:NAME/sub/folder` inside an installed Python package (a model on PyPI)."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+from lmforge.errors import LmforgeError
+
+
+def package_path(spec: str) -> Path:
+    """'package:NAME/sub/folder' → that folder inside the installed Python package NAME."""
+    name, _, sub = spec[len("package:"):].partition("/")
+    found = importlib.util.find_spec(name) if name else None
+    if found is None or not found.submodule_search_locations:
+        raise LmforgeError(f"model.path: {spec}: no installed package '{name}'")
+    return Path(list(found.submodule_search_locations)[0]) / sub
+
+
+def local_path(spec) -> Path:
+    """A checkpoint path as a folder: `package:NAME/folder` resolved, anything else as given."""
+    return package_path(spec) if str(spec).startswith("package:") else Path(spec)
