@@ -48,6 +48,7 @@ def cluster_name(c: int) -> str:
 
 
 def _tfidf(terms: Optional[list[str]] = None):
+    # scikit-learn loads only where it is used
     from sklearn.feature_extraction.text import TfidfVectorizer
     return TfidfVectorizer(sublinear_tf=True, max_features=None if terms else MAX_TERMS, vocabulary=terms,
                            dtype=np.float32)
@@ -98,6 +99,7 @@ class Clustering:
         return self._embed(texts)
 
     def _embed(self, texts: list[str]) -> np.ndarray:
+        # the encoder loads only for embedding features
         from transformers import AutoModel, AutoTokenizer
         if self._encoder is None:
             folder = encoder_folder(self.encoder)
@@ -117,6 +119,7 @@ class Clustering:
 
     def distances(self, texts: list[str], features=None) -> np.ndarray:
         """(n, k) squared Euclidean distances of each text's features to every centre."""
+        # scikit-learn loads only where it is used
         from sklearn.metrics.pairwise import euclidean_distances
         x = self.featurize(texts) if features is None else features
         return np.maximum(euclidean_distances(x, self.centres, squared=True), 0.0)
@@ -129,6 +132,7 @@ class Clustering:
         return (d + self.offsets if self.offsets is not None else d).argmin(1)
 
     def save(self, folder: Union[str, Path]) -> None:
+        # safetensors' numpy API, only when a clustering is saved
         from safetensors.numpy import save_file
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
@@ -146,6 +150,7 @@ class Clustering:
 
     @classmethod
     def load(cls, folder: Union[str, Path]) -> "Clustering":
+        # safetensors' numpy API, only when a clustering is read
         from safetensors.numpy import load_file
         folder = Path(folder)
         if not (folder / CLUSTERING).is_file() or not (folder / CENTRES).is_file():
@@ -197,6 +202,7 @@ def fit_clustering(texts: list[str], k: int, features: str = "tfidf", encoder: O
     """k-means over the texts' features; returns the clustering and each text's cluster. `balanced` (as
     c-BTM): alternate balanced assignment (`balancing_offsets`) and centre updates, and keep the offsets,
     so that every document's cluster is still a function of the document alone."""
+    # scikit-learn loads only where it is used
     from sklearn.cluster import KMeans
     if len(texts) < k:
         raise LmforgeError(f"experts.clusters: {k} clusters but only {len(texts)} training document(s) to "

@@ -64,6 +64,7 @@ class FastDropout(nn.Dropout):
 def attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, is_causal=None,
               **kwargs):
     """transformers' SDPA attention, with the probabilities' dropout done here when training on CPU."""
+    # transformers' attention internals load only when the CPU dropout path runs
     from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
 
     if (dropout <= 0.0 or query.device.type != "cpu" or kwargs.get("position_bias") is not None
@@ -91,6 +92,7 @@ def attention(module, query, key, value, attention_mask, dropout: float = 0.0, s
 
 
 def _register() -> None:
+    # transformers' attention registry, touched only when the fast dropout is switched on
     from transformers import AttentionInterface
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 

@@ -21,6 +21,7 @@ class MetricsLog:
         self.writer = None
         if enabled and tensorboard:
             try:
+                # TensorBoard is optional (the tensorboard extra)
                 from torch.utils.tensorboard import SummaryWriter
                 self.writer = SummaryWriter(str(Path(run_dir) / "tensorboard"))
             except Exception:  # tensorboard not installed: JSONL only
@@ -69,7 +70,7 @@ def plot_losses(run_dir: Path, out: Optional[Path] = None) -> Optional[Path]:
     val = [(r["step"], r["loss"]) for r in records if r.get("split") == "validation" and "loss" in r]
     if not train:
         return None
-    import matplotlib
+    import matplotlib  # matplotlib loads only when a figure is drawn
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(7, 4))

@@ -10,6 +10,7 @@ from lmforge.models.ensemble import ExpertEnsemble, average_state_dicts
 from lmforge.models.moe import GPT2MoEForCausalLM, load_balancing_loss
 from lmforge.runs import load_ensemble
 
-__all__ = ["ExpertEnsemble", "add_expert", "GPT2DEMixForCausalLM", "GPT2MoEForCausalLM", "LlamaDEMixForCausalLM", "add_domain",
-           "average_state_dicts", "branch", "demix_from_dense", "evaluate", "format_comparison", "load_balancing_loss",
-           "load_ensemble", "load_moe", "merge", "merge_experts", "remove_domain", "train", "train_demix"]
+__all__ = ["ExpertEnsemble", "GPT2DEMixForCausalLM", "GPT2MoEForCausalLM", "LlamaDEMixForCausalLM", "add_domain",
+           "add_expert", "average_state_dicts", "branch", "demix_from_dense", "evaluate", "format_comparison",
+           "load_balancing_loss", "load_ensemble", "load_moe", "merge", "merge_experts", "remove_domain", "train",
+           "train_demix"]

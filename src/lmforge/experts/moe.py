@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Optional
 
 import torch
-from transformers import MixtralConfig
+from transformers import MixtralConfig, MixtralForCausalLM
 
 from lmforge.data.blocks import build_blocks
 from lmforge.data.loader import BlockLoader
@@ -112,7 +112,6 @@ def merge_experts(experts: list, *, top_k: Optional[int] = None, names: Optional
             state[prefix + "experts.gate_up_proj"] = torch.stack(
                 [torch.cat([s[prefix + "gate_proj.weight"], s[prefix + "up_proj.weight"]]) for s in states])
             state[prefix + "experts.down_proj"] = torch.stack([s[prefix + "down_proj.weight"] for s in states])
-        from transformers import MixtralForCausalLM
         model_class = MixtralForCausalLM
     config._attn_implementation = "sdpa"
     model = model_class(config)

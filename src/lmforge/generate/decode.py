@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 import torch
-from transformers import LogitsProcessorList, StoppingCriteriaList
+from transformers import AutoModelForSeq2SeqLM, LogitsProcessorList, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 
 from lmforge.errors import LmforgeError
@@ -106,7 +106,6 @@ def open_generator(run_dir: Path, which: Optional[str] = None):
         folder = model_folder(run_dir, which)
         config = json.loads((folder / "config.json").read_text())
         if config.get("is_encoder_decoder"):
-            from transformers import AutoModelForSeq2SeqLM
             model = AutoModelForSeq2SeqLM.from_pretrained(str(folder), local_files_only=True, trust_remote_code=False)
             return model.eval(), load_tokenizer(folder)
     _, model, tokenizer = open_run(run_dir, which)

@@ -18,6 +18,7 @@ import os
 
 import torch
 import torch.nn.functional as F
+from torch.nn.modules import module as nn_module
 from transformers import GPT2LMHeadModel
 
 from lmforge.engine.dropout import ATTENTION
@@ -31,7 +32,6 @@ def _has_hooks(module: torch.nn.Module) -> bool:
 
 
 def _global_hooks() -> bool:
-    from torch.nn.modules import module as nn_module
     return bool(nn_module._global_forward_hooks or nn_module._global_forward_pre_hooks
                 or nn_module._global_backward_hooks)
 

@@ -18,7 +18,7 @@ inputs are the targets shifted right behind the decoder start (pad) token.
 from __future__ import annotations
 
 import torch
-from tokenizers import AddedToken
+from tokenizers import AddedToken, processors
 
 from lmforge.errors import LmforgeError
 from lmforge.objectives.base import Objective, token_cross_entropy
@@ -49,7 +49,6 @@ def end_with_eos(tokenizer):
     probe = tokenizer("a")["input_ids"]
     if eos is None or (probe and probe[-1] == tokenizer.eos_token_id):
         return tokenizer
-    from tokenizers import processors
     tokenizer.backend_tokenizer.post_processor = processors.TemplateProcessing(
         single=f"$A {eos}", pair=f"$A {eos} $B {eos}", special_tokens=[(eos, tokenizer.eos_token_id)])
     return tokenizer

@@ -189,6 +189,7 @@ def prep(recipe: Union[PrepRecipe, str, Path], *, force: bool = False, show_prog
     _swap_in(tmp, out)
     shutil.rmtree(work, ignore_errors=True)
     if show_progress:
+        # rich loads only when there is something to show
         from rich.console import Console
         read = sum(s["before"].get("docs", 0) for s in stats["domains"].values())
         train = sum(s["train"]["docs"] for s in stats["domains"].values())

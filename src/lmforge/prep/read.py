@@ -252,6 +252,7 @@ def _read_csv(fh, part: Part, delimiter: str, column: str, limit: int, events: C
 
 
 def _read_parquet(file: str, column: str, events: Counter) -> Iterator[str]:
+    # pyarrow's Parquet reader loads only for Parquet sources
     import pyarrow.parquet as pq
     try:
         pf = pq.ParquetFile(file)

@@ -18,7 +18,7 @@ def _table(header: list[str], rows: list[list]) -> list[str]:
 
 
 def _plots(out: Path, stats: dict) -> list[str]:
-    import matplotlib
+    import matplotlib  # matplotlib loads only when a figure is drawn
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 

@@ -47,7 +47,7 @@ class TokenCounter:
     def __init__(self, folder: Optional[str]):
         self.tokenizer = None
         if folder:
-            from tokenizers import Tokenizer
+            from tokenizers import Tokenizer  # prep workers load the tokenizer only when counting tokens with it
             self.tokenizer = Tokenizer.from_file(str(Path(folder) / "tokenizer.json"))
 
     def __call__(self, texts: list[str]) -> np.ndarray:

@@ -8,5 +8,6 @@ __all__ = ["create_app", "ServedModel", "load_served_model", "load_served_models
 
 
 def run_server(app, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info") -> None:
+    # the ASGI server loads only when serving
     import uvicorn
     uvicorn.run(app, host=host, port=port, log_level=log_level, access_log=False)

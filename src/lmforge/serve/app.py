@@ -231,6 +231,7 @@ def create_app(models: dict, api_key: Optional[str] = None, *, max_batch: int = 
         snap["models"] = {name: {"kind": m.kind, "queued": server.batchers[name].jobs.qsize()
                                  if name in server.batchers else 0} for name, m in served.items()}
         if format == "prometheus":
+            # prometheus_client loads when /metrics is first read
             from prometheus_client import CONTENT_TYPE_LATEST
             return Response(prometheus_text(snap), media_type=CONTENT_TYPE_LATEST)
         if format != "json":

@@ -92,6 +92,7 @@ def _quantiles(values: list[float]) -> dict:
 
 def prometheus_text(snapshot: dict) -> bytes:
     """The snapshot in Prometheus' text exposition format (names prefixed `lmforge_`), via prometheus_client."""
+    # prometheus_client loads when /metrics is first read
     from prometheus_client import CollectorRegistry, generate_latest
     from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 

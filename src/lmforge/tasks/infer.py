@@ -18,8 +18,8 @@ def model_inputs(batch: dict) -> dict:
 def predict_encoded(model, data: Encoded, *, task: str, multi_label: bool, pad_id: int, batch_size: int = 128,
                     objective=None) -> dict:
     """Scores for every example, in input order. Batches are sorted by length so padding stays small; only
-    the per-example outputs (not all logits of a batch) are kept. With `objective` (one with `loss_from_logits`, as the fine-tuning objective),
-    also the mean loss."""
+    the per-example outputs (not all logits of a batch) are kept. With `objective` (one with `loss_from_logits`,
+    as the fine-tuning objective's), also the mean loss."""
     device = next(model.parameters()).device
     order = sorted(range(len(data)), key=lambda i: len(data.input_ids[i]))
     scores: list = [None] * len(data)

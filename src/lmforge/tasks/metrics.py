@@ -11,6 +11,7 @@ import numpy as np
 
 def classification_metrics(gold, pred, names: list[str], multi_label: bool = False) -> dict:
     """gold/pred: label ids (single label) or 0/1 indicator rows (multi-label)."""
+    # scikit-learn loads only where it is used
     from sklearn.metrics import (accuracy_score, confusion_matrix, f1_score, matthews_corrcoef,
                                  precision_recall_fscore_support)
     gold, pred = np.asarray(gold), np.asarray(pred)
@@ -30,6 +31,7 @@ def classification_metrics(gold, pred, names: list[str], multi_label: bool = Fal
 
 def ner_metrics(gold_tags: list[list[str]], pred_tags: list[list[str]]) -> dict:
     """Entity-level scores exactly as seqeval computes them (default mode), plus word-level accuracy."""
+    # seqeval loads only for NER reports
     from seqeval.metrics import classification_report
     report = classification_report(gold_tags, pred_tags, output_dict=True, zero_division=0)
     words = sum(len(g) for g in gold_tags)
@@ -71,7 +73,7 @@ def format_report(metrics: dict, title: str) -> str:
 def plot_confusion(metrics: dict, out: Path, title: str = "") -> Optional[Path]:
     if "confusion" not in metrics:
         return None
-    import matplotlib
+    import matplotlib  # matplotlib loads only when a figure is drawn
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     names = list(metrics["per_class"])

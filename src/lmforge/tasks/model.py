@@ -117,6 +117,7 @@ def apply_freezing(model, strategy: StrategyConfig) -> None:
 
 
 def apply_peft(model, strategy: StrategyConfig, task: str):
+    # peft loads only for parameter-efficient runs
     import peft
     spec = strategy.peft
     task_type = peft.TaskType.SEQ_CLS if task == "classification" else peft.TaskType.TOKEN_CLS

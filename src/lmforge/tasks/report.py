@@ -94,7 +94,7 @@ def plot_report(metrics: dict, out: Path, title: str) -> None:
     if "confusion" in metrics:
         plot_confusion(metrics, out, title)
         return
-    import matplotlib
+    import matplotlib  # matplotlib loads only when a figure is drawn
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     table = metrics.get("per_class") or metrics.get("per_type") or {}

@@ -47,6 +47,7 @@ def _check_readable(path: Path) -> None:
 def _records(path: Path, fmt: str):
     """(line number, dict) for each record of a CSV/TSV/JSONL/Parquet file."""
     if fmt == "parquet":
+        # pyarrow's Parquet reader loads only for Parquet files
         import pyarrow.parquet as pq
         try:
             table = pq.read_table(path)
