@@ -34,3 +34,15 @@ def test_python_api_script_runs(tmp_path):
     recipe = (tmp_path / "runs" / "smooth" / "recipe.yaml").read_text()
     assert "name: clm-smooth" in recipe and "warmup_steps: 5" in recipe
     assert (tmp_path / "runs" / "smooth" / "final" / "model.safetensors").is_file()
+
+
+def test_recipe_fields_lists_every_recipe_kind():
+    result = subprocess.run([sys.executable, "-m", "lmforge.cli", "recipe", "fields"], capture_output=True,
+                            text=True, timeout=120, cwd=ROOT)
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    headings = [line for line in out.splitlines() if line.startswith("# ")]
+    assert [h.split(" (")[0] for h in headings] == ["# Pretraining and experts recipes", "# Fine-tuning recipes",
+                                                    "# Data preparation recipes"]
+    for line in ("  train.lr = 0.0005", "  strategy.method = 'full'", "  dedup.threshold = ", "  experts.routing = "):
+        assert line in out, line

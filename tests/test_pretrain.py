@@ -134,3 +134,20 @@ def _write(path, tree):
     import yaml
     path.write_text(yaml.safe_dump(tree))
     return path
+
+
+def test_a_run_that_fails_before_it_starts_leaves_nothing(tmp_path, corpus):
+    """Set-up errors (here: a source that does not exist, a model too small for the block) remove what the run
+    wrote; a folder that was there before stays, emptied of this run's files."""
+    tree = tiny_recipe(corpus, tmp_path / "run", "clm")
+    tree["data"]["sources"].append({"path": str(tmp_path / "missing.txt"), "domain": "x"})
+    with pytest.raises(LmforgeError, match="missing.txt"):
+        pretrain(recipe_from_dict(tree), show_progress=False)
+    assert not (tmp_path / "run").exists()
+
+    (tmp_path / "mine").mkdir()
+    tree = tiny_recipe(corpus, tmp_path / "mine", "clm")
+    tree["model"]["max_positions"] = 8  # below the block size: refused once the model is built
+    with pytest.raises(LmforgeError, match="position limit"):
+        pretrain(recipe_from_dict(tree), show_progress=False)
+    assert (tmp_path / "mine").is_dir() and not list((tmp_path / "mine").iterdir())

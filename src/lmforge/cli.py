@@ -13,7 +13,7 @@ from typing import List, Optional
 
 import typer
 
-from lmforge.errors import LmforgeError
+from lmforge.errors import LmforgeError, RunInterrupted
 
 app = typer.Typer(help="lmforge: prepare data, train tokenizers, pretrain, evaluate and generate.",
                   no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
@@ -263,32 +263,25 @@ def recipe_show(recipe: Path = typer.Argument(..., help="Recipe YAML file."),
 
 
 @recipe_app.command("fields")
-def recipe_fields(markdown: bool = typer.Option(False, "--markdown", help="Print the Markdown field reference of "
-                                                "every recipe kind (docs/recipes.md is this output).")):
-    """List every recipe field with its default and meaning."""
+def recipe_fields(markdown: bool = typer.Option(False, "--markdown", help="Print the Markdown field reference "
+                                                "(docs/recipes.md is this output).")):
+    """List every field of every recipe kind (pretraining and experts, fine-tuning, prep) with its default and
+    meaning."""
     from lmforge.prep.config import PrepRecipe
-    from lmforge.recipe import Recipe, fields_markdown
+    from lmforge.recipe import Recipe, fields_markdown, fields_text
     from lmforge.tasks.config import FinetuneRecipe
+    kinds = [(Recipe, "Pretraining and experts recipes (`lmforge pretrain`, `lmforge experts`)"),
+             (FinetuneRecipe, "Fine-tuning recipes (`lmforge finetune`)"),
+             (PrepRecipe, "Data preparation recipes (`lmforge prep`)")]
     if markdown:
         typer.echo("\n".join([
             "# Recipe fields", "",
             "Generated from the recipe classes by `lmforge recipe fields --markdown`; a test fails when this file is",
-            "stale. A nested field is written with dots (`train.lr`), a list entry with `[]` "
+            "stale. A nested field is written with dots (`train.lr`), a list entry with `[]`",
             "(`data.sources[].path`); `--set` takes the same dotted names with a list index (`data.sources.0.path`).",
-            "",
-            fields_markdown(Recipe, "Pretraining and experts recipes (`lmforge pretrain`, `lmforge experts`)"),
-            fields_markdown(FinetuneRecipe, "Fine-tuning recipes (`lmforge finetune`)"),
-            fields_markdown(PrepRecipe, "Data preparation recipes (`lmforge prep`)")]).rstrip())
+            "", *(fields_markdown(root, title) for root, title in kinds)]).rstrip())
         return
-    for section, field in Recipe.model_fields.items():
-        cls = field.annotation
-        if not hasattr(cls, "model_fields"):
-            typer.echo(f"{section}: {field.description or ''}")
-            continue
-        typer.echo(f"[{section}]")
-        for name, f in cls.model_fields.items():
-            default = f.default if f.default_factory is None else f.default_factory()
-            typer.echo(f"  {section}.{name} = {default!r}  — {f.description or ''}")
+    typer.echo("\n\n".join(fields_text(root, title.replace("`", "")) for root, title in kinds))
 
 
 @tokenizer_app.command("train")
@@ -439,8 +432,13 @@ def experts_demix_remove(target: Path = typer.Argument(..., help="The experts ru
         _fail(err)
 
 
-def main() -> None:  # pragma: no cover
-    app()
+def main() -> None:
+    """The `lmforge` command: the app, with a training run stopped by a signal exiting 128 + the signal."""
+    try:
+        app()
+    except RunInterrupted as stopped:
+        typer.echo(str(stopped), err=True)
+        sys.exit(stopped.exit_code)
 
 
 if __name__ == "__main__":  # pragma: no cover

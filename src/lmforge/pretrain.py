@@ -25,7 +25,7 @@ from lmforge.objectives import build_objective
 from lmforge.objectives.span import add_sentinels, corrupted_lengths, end_with_eos
 from lmforge.recipe import Recipe, TokenizerConfig, coerce_recipe, load_recipe
 from lmforge.stage import RunResult
-from lmforge.runs import prepare_run_dir
+from lmforge.runs import start_run
 from lmforge.tokenizer import load_tokenizer, save_tokenizer, train_tokenizer
 from lmforge.stage import callable_stage
 
@@ -65,43 +65,45 @@ def pretrain(recipe: Union[Recipe, str, Path, dict], *, overrides: Union[list[st
     if recipe.train.threads:
         torch.set_num_threads(recipe.train.threads)
     world, rank = _join_process_group(recipe)  # first: the set-up below uses barriers
-    run_dir = prepare_run_dir(recipe, resume, force)
-    t0 = time.perf_counter()
-    tokenizer = get_tokenizer(recipe, run_dir)
-    objective = build_objective(recipe.objective, tokenizer, seed=recipe.train.seed)
-    cfg = recipe.train
-    if recipe.data.streaming and recipe.data.domain_weights:
-        raise LmforgeError("data.domain_weights: weighted domain sampling needs the cached (non-streaming) data")
-    if recipe.data.streaming and recipe.objective.pairs:
-        raise LmforgeError(f"data.streaming: objective '{recipe.objective.name}' builds sentence pairs from whole "
-                           "documents and needs the cached (non-streaming) data")
-    if recipe.data.streaming:
-        data = None
-        domains = sorted({s.domain for s in recipe.data.sources})
-        loader = StreamLoader(recipe.data, tokenizer, recipe.objective, domains, cfg.batch_size, cfg.grad_accum,
-                              cfg.seed, world, rank)
-    else:
-        data = build_blocks(recipe.data, tokenizer, recipe.objective)
-        loader = BlockLoader(data, cfg.batch_size, cfg.grad_accum, cfg.seed, world, rank, recipe.data.domain_weights)
-    model = build_model(recipe.model, recipe.objective, tokenizer, seed=cfg.seed)
-    fpt = flops_per_token(model, recipe.objective.block_size, head_fraction(recipe.objective))
+    with start_run(recipe, resume, force) as run_dir:  # a failed set-up leaves nothing
+        t0 = time.perf_counter()
+        tokenizer = get_tokenizer(recipe, run_dir)
+        objective = build_objective(recipe.objective, tokenizer, seed=recipe.train.seed)
+        cfg = recipe.train
+        if recipe.data.streaming and recipe.data.domain_weights:
+            raise LmforgeError("data.domain_weights: weighted domain sampling needs the cached (non-streaming) data")
+        if recipe.data.streaming and recipe.objective.pairs:
+            raise LmforgeError(f"data.streaming: objective '{recipe.objective.name}' builds sentence pairs from whole "
+                               "documents and needs the cached (non-streaming) data")
+        if recipe.data.streaming:
+            data = None
+            domains = sorted({s.domain for s in recipe.data.sources})
+            loader = StreamLoader(recipe.data, tokenizer, recipe.objective, domains, cfg.batch_size, cfg.grad_accum,
+                                  cfg.seed, world, rank)
+        else:
+            data = build_blocks(recipe.data, tokenizer, recipe.objective)
+            loader = BlockLoader(data, cfg.batch_size, cfg.grad_accum, cfg.seed, world, rank,
+                                 recipe.data.domain_weights)
+        model = build_model(recipe.model, recipe.objective, tokenizer, seed=cfg.seed)
+        fpt = flops_per_token(model, recipe.objective.block_size, head_fraction(recipe.objective))
 
-    def evaluate(m):
-        if data is None:
-            return {}
-        cap = cfg.eval_batches * world if cfg.eval_batches else None  # eval_batches is per process
-        return evaluate_blocks(m, objective, data, batch_size=cfg.batch_size, max_batches=cap)
+        def evaluate(m):
+            if data is None:
+                return {}
+            cap = cfg.eval_batches * world if cfg.eval_batches else None  # eval_batches is per process
+            return evaluate_blocks(m, objective, data, batch_size=cfg.batch_size, max_batches=cap)
 
-    engine = Engine(model, tokenizer, objective, loader, cfg, run_dir, evaluate=evaluate, flops_per_token=fpt,
-                    tensorboard=recipe.output.tensorboard, plots=recipe.output.plots, show_progress=show_progress)
-    if resume:
-        engine.resume()
-    if dist.is_main():
-        n = count_parameters(model)
-        console.print(f"[bold]{recipe.name}[/]: {recipe.objective.name} on {engine.device_type} "
-                      f"({engine.precision}), {n['total'] / 1e6:.2f}M parameters, "
-                      f"{len(data.train) if data else 'streamed'} training blocks of {recipe.objective.block_size}, "
-                      f"global batch {loader.global_batch}")
+        engine = Engine(model, tokenizer, objective, loader, cfg, run_dir, evaluate=evaluate, flops_per_token=fpt,
+                        tensorboard=recipe.output.tensorboard, plots=recipe.output.plots, show_progress=show_progress)
+        if resume:
+            engine.resume()
+        if dist.is_main():
+            n = count_parameters(model)
+            console.print(f"[bold]{recipe.name}[/]: {recipe.objective.name} on {engine.device_type} "
+                          f"({engine.precision}), {n['total'] / 1e6:.2f}M parameters, "
+                          f"{len(data.train) if data else 'streamed'} training blocks of "
+                          f"{recipe.objective.block_size}, "
+                          f"global batch {loader.global_batch}")
     state = engine.fit()
     final = next((h for h in reversed(state.history) if h.get("split") == "validation"), {})
     if dist.is_main():

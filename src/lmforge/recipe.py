@@ -380,7 +380,7 @@ def coerce_recipe(recipe, overrides: Union[list[str], tuple], root: type[BaseMod
 def _type_name(annotation) -> str:
     text = getattr(annotation, "__name__", None) if isinstance(annotation, type) else None
     text = text or str(annotation).replace("typing.", "")
-    return text.replace("NoneType", "None").replace("|", "\\|")
+    return text.replace("NoneType", "None")
 
 
 def _section_class(annotation) -> Optional[type[BaseModel]]:
@@ -395,10 +395,9 @@ def _section_class(annotation) -> Optional[type[BaseModel]]:
     return None
 
 
-def fields_markdown(root: type[BaseModel], title: str) -> str:
-    """A Markdown reference of every field of a recipe class: one table per section (docs/recipes.md)."""
-    out = [f"## {title}", ""]
-    rows: dict[str, list[str]] = {}
+def field_rows(root: type[BaseModel]) -> dict[str, list[tuple[str, str, str, str]]]:
+    """Every field of a recipe class, by section: (dotted name, type, default, meaning); list entries as `[]`."""
+    rows: dict[str, list[tuple[str, str, str, str]]] = {}
 
     def walk(cls: type[BaseModel], prefix: str, section: str) -> None:
         for name, f in cls.model_fields.items():
@@ -410,12 +409,29 @@ def fields_markdown(root: type[BaseModel], title: str) -> str:
                 continue
             default = "required" if f.is_required() else repr(f.default if f.default_factory is None
                                                                 else f.default_factory())
-            text = (f.description or "").replace("|", "\\|").replace("\n", " ")
-            rows.setdefault(section, []).append(
-                f"| `{key}` | {_type_name(f.annotation)} | `{default}` | {text} |")
+            rows.setdefault(section, []).append((key, _type_name(f.annotation), default, f.description or ""))
 
-    walk(root, "", "(top level)")
-    for section, lines in rows.items():
-        out += [f"### `{section}`" if section != "(top level)" else "### top level", "",
-                "| field | type | default | meaning |", "|---|---|---|---|", *lines, ""]
+    walk(root, "", "")
+    return rows
+
+
+def fields_text(root: type[BaseModel], title: str) -> str:
+    """The plain listing of `lmforge recipe fields`: one line per field, grouped by section."""
+    out = [f"# {title}"]
+    for section, rows in field_rows(root).items():
+        if section:
+            out.append(f"[{section}]")
+        out += [f"  {key} = {default}  — {meaning}" for key, _, default, meaning in rows]
+    return "\n".join(out)
+
+
+def fields_markdown(root: type[BaseModel], title: str) -> str:
+    """A Markdown reference of every field of a recipe class: one table per section (docs/recipes.md)."""
+    out = [f"## {title}", ""]
+    for section, rows in field_rows(root).items():
+        out += [f"### `{section}`" if section else "### top level", "",
+                "| field | type | default | meaning |", "|---|---|---|---|"]
+        out += [f"| `{key}` | {kind.replace('|', chr(92) + '|')} | `{default}` | "
+                f"{meaning.replace('|', chr(92) + '|')} |" for key, kind, default, meaning in rows]
+        out.append("")
     return "\n".join(out)

@@ -4,6 +4,7 @@ average, dense or seed model)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -59,6 +60,24 @@ def prepare_run_dir(recipe: Recipe, resume: bool, force: bool) -> Path:
     return run_dir
 
 
+
+
+@contextlib.contextmanager
+def start_run(recipe, resume: bool, force: bool):
+    """`prepare_run_dir`, then the run's set-up in the `with` block: an error there removes what this run wrote,
+    so a run that fails before it starts leaves nothing behind (a resumed run keeps its folder)."""
+    existed = Path(recipe.output.dir).exists()
+    run_dir = prepare_run_dir(recipe, resume, force)
+    try:
+        yield run_dir
+    except BaseException:
+        if not resume and dist.is_main():
+            if existed:  # the folder was the user's: empty it again, keep it
+                for entry in run_dir.iterdir():
+                    shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
+            else:
+                shutil.rmtree(run_dir, ignore_errors=True)
+        raise
 
 
 def model_folder(run_dir: Path, which: Optional[str] = None) -> Path:

@@ -4,8 +4,8 @@
         config.json  model.safetensors  tokenizer files   # loads with AutoModelFor*.from_pretrained
         trainer_state.pt                                  # optimizer, step, RNG, best metric (weights_only)
 
-A checkpoint is written to a temporary folder and renamed into place, so a crash never leaves a
-half-written checkpoint as the latest one.
+A checkpoint is written to a temporary folder, flushed to the disk and renamed into place (the parent folder is
+flushed after the rename), so neither a crash nor a power loss leaves a half-written checkpoint as the latest one.
 """
 
 from __future__ import annotations
@@ -21,31 +21,72 @@ from typing import Optional
 import torch
 from safetensors.torch import load_file
 
-from lmforge.errors import LmforgeError
+from lmforge.errors import LmforgeError, disk_full_is_an_error
 
 STATE_FILE = "trainer_state.pt"
 STEP_DIR = re.compile(r"^step-(\d+)$")
 
 
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(folder: Path) -> None:
+    """Flush every file of `folder`, then the folder itself, to the disk (a rename is only as durable as this)."""
+    for path in folder.rglob("*"):
+        if path.is_file():
+            _fsync(path)
+    for path in sorted((p for p in folder.rglob("*") if p.is_dir()), key=lambda p: -len(p.parts)):
+        _fsync(path)
+    _fsync(folder)
+
+
+def _state_bytes(model, extra: Optional[dict]) -> int:
+    """About what a checkpoint takes on disk: the model's tensors plus those of the extra state."""
+    def tensors(obj):
+        if torch.is_tensor(obj):
+            yield obj
+        elif isinstance(obj, dict):
+            for v in obj.values():
+                yield from tensors(v)
+        elif isinstance(obj, (list, tuple)):
+            for v in obj:
+                yield from tensors(v)
+    return sum(t.numel() * t.element_size() for t in tensors([model.state_dict(), extra or {}]))
+
+
 def save_model(folder: Path, model, tokenizer, extra: Optional[dict] = None) -> None:
-    """Write model (+ tokenizer, + json files) to `folder` atomically."""
+    """Write model (+ tokenizer, + json files) to `folder` atomically and durably: everything goes to a
+    temporary folder that is flushed to the disk and then renamed into place, and the parent is flushed after
+    the rename. A full disk is one error naming the folder, with the temporary folder removed."""
     folder = Path(folder)
     tmp = folder.with_name(f".{folder.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    model.save_pretrained(str(tmp))
-    if tokenizer is not None:
-        tokenizer.save_pretrained(str(tmp))
-    for name, payload in (extra or {}).items():
-        if name.endswith(".json"):
-            (tmp / name).write_text(json.dumps(payload, indent=2))
-        else:
-            torch.save(payload, tmp / name)
+    try:
+        with disk_full_is_an_error(folder, _state_bytes(model, extra)):
+            tmp.mkdir(parents=True)
+            model.save_pretrained(str(tmp))
+            if tokenizer is not None:
+                tokenizer.save_pretrained(str(tmp))
+            for name, payload in (extra or {}).items():
+                if name.endswith(".json"):
+                    (tmp / name).write_text(json.dumps(payload, indent=2))
+                else:
+                    torch.save(payload, tmp / name)
+            _fsync_tree(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     old = folder.with_name(f".{folder.name}.old")
     if folder.exists():
         shutil.rmtree(old, ignore_errors=True)
         os.replace(folder, old)
     os.replace(tmp, folder)
+    _fsync(folder.parent)
     shutil.rmtree(old, ignore_errors=True)
 
 

@@ -48,6 +48,12 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def all_reduce_max(t: torch.Tensor) -> torch.Tensor:
+    if tdist.is_initialized():
+        tdist.all_reduce(t, op=tdist.ReduceOp.MAX)
+    return t
+
+
 def teardown() -> None:
     if tdist.is_initialized():
         tdist.destroy_process_group()

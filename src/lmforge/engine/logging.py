@@ -11,6 +11,8 @@ from typing import Optional
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
+from lmforge.errors import disk_full_is_an_error
+
 console = Console(stderr=True)
 
 
@@ -30,7 +32,7 @@ class MetricsLog:
     def write(self, record: dict) -> None:
         if not self.enabled:
             return
-        with open(self.path, "a", encoding="utf-8") as fh:
+        with disk_full_is_an_error(self.path.parent), open(self.path, "a", encoding="utf-8") as fh:
             fh.write(json.dumps(record) + "\n")
         if self.writer is not None:
             prefix = record.get("split", "train")
@@ -83,8 +85,16 @@ def plot_losses(run_dir: Path, out: Optional[Path] = None) -> Optional[Path]:
     ax.legend()
     fig.tight_layout()
     out = out or Path(run_dir) / "loss.png"
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
+    tmp = out.with_name(f".{out.name}.tmp.png")
+    try:
+        with disk_full_is_an_error(out.parent):
+            fig.savefig(tmp, dpi=110)
+        tmp.replace(out)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    finally:
+        plt.close(fig)
     return out
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import signal
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -12,13 +13,14 @@ from typing import Callable, Optional
 import torch
 
 from lmforge.engine import checkpoint as ckpt
-from lmforge.engine.checkpoint import load_weights
 from lmforge.engine import distributed as dist
+from lmforge.engine.checkpoint import load_weights
 from lmforge.engine.dropout import use_fast_dropout
 from lmforge.engine.hardware import autocast, keep_freed_memory, matmul_roof, pick_device, pick_precision
 from lmforge.engine.logging import MetricsLog, Throughput, console, plot_losses, progress_bar
 from lmforge.engine.schedule import lr_at, warmup_steps
-from lmforge.errors import LmforgeError
+from lmforge.engine.signals import StopSignals
+from lmforge.errors import LmforgeError, RunInterrupted
 from lmforge.recipe import TrainConfig
 
 
@@ -242,6 +244,13 @@ class Engine:
         patience = self.cfg.early_stopping_patience
         return patience is not None and self.state.evals_without_improvement >= patience
 
+    def _stop_signal(self, signals: StopSignals) -> int:
+        """The stop signal any process received (0: none); every process stops at the same step."""
+        if dist.world_size() == 1:
+            return signals.received or 0
+        flag = torch.tensor([signals.received or 0], device=self.device)
+        return int(dist.all_reduce_max(flag).item())
+
     def _training_tallies(self) -> dict:
         """The objective's training tallies since the last log, summed over every rank."""
         take = getattr(self.objective, "take_tallies", None)
@@ -260,7 +269,8 @@ class Engine:
         meter = Throughput(self.flops_per_token, peak)
         window_loss, window_n, stop_reason = 0.0, 0, "max_steps"
         t_start = time.perf_counter()
-        with progress_bar(self.main and self.show_progress) as bar:
+        signals = StopSignals(announce=self.main)
+        with signals, progress_bar(self.main and self.show_progress) as bar:
             task = bar.add_task("train", total=cfg.max_steps, completed=self.state.step, status="")
             if cfg.eval_at_start and self.state.step == 0:
                 metrics = self.run_eval()  # the model as it comes in: the "before" of continued pretraining
@@ -305,8 +315,17 @@ class Engine:
                             f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float) and "/" not in k))
                 save_now = (cfg.save_every and self.state.step % cfg.save_every == 0) or \
                            (not cfg.save_every and eval_now) or last or stop
-                if save_now:
+                signum = self._stop_signal(signals)
+                if save_now or signum:
                     self.save()
+                if signum and not last:
+                    self.log.close()
+                    if self.main and self.plots:
+                        plot_losses(self.run_dir)
+                    where = ckpt.latest_checkpoint(self.checkpoint_dir)
+                    raise RunInterrupted(signum, f"stopped by {signal.Signals(signum).name} at step "
+                                                 f"{self.state.step} of {cfg.max_steps}; checkpoint: {where}; "
+                                                 "run the same command with --resume to continue")
                 if stop:
                     stop_reason = "early_stopping"
                     break

@@ -31,7 +31,7 @@ from lmforge.finetune.objective import TaskObjective
 from lmforge.models import flops_per_token, frozen_body_parameters
 from lmforge.recipe import coerce_recipe
 from lmforge.stage import RunResult
-from lmforge.runs import prepare_run_dir
+from lmforge.runs import start_run
 from lmforge.tasks import model as tm
 from lmforge.tasks.config import FinetuneRecipe, load_finetune_recipe
 from lmforge.tasks.encode import TaskLoader
@@ -75,48 +75,48 @@ def finetune(recipe: Union[FinetuneRecipe, str, Path, dict], *, overrides: Union
     data = TaskData(recipe, tokenizer)
     if "train" not in data.encoded or not len(data.encoded["train"]):
         raise LmforgeError(f"{recipe.data.train.path}: the training split is empty")
-    run_dir = prepare_run_dir(recipe, resume, force)
-    model = tm.build_task_model(folder, recipe.task, data.labels.names, recipe.data.multi_label, tokenizer,
-                                recipe.model.dropout, seed=cfg.seed)
-    strategy = recipe.strategy
-    tm.apply_freezing(model, strategy)
-    if strategy.method == "peft":
-        model = tm.apply_peft(model, strategy, recipe.task)
-    if recipe.task == "classification":
-        first_position_only(model)  # the last layer runs for [CLS] only: the head reads nothing else
-    trainable, total = tm.trainable_counts(model)
-    if not trainable:
-        raise LmforgeError("strategy: every parameter is frozen; nothing would train")
+    with start_run(recipe, resume, force) as run_dir:  # a failed set-up leaves nothing
+        model = tm.build_task_model(folder, recipe.task, data.labels.names, recipe.data.multi_label, tokenizer,
+                                    recipe.model.dropout, seed=cfg.seed)
+        strategy = recipe.strategy
+        tm.apply_freezing(model, strategy)
+        if strategy.method == "peft":
+            model = tm.apply_peft(model, strategy, recipe.task)
+        if recipe.task == "classification":
+            first_position_only(model)  # the last layer runs for [CLS] only: the head reads nothing else
+        trainable, total = tm.trainable_counts(model)
+        if not trainable:
+            raise LmforgeError("strategy: every parameter is frozen; nothing would train")
 
-    loader = TaskLoader(data.encoded["train"], cfg.batch_size, cfg.grad_accum, cfg.seed, tokenizer.pad_token_id,
-                        recipe.data.multi_label, cfg.group_by_length, dist.world_size(), dist.rank())
-    train_cfg = cfg.model_copy(update={
-        "max_steps": cfg.max_steps or max(1, round(cfg.epochs * loader.batches_per_epoch
-                                                   / (cfg.grad_accum * dist.world_size()))),
-        "eval_every": cfg.eval_every if cfg.eval_every is not None else loader.steps_per_epoch,
-        "metric": recipe.metric})
-    objective = TaskObjective(recipe.task, recipe.data.multi_label, class_weights(recipe, data))
+        loader = TaskLoader(data.encoded["train"], cfg.batch_size, cfg.grad_accum, cfg.seed, tokenizer.pad_token_id,
+                            recipe.data.multi_label, cfg.group_by_length, dist.world_size(), dist.rank())
+        train_cfg = cfg.model_copy(update={
+            "max_steps": cfg.max_steps or max(1, round(cfg.epochs * loader.batches_per_epoch
+                                                       / (cfg.grad_accum * dist.world_size()))),
+            "eval_every": cfg.eval_every if cfg.eval_every is not None else loader.steps_per_epoch,
+            "metric": recipe.metric})
+        objective = TaskObjective(recipe.task, recipe.data.multi_label, class_weights(recipe, data))
 
-    def evaluate(m):
-        if "validation" not in data.encoded:
-            return {}
-        return score_split(m, data, "validation", recipe, objective)["metrics_flat"]
+        def evaluate(m):
+            if "validation" not in data.encoded:
+                return {}
+            return score_split(m, data, "validation", recipe, objective)["metrics_flat"]
 
-    # Throughput counts the non-padding input tokens read; attention's cost follows the mean example length.
-    train_enc = data.encoded["train"]
-    mean_len = sum(map(len, train_enc.input_ids)) / max(len(train_enc), 1)
-    engine = Engine(model, tokenizer, objective, loader, train_cfg, run_dir, evaluate=evaluate,
-                    flops_per_token=flops_per_token(model, max(8, round(mean_len)), head_fraction=0.0,
-                                                    frozen=frozen_body_parameters(model)),
-                    tensorboard=recipe.output.tensorboard, plots=recipe.output.plots, show_progress=show_progress,
-                    param_groups=tm.param_groups(model, cfg.weight_decay, strategy, cfg.lr))
-    if resume:
-        engine.resume()
-    if dist.is_main():
-        console.print(f"[bold]{recipe.name}[/]: {recipe.task} with {len(data.labels)} labels, "
-                      f"{len(data.raw['train']):,} training examples, {trainable / 1e6:.2f}M of {total / 1e6:.2f}M "
-                      f"parameters trained ({strategy.method}), {train_cfg.max_steps} steps "
-                      f"({loader.steps_per_epoch} per epoch) on {engine.device_type}")
+        # Throughput counts the non-padding input tokens read; attention's cost follows the mean example length.
+        train_enc = data.encoded["train"]
+        mean_len = sum(map(len, train_enc.input_ids)) / max(len(train_enc), 1)
+        engine = Engine(model, tokenizer, objective, loader, train_cfg, run_dir, evaluate=evaluate,
+                        flops_per_token=flops_per_token(model, max(8, round(mean_len)), head_fraction=0.0,
+                                                        frozen=frozen_body_parameters(model)),
+                        tensorboard=recipe.output.tensorboard, plots=recipe.output.plots, show_progress=show_progress,
+                        param_groups=tm.param_groups(model, cfg.weight_decay, strategy, cfg.lr))
+        if resume:
+            engine.resume()
+        if dist.is_main():
+            console.print(f"[bold]{recipe.name}[/]: {recipe.task} with {len(data.labels)} labels, "
+                          f"{len(data.raw['train']):,} training examples, {trainable / 1e6:.2f}M of {total / 1e6:.2f}M "
+                          f"parameters trained ({strategy.method}), {train_cfg.max_steps} steps "
+                          f"({loader.steps_per_epoch} per epoch) on {engine.device_type}")
     state = engine.fit()
     results = {}
     if dist.is_main():
