@@ -142,6 +142,15 @@ def test_set_overrides_are_validated_like_the_file():
     assert "train.lr" in _error({}, ["train.lr=fast"]) and "(got 'fast')" in _error({}, ["train.lr=fast"])
 
 
+def test_a_bad_override_is_blamed_on_set_not_on_the_file():
+    assert _error({}, ["train.lrr=1"]) == "--set train.lrr=1: unknown key 'train.lrr'; did you mean 'lr'?"
+    assert _error({}, ["train.lr=fast"]).startswith("--set train.lr=fast: train.lr: ")
+    msg = _error({"data": {"sources": [{"path": "a"}]}}, ["data.sources.0.formt=x"])
+    assert msg == "--set data.sources.0.formt=x: unknown key 'data.sources[0].formt'; did you mean 'format'?"
+    # the file's own mistakes are still the file's
+    assert _error({"train": {"lrr": 1}}, ["train.lr=0.1"]) == "r.yaml: unknown key 'train.lrr'; did you mean 'lr'?"
+
+
 def test_bad_set_syntax():
     assert _error({}, ["train.lr"]) == "--set 'train.lr': expected KEY=VALUE, e.g. train.lr=3e-4"
     msg = _error({"name": "x"}, ["name.first=1"])

@@ -403,3 +403,33 @@ def test_cli_serve(tiny_lm_dir, task_dirs, tmp_path):
         assert result.exit_code == 2 and message in result.stderr, result.output
     twice = runner.invoke(cli, ["serve", str(tiny_lm_dir), str(tiny_lm_dir)])
     assert twice.exit_code == 2 and "NAME=PATH" in twice.stderr
+
+
+def test_text_that_is_not_unicode_nan_and_crashes(main_server, monkeypatch):
+    """A lone surrogate (valid JSON, not text) is a 400 naming the field and the connection lives on; NaN is not
+    a number; a crash is a 500 with a request id and nothing of the exception."""
+    headers = {**auth(), "Content-Type": "application/json"}
+    with httpx.Client(base_url=main_server, headers=headers, timeout=60) as http:
+        bad = http.post("/v1/completions", content=b'{"model": "tiny", "prompt": "ab\\ud800c", "max_tokens": 2}')
+        error = bad.json()["error"]
+        assert bad.status_code == 400 and error["param"] == "prompt" and "lone surrogate (\\ud800)" in error["message"]
+        chat = http.post("/v1/chat/completions",
+                         content=b'{"model": "chat", "messages": [{"role": "user", "content": "\\udfff"}]}')
+        assert chat.status_code == 400 and chat.json()["error"]["param"] == "messages"
+        ner = http.post("/v1/ner", content=b'{"model": "tagger", "texts": ["ok", "\\ud83d"]}')
+        assert ner.status_code == 400 and ner.json()["error"]["param"] == "texts"
+        nan = http.post("/v1/completions", content=b'{"model": "tiny", "prompt": "x", "temperature": NaN}')
+        assert nan.status_code == 400 and "finite number" in nan.json()["error"]["message"]
+        # the same keep-alive connection still serves
+        ok = http.post("/v1/completions", json={"model": "tiny", "prompt": "The river", "max_tokens": 2})
+        assert ok.status_code == 200 and ok.json()["choices"][0]["text"]
+
+        def crash(*args, **kwargs):
+            raise RuntimeError("secret state at /home/someone/.cache")
+
+        monkeypatch.setattr("lmforge.serve.batching.generate", crash)
+        boom = http.post("/v1/completions", json={"model": "tiny", "prompt": "The river", "max_tokens": 2})
+    body = boom.json()["error"]
+    assert boom.status_code == 500 and body["type"] == "server_error"
+    assert "secret" not in boom.text and "RuntimeError" not in boom.text
+    assert body["code"] and f"request id {body['code']}" in body["message"]

@@ -249,25 +249,35 @@ def _dotted(loc: tuple) -> str:
     return out
 
 
-def format_validation_error(err: ValidationError, source: str, root: Optional[type[BaseModel]] = None) -> str:
-    """One line naming each bad field; `root` is the recipe class that was validated (default: Recipe)."""
+def _override_key(override: str) -> str:
+    """'data.sources.0.path=x' → 'data.sources[0].path', the way errors name the field."""
+    parts = override.split("=", 1)[0].strip().split(".")
+    return _dotted(tuple(int(p) if p.isdigit() else p for p in parts))
+
+
+def format_validation_error(err: ValidationError, source: str, root: Optional[type[BaseModel]] = None,
+                            overrides: Union[list[str], tuple] = ()) -> str:
+    """One line naming each bad field; `root` is the recipe class that was validated (default: Recipe). A field
+    that a `--set` override wrote is blamed on that override, not on the recipe file."""
     root = root or Recipe
+    by_key = {_override_key(o): o for o in overrides if "=" in o}
     lines, suggested, missing = [], set(), {}
     for e in err.errors():
         loc = tuple(p for p in e["loc"] if not (isinstance(p, str) and p.startswith("function-")))
         where = _dotted(loc)
+        origin = f"--set {by_key[where]}" if where in by_key else source
         if e["type"] == "extra_forbidden":
             owner = _model_at(loc, root)
             valid = list(owner.model_fields) if owner else []
             close = difflib.get_close_matches(str(loc[-1]), valid, n=1, cutoff=0.5)
             hint = f"; did you mean '{close[0]}'?" if close else f"; valid keys: {', '.join(valid)}"
-            lines.append(f"{source}: unknown key '{where}'{hint}")
+            lines.append(f"{origin}: unknown key '{where}'{hint}")
             if close:
                 suggested.add(loc[:-1] + (close[0],))
         else:
             value = e.get("input")
             shown = "" if isinstance(value, dict) else f" (got {value!r})"
-            lines.append(f"{source}: {where or 'recipe'}: {e['msg']}{shown}")
+            lines.append(f"{origin}: {where or 'recipe'}: {e['msg']}{shown}")
             if e["type"] == "missing":
                 missing[loc] = lines[-1]
     # A misspelt required key (`pth`) also reports `path` as missing; the 'did you mean' line says it all.
@@ -317,7 +327,7 @@ def validate_tree(root: type[BaseModel], tree: dict, source: str, overrides: Uni
     try:
         return root.model_validate(tree)
     except ValidationError as err:
-        raise LmforgeError(format_validation_error(err, source, root)) from None
+        raise LmforgeError(format_validation_error(err, source, root, overrides)) from None
 
 
 def recipe_from_dict(tree: dict, source: str = "recipe", overrides: Union[list[str], tuple] = ()) -> Recipe:

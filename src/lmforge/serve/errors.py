@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import hmac
+import logging
 import time
+import uuid
 from typing import Optional
 
 from fastapi import FastAPI, Request
@@ -15,6 +17,7 @@ from lmforge.errors import LmforgeError
 from lmforge.serve.metrics import Metrics
 
 OPEN_PATHS = ("/health",)
+log = logging.getLogger("lmforge.serve")
 
 
 class APIError(Exception):
@@ -69,7 +72,12 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(Exception)
     async def _crash(request: Request, err: Exception):
-        return error_response(500, f"internal error: {type(err).__name__}: {err}", type="server_error")
+        # The client gets an id, never the exception: its text can hold paths, inputs or internals.
+        request_id = uuid.uuid4().hex[:16]
+        log.error("request %s %s %s failed", request_id, request.method, request.url.path,
+                  exc_info=(type(err), err, err.__traceback__))
+        return error_response(500, f"internal error (request id {request_id}; the server log has the details)",
+                              type="server_error", code=request_id)
 
 
 class Gate:

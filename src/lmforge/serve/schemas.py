@@ -15,8 +15,26 @@ MAX_TEXTS = 256
 MAX_TEXT_CHARS = 20_000
 
 
+def _lone_surrogate(value) -> Optional[str]:
+    """The first lone UTF-16 surrogate in a JSON value (valid JSON, but no text a tokenizer can encode)."""
+    if isinstance(value, str):
+        return next((ch for ch in value if "\ud800" <= ch <= "\udfff"), None)
+    items = value.values() if isinstance(value, dict) else value if isinstance(value, list) else ()
+    return next((found for item in items if (found := _lone_surrogate(item)) is not None), None)
+
+
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # NaN and infinity are valid JSON to Python but no setting: "Input should be a finite number".
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _valid_unicode(cls, value):
+        found = _lone_surrogate(value)
+        if found is not None:
+            raise ValueError(f"contains a lone surrogate ({ascii(found)[1:-1]}), which is not Unicode text; "
+                             "send UTF-8 text")
+        return value
 
 
 class StreamOptions(Strict):
