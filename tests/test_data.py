@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import random
+import subprocess
+import sys
 from collections import Counter
 from pathlib import Path
 
@@ -398,8 +400,55 @@ def test_stream_blocks_match_cached_blocks(char_setup):
 
 def test_pack_documents_drops_each_domains_tail():
     blocks, domains = pack_documents([[1, 2, 3], [4, 5], [9, 9, 9, 9, 9], [6]], ["a", "a", "b", "a"], 2)
-    assert blocks == [[1, 2], [3, 4], [5, 6], [9, 9], [9, 9]]
+    assert blocks.tolist() == [[1, 2], [3, 4], [5, 6], [9, 9], [9, 9]]
     assert domains == ["a", "a", "a", "b", "b"]
+    blocks, _ = pack_documents([[1, 2], [3]], ["a", "a"], 3, head=[7], tail=[8])  # documents between affixes
+    assert blocks.tolist() == [[7, 1, 2], [8, 7, 3]]
+
+
+@pytest.mark.parametrize("kind", ["bpe", "wordpiece", "unigram", "char"])
+def test_long_documents_tokenize_in_pieces_to_the_same_ids(kind, monkeypatch):
+    """A document is tokenized in pieces cut where whitespace starts: the ids are those of the whole text, for
+    every tokenizer kind, with runs of spaces, tabs and newlines at the cuts."""
+    blocks_module = blocks_mod
+    rng = random.Random(0)
+    words = ["river", "Bridge", "x=1;", "naïve", "data,", "12.5", "(code)", "ün", "   ", "\t", "\n\n", "a  b"]
+    text = " ".join(rng.choice(words) for _ in range(30_000))
+    tok = train_tokenizer([text[:20_000]], TokenizerConfig(kind=kind, vocab_size=300, min_frequency=1))
+    monkeypatch.setattr(blocks_module, "PIECE_CHARS", 997)
+    monkeypatch.setattr(blocks_module, "TOKENIZE_CHARS", 5_000)
+    assert len(blocks_module.text_pieces(text)) > 100
+    assert "".join(blocks_module.text_pieces(text)) == text
+    whole = tok(text, add_special_tokens=False)["input_ids"]
+    texts = ["short one", text, "", text[:3000]]
+    got = list(blocks_module.tokenize_documents(tok, texts))
+    assert [g.tolist() for g in got] == [tok(t, add_special_tokens=False)["input_ids"] for t in texts]
+    assert got[1].tolist() == whole
+
+
+def test_a_long_line_is_prepared_in_bounded_memory(tmp_path):
+    """A 13 MB text file with no line break used to take 5.5 GB on its way to packed blocks; now the whole
+    pretraining run fits in 1 GiB of address space above what its imports take."""
+    import random
+    rng = random.Random(0)
+    words = "the river flows under a bridge while code compiles and tests run quickly over data".split()
+    source = tmp_path / "oneline.txt"
+    source.write_text(" ".join(rng.choice(words) for _ in range(2_400_000)))
+    script = tmp_path / "limited.py"
+    script.write_text(f"""
+import re, resource
+from lmforge.pretrain import pretrain
+size = int(re.search(r"VmSize:\\s+(\\d+) kB", open("/proc/self/status").read()).group(1)) * 1024
+resource.setrlimit(resource.RLIMIT_AS, (size + 2**30, size + 2**30))
+tree = {{"name": "long", "data": {{"sources": [{{"path": "{source}", "domain": "x"}}], "validation_fraction": 0.1,
+        "cache_dir": "{tmp_path / 'cache'}"}}, "tokenizer": {{"kind": "char"}}, "model": {{"family": "gpt2", "size": "tiny"}},
+        "objective": {{"name": "clm", "block_size": 64}}, "train": {{"max_steps": 1, "batch_size": 2, "eval_every": 0}},
+        "output": {{"dir": "{tmp_path / 'run'}", "plots": False, "tensorboard": False}}}}
+print("blocks", pretrain(tree, show_progress=False).run_dir)
+""")
+    result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert (tmp_path / "run" / "final" / "model.safetensors").is_file()
 
 
 def test_later_epochs_read_the_stream_at_a_new_offset():

@@ -10,7 +10,7 @@ from typing import Union
 import torch
 from transformers import PreTrainedTokenizerFast
 
-from lmforge.data.blocks import build_blocks
+from lmforge.data.blocks import build_blocks, text_pieces
 from lmforge.data.loader import BlockLoader, StreamLoader
 from lmforge.data.sources import iter_texts, load_documents
 from lmforge.engine import checkpoint as ckpt
@@ -31,9 +31,12 @@ from lmforge.stage import callable_stage
 
 
 def train_tokenizer_for(data, config: TokenizerConfig) -> PreTrainedTokenizerFast:
-    """Train `config`'s tokenizer on the training split of a recipe's `data` section."""
+    """Train `config`'s tokenizer on the training split of a recipe's `data` section. Long documents reach the
+    trainer in pieces (cut where whitespace starts, so its words are the same): its memory follows the pieces,
+    not the longest document."""
     docs = load_documents(data)
-    return train_tokenizer(iter_texts(docs, "train", config.max_train_documents), config)
+    texts = iter_texts(docs, "train", config.max_train_documents)
+    return train_tokenizer((piece for text in texts for piece in text_pieces(text)), config)
 
 
 def get_tokenizer(recipe: Recipe, run_dir: Path):

@@ -42,28 +42,95 @@ def _affixes(tokenizer, objective: str) -> tuple[list[int], list[int]]:
     return [], [ids["eos"]]
 
 
-def pack_documents(token_lists, domains, block_size: int) -> tuple[list[list[int]], list[str]]:
-    """Concatenate each domain's documents and cut the stream into full blocks (the tail is dropped)."""
-    streams: dict[str, list[int]] = {}
+# Memory is bounded by the input's shape, not its size: a document longer than PIECE_CHARS is tokenized in pieces
+# (cut just before a whitespace, where every pre-tokenizer splits anyway, so the tokens are those of the whole
+# text), at most TOKENIZE_CHARS of text per tokenizer call, and token ids are kept as int32 arrays, never as
+# Python lists. A 13 MB document with no line break used to take over 5 GB (tests/test_data.py).
+PIECE_CHARS = 50_000
+TOKENIZE_CHARS = 1_000_000
+
+
+def text_pieces(text: str, limit: Optional[int] = None) -> list[str]:
+    """`text` cut into pieces of at most `limit` characters, each cut where a run of whitespace starts (after a
+    non-space character), so every piece but the first begins with the whole run, as pre-tokenizers see it in the
+    whole text; a stretch of `limit` characters with no such place is cut where it ends."""
+    limit = limit or PIECE_CHARS
+    if len(text) <= limit:
+        return [text]
+    pieces, start = [], 0
+    while len(text) - start > limit:
+        cut = start + limit
+        while cut > start and not (text[cut].isspace() and not text[cut - 1].isspace()):
+            cut -= 1
+        if cut == start:  # no whitespace in the window
+            cut = start + limit
+        pieces.append(text[start:cut])
+        start = cut
+    pieces.append(text[start:])
+    return pieces
+
+
+def tokenize_documents(tokenizer, texts: list[str]) -> Iterator[np.ndarray]:
+    """The token ids (int32) of each text, in order: long texts piece by piece, a bounded amount of text per
+    tokenizer call."""
+    def ids_of(pieces: list[str]) -> list[np.ndarray]:
+        encoded = tokenizer(pieces, add_special_tokens=False, return_attention_mask=False,
+                            verbose=False)["input_ids"]
+        return [np.asarray(ids, dtype=np.int32) for ids in encoded]
+
+    group: list[str] = []
+    owners: list[int] = []
+    size, next_out = 0, 0
+    done: dict[int, list[np.ndarray]] = {}
+    for i, text in enumerate(texts):
+        for piece in text_pieces(text):
+            group.append(piece)
+            owners.append(i)
+            size += len(piece)
+            if size >= TOKENIZE_CHARS:
+                for owner, ids in zip(owners, ids_of(group)):
+                    done.setdefault(owner, []).append(ids)
+                group, owners, size = [], [], 0
+                while next_out < i:  # every piece of the texts before i is tokenized
+                    yield _joined(done.pop(next_out, []))
+                    next_out += 1
+    for owner, ids in zip(owners, ids_of(group) if group else []):
+        done.setdefault(owner, []).append(ids)
+    while next_out < len(texts):
+        yield _joined(done.pop(next_out, []))
+        next_out += 1
+
+
+def _joined(parts: list[np.ndarray]) -> np.ndarray:
+    if not parts:
+        return np.zeros(0, dtype=np.int32)
+    return parts[0] if len(parts) == 1 else np.concatenate(parts)
+
+
+def pack_documents(token_lists, domains, block_size: int, head=(), tail=()) -> tuple[np.ndarray, list[str]]:
+    """Concatenate each domain's documents (each between `head` and `tail`) and cut the stream into full blocks
+    (the tail of the stream is dropped): an (n, block_size) int32 array and each block's domain."""
+    head, tail = np.asarray(head, dtype=np.int32), np.asarray(tail, dtype=np.int32)
+    streams: dict[str, list[np.ndarray]] = {}
     for ids, domain in zip(token_lists, domains):
-        streams.setdefault(domain, []).extend(ids)
+        streams.setdefault(domain, []).extend((head, np.asarray(ids, dtype=np.int32), tail))
     blocks, block_domains = [], []
-    for domain, stream in streams.items():
+    for domain in list(streams):
+        stream = np.concatenate(streams.pop(domain))  # one copy; the documents' own arrays go
         usable = len(stream) // block_size * block_size
-        for start in range(0, usable, block_size):
-            blocks.append(stream[start:start + block_size])
-            block_domains.append(domain)
-    return blocks, block_domains
+        blocks.append(stream[:usable].reshape(-1, block_size))
+        block_domains += [domain] * (usable // block_size)
+    if len(blocks) == 1:
+        return blocks[0], block_domains
+    return (np.concatenate(blocks) if blocks else np.zeros((0, block_size), dtype=np.int32)), block_domains
 
 
 def _tokenize_and_pack(tokenizer, objective: str, block_size: int, domain_ids: dict):
     head, tail = _affixes(tokenizer, objective)
 
     def fn(batch):
-        encoded = tokenizer(batch["text"], add_special_tokens=False, return_attention_mask=False,
-                            verbose=False)["input_ids"]
-        docs = [head + ids + tail for ids in encoded]
-        blocks, doms = pack_documents(docs, batch["domain"], block_size)
+        blocks, doms = pack_documents(tokenize_documents(tokenizer, batch["text"]), batch["domain"], block_size,
+                                      head, tail)
         return {"input_ids": blocks, "domain": [domain_ids[d] for d in doms]}
     return fn
 
@@ -161,7 +228,7 @@ def stream_blocks(data: DataConfig, tokenizer, objective: ObjectiveConfig, split
     streams: dict[str, list[int]] = {}
     produced = 0
     for row in docs:
-        ids = tokenizer(row["text"], add_special_tokens=False, verbose=False)["input_ids"]
+        ids = next(tokenize_documents(tokenizer, [row["text"]])).tolist()
         stream = streams.setdefault(row["domain"], [])
         stream.extend(head + ids + tail)
         while len(stream) >= objective.block_size:
