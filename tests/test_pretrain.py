@@ -151,3 +151,47 @@ def test_a_run_that_fails_before_it_starts_leaves_nothing(tmp_path, corpus):
     with pytest.raises(LmforgeError, match="position limit"):
         pretrain(recipe_from_dict(tree), show_progress=False)
     assert (tmp_path / "mine").is_dir() and not list((tmp_path / "mine").iterdir())
+
+
+def test_resume_names_what_the_recipe_changed(tmp_path, corpus):
+    import subprocess
+    import sys
+
+    import yaml
+    from lmforge.runs import recipe_changes
+    assert recipe_changes({"train": {"lr": 0.1, "max_steps": 4}, "name": "a"},
+                          {"train": {"lr": 0.1, "max_steps": 6}, "name": "a"}) == [
+        "train.max_steps: 4 -> 6 (the schedule is recomputed: warmup and decay now end at the new last step)"]
+    tree = tiny_recipe(corpus, tmp_path / "run", "clm", max_steps=4, eval_every=0)
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(tree))
+    cli = [sys.executable, "-m", "lmforge.cli", "pretrain", str(path), "--no-progress"]
+    subprocess.run(cli, check=True, capture_output=True, timeout=300)
+    resumed = subprocess.run(cli + ["--resume", "--set", "train.max_steps=6", "--set", "train.lr=0.001"],
+                             capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "resuming with a changed recipe:" in resumed.stderr
+    assert "train.max_steps: 4 -> 6" in resumed.stderr and "train.lr: 0.003 -> 0.001" in resumed.stderr
+    unchanged = subprocess.run(cli + ["--resume", "--set", "train.max_steps=6", "--set", "train.lr=0.001"],
+                               capture_output=True, text=True, timeout=300)
+    assert "changed recipe" not in unchanged.stderr
+
+
+def test_a_recipe_that_cannot_fit_is_refused_before_work_starts(tmp_path, corpus):
+    from lmforge.models.memory import check_fits, step_memory
+    tree = tiny_recipe(corpus, tmp_path / "run", "clm")
+    tree["objective"]["block_size"] = 100_000
+    tree["train"]["batch_size"] = 12
+    recipe = recipe_from_dict(tree)
+    need = step_memory(recipe)
+    # 2 layers x 32 wide x 1.2M tokens of activations, 300 x 1.2M of logits: tens of GB
+    assert need["activations"] == 68 * 32 * 2 * 1_200_000 and need["total"] > 5 * 2**30
+    with pytest.raises(LmforgeError, match=r"block_size 100000 x train\.batch_size 12: one training step needs "
+                                           r"about [\d.]+ GB .* more than the 1\.0 GB"):
+        check_fits(recipe, "cpu", available=2**30)
+    tree["train"]["batch_size"] = 200  # about 160 GB a step: more than any machine this runs on
+    with pytest.raises(LmforgeError, match="lower objective.block_size or train.batch_size"):
+        pretrain(recipe_from_dict(tree), show_progress=False)
+    assert not (tmp_path / "run").exists()
+    tree["objective"]["block_size"], tree["train"]["batch_size"] = 32, 8
+    assert check_fits(recipe_from_dict(tree), "cpu", available=2**30)["total"] < 3 * 2**20  # a tiny run: 2.5 MB

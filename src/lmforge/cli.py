@@ -130,7 +130,8 @@ def eval_(run_dir: Path = typer.Argument(..., help="Run folder (or a checkpoint 
     from lmforge.evaluate import evaluate, format_table
     from lmforge.tasks.predict import is_task_run
     if (Path(run_dir) / "experts.json").is_file():
-        from lmforge.experts import evaluate as evaluate_experts, format_comparison
+        from lmforge.experts import evaluate as evaluate_experts
+        from lmforge.experts import format_comparison
         try:
             results = evaluate_experts(run_dir, max_batches=max_batches)
         except LmforgeError as err:
@@ -190,7 +191,8 @@ def generate(run_dir: Path = typer.Argument(..., help="Causal LM run folder, or 
                                                  "run: ensemble, moe, demix, average, dense or seed (default: the "
                                                  "first of these that exists).")):
     """Continue a prompt with a causal LM (or an encoder-decoder model): greedy, sampling or beam search."""
-    from lmforge.generate import Decoding, context_limit, encode_prompt, generate as run, open_generator
+    from lmforge.generate import Decoding, context_limit, encode_prompt, open_generator
+    from lmforge.generate import generate as run
     from lmforge.generate import stream as run_stream
     try:
         lm, tokenizer = open_generator(run_dir, model)
@@ -232,6 +234,7 @@ def serve(models: List[str] = typer.Argument(..., help="Run folders or HF folder
     """Serve models over HTTP: OpenAI-compatible /v1/completions and /v1/chat/completions, /v1/classify and
     /v1/ner for fine-tuned runs, /v1/models, /health, /metrics."""
     import torch
+
     from lmforge.serve import create_app, load_served_models, run_server
     try:
         served = load_served_models(models)

@@ -18,9 +18,9 @@ from lmforge.engine import distributed as dist
 from lmforge.errors import LmforgeError
 from lmforge.objectives import build_objective
 from lmforge.runs import open_run
+from lmforge.stage import callable_stage
 from lmforge.tasks.predict import is_task_run
 from lmforge.tasks.report import evaluate_task_run
-from lmforge.stage import callable_stage
 
 EVAL_EXAMPLE_OFFSET = 10**12  # validation masks never coincide with training masks
 

@@ -15,19 +15,19 @@ from lmforge.data.loader import BlockLoader, StreamLoader
 from lmforge.data.sources import iter_texts, load_documents
 from lmforge.engine import checkpoint as ckpt
 from lmforge.engine import distributed as dist
-from lmforge.engine.hardware import pick_device
+from lmforge.engine.hardware import pick_device, threads_note
 from lmforge.engine.logging import console
 from lmforge.engine.loop import Engine
 from lmforge.errors import LmforgeError
 from lmforge.evaluate import evaluate_blocks, format_table
 from lmforge.models import build_model, count_parameters, flops_per_token, local_path
+from lmforge.models.memory import check_fits
 from lmforge.objectives import build_objective
 from lmforge.objectives.span import add_sentinels, corrupted_lengths, end_with_eos
 from lmforge.recipe import Recipe, TokenizerConfig, coerce_recipe, load_recipe
-from lmforge.stage import RunResult
 from lmforge.runs import start_run
+from lmforge.stage import RunResult, callable_stage
 from lmforge.tokenizer import load_tokenizer, save_tokenizer, train_tokenizer
-from lmforge.stage import callable_stage
 
 
 def train_tokenizer_for(data, config: TokenizerConfig) -> PreTrainedTokenizerFast:
@@ -67,6 +67,7 @@ def pretrain(recipe: Union[Recipe, str, Path, dict], *, overrides: Union[list[st
     recipe = coerce_recipe(recipe, overrides, Recipe, load_recipe)
     if recipe.train.threads:
         torch.set_num_threads(recipe.train.threads)
+    check_fits(recipe, pick_device(recipe.train.device))  # before anything is built or written
     world, rank = _join_process_group(recipe)  # first: the set-up below uses barriers
     with start_run(recipe, resume, force) as run_dir:  # a failed set-up leaves nothing
         t0 = time.perf_counter()
@@ -102,7 +103,8 @@ def pretrain(recipe: Union[Recipe, str, Path, dict], *, overrides: Union[list[st
             engine.resume()
         if dist.is_main():
             n = count_parameters(model)
-            console.print(f"[bold]{recipe.name}[/]: {recipe.objective.name} on {engine.device_type} "
+            console.print(f"[bold]{recipe.name}[/]: {recipe.objective.name} on {engine.device_type}"
+                          f"{threads_note(cfg.threads, engine.device_type)} "
                           f"({engine.precision}), {n['total'] / 1e6:.2f}M parameters, "
                           f"{len(data.train) if data else 'streamed'} training blocks of "
                           f"{recipe.objective.block_size}, "

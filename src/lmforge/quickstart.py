@@ -17,9 +17,9 @@ from pathlib import Path
 from lmforge.engine.logging import console
 from lmforge.errors import LmforgeError
 from lmforge.evaluate import format_table
-from lmforge.recipe import recipe_from_dict
 from lmforge.generate import generate_text
 from lmforge.pretrain import pretrain
+from lmforge.recipe import recipe_from_dict
 from lmforge.runs import open_run
 
 SKIP_DIRS = {"test", "tests", "idlelib", "lib2to3", "site-packages", "__pycache__", "turtledemo", "ensurepip"}

@@ -7,16 +7,16 @@ Unknown keys are errors that name the closest valid key; wrong types name the fi
 from __future__ import annotations
 
 import copy
-import os
 import difflib
+import os
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from lmforge.errors import LmforgeError
 from lmforge import registry
+from lmforge.errors import LmforgeError
 
 
 class Section(BaseModel):

@@ -12,9 +12,11 @@ from pathlib import Path
 from typing import Optional
 
 import torch
+import yaml
 
 from lmforge.engine import checkpoint as ckpt
 from lmforge.engine import distributed as dist
+from lmforge.engine.logging import console
 from lmforge.errors import LmforgeError
 from lmforge.models import load_model
 from lmforge.models.ensemble import EnsembleForCausalLM, ExpertEnsemble
@@ -31,6 +33,41 @@ RUN_ARTEFACTS = {"recipe.yaml", "metrics.jsonl", "tensorboard", "tokenizer", "be
                  *(f"report-{s}.{ext}" for s in ("train", "validation", "test") for ext in ("txt", "png"))}
 
 
+# What a changed field does to a resumed run (the optimizer state and the step counter come from the checkpoint).
+RESUME_EFFECTS = {
+    "train.max_steps": "the schedule is recomputed: warmup and decay now end at the new last step",
+    "train.epochs": "the number of steps changes, and with it the schedule's end",
+    "train.lr": "the learning rate jumps to the new schedule at the checkpoint's step",
+    "train.min_lr": "the decay now ends at the new value",
+    "train.warmup_steps": "the schedule is recomputed from the checkpoint's step",
+    "train.schedule": "the schedule's shape changes from the checkpoint's step on",
+    "train.batch_size": "later steps read other samples than an uninterrupted run would",
+    "train.grad_accum": "later steps read other samples than an uninterrupted run would",
+    "train.seed": "later batches (and masks) differ from an uninterrupted run's",
+}
+
+
+def _flatten(tree, prefix: str = "") -> dict:
+    if isinstance(tree, dict):
+        out = {}
+        for key, value in tree.items():
+            out.update(_flatten(value, f"{prefix}{key}."))
+        return out
+    return {prefix[:-1]: tree}
+
+
+def recipe_changes(saved: dict, current: dict) -> list[str]:
+    """Lines naming each field whose value differs between a run's saved recipe and the one it resumes with,
+    and what that does to the run."""
+    before, after = _flatten(saved), _flatten(current)
+    lines = []
+    for key in sorted(set(before) | set(after)):
+        if before.get(key) != after.get(key):
+            effect = RESUME_EFFECTS.get(key)
+            lines.append(f"{key}: {before.get(key)!r} -> {after.get(key)!r}" + (f" ({effect})" if effect else ""))
+    return lines
+
+
 def prepare_run_dir(recipe: Recipe, resume: bool, force: bool) -> Path:
     run_dir = Path(recipe.output.dir)
     if dist.is_main() and run_dir.is_dir() and not resume:
@@ -45,6 +82,11 @@ def prepare_run_dir(recipe: Recipe, resume: bool, force: bool) -> Path:
         else:  # leftovers of a run that failed before its first checkpoint
             for name in entries:
                 shutil.rmtree(run_dir / name) if (run_dir / name).is_dir() else (run_dir / name).unlink()
+    if dist.is_main() and resume and (run_dir / "recipe.yaml").is_file():
+        changes = recipe_changes(yaml.safe_load((run_dir / "recipe.yaml").read_text()) or {},
+                                 recipe.model_dump(mode="json"))
+        if changes:
+            console.print("[yellow]resuming with a changed recipe:[/]\n" + "\n".join(f"  {line}" for line in changes))
     if dist.is_main():
         try:
             run_dir.mkdir(parents=True, exist_ok=True)

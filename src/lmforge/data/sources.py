@@ -11,10 +11,9 @@ from typing import Iterable, Optional, Union
 
 import datasets
 
+from lmforge.data.clusters import ClusterLabeler, clustering_fingerprint
 from lmforge.errors import LmforgeError
 from lmforge.recipe import DataConfig, SourceConfig
-from lmforge.data.clusters import ClusterLabeler
-from lmforge.data.clusters import clustering_fingerprint
 
 EXTENSIONS = {".txt": "text", ".text": "text", ".md": "text", ".py": "text", ".jsonl": "jsonl",
               ".json": "jsonl", ".csv": "csv", ".tsv": "tsv", ".parquet": "parquet"}

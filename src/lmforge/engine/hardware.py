@@ -8,8 +8,10 @@ import functools
 import os
 import sys
 import time
+from typing import Optional
 
 import torch
+
 from lmforge.errors import LmforgeError
 
 
@@ -90,3 +92,12 @@ def matmul_roof(device: str = "cpu", precision: str = "fp32", seconds: float = 0
         best = max(best, 4 * 2 * n**3 / (time.perf_counter() - t))
         if time.perf_counter() > deadline:
             return best
+
+
+def threads_note(asked: Optional[int], device_type: str) -> str:
+    """How many CPU threads the run uses and why, for its first line: on a machine shared with other jobs,
+    torch's default (one per core) can run several times slower per step than `train.threads: 1`."""
+    if device_type != "cpu":
+        return ""
+    why = "train.threads" if asked else "torch's default, one per core; set train.threads on a shared machine"
+    return f", {torch.get_num_threads()} CPU threads ({why})"

@@ -17,8 +17,8 @@ from lmforge.engine import checkpoint as ckpt
 from lmforge.engine import distributed as dist
 from lmforge.engine.logging import console
 from lmforge.errors import LmforgeError
-from lmforge.experts.moe import experts_engine
 from lmforge.experts.budget import mixture_steps
+from lmforge.experts.moe import experts_engine
 from lmforge.experts.prior import estimate_prior
 from lmforge.models import count_parameters, load_model
 from lmforge.models.demix import add_expert, demix_from_dense, expert_parameter_names, remove_expert

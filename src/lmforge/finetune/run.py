@@ -21,21 +21,22 @@ import torch
 
 from lmforge.engine import checkpoint as ckpt
 from lmforge.engine import distributed as dist
-from lmforge.engine.hardware import pick_device
 from lmforge.engine.checkpoint import load_weights
-from lmforge.engine.loop import Engine
+from lmforge.engine.hardware import pick_device, threads_note
 from lmforge.engine.logging import console
+from lmforge.engine.loop import Engine
 from lmforge.errors import LmforgeError
 from lmforge.finetune.fast import first_position_only
 from lmforge.finetune.objective import TaskObjective
 from lmforge.models import flops_per_token, frozen_body_parameters
 from lmforge.recipe import coerce_recipe
-from lmforge.stage import RunResult
 from lmforge.runs import start_run
+from lmforge.stage import RunResult
 from lmforge.tasks import model as tm
 from lmforge.tasks.config import FinetuneRecipe, load_finetune_recipe
 from lmforge.tasks.encode import TaskLoader
 from lmforge.tasks.report import SPLITS, TaskData, score_split, write_split_report, write_text_atomic
+
 
 def class_weights(recipe: FinetuneRecipe, data: TaskData) -> Optional[torch.Tensor]:
     spec = recipe.train.class_weights
@@ -116,7 +117,8 @@ def finetune(recipe: Union[FinetuneRecipe, str, Path, dict], *, overrides: Union
             console.print(f"[bold]{recipe.name}[/]: {recipe.task} with {len(data.labels)} labels, "
                           f"{len(data.raw['train']):,} training examples, {trainable / 1e6:.2f}M of {total / 1e6:.2f}M "
                           f"parameters trained ({strategy.method}), {train_cfg.max_steps} steps "
-                          f"({loader.steps_per_epoch} per epoch) on {engine.device_type}")
+                          f"({loader.steps_per_epoch} per epoch) on {engine.device_type}"
+                          f"{threads_note(cfg.threads, engine.device_type)}")
     state = engine.fit()
     results = {}
     if dist.is_main():

@@ -17,8 +17,8 @@ from transformers.generation.streamers import BaseStreamer
 
 from lmforge.errors import LmforgeError
 from lmforge.generate.rows import RowSelector, RowStop, cut_at_stop
-from lmforge.tasks.predict import is_task_run
 from lmforge.runs import model_folder, open_experts_model, open_run
+from lmforge.tasks.predict import is_task_run
 from lmforge.tokenizer import load_tokenizer
 
 

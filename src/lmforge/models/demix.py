@@ -29,18 +29,12 @@ import threading
 from typing import Optional
 
 import torch
-from lmforge.errors import LmforgeError
-from lmforge.models.ensemble import domain_posterior
-from transformers import (
-    AutoConfig,
-    AutoModelForCausalLM,
-    GPT2Config,
-    GPT2LMHeadModel,
-    LlamaConfig,
-    LlamaForCausalLM,
-)
+from transformers import AutoConfig, AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 from transformers.models.gpt2.modeling_gpt2 import GPT2MLP
 from transformers.models.llama.modeling_llama import LlamaMLP
+
+from lmforge.errors import LmforgeError
+from lmforge.models.ensemble import domain_posterior
 
 
 class RoutingState(threading.local):

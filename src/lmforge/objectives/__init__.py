@@ -5,6 +5,7 @@ normalise by the tokens of the whole optimizer step (accumulation and DDP give t
 """
 
 from lmforge.objectives.base import Objective, build_objective
+
 # The built-in objectives register themselves by name when imported.
 from lmforge.objectives.clm import CausalLM
 from lmforge.objectives.electra import ReplacedTokenDetection

@@ -28,12 +28,12 @@ from lmforge.data.sources import PREPARED_MARKER as MARKER
 from lmforge.errors import LmforgeError
 from lmforge.prep import mix
 from lmforge.prep.config import PrepRecipe, load_prep_recipe
-from lmforge.recipe import coerce_recipe
-from lmforge.stage import RunResult
 from lmforge.prep.dedup import near_pairs
 from lmforge.prep.read import Unit, plan_units
 from lmforge.prep.report import write_report
 from lmforge.prep.worker import HIST_EDGES, count_unit_lines, process_unit, unit_paths
+from lmforge.recipe import coerce_recipe
+from lmforge.stage import RunResult
 
 FORMAT_VERSION = 1
 

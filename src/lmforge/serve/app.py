@@ -22,13 +22,11 @@ from lmforge.errors import LmforgeError
 from lmforge.generate import Completion, Decoding, context_limit, encode_prompt
 from lmforge.serve.batching import Batcher, Job
 from lmforge.serve.errors import APIError, Gate, install_error_handlers
-from lmforge.serve.metrics import Metrics
+from lmforge.serve.metrics import Metrics, prometheus_text
 from lmforge.serve.models import ServedModel
 from lmforge.serve.schemas import ChatRequest, ClassifyRequest, CompletionRequest, NerRequest, Sampling
 from lmforge.serve.streaming import EventStream, sse, stream_rows
-from lmforge.serve.metrics import prometheus_text
-from lmforge.tasks.predict import classify_texts
-from lmforge.tasks.predict import tag_texts
+from lmforge.tasks.predict import classify_texts, tag_texts
 
 MAX_ROWS = 64  # prompts × n per request
 

@@ -14,9 +14,8 @@ from pathlib import Path
 from typing import Optional
 
 from lmforge.errors import LmforgeError
-from lmforge.generate import check_generative
+from lmforge.generate import check_generative, open_generator
 from lmforge.tasks.predict import is_task_run, open_task_model
-from lmforge.generate import open_generator
 
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
 KINDS = ("generate", "classification", "ner")

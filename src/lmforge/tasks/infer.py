@@ -3,7 +3,6 @@ word-level labels from sub-word scores."""
 
 from __future__ import annotations
 
-
 import numpy as np
 import torch
 

@@ -13,10 +13,10 @@ from transformers import AutoConfig, AutoModelForSequenceClassification, AutoMod
 from transformers.utils import logging as hf_logging
 
 from lmforge.errors import LmforgeError
-from lmforge.tasks.config import BaseModelSpec, StrategyConfig
 from lmforge.paths import package_path
-from lmforge.tokenizer import load_tokenizer
 from lmforge.runs import model_folder
+from lmforge.tasks.config import BaseModelSpec, StrategyConfig
+from lmforge.tokenizer import load_tokenizer
 
 TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "tokenizer.model")
 LAYER = re.compile(r"\.(?:layer|h|layers)\.(\d+)\.")
