@@ -252,10 +252,15 @@ def test_folder_without_data_files(tmp_path):
     assert load_error(tmp_path, [{"path": str(tmp_path / "d")}]).endswith("no data files found")
 
 
-def test_broken_jsonl_names_file_and_line(tmp_path):
+def test_broken_jsonl_names_file_and_line(tmp_path, capfd):
     (tmp_path / "a.jsonl").write_text('{"text": "ok"}\n{"text": "ok too"}\n{"text": \n')
     assert load_error(tmp_path, [{"path": str(tmp_path / "a.jsonl")}]) == \
-        f"{tmp_path / 'a.jsonl'}: line 3: not valid JSON (Expecting value)"
+        f"{tmp_path / 'a.jsonl'}: line 3, column 11: not valid JSON (Expecting value)"
+    (tmp_path / "b.jsonl").write_text('{"text": "ok"}\n{"text": "a\tbroken\n')  # a raw tab inside a string
+    capfd.readouterr()
+    assert load_error(tmp_path, [{"path": str(tmp_path / "b.jsonl")}]) == \
+        f"{tmp_path / 'b.jsonl'}: line 2, column 12: not valid JSON (Invalid control character)"
+    assert "Failed to load JSON" not in "".join(capfd.readouterr())  # no log line of datasets' before the error
 
 
 def test_no_sources(tmp_path):

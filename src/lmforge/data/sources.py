@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import glob
 import hashlib
+import contextlib
 import json
+import logging
 import re
 from pathlib import Path
 from typing import Iterable, Optional, Union
@@ -80,9 +82,21 @@ def _bad_json_line(files: list[Path]) -> Optional[str]:
                     continue
                 try:
                     json.loads(line)
-                except ValueError as err:
-                    return f"{file}: line {lineno}: not valid JSON ({err.msg})"
+                except json.JSONDecodeError as err:
+                    return (f"{file}: line {lineno}, column {err.pos + 1}: not valid JSON "
+                            f"({err.msg.removesuffix(' at')})")
     return None
+
+
+@contextlib.contextmanager
+def _datasets_quiet():
+    logger = datasets.utils.logging.get_logger("datasets")
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 def _load_files(src: SourceConfig, files: list[Path], fmt: str, streaming: bool, cache_dir: Optional[str]):
@@ -95,7 +109,8 @@ def _load_files(src: SourceConfig, files: list[Path], fmt: str, streaming: bool,
             # `datasets` splits on an exact blank line; a line of spaces (as in WikiText) also ends a paragraph.
             ds = ds.map(_split_paragraphs, batched=True)
     elif fmt == "jsonl":
-        ds = datasets.load_dataset("json", **kwargs)
+        with _datasets_quiet():  # a parse error is reported by the caller, with its line; no log line before it
+            ds = datasets.load_dataset("json", **kwargs)
         column = src.text_column
     elif fmt in ("csv", "tsv"):
         ds = datasets.load_dataset("csv", delimiter="\t" if fmt == "tsv" else ",", **kwargs)
