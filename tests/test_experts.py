@@ -228,3 +228,26 @@ def test_only_domains_keeps_rows_of_those_domains(corpus):
     assert set(docs["domain"]) == {"code"} and len(docs) == 300
     with pytest.raises(LmforgeError, match="data.only_domains: no documents"):
         load_documents(DataConfig(sources=sources, only_domains=["legal"]))
+
+
+def test_a_one_token_prompt_generates_from_an_ensemble_and_a_demix_model():
+    """The domain posterior of a one-token context is the prior (no evidence yet), not an empty tensor."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+    from lmforge.generate import Decoding, generate
+    from lmforge.models.demix import demix_from_dense
+    from lmforge.models.ensemble import EnsembleForCausalLM, ExpertEnsemble, domain_posterior
+    from lmforge.recipe import TokenizerConfig
+    from lmforge.tokenizer import train_tokenizer
+    tok = train_tokenizer(["the river flows under the bridge"] * 50,
+                          TokenizerConfig(kind="bpe", vocab_size=300, min_frequency=1))
+    assert len(tok("the", add_special_tokens=False)["input_ids"]) == 1
+    prior = torch.tensor([0.25, 0.75]).log()
+    assert torch.allclose(domain_posterior(torch.zeros(2, 3, 0), prior), torch.tensor([0.25, 0.75]).expand(3, 1, 2))
+    torch.manual_seed(0)
+    config = GPT2Config(vocab_size=len(tok), n_embd=32, n_layer=1, n_head=2, n_positions=64,
+                        eos_token_id=tok.eos_token_id, bos_token_id=tok.eos_token_id)
+    ensemble = EnsembleForCausalLM(ExpertEnsemble([GPT2LMHeadModel(config).eval() for _ in range(2)], ["a", "b"]))
+    demix = demix_from_dense(GPT2LMHeadModel(config), ["a", "b"])
+    for model in (ensemble.eval(), demix.eval()):
+        out = generate(model, tok, ["the"], Decoding(max_new_tokens=3, temperature=0))[0]
+        assert len(tok(out.text, add_special_tokens=False)["input_ids"]) >= 1

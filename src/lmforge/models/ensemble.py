@@ -36,7 +36,8 @@ def domain_posterior(seen: torch.Tensor, log_prior: torch.Tensor, top_k: Optiona
     context token or target is padding (`attention_mask` 0) is no evidence."""
     if attention_mask is not None:
         seen = seen * (attention_mask[:, :-1] * attention_mask[:, 1:]).to(seen.dtype)
-    cumulative = torch.cat([torch.zeros_like(seen[..., :1]), seen.cumsum(-1)], dim=-1)  # (D, B, T)
+    start = seen.new_zeros(*seen.shape[:-1], 1)  # no evidence before the first token (also for T = 1)
+    cumulative = torch.cat([start, seen.cumsum(-1)], dim=-1)  # (D, B, T)
     scores = log_prior.to(seen.device)[:, None, None] + cumulative
     if top_k and top_k < scores.size(0):
         kth = scores.topk(top_k, dim=0).values[-1:]
