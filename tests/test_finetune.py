@@ -415,3 +415,42 @@ def test_flops_of_frozen_weights_leave_out_their_weight_gradients(base_dir):
     body = count_parameters(model)["body"]
     assert frozen_body_parameters(model) == body
     assert full - flops_per_token(model, 16, head_fraction=0.0, frozen=body) == 2 * body
+
+
+def test_headerless_csv_by_column_index_with_label_names(tmp_path, base_dir):
+    """A CSV without a header, read by 0-based column indexes (quoting and embedded newlines as Python's csv
+    reads them), with label codes named in the recipe: reports, predictions and id2label carry the names."""
+    from lmforge.tasks.config import TaskData
+    from lmforge.tasks.tables import read_rows
+    rng = random.Random(1)
+
+    def write(path, n):
+        with open(path, "w", newline="") as fh:
+            w = csv.writer(fh)
+            for k in range(n):
+                text = sentence(rng, GOOD if k % 2 else BAD)
+                w.writerow([k % 2, f'{text}, "quoted"\nsecond line' if k == 0 else text, f"id{k}"])
+        return path
+
+    train, dev = write(tmp_path / "train.csv", 400), write(tmp_path / "dev.csv", 100)
+    data = {"train": {"path": str(train)}, "validation": {"path": str(dev)}, "header": False, "text_column": 1,
+            "label_column": 0, "label_names": {0: "negative", 1: "positive"}}
+    rows = read_rows(finetune_recipe_from_dict({"task": "classification", "data": data,
+                                                "model": {"path": str(base_dir)}}).data.train, TaskData(**data))
+    assert len(rows) == 400 and rows[0].text.endswith('"quoted"\nsecond line') and rows[0].labels == ["negative"]
+    assert rows[0].line == 2 and rows[1].line == 3  # the first row spans lines 1-2 (csv counts its last)
+    run = finetune(recipe(base_dir, tmp_path / "run", data=data, epochs=3), show_progress=False)
+    model = AutoModelForSequenceClassification.from_pretrained(run / "final")
+    assert model.config.id2label == {0: "negative", 1: "positive"}
+    report = json.loads((run / "eval-validation.json").read_text())
+    assert set(report["per_class"]) == {"negative", "positive"} and report["accuracy"] > 0.85
+    # a code without a name, a column the rows do not have
+    bad = tmp_path / "bad.csv"
+    bad.write_text("2,a text\n")
+    with pytest.raises(LmforgeError, match=r"bad\.csv:1: label '2' has no name in data\.label_names \(codes: 0, 1\)"):
+        read_rows(finetune_recipe_from_dict({"task": "classification", "data": {**data, "train": {"path": str(bad)}},
+                                             "model": {"path": str(base_dir)}}).data.train, TaskData(**data))
+    with pytest.raises(LmforgeError, match=r"bad\.csv:1: no column 5 \(the row has 2 fields\); set data\.text_column"):
+        read_rows(finetune_recipe_from_dict({"task": "classification", "data": data,
+                                             "model": {"path": str(base_dir)}}).data.train.model_copy(
+            update={"path": str(bad)}), TaskData(**{**data, "text_column": 5}))

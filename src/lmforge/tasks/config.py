@@ -24,9 +24,15 @@ class TaskData(Section):
     validation: Optional[SplitFile] = Field(None, description="Development file: early stopping and the best checkpoint.")
     test: Optional[SplitFile] = Field(None, description="Test file, evaluated once at the end.")
     # classification
-    text_column: str = Field("text", description="Column holding the text (classification).")
-    text_pair_column: Optional[str] = Field(None, description="Column holding the second text of a pair.")
-    label_column: str = Field("label", description="Column holding the label (classification).")
+    header: bool = Field(True, description="CSV/TSV: the first row names the columns; false: there is no header "
+                                          "and columns are 0-based indexes (text_column: 1).")
+    text_column: Union[str, int] = Field("text", description="Column holding the text (classification): a name, "
+                                                             "or a 0-based index.")
+    text_pair_column: Optional[Union[str, int]] = Field(None, description="Column holding the second text of a pair.")
+    label_column: Union[str, int] = Field("label", description="Column holding the label (classification).")
+    label_names: Optional[Union[dict[Union[int, str], str], str]] = Field(
+        None, description="Names of label codes, {0: negative, 1: positive}, or a file with one name per line "
+                          "(line i names code i): reports, predictions and the model's id2label carry the names.")
     multi_label: bool = Field(False, description="Each row may carry several labels (sigmoid outputs).")
     label_separator: str = Field(",", description="Separates labels in one cell (multi-label); lists also work.")
     labels: Optional[list[str]] = Field(None, description="The label set, in order (default: inferred from train).")
@@ -126,4 +132,6 @@ def load_finetune_recipe(path, overrides=()) -> FinetuneRecipe:
     if not recipe.model.path.startswith("package:"):
         recipe.model.path = resolve_path(recipe.model.path, base)
     recipe.model.tokenizer = resolve_path(recipe.model.tokenizer, base)
+    if isinstance(recipe.data.label_names, str):
+        recipe.data.label_names = resolve_path(recipe.data.label_names, base)
     return recipe

@@ -67,7 +67,8 @@ def _read_inputs(path: Path, recipe: Optional[FinetuneRecipe]) -> list[dict]:
         lines = path.read_text(encoding="utf-8").splitlines()
         return [{"text": t, "_line": i} for i, t in enumerate(lines, 1) if t.strip()]
     records = []
-    for line, rec in _records(path, format_of(SplitFile(path=str(path)))):
+    header = recipe.data.header if recipe is not None else True
+    for line, rec in _records(path, format_of(SplitFile(path=str(path))), header):
         rec["_line"] = line
         records.append(rec)
     if not records:
@@ -95,7 +96,7 @@ def predict_file(run_dir: Path, input_path: Path, output_path: Path, batch_size:
 
 def _column(rec: dict, names: tuple, where: str):
     for n in names:
-        if n and n in rec and rec[n] is not None and str(rec[n]).strip():
+        if n is not None and n != "" and n in rec and rec[n] is not None and str(rec[n]).strip():
             return rec[n]
     raise LmforgeError(f"{where}: input without text (looked for {', '.join(repr(n) for n in names if n)})")
 

@@ -18,7 +18,7 @@ from lmforge.tasks.encode import Encoded, encode_classification, encode_ner
 from lmforge.tasks.infer import predict_encoded, word_predictions
 from lmforge.tasks.metrics import classification_metrics, format_report, ner_metrics, plot_confusion
 from lmforge.tasks.predict import open_task_model
-from lmforge.tasks.tables import LabelSet, read_rows, read_sentences
+from lmforge.tasks.tables import LabelSet, named_labels, read_rows, read_sentences
 
 SPLITS = ("train", "validation", "test")
 
@@ -37,7 +37,8 @@ class TaskData:
             self.raw["train"] = self.raw["train"][:d.max_examples]
         if labels is None:
             if self.task == "classification":
-                labels = LabelSet.infer([r.labels for r in self.raw["train"]], d.labels, d.unknown_label).names
+                labels = LabelSet.infer([r.labels for r in self.raw["train"]], d.labels or named_labels(d),
+                                        d.unknown_label).names
             else:
                 labels = d.labels or label_list(self.raw["train"])
         self.labels = LabelSet(labels, d.unknown_label)

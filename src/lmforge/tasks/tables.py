@@ -44,8 +44,32 @@ def _check_readable(path: Path) -> None:
         raise LmforgeError(f"{path}: the file is empty")
 
 
-def _records(path: Path, fmt: str):
-    """(line number, dict) for each record of a CSV/TSV/JSONL/Parquet file."""
+def label_name_map(data: TaskData) -> Optional[dict[str, str]]:
+    """`data.label_names` as {code: name}: the recipe's mapping, or a file whose line i names code i."""
+    names = data.label_names
+    if names is None:
+        return None
+    if isinstance(names, dict):
+        return {str(code): str(name) for code, name in names.items()}
+    path = Path(names)
+    if not path.is_file():
+        raise LmforgeError(f"data.label_names: {path}: no such file (one label name per line)")
+    lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    return {str(i): name for i, name in enumerate(lines)}
+
+
+def named_labels(data: TaskData) -> Optional[list[str]]:
+    """The label set in code order when the recipe names its codes (code 0 first)."""
+    mapping = label_name_map(data)
+    if mapping is None:
+        return None
+    return [mapping[c] for c in sorted(mapping, key=lambda c: (not c.lstrip("-").isdigit(), int(c) if
+                                                              c.lstrip("-").isdigit() else 0, c))]
+
+
+def _records(path: Path, fmt: str, header: bool = True):
+    """(line number, dict) for each record of a CSV/TSV/JSONL/Parquet file; a CSV/TSV file without a header gives
+    each row as {0: first field, 1: second, ...}."""
     if fmt == "parquet":
         # pyarrow's Parquet reader loads only for Parquet files
         import pyarrow.parquet as pq
@@ -72,7 +96,14 @@ def _records(path: Path, fmt: str):
                 return
             # TSV files (GLUE, most corpora) do not quote; CSV files do.
             quoting = csv.QUOTE_NONE if fmt == "tsv" else csv.QUOTE_MINIMAL
-            reader = csv.DictReader(fh, delimiter="\t" if fmt == "tsv" else ",", quoting=quoting)
+            delimiter = "\t" if fmt == "tsv" else ","
+            if not header:
+                rows = csv.reader(fh, delimiter=delimiter, quoting=quoting)
+                for fields in rows:
+                    if fields:
+                        yield rows.line_num, dict(enumerate(fields))
+                return
+            reader = csv.DictReader(fh, delimiter=delimiter, quoting=quoting)
             for rec in reader:
                 if None in rec:  # more fields than the header
                     raise LmforgeError(f"{path}:{reader.line_num}: {len(reader.fieldnames) + len(rec[None])} "
@@ -96,18 +127,22 @@ def read_rows(spec: SplitFile, data: TaskData, need_labels: bool = True) -> list
     if fmt == "conll":
         raise LmforgeError(f"{path}: a CoNLL file holds token tags; classification reads CSV/TSV/JSONL/Parquet")
     rows = []
-    columns = [data.text_column] + ([data.text_pair_column] if data.text_pair_column else [])
+    columns = [data.text_column] + ([data.text_pair_column] if data.text_pair_column is not None else [])
     columns += [data.label_column] if need_labels else []
-    for line, rec in _records(path, fmt):
+    names = label_name_map(data)
+    for line, rec in _records(path, fmt, data.header):
+        rec = _by_position(rec, columns)
         for col in columns:
             if col not in rec:
-                raise LmforgeError(f"{path}:{line}: no column '{col}' (columns: {', '.join(map(str, rec))}); "
-                                   f"set data.{_field_of(col, data)}")
+                shown = f"column {col}" if isinstance(col, int) else f"column '{col}'"
+                what = (f"the row has {len(rec)} fields" if isinstance(col, int) else
+                        f"columns: {', '.join(map(str, rec))}")
+                raise LmforgeError(f"{path}:{line}: no {shown} ({what}); set data.{_field_of(col, data)}")
         text = rec[data.text_column]
         if text is None or not str(text).strip():
             raise LmforgeError(f"{path}:{line}: row without text (column '{data.text_column}' is empty)")
         pair = None
-        if data.text_pair_column:
+        if data.text_pair_column is not None:
             pair = rec[data.text_pair_column]
             if pair is None or not str(pair).strip():
                 raise LmforgeError(f"{path}:{line}: row without its second text "
@@ -120,13 +155,27 @@ def read_rows(spec: SplitFile, data: TaskData, need_labels: bool = True) -> list
                 ([str(raw).strip()] if raw is not None and str(raw).strip() else [])
             if not labels and not data.multi_label:
                 raise LmforgeError(f"{path}:{line}: row without a label (column '{data.label_column}' is empty)")
+            if names is not None:
+                unnamed = [label for label in labels if label not in names]
+                if unnamed:
+                    raise LmforgeError(f"{path}:{line}: label {unnamed[0]!r} has no name in data.label_names "
+                                       f"(codes: {', '.join(names)})")
+                labels = [names[label] for label in labels]
         rows.append(Row(str(text).strip(), pair, labels, line))
     if not rows:
         raise LmforgeError(f"{path}: no examples in this file")
     return rows
 
 
-def _field_of(column: str, data: TaskData) -> str:
+def _by_position(rec: dict, columns: list) -> dict:
+    """A record whose integer columns are looked up by position (a headerless file's keys already are)."""
+    if not any(isinstance(c, int) for c in columns) or all(isinstance(k, int) for k in rec):
+        return rec
+    values = list(rec.values())
+    return {**rec, **{c: values[c] for c in columns if isinstance(c, int) and -len(values) <= c < len(values)}}
+
+
+def _field_of(column, data: TaskData) -> str:
     for name in ("text_column", "text_pair_column", "label_column"):
         if getattr(data, name) == column:
             return name
