@@ -454,3 +454,33 @@ def test_headerless_csv_by_column_index_with_label_names(tmp_path, base_dir):
         read_rows(finetune_recipe_from_dict({"task": "classification", "data": data,
                                              "model": {"path": str(base_dir)}}).data.train.model_copy(
             update={"path": str(bad)}), TaskData(**{**data, "text_column": 5}))
+
+
+def test_one_training_file_split_by_seed_and_stratified(tmp_path, base_dir, capfd):
+    """data.split makes the validation and test splits from data.train: seeded, in each label's proportion, rows in
+    file order; the run reports on both and its model card says where they came from."""
+    from lmforge.tasks.config import SplitShares
+    from lmforge.tasks.report import split_rows
+    from lmforge.tasks.tables import Row
+    rows = [Row(f"t{i}", None, ["pos" if i % 4 == 0 else "neg"], i) for i in range(400)]  # 100 pos, 300 neg
+    parts = split_rows(rows, SplitShares(validation=0.2, test=0.1, seed=3), by_label=True)
+    assert {k: len(v) for k, v in parts.items()} == {"train": 280, "validation": 80, "test": 40}
+    assert sum(r.labels == ["pos"] for r in parts["validation"]) == 20  # 20 % of each label
+    assert sum(r.labels == ["pos"] for r in parts["test"]) == 10
+    assert [r.line for r in parts["test"]] == sorted(r.line for r in parts["test"])
+    assert parts == split_rows(rows, SplitShares(validation=0.2, test=0.1, seed=3), by_label=True)
+    assert parts["validation"] != split_rows(rows, SplitShares(validation=0.2, test=0.1, seed=4), True)["validation"]
+    assert not {r.line for r in parts["train"]} & {r.line for r in parts["validation"] + parts["test"]}
+
+    train, _ = sentiment(tmp_path, n_train=500, n_dev=10)
+    data = {"train": {"path": str(train)}, "text_column": "sentence", "split": {"validation": 0.2, "test": 0.1}}
+    capfd.readouterr()
+    run = finetune(recipe(base_dir, tmp_path / "run", data=data, epochs=3), show_progress=False)
+    printed = " ".join("".join(capfd.readouterr()).split())  # the console wraps long lines
+    assert "split by data.split (seed 0, stratified by label): 350 train, 100 validation, 50 test" in printed
+    results = json.loads((run / "results.json").read_text())
+    assert results["validation"]["accuracy"] > 0.85 and "test" in results
+    assert "test share of data.split" in (run / "README.md").read_text()
+    assert evaluate_task_run(run, "test")["accuracy"] == results["test"]["accuracy"]  # the same rows again
+    with pytest.raises(LmforgeError, match="data.split.validation: data.validation is a file already"):
+        recipe(base_dir, tmp_path / "x", data={**data, "validation": {"path": str(train)}})

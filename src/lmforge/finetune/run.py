@@ -35,7 +35,8 @@ from lmforge.stage import RunResult
 from lmforge.tasks import model as tm
 from lmforge.tasks.config import FinetuneRecipe, load_finetune_recipe
 from lmforge.tasks.encode import TaskLoader
-from lmforge.tasks.report import SPLITS, TaskData, score_split, write_split_report, write_text_atomic
+from lmforge.tasks.report import (SPLITS, TaskData, score_split, source_of, write_split_report,
+                                  write_text_atomic)
 
 
 def class_weights(recipe: FinetuneRecipe, data: TaskData) -> Optional[torch.Tensor]:
@@ -157,7 +158,7 @@ def write_model_card(run_dir, recipe, data, results, state, seconds, trainable, 
              "## Data", ""]
     for split in SPLITS:
         if split in data.raw:
-            lines.append(f"- {split}: `{getattr(d, split).path}` ({len(data.raw[split]):,} "
+            lines.append(f"- {split}: `{source_of(d, split)}` ({len(data.raw[split]):,} "
                          f"{'examples' if data.task == 'classification' else 'sentences'})")
     lines += ["", f"Labels ({len(data.labels)}): " + ", ".join(f"`{n}`" for n in data.labels.names[:50]), "",
               "## Training", "",

@@ -19,6 +19,12 @@ class SplitFile(Section):
     format: TABLE_FORMATS = Field("auto", description="File format; 'auto' picks it from the extension.")
 
 
+class SplitShares(Section):
+    validation: float = Field(0.1, ge=0.0, lt=1.0, description="Share of data.train held out for validation.")
+    test: float = Field(0.0, ge=0.0, lt=1.0, description="Share of data.train held out for test.")
+    seed: int = Field(0, description="Seed of the split.")
+
+
 class TaskData(Section):
     train: Optional[SplitFile] = Field(None, description="Training file.")
     validation: Optional[SplitFile] = Field(None, description="Development file: early stopping and the best checkpoint.")
@@ -47,6 +53,9 @@ class TaskData(Section):
     max_length: Optional[int] = Field(
         None, ge=8, description="Sub-word tokens per example (default: 128 or the model's limit if lower).")
     max_examples: Optional[int] = Field(None, ge=1, description="Use at most this many training examples.")
+    split: Optional[SplitShares] = Field(
+        None, description="Split data.train itself into train / validation / test, seeded (stratified by label for "
+                          "classification, by sentence for NER), when there is no validation or test file.")
 
 
 class BaseModelSpec(Section):
@@ -107,6 +116,14 @@ class FinetuneRecipe(Section):
     def _needs_train(self) -> "FinetuneRecipe":
         if self.data.train is None:
             raise ValueError("data.train: a fine-tuning recipe needs a training file")
+        shares = self.data.split
+        if shares is not None:
+            if shares.validation + shares.test >= 1.0:
+                raise ValueError("data.split: validation + test must leave some of data.train for training")
+            for name in ("validation", "test"):
+                if getattr(shares, name) > 0 and getattr(self.data, name) is not None:
+                    raise ValueError(f"data.split.{name}: data.{name} is a file already; set data.split.{name}: 0 "
+                                     f"or leave data.{name} out")
         return self
 
     @property

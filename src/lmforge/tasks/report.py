@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 from pathlib import Path
 from typing import Optional
 
@@ -23,6 +24,39 @@ from lmforge.tasks.tables import LabelSet, named_labels, read_rows, read_sentenc
 SPLITS = ("train", "validation", "test")
 
 
+def source_of(data, split: str) -> str:
+    """Where a split's examples come from: its file, or a seeded share of the training file."""
+    spec = getattr(data, split, None)
+    if spec is not None:
+        return spec.path
+    return f"{data.train.path}, {split} share of data.split"
+
+
+def split_rows(rows: list, shares, by_label: bool) -> dict[str, list]:
+    """`rows` split into train / validation / test by `shares` (seeded): each label's rows in proportion when
+    `by_label` (single-label: the label; multi-label: the label set), rows keep their file order."""
+    groups: dict[tuple, list[int]] = {}
+    for i, row in enumerate(rows):
+        key = tuple(row.labels) if by_label else ()
+        groups.setdefault(key, []).append(i)
+    rng = random.Random(shares.seed)
+    held: dict[str, list[int]] = {"validation": [], "test": []}
+    for key in sorted(groups):
+        members = groups[key][:]
+        rng.shuffle(members)
+        n_val, n_test = round(len(members) * shares.validation), round(len(members) * shares.test)
+        held["validation"] += members[:n_val]
+        held["test"] += members[n_val:n_val + n_test]
+    out_of_train = set(held["validation"]) | set(held["test"])
+    out = {"train": [r for i, r in enumerate(rows) if i not in out_of_train]}
+    for name, picked in held.items():
+        if picked:
+            out[name] = [rows[i] for i in sorted(picked)]
+    if not out["train"]:
+        raise LmforgeError("data.split: no training examples left; lower data.split.validation / test")
+    return out
+
+
 class TaskData:
     """The recipe's splits, read and encoded, with the label set."""
 
@@ -33,6 +67,11 @@ class TaskData:
             spec = getattr(d, split)
             if spec is not None:
                 self.raw[split] = read_rows(spec, d) if self.task == "classification" else read_sentences(spec, d)
+        if d.split is not None:
+            self.raw.update(split_rows(self.raw["train"], d.split, by_label=self.task == "classification"))
+            console.print(f"{d.train.path}: split by data.split (seed {d.split.seed}"
+                          f"{', stratified by label' if self.task == 'classification' else ''}): "
+                          + ", ".join(f"{len(rows):,} {name}" for name, rows in self.raw.items()))
         if d.max_examples:
             self.raw["train"] = self.raw["train"][:d.max_examples]
         if labels is None:
@@ -43,7 +82,7 @@ class TaskData:
                 labels = d.labels or label_list(self.raw["train"])
         self.labels = LabelSet(labels, d.unknown_label)
         for split, raw in self.raw.items():
-            where = getattr(d, split).path
+            where = source_of(d, split)
             if self.task == "classification":
                 enc = encode_classification(tokenizer, raw, self.labels, d.max_length, d.multi_label, where)
             else:
@@ -83,7 +122,7 @@ def score_split(model, data: TaskData, split: str, recipe: FinetuneRecipe, objec
 def write_split_report(run_dir: Path, model, data: TaskData, split: str, recipe: FinetuneRecipe, objective=None) -> dict:
     model.eval()
     metrics = score_split(model, data, split, recipe, objective)["metrics"]
-    title = f"{recipe.name}: {split} ({getattr(recipe.data, split).path})"
+    title = f"{recipe.name}: {split} ({source_of(recipe.data, split)})"
     write_text_atomic(run_dir / f"report-{split}.txt", format_report(metrics, title))
     write_text_atomic(run_dir / f"eval-{split}.json", json.dumps(metrics, indent=2))
     plot_report(metrics, run_dir / f"report-{split}.png", title)
@@ -131,7 +170,8 @@ def evaluate_task_run(run_dir: Path, split: str = "validation", file: Optional[P
         raise LmforgeError(f"{run_dir}: no recipe.yaml; evaluation needs the run's data settings")
     if file is not None:
         setattr(recipe.data, split, SplitFile(path=str(file)))
-    if getattr(recipe.data, split, None) is None:
+    made = recipe.data.split is not None and getattr(recipe.data.split, split, 0) > 0
+    if getattr(recipe.data, split, None) is None and not made:
         raise LmforgeError(f"{run_dir}: the recipe has no {split} file; pass --file")
     keep = {"train": recipe.data.train, split: getattr(recipe.data, split)}
     for name in ("validation", "test"):
