@@ -167,4 +167,4 @@ def test_freed_activation_memory_is_reused_without_page_faults():
     # glibc alone gives some of each step's 32 MB back to the kernel and faults it in again next step
     # (8,000-40,000 faults over 5 steps here); kept, the steps reuse it (about 1,300).
     assert given_back > 5000
-    assert kept * 5 < given_back
+    assert kept * 3 < given_back  # about 6x on a quiet machine; 4.7x seen with other jobs running

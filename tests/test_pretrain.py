@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from conftest import tiny_recipe
@@ -156,6 +157,7 @@ def test_a_run_that_fails_before_it_starts_leaves_nothing(tmp_path, corpus):
 def test_resume_names_what_the_recipe_changed(tmp_path, corpus):
     import subprocess
     import sys
+    import time
 
     import yaml
     from lmforge.runs import recipe_changes
@@ -167,9 +169,19 @@ def test_resume_names_what_the_recipe_changed(tmp_path, corpus):
     path.write_text(yaml.safe_dump(tree))
     cli = [sys.executable, "-m", "lmforge.cli", "pretrain", str(path), "--no-progress"]
     subprocess.run(cli, check=True, capture_output=True, timeout=300)
+    # The run's wall time adds up every process that trained it: say the first one took 1000 s.
+    state_file = tmp_path / "run" / "checkpoints" / "step-000004" / "trainer_state.pt"
+    state = torch.load(state_file, weights_only=True)
+    assert 0 < state["train_state"]["seconds"] < 300
+    state["train_state"]["seconds"] = 1000.0
+    torch.save(state, state_file)
+    started = time.perf_counter()
     resumed = subprocess.run(cli + ["--resume", "--set", "train.max_steps=6", "--set", "train.lr=0.001"],
                              capture_output=True, text=True, timeout=300)
+    own = time.perf_counter() - started
     assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert 1000 < json.loads((tmp_path / "run" / "results.json").read_text())["seconds"] < 1000 + own
+    assert "wall time: 10" in (tmp_path / "run" / "summary.md").read_text()
     assert "resuming with a changed recipe:" in resumed.stderr
     assert "train.max_steps: 4 -> 6" in resumed.stderr and "train.lr: 0.003 -> 0.001" in resumed.stderr
     unchanged = subprocess.run(cli + ["--resume", "--set", "train.max_steps=6", "--set", "train.lr=0.001"],

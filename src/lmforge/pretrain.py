@@ -98,6 +98,7 @@ def pretrain(recipe: Union[Recipe, str, Path, dict], *, overrides: Union[list[st
             return evaluate_blocks(m, objective, data, batch_size=cfg.batch_size, max_batches=cap)
 
         engine = Engine(model, tokenizer, objective, loader, cfg, run_dir, evaluate=evaluate, flops_per_token=fpt,
+                        started=t0,
                         tensorboard=recipe.output.tensorboard, plots=recipe.output.plots, show_progress=show_progress)
         if resume:
             engine.resume()
@@ -113,7 +114,7 @@ def pretrain(recipe: Union[Recipe, str, Path, dict], *, overrides: Union[list[st
     final = next((h for h in reversed(state.history) if h.get("split") == "validation"), {})
     if dist.is_main():
         ckpt.save_model(run_dir / "final", model, tokenizer)
-        write_summary(run_dir, recipe, state, final, time.perf_counter() - t0, count_parameters(model))
+        write_summary(run_dir, recipe, state, final, engine.wall_seconds(), count_parameters(model))
     dist.barrier()
     dist.teardown()
     return RunResult(run_dir, final)

@@ -99,20 +99,21 @@ def plot_losses(run_dir: Path, out: Optional[Path] = None) -> Optional[Path]:
 
 
 class Throughput:
-    """Tokens/s and MFU over the last logging window."""
+    """Tokens/s and MFU (FLOPs run / time / peak) over the last logging window."""
 
-    def __init__(self, flops_per_token: float, peak_flops: float):
-        self.flops_per_token, self.peak = flops_per_token, peak_flops
-        self.t0, self.tokens = time.perf_counter(), 0
+    def __init__(self, peak_flops: float):
+        self.peak = peak_flops
+        self.reset()
 
-    def add(self, tokens: int) -> None:
+    def add(self, tokens: int, flops: float) -> None:
         self.tokens += tokens
+        self.flops += flops
 
     def reset(self) -> None:
-        self.t0, self.tokens = time.perf_counter(), 0
+        self.t0, self.tokens, self.flops = time.perf_counter(), 0, 0.0
 
     def read(self) -> tuple[float, float]:
         dt = max(time.perf_counter() - self.t0, 1e-9)
-        tps = self.tokens / dt
-        self.t0, self.tokens = time.perf_counter(), 0
-        return tps, (tps * self.flops_per_token / self.peak if self.peak else 0.0)
+        tps, mfu = self.tokens / dt, (self.flops / dt / self.peak if self.peak else 0.0)
+        self.reset()
+        return tps, mfu

@@ -27,7 +27,9 @@ from lmforge.recipe import TrainConfig
 @dataclass
 class TrainState:
     step: int = 0
-    tokens: int = 0
+    tokens: int = 0          # non-padding input tokens read, all processes
+    flops: float = 0.0       # training FLOPs of the shapes actually run, all processes
+    seconds: float = 0.0     # wall time up to this state, summed over every process that trained the run
     best_metric: Optional[float] = None
     best_step: Optional[int] = None
     evals_without_improvement: int = 0
@@ -101,9 +103,13 @@ class Engine:
 
     def __init__(self, model, tokenizer, objective, loader, cfg: TrainConfig, run_dir: Path, *,
                  evaluate: Optional[Callable[[torch.nn.Module], dict]] = None, flops_per_token: float = 0.0,
+                 batch_flops: Optional[Callable[[dict], float]] = None,
                  tensorboard: bool = True, plots: bool = True, show_progress: bool = True,
-                 param_groups: Optional[list[dict]] = None):
+                 param_groups: Optional[list[dict]] = None, started: Optional[float] = None):
         self.cfg, self.run_dir = cfg, Path(run_dir)
+        # Wall time counts from `started` (the stage's start, perf_counter) plus the time of the processes before
+        # a resume, as recorded in the checkpoint resumed from.
+        self.started, self.earlier_seconds = started if started is not None else time.perf_counter(), 0.0
         self.tokenizer, self.objective, self.loader, self.evaluate = tokenizer, objective, loader, evaluate
         self.device_type = pick_device(cfg.device)
         self.device = dist.setup(self.device_type)
@@ -113,7 +119,9 @@ class Engine:
             keep_freed_memory()  # no page faults for the activations every step
         if self.device_type == "cpu" and not cfg.compile:
             use_fast_dropout(self.model)  # torch's CPU dropout mask is the slow part of dropout
-        self.flops_per_token = flops_per_token
+        # MFU counts the work of the shapes actually run: `batch_flops(batch)` where padding or skipped positions
+        # make it differ from `flops_per_token` x the tokens read.
+        self.flops_per_token, self.batch_flops = flops_per_token, batch_flops
         self.plots, self.show_progress = plots, show_progress
         self.main = dist.is_main()
         self.log = MetricsLog(self.run_dir, tensorboard=tensorboard, enabled=self.main)
@@ -145,15 +153,21 @@ class Engine:
         if self.scaler is not None and "scaler" in state:
             self.scaler.load_state_dict(state["scaler"])
         self.state = TrainState(**state["train_state"])
+        self.earlier_seconds = self.state.seconds
         ckpt.set_rng_state(state["rng"])
         self.log.truncate_after(self.state.step)
         if self.main:
             console.print(f"resumed from {folder} at step {self.state.step}")
         return True
 
+    def wall_seconds(self) -> float:
+        """The run's wall time so far: this process's since `started`, plus every earlier process's."""
+        return self.earlier_seconds + time.perf_counter() - self.started
+
     def save(self) -> Optional[Path]:
         if not self.main:
             return None
+        self.state.seconds = self.wall_seconds()
         path = ckpt.save_checkpoint(self.checkpoint_dir, self.state.step, self.model, self.tokenizer,
                                     self.optimizer, asdict(self.state), self.scaler)
         ckpt.prune_checkpoints(self.checkpoint_dir, self.cfg.keep_last)
@@ -169,7 +183,7 @@ class Engine:
 
     def train_step(self) -> tuple[float, float, int]:
         """One optimizer step over `grad_accum` micro-batches. Returns (loss, grad norm, loss tokens); the
-        input tokens read (for throughput) are left in `self.step_inputs`."""
+        input tokens read and the FLOPs run (all processes) are left in `self.step_inputs` and `self.step_flops`."""
         cfg, step = self.cfg, self.state.step
         micro = []
         for m in range(cfg.grad_accum):
@@ -178,6 +192,8 @@ class Engine:
         # Normalise by the loss tokens of the whole step on all ranks: the large-batch gradient.
         local = sum(self.objective.count_tokens(b) for b in micro)
         self.step_inputs = sum(self.objective.count_inputs(b) for b in micro) * dist.world_size()
+        self.step_flops = (sum(self.batch_flops(b) for b in micro) * dist.world_size() if self.batch_flops
+                           else self.flops_per_token * self.step_inputs)
         global_tokens = dist.all_reduce_sum(torch.tensor(float(local), device=self.device)).item()
         scale = dist.world_size() / max(global_tokens, 1.0)  # DDP averages gradients over ranks
         total = torch.zeros((), device=self.device)
@@ -266,9 +282,8 @@ class Engine:
         cfg = self.cfg
         self.model.train()
         peak = matmul_roof(self.device_type, self.precision) * (dist.world_size())
-        meter = Throughput(self.flops_per_token, peak)
+        meter = Throughput(peak)
         window_loss, window_n, stop_reason = 0.0, 0, "max_steps"
-        t_start = time.perf_counter()
         signals = StopSignals(announce=self.main)
         with signals, progress_bar(self.main and self.show_progress) as bar:
             task = bar.add_task("train", total=cfg.max_steps, completed=self.state.step, status="")
@@ -279,10 +294,11 @@ class Engine:
                         f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float) and "/" not in k))
             while self.state.step < cfg.max_steps:
                 lr = self._set_lr()
-                loss, norm, tokens = self.train_step()
+                loss, norm, _ = self.train_step()
                 self.state.step += 1
-                self.state.tokens += tokens
-                meter.add(self.step_inputs)
+                self.state.tokens += self.step_inputs
+                self.state.flops += self.step_flops
+                meter.add(self.step_inputs, self.step_flops)
                 if math.isnan(loss):
                     self.state.bad_steps += 1
                     console.print(f"[yellow]step {self.state.step}: loss or gradient not finite; step skipped")
@@ -298,7 +314,7 @@ class Engine:
                     tps, mfu = meter.read()
                     record = {"step": self.state.step, "loss": window_loss / window_n, "lr": lr, "grad_norm": norm,
                               "tokens": self.state.tokens, "tokens_per_s": round(tps, 1), "mfu": round(mfu, 4),
-                              "elapsed_s": round(time.perf_counter() - t_start, 2)}
+                              "elapsed_s": round(self.wall_seconds(), 2)}
                     record.update({k: round(v, 5) for k, v in ratios(self._training_tallies()).items()})
                     self.log.write(record)
                     bar.update(task, completed=self.state.step,
@@ -332,6 +348,7 @@ class Engine:
                 if eval_now or save_now:
                     meter.reset()  # evaluation and saving are not training throughput
         self.state.history.append({"stop_reason": stop_reason})
+        self.state.seconds = self.wall_seconds()
         if self.main and self.plots:
             plot_losses(self.run_dir)
         self.log.close()

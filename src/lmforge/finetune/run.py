@@ -27,8 +27,8 @@ from lmforge.engine.logging import console
 from lmforge.engine.loop import Engine
 from lmforge.errors import LmforgeError
 from lmforge.finetune.fast import first_position_only
+from lmforge.finetune.flops import task_batch_flops
 from lmforge.finetune.objective import TaskObjective
-from lmforge.models import flops_per_token, frozen_body_parameters
 from lmforge.recipe import coerce_recipe
 from lmforge.runs import start_run
 from lmforge.stage import RunResult
@@ -84,8 +84,8 @@ def finetune(recipe: Union[FinetuneRecipe, str, Path, dict], *, overrides: Union
         tm.apply_freezing(model, strategy)
         if strategy.method == "peft":
             model = tm.apply_peft(model, strategy, recipe.task)
-        if recipe.task == "classification":
-            first_position_only(model)  # the last layer runs for [CLS] only: the head reads nothing else
+        # The last layer runs for [CLS] only: a sequence classifier's head reads nothing else.
+        first_position = recipe.task == "classification" and first_position_only(model)
         trainable, total = tm.trainable_counts(model)
         if not trainable:
             raise LmforgeError("strategy: every parameter is frozen; nothing would train")
@@ -104,12 +104,9 @@ def finetune(recipe: Union[FinetuneRecipe, str, Path, dict], *, overrides: Union
                 return {}
             return score_split(m, data, "validation", recipe, objective)["metrics_flat"]
 
-        # Throughput counts the non-padding input tokens read; attention's cost follows the mean example length.
-        train_enc = data.encoded["train"]
-        mean_len = sum(map(len, train_enc.input_ids)) / max(len(train_enc), 1)
-        engine = Engine(model, tokenizer, objective, loader, train_cfg, run_dir, evaluate=evaluate,
-                        flops_per_token=flops_per_token(model, max(8, round(mean_len)), head_fraction=0.0,
-                                                        frozen=frozen_body_parameters(model)),
+        # Throughput counts the non-padding input tokens read; MFU the FLOPs of the padded shapes run.
+        engine = Engine(model, tokenizer, objective, loader, train_cfg, run_dir, evaluate=evaluate, started=t0,
+                        batch_flops=task_batch_flops(model, recipe.task, first_position),
                         tensorboard=recipe.output.tensorboard, plots=recipe.output.plots, show_progress=show_progress,
                         param_groups=tm.param_groups(model, cfg.weight_decay, strategy, cfg.lr))
         if resume:
@@ -129,7 +126,7 @@ def finetune(recipe: Union[FinetuneRecipe, str, Path, dict], *, overrides: Union
             if split in data.encoded:
                 results[split] = write_split_report(run_dir, model, data, split, recipe, objective)
         export(run_dir, model, tokenizer, strategy.method == "peft")
-        seconds = time.perf_counter() - t0
+        seconds = engine.wall_seconds()
         write_model_card(run_dir, recipe, data, results, state, seconds, trainable, total)
         (run_dir / "results.json").write_text(json.dumps(
             {"steps": state.step, "seconds": seconds, "best_step": state.best_step,
