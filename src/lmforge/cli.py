@@ -255,6 +255,52 @@ def serve(models: List[str] = typer.Argument(..., help="Run folders or HF folder
     run_server(app_, host=host, port=port)
 
 
+@app.command()
+def tune(target: str = typer.Argument(..., help="Recipe YAML file to search; or `show` followed by a study name."),
+         study_name: Optional[str] = typer.Argument(None, help="With `show`: the study whose results to print."),
+         space: Optional[Path] = typer.Option(None, help="Search space YAML: params (recipe field: range) and "
+                                                         "objectives."),
+         trials: int = typer.Option(20, help="Trials the study should hold (finished or pruned); a restarted "
+                                             "study runs only the rest."),
+         study: Optional[str] = typer.Option(None, help="Study name (default: the recipe's name)."),
+         storage: Optional[str] = typer.Option(None, help="sqlite:///FILE, journal:FILE or a database URL "
+                                                          "(default: SQLite in the study folder; a journal file "
+                                                          "with --workers > 1)."),
+         workers: int = typer.Option(1, help="Trials run at once on this machine (each in its own process)."),
+         sampler: str = typer.Option("tpe", help="tpe, random, grid, cmaes or nsga2."),
+         pruner: Optional[str] = typer.Option(None, help="median, asha, hyperband or none (default: median; none "
+                                                         "for several objectives)."),
+         seed: int = typer.Option(0, help="Seed of the sampler."),
+         eval_every: Optional[int] = typer.Option(None, help="Evaluate every N steps in each trial (the pruner "
+                                                             "decides at each evaluation)."),
+         threads: Optional[int] = typer.Option(None, help="CPU threads per trial (default with --workers > 1: "
+                                                          "cores / workers)."),
+         out: Optional[Path] = typer.Option(None, help="Study folder (default: runs/tune/STUDY)."),
+         launcher: Optional[str] = typer.Option(None, help="Command that starts each trial's Python, e.g. "
+                                                           "'torchrun --nproc_per_node 2'."),
+         set_: List[str] = typer.Option([], "--set", help=SET_HELP)):
+    """Search recipe fields with Optuna: each trial is a run folder; pruning, resumable storage, several workers,
+    several objectives (Pareto front); writes trials.md/.csv, best.yaml and plots. `lmforge tune show STUDY`
+    prints a study's results again."""
+    from lmforge.tune import show_study, tune as run
+    try:
+        if target == "show":
+            if not study_name:
+                raise LmforgeError("tune show: name the study, e.g. lmforge tune show sst2 --storage URL")
+            show_study(study_name, storage=storage, out=out)
+            return
+        if study_name:
+            raise LmforgeError(f"tune: unexpected argument {study_name!r} after the recipe")
+        if space is None:
+            raise LmforgeError("tune: give the search space with --space FILE.yaml")
+        result = run(target, space, trials=trials, study=study, storage=storage, workers=workers, sampler=sampler,
+                     pruner=pruner, seed=seed, eval_every=eval_every, threads=threads, out=out, launcher=launcher,
+                     overrides=set_)
+        typer.echo(f"study folder: {result}")
+    except LmforgeError as err:
+        _fail(err)
+
+
 @recipe_app.command("show")
 def recipe_show(recipe: Path = typer.Argument(..., help="Recipe YAML file."),
                 set_: List[str] = typer.Option([], "--set", help=SET_HELP)):

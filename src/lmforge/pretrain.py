@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-from typing import Union
+from typing import Callable, Optional, Union
 
 import torch
 from transformers import PreTrainedTokenizerFast
@@ -61,9 +61,11 @@ def objective_tokenizer(tokenizer, recipe: Recipe):
 
 
 def pretrain(recipe: Union[Recipe, str, Path, dict], *, overrides: Union[list[str], tuple] = (), resume: bool = False,
-             force: bool = False, show_progress: bool = True) -> RunResult:
+             force: bool = False, show_progress: bool = True,
+             on_eval: Optional[Callable[[int, dict], Optional[str]]] = None) -> RunResult:
     """Pretrain as the recipe (object, YAML file or dict, plus `--set` style overrides) says; returns the run
-    folder and its last validation metrics."""
+    folder and its last validation metrics. `on_eval(step, metrics)` sees each evaluation and may stop the run by
+    returning a reason (a tuner's pruner)."""
     recipe = coerce_recipe(recipe, overrides, Recipe, load_recipe)
     if recipe.train.threads:
         torch.set_num_threads(recipe.train.threads)
@@ -98,7 +100,7 @@ def pretrain(recipe: Union[Recipe, str, Path, dict], *, overrides: Union[list[st
             return evaluate_blocks(m, objective, data, batch_size=cfg.batch_size, max_batches=cap)
 
         engine = Engine(model, tokenizer, objective, loader, cfg, run_dir, evaluate=evaluate, flops_per_token=fpt,
-                        started=t0,
+                        started=t0, on_eval=on_eval,
                         tensorboard=recipe.output.tensorboard, plots=recipe.output.plots, show_progress=show_progress)
         if resume:
             engine.resume()

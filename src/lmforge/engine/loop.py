@@ -105,11 +105,14 @@ class Engine:
                  evaluate: Optional[Callable[[torch.nn.Module], dict]] = None, flops_per_token: float = 0.0,
                  batch_flops: Optional[Callable[[dict], float]] = None,
                  tensorboard: bool = True, plots: bool = True, show_progress: bool = True,
-                 param_groups: Optional[list[dict]] = None, started: Optional[float] = None):
+                 param_groups: Optional[list[dict]] = None, started: Optional[float] = None,
+                 on_eval: Optional[Callable[[int, dict], Optional[str]]] = None):
         self.cfg, self.run_dir = cfg, Path(run_dir)
         # Wall time counts from `started` (the stage's start, perf_counter) plus the time of the processes before
         # a resume, as recorded in the checkpoint resumed from.
         self.started, self.earlier_seconds = started if started is not None else time.perf_counter(), 0.0
+        # `on_eval(step, metrics)` sees every evaluation; a reason it returns stops the run there (a tuner's pruner).
+        self.on_eval = on_eval
         self.tokenizer, self.objective, self.loader, self.evaluate = tokenizer, objective, loader, evaluate
         self.device_type = pick_device(cfg.device)
         self.device = dist.setup(self.device_type)
@@ -260,6 +263,15 @@ class Engine:
         patience = self.cfg.early_stopping_patience
         return patience is not None and self.state.evals_without_improvement >= patience
 
+    def _eval_hook(self, metrics: dict) -> Optional[str]:
+        """The reason `on_eval` gives to stop (None: go on); every process stops at the same step."""
+        reason = self.on_eval(self.state.step, metrics) if self.on_eval and metrics else None
+        if dist.world_size() > 1:
+            flag = dist.all_reduce_max(torch.tensor([1 if reason else 0], device=self.device))
+            if int(flag.item()) and not reason:
+                reason = "stopped by the evaluation hook of the main process"
+        return reason
+
     def _stop_signal(self, signals: StopSignals) -> int:
         """The stop signal any process received (0: none); every process stops at the same step."""
         if dist.world_size() == 1:
@@ -326,6 +338,10 @@ class Engine:
                 if eval_now:
                     metrics = self.run_eval()
                     stop = self._after_eval(metrics)
+                    stop_reason = "early_stopping" if stop else stop_reason
+                    hooked = self._eval_hook(metrics)
+                    if hooked:
+                        stop, stop_reason = True, hooked
                     if metrics:
                         bar.console.print(f"step {self.state.step}: " + "  ".join(
                             f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float) and "/" not in k))
@@ -343,7 +359,8 @@ class Engine:
                                                  f"{self.state.step} of {cfg.max_steps}; checkpoint: {where}; "
                                                  "run the same command with --resume to continue")
                 if stop:
-                    stop_reason = "early_stopping"
+                    if self.main:
+                        console.print(f"stopped at step {self.state.step}: {stop_reason}")
                     break
                 if eval_now or save_now:
                     meter.reset()  # evaluation and saving are not training throughput

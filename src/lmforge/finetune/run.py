@@ -15,7 +15,7 @@ import json
 import time
 from collections import Counter
 from pathlib import Path
-from typing import Optional, Union
+from typing import Callable, Optional, Union
 
 import torch
 
@@ -58,9 +58,11 @@ def class_weights(recipe: FinetuneRecipe, data: TaskData) -> Optional[torch.Tens
 
 
 def finetune(recipe: Union[FinetuneRecipe, str, Path, dict], *, overrides: Union[list[str], tuple] = (),
-             resume: bool = False, force: bool = False, show_progress: bool = True) -> RunResult:
+             resume: bool = False, force: bool = False, show_progress: bool = True,
+             on_eval: Optional[Callable[[int, dict], Optional[str]]] = None) -> RunResult:
     """Fine-tune as the recipe (object, YAML file or dict, plus `--set` style overrides) says; returns the run
-    folder and the headline metrics of each evaluated split."""
+    folder and the headline metrics of each evaluated split. `on_eval(step, metrics)` sees each evaluation and may
+    stop the run by returning a reason (a tuner's pruner)."""
     recipe = coerce_recipe(recipe, overrides, FinetuneRecipe, load_finetune_recipe)
     cfg = recipe.train
     if cfg.threads:
@@ -105,7 +107,7 @@ def finetune(recipe: Union[FinetuneRecipe, str, Path, dict], *, overrides: Union
             return score_split(m, data, "validation", recipe, objective)["metrics_flat"]
 
         # Throughput counts the non-padding input tokens read; MFU the FLOPs of the padded shapes run.
-        engine = Engine(model, tokenizer, objective, loader, train_cfg, run_dir, evaluate=evaluate, started=t0,
+        engine = Engine(model, tokenizer, objective, loader, train_cfg, run_dir, evaluate=evaluate, started=t0, on_eval=on_eval,
                         batch_flops=task_batch_flops(model, recipe.task, first_position),
                         tensorboard=recipe.output.tensorboard, plots=recipe.output.plots, show_progress=show_progress,
                         param_groups=tm.param_groups(model, cfg.weight_decay, strategy, cfg.lr))
@@ -161,7 +163,8 @@ def write_model_card(run_dir, recipe, data, results, state, seconds, trainable, 
               "## Training", "",
               f"- strategy: {recipe.strategy.method}; {trainable:,} of {total:,} parameters trained",
               f"- {state.step} steps, batch {recipe.train.batch_size} x {recipe.train.grad_accum}, lr {recipe.train.lr}, "
-              f"{recipe.train.schedule} schedule, {seconds:.0f} s wall time",
+              f"{recipe.train.schedule} schedule, {seconds:.0f} s wall time; stopped: "
+              f"{next((h['stop_reason'] for h in reversed(state.history) if 'stop_reason' in h), 'max_steps')}",
               f"- best {recipe.metric} on validation at step {state.best_step}: {state.best_metric}", "",
               "## Scores", ""]
     keys = ("accuracy", "macro_f1", "mcc") if data.task == "classification" else ("precision", "recall", "f1",
