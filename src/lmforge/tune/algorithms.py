@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from typing import Optional
 
 import optuna
@@ -30,7 +31,10 @@ def grid_of(space: SearchSpace) -> dict[str, list]:
 def make_sampler(name: str, seed: int, space: SearchSpace):
     multi = len(space.objectives) > 1
     if name == "tpe":
-        return optuna.samplers.TPESampler(seed=seed, multivariate=True, group=True, warn_independent_sampling=False)
+        with warnings.catch_warnings():
+            # Optuna marks `group` experimental; it is what lets TPE model fields that exist only `when` others do.
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            return optuna.samplers.TPESampler(seed=seed, multivariate=True, group=True)
     if name == "random":
         return optuna.samplers.RandomSampler(seed=seed)
     if name == "nsga2":
@@ -38,7 +42,7 @@ def make_sampler(name: str, seed: int, space: SearchSpace):
     if name == "cmaes":
         if multi:
             raise LmforgeError("--sampler cmaes: CMA-ES searches one objective; use tpe or nsga2 for several")
-        return optuna.samplers.CmaEsSampler(seed=seed, warn_independent_sampling=False)
+        return optuna.samplers.CmaEsSampler(seed=seed)
     return optuna.samplers.GridSampler(grid_of(space), seed=seed)
 
 

@@ -167,7 +167,7 @@ def tune(recipe: Union[str, Path], space: Union[str, Path, dict], *, trials: int
             raise LmforgeError(f"--eval-every: expected at least 1 step, got {eval_every}")
         fixed_overrides.append(f"train.eval_every={eval_every}")
     validate_tree(stage.root, tree, str(recipe_file), fixed_overrides)
-    the_sampler = make_sampler(sampler, seed, searched)
+    make_sampler(sampler, seed, searched)  # a sampler that cannot take this space fails before anything is written
     if sampler == "grid":
         points = len(list(itertools.product(*grid_of(searched).values())))
         if trials > points:
@@ -180,7 +180,7 @@ def tune(recipe: Union[str, Path], space: Union[str, Path, dict], *, trials: int
     folder.mkdir(parents=True, exist_ok=True)
     try:
         the_storage = open_storage(url)
-        the_study = open_study(the_storage, name, url, searched, stage.name, the_sampler, the_pruner)
+        the_study = open_study(the_storage, name, url, searched, stage.name, sampler, seed, the_pruner)
     except BaseException:
         if created:
             for f in folder.iterdir():
@@ -231,9 +231,14 @@ def tune(recipe: Union[str, Path], space: Union[str, Path, dict], *, trials: int
     return RunResult(folder, summary)
 
 
-def open_study(storage, name: str, url: str, space: SearchSpace, stage: str, sampler, pruner) -> optuna.Study:
-    """Create the study, or load it when it exists with the same space, stage and objectives."""
+def open_study(storage, name: str, url: str, space: SearchSpace, stage: str, sampler_name: str, seed: int,
+               pruner) -> optuna.Study:
+    """Create the study, or load it when it exists with the same space, stage and objectives.
+
+    The sampler's seed moves on by the trials the study already holds: a restarted tuner must not draw the values
+    its first run drew again."""
     directions = [o.direction for o in space.objectives]
+    held = 0
     if name in optuna.get_all_study_names(storage):
         old = optuna.load_study(study_name=name, storage=storage)
         info = old.user_attrs.get("info", {})
@@ -242,6 +247,8 @@ def open_study(storage, name: str, url: str, space: SearchSpace, stage: str, sam
             raise LmforgeError(f"--study {name}: a study of that name in {url} has a different "
                                f"{'stage' if info.get('stage') != stage else 'space or objectives'}; "
                                f"give another --study name (or remove it)")
+        held = len(old.trials)
+    sampler = make_sampler(sampler_name, seed + held, space)
     try:
         return optuna.create_study(study_name=name, storage=storage, sampler=sampler, pruner=pruner,
                                    directions=directions, load_if_exists=True)
