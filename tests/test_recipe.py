@@ -62,6 +62,11 @@ def test_unknown_key_names_dotted_key_and_closest_valid_one():
     assert msg == "r.yaml: unknown key 'train.lrr'; did you mean 'lr'?"
 
 
+def test_a_field_named_as_other_tools_name_it_points_at_ours():
+    assert _error({"train": {"learning_rate": 3e-4}}) == "r.yaml: unknown key 'train.learning_rate'; did you mean 'lr'?"
+    assert "did you mean 'grad_accum'?" in _error({"train": {"gradient_accumulation_steps": 2}})
+
+
 def test_unknown_nested_key_in_source_list():
     msg = _error({"data": {"sources": [{"path": "a.txt"}, {"pth": "b.txt"}]}})
     # the 'Field required' error for 'path' is implied by the suggestion and left out

@@ -89,6 +89,9 @@ def test_a_pruned_trial_stops_early_and_the_best_recipe_reproduces_its_trial(tmp
     steps = [json.loads(line)["step"] for line in (pruned / "metrics.jsonl").read_text().splitlines()]
     assert max(steps) == 5 and "pruned at step 5" in (pruned / "summary.md").read_text()
     assert set(trials[0].intermediate_values) == {5, 10, 15, 20}
+    done = Path(trials[0].user_attrs["run_dir"])
+    assert (done / "final" / "model.safetensors").exists()  # the models stay; the resume state is removed
+    assert not (done / "checkpoints").exists() and not (pruned / "checkpoints").exists()
 
     rows = list(csv.DictReader(open(tmp_path / "study" / "trials.csv")))
     assert [(r["trial"], r["state"]) for r in rows] == [("0", "complete"), ("1", "pruned")]

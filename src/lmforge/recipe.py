@@ -255,6 +255,21 @@ def _override_key(override: str) -> str:
     return _dotted(tuple(int(p) if p.isdigit() else p for p in parts))
 
 
+# What other tools call some of our fields (Trainer, nanoGPT, run_*.py scripts): a did-you-mean names ours.
+OTHER_NAMES = {"learning_rate": "lr", "num_train_epochs": "epochs", "per_device_train_batch_size": "batch_size",
+               "train_batch_size": "batch_size", "warmup_ratio": "warmup_steps",
+               "gradient_accumulation_steps": "grad_accum", "max_grad_norm": "grad_clip", "max_seq_length": "max_length",
+               "lr_scheduler_type": "schedule", "n_layer": "n_layers", "n_head": "n_heads"}
+
+
+def closest_key(key: str, valid: list[str]) -> Optional[str]:
+    """The valid key a misspelt or foreign `key` most likely means, or None."""
+    if OTHER_NAMES.get(key) in valid:
+        return OTHER_NAMES[key]
+    close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
+    return close[0] if close else None
+
+
 def format_validation_error(err: ValidationError, source: str, root: Optional[type[BaseModel]] = None,
                             overrides: Union[list[str], tuple] = ()) -> str:
     """One line naming each bad field; `root` is the recipe class that was validated (default: Recipe). A field
@@ -269,11 +284,11 @@ def format_validation_error(err: ValidationError, source: str, root: Optional[ty
         if e["type"] == "extra_forbidden":
             owner = _model_at(loc, root)
             valid = list(owner.model_fields) if owner else []
-            close = difflib.get_close_matches(str(loc[-1]), valid, n=1, cutoff=0.5)
-            hint = f"; did you mean '{close[0]}'?" if close else f"; valid keys: {', '.join(valid)}"
+            close = closest_key(str(loc[-1]), valid)
+            hint = f"; did you mean '{close}'?" if close else f"; valid keys: {', '.join(valid)}"
             lines.append(f"{origin}: unknown key '{where}'{hint}")
             if close:
-                suggested.add(loc[:-1] + (close[0],))
+                suggested.add(loc[:-1] + (close,))
         else:
             value = e.get("input")
             shown = "" if isinstance(value, dict) else f" (got {value!r})"

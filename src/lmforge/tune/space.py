@@ -25,7 +25,7 @@ from typing import Any, Optional, Union
 from pydantic import BaseModel
 
 from lmforge.errors import LmforgeError
-from lmforge.recipe import _section_class, read_yaml_mapping, validate_tree
+from lmforge.recipe import _section_class, closest_key, read_yaml_mapping, validate_tree
 
 KINDS = ("float", "int", "categorical")
 # Objectives every stage can report besides its metrics: the model's size and the trial's wall time.
@@ -136,9 +136,9 @@ def field_at(root: type[BaseModel], path: str, where: str) -> None:
     for i, part in enumerate(parts):
         fields = cls.model_fields if cls is not None else {}
         if part not in fields:
-            close = difflib.get_close_matches(part, list(fields), n=1, cutoff=0.5)
+            close = closest_key(part, list(fields))
             prefix = ".".join(parts[:i + 1])
-            hint = f"; did you mean '{'.'.join(parts[:i] + [close[0]])}'?" if close else \
+            hint = f"; did you mean '{'.'.join(parts[:i] + [close])}'?" if close else \
                 f"; valid keys here: {', '.join(fields)}"
             raise LmforgeError(f"{where}: '{prefix}' is not a recipe field{hint}")
         sub = _section_class(fields[part].annotation)

@@ -13,6 +13,7 @@ import json
 import multiprocessing
 import os
 import shlex
+import shutil
 import subprocess
 import threading
 import time
@@ -116,6 +117,10 @@ class Tuner:
                                                     f"the trial process exited with status {code}; see {log}")
             self.study.tell(trial.number, state=TrialState.FAIL)
             frozen = self.study._storage.get_trial(trial._trial_id)
+        if frozen.state in (TrialState.COMPLETE, TrialState.PRUNED):
+            # A finished trial is never resumed (a dead one is run again from the start): its training state
+            # (optimizer moments, several times the model's size) only fills the disk. Its models stay.
+            shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
         shown = ", ".join(f"{k.rsplit('.', 1)[-1]}={v:.3g}" if isinstance(v, float) else f"{k.rsplit('.', 1)[-1]}={v}"
                           for k, v in values.items())
         with self.lock:
