@@ -207,3 +207,29 @@ def test_a_recipe_that_cannot_fit_is_refused_before_work_starts(tmp_path, corpus
     assert not (tmp_path / "run").exists()
     tree["objective"]["block_size"], tree["train"]["batch_size"] = 32, 8
     assert check_fits(recipe_from_dict(tree), "cpu", available=2**30)["total"] < 3 * 2**20  # a tiny run: 2.5 MB
+
+
+def test_a_second_run_reuses_the_trained_tokenizer_and_the_measured_roof(tmp_path, corpus, monkeypatch):
+    from lmforge.engine import hardware
+    from lmforge import pretrain as stage
+
+    monkeypatch.setenv("LMFORGE_CACHE", str(tmp_path / "cache"))
+    hardware.matmul_roof.cache_clear()
+    trained, measured, real_train = [], [], stage.train_tokenizer_for
+    monkeypatch.setattr(stage, "train_tokenizer_for", lambda *a: trained.append(1) or real_train(*a))
+    monkeypatch.setattr(hardware, "measure_matmul_roof", lambda *a: measured.append(1) or 7.5e9)
+    tree = tiny_recipe(corpus, tmp_path / "a", "clm", max_steps=2, eval_every=0)
+    tree["data"]["cache_dir"] = str(tmp_path / "cache")
+    first = pretrain(recipe_from_dict(tree), show_progress=False)
+    hardware.matmul_roof.cache_clear()  # a new process
+    second = pretrain(recipe_from_dict({**tree, "output": {**tree["output"], "dir": str(tmp_path / "b")}}),
+                      show_progress=False)
+    assert trained == [1] and measured == [1]
+    assert (first / "tokenizer" / "tokenizer.json").read_text() == (second / "tokenizer" / "tokenizer.json").read_text()
+    roofs = json.loads((tmp_path / "cache" / "roof.json").read_text())
+    assert list(roofs.values()) == [7.5e9]
+    monkeypatch.setenv("LMFORGE_REFRESH_ROOF", "1")  # measured again when asked
+    hardware.matmul_roof.cache_clear()
+    hardware.matmul_roof("cpu", "fp32")
+    assert measured == [1, 1]
+    hardware.matmul_roof.cache_clear()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import os
 from pathlib import Path
 
 from lmforge.errors import LmforgeError
@@ -20,3 +21,9 @@ def package_path(spec: str) -> Path:
 def local_path(spec) -> Path:
     """A checkpoint path as a folder: `package:NAME/folder` resolved, anything else as given."""
     return package_path(spec) if str(spec).startswith("package:") else Path(spec)
+
+
+def cache_root() -> Path:
+    """Where lmforge keeps what it can reuse across runs (tokenized data, tokenizers, the machine's matmul roof):
+    `$LMFORGE_CACHE`, else ~/.cache/lmforge."""
+    return Path(os.environ.get("LMFORGE_CACHE") or Path.home() / ".cache" / "lmforge")

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
+import shutil
 import time
 from pathlib import Path
 from typing import Callable, Optional, Union
@@ -10,9 +13,9 @@ from typing import Callable, Optional, Union
 import torch
 from transformers import PreTrainedTokenizerFast
 
-from lmforge.data.blocks import build_blocks, text_pieces
+from lmforge.data.blocks import build_blocks, default_cache_dir, text_pieces
 from lmforge.data.loader import BlockLoader, StreamLoader
-from lmforge.data.sources import iter_texts, load_documents
+from lmforge.data.sources import fingerprint_sources, iter_texts, load_documents
 from lmforge.engine import checkpoint as ckpt
 from lmforge.engine import distributed as dist
 from lmforge.engine.hardware import pick_device, threads_note
@@ -39,6 +42,24 @@ def train_tokenizer_for(data, config: TokenizerConfig) -> PreTrainedTokenizerFas
     return train_tokenizer((piece for text in texts for piece in text_pieces(text)), config)
 
 
+def cached_tokenizer_for(data, config: TokenizerConfig) -> PreTrainedTokenizerFast:
+    """The tokenizer `config` trains on `data`, reused when an earlier run trained it on the same files with the same
+    settings (kept beside the tokenized data): training is deterministic, so the cached one is the one training gives."""
+    key = hashlib.sha256(f"{fingerprint_sources(data)} {config.model_dump_json()}".encode()).hexdigest()[:16]
+    cached = (Path(data.cache_dir) if data.cache_dir else default_cache_dir()) / "tokenizers" / key
+    if (cached / "tokenizer.json").exists():
+        return load_tokenizer(cached)
+    tokenizer = train_tokenizer_for(data, config)
+    tmp = cached.with_name(f".{key}.{os.getpid()}.tmp")
+    try:  # a full or read-only cache costs only the reuse
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        save_tokenizer(tokenizer, tmp)
+        tmp.rename(cached)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return tokenizer
+
+
 def get_tokenizer(recipe: Recipe, run_dir: Path):
     """The recipe's tokenizer: reused from a folder, from the run (on resume), or trained now."""
     saved = run_dir / "tokenizer"
@@ -48,7 +69,7 @@ def get_tokenizer(recipe: Recipe, run_dir: Path):
     if source:
         return objective_tokenizer(load_tokenizer(local_path(source)), recipe)
     if dist.is_main():
-        save_tokenizer(objective_tokenizer(train_tokenizer_for(recipe.data, recipe.tokenizer), recipe), saved)
+        save_tokenizer(objective_tokenizer(cached_tokenizer_for(recipe.data, recipe.tokenizer), recipe), saved)
     dist.barrier()
     return load_tokenizer(saved)
 

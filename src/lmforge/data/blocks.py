@@ -23,6 +23,7 @@ import torch.distributed as tdist
 from lmforge.data.pairs import pair_builder
 from lmforge.data.sources import fingerprint_sources, load_documents
 from lmforge.errors import LmforgeError
+from lmforge.paths import cache_root
 from lmforge.recipe import DataConfig, ObjectiveConfig
 from lmforge.tokenizer import special_ids
 
@@ -30,7 +31,7 @@ SPLITS = ("train", "validation")
 
 
 def default_cache_dir() -> Path:
-    return Path(os.environ.get("LMFORGE_CACHE", Path.home() / ".cache" / "lmforge"))
+    return cache_root()
 
 
 def _affixes(tokenizer, objective: str) -> tuple[list[int], list[int]]:

@@ -5,7 +5,9 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import functools
+import json
 import os
+import platform
 import sys
 import time
 from typing import Optional
@@ -13,6 +15,7 @@ from typing import Optional
 import torch
 
 from lmforge.errors import LmforgeError
+from lmforge.paths import cache_root
 
 
 def pick_device(requested: str) -> str:
@@ -69,13 +72,50 @@ def autocast(device: str, precision: str):
     return torch.autocast(device_type=device, dtype=dtype)
 
 
+REFRESH_ROOF_ENV = "LMFORGE_REFRESH_ROOF"  # set to 1 to measure the matmul roof again (e.g. on a quiet machine)
+
+
+def _machine(device: str) -> str:
+    """What the roof depends on: the processor (or GPU), the threads torch uses and torch's version."""
+    if device == "cuda":
+        chip = torch.cuda.get_device_name()
+    else:
+        chip = platform.machine()
+        try:
+            chip = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+        except (OSError, StopIteration):
+            pass
+    return f"{chip} | {os.cpu_count()} cpus | {torch.get_num_threads()} threads | torch {torch.__version__}"
+
+
 @functools.lru_cache(maxsize=None)
 def matmul_roof(device: str = "cpu", precision: str = "fp32", seconds: float = 0.3) -> float:
-    """Measured peak FLOP/s of a large square matmul (the MFU denominator)."""
+    """Peak FLOP/s of a large square matmul on this machine (the MFU denominator), measured once and cached in
+    `$LMFORGE_CACHE/roof.json`: a roof measured again by every run costs each start-up its time, and one measured while
+    other jobs share the cores reads low (an MFU logged against it reads high)."""
+    precision = "fp32" if device == "cpu" else precision  # CPU runs are fp32
+    key = f"{device} {precision} | {_machine(device)}"
+    path = cache_root() / "roof.json"
+    try:
+        known = json.loads(path.read_text())
+    except (OSError, ValueError):
+        known = {}
+    if key in known and os.environ.get(REFRESH_ROOF_ENV, "0") in ("", "0"):
+        return float(known[key])
+    known[key] = measure_matmul_roof(device, precision, seconds)
+    try:  # a read-only home or a full disk costs only the cache
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".roof.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(known, indent=1))
+        tmp.replace(path)
+    except OSError:
+        pass
+    return known[key]
+
+
+def measure_matmul_roof(device: str, precision: str, seconds: float) -> float:
     n = 1024 if device == "cpu" else 8192
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
-    if device == "cpu":
-        dtype = torch.float32  # CPU runs are fp32 (bf16 matmul is ~100x slower on typical CPUs)
     gen = torch.Generator(device=device).manual_seed(0)  # never touch the global RNG (exact resume)
     a = torch.randn(n, n, device=device, dtype=dtype, generator=gen)
     b = torch.randn(n, n, device=device, dtype=dtype, generator=gen)
