@@ -83,6 +83,26 @@ def build_model(folder: Path, quick: bool) -> list[str]:
     return prompts_from(docs)
 
 
+def clamp_max_tokens(folder: str, prompts: list[str], max_tokens: int) -> int:
+    """`max_tokens` cut so that the longest prompt plus its completion fits the model's context: a request past it
+    is a 400 from either server, and would end the benchmark."""
+    from transformers import AutoTokenizer
+    config = json.loads((Path(folder) / "config.json").read_text())
+    context = next((config[k] for k in ("n_positions", "max_position_embeddings", "n_ctx") if config.get(k)), None)
+    if context is None:
+        return max_tokens
+    tok = AutoTokenizer.from_pretrained(folder)
+    longest = max(len(tok(p)["input_ids"]) for p in prompts)
+    room = context - longest
+    if room < 1:
+        raise SystemExit(f"the longest prompt ({longest} tokens) fills the model's context of {context}")
+    if max_tokens > room:
+        print(f"note: --max-tokens {max_tokens} cut to {room}: the longest prompt is {longest} tokens and the model's "
+              f"context {context}", flush=True)
+        return room
+    return max_tokens
+
+
 def prompts_from(docs: list[str], n: int = 64) -> list[str]:
     lines = [ln.strip() for d in docs for ln in d.splitlines() if 20 <= len(ln.strip()) <= 80]
     step = max(1, len(lines) // n)
@@ -231,6 +251,7 @@ def main() -> None:
         else:
             folder = str(Path(tmp) / "model")
             prompts = build_model(Path(folder), args.quick)
+        args.max_tokens = clamp_max_tokens(folder, prompts, args.max_tokens)
         levels = [int(c) for c in args.clients.split(",")]
         print(f"model: {folder}; device: {device}; {len(prompts)} prompts; levels {levels}, "
               f"{args.requests} requests x {args.max_tokens} tokens per client", flush=True)
