@@ -101,6 +101,23 @@ def finetune(recipe: Path = typer.Argument(..., help="Fine-tuning recipe YAML fi
 
 
 @app.command()
+def distill(recipe: Path = typer.Argument(..., help="A fine-tuning or pretraining recipe YAML file with a distill: "
+                                                    "section (teacher, temperature, alpha, student_layers)."),
+            set_: List[str] = typer.Option([], "--set", help=SET_HELP),
+            resume: bool = typer.Option(False, help="Continue from the run folder's latest checkpoint."),
+            force: bool = typer.Option(False, help="Delete an existing run folder and start over."),
+            progress: bool = typer.Option(True, help="Show a progress bar.")):
+    """Train a smaller student on a teacher's soft targets (a fine-tuned classifier or tagger, a language model, or
+    a domain-experts ensemble); the student's run folder is an ordinary run with a model card naming its teacher."""
+    from lmforge.distill import distill as run
+    try:
+        result = run(recipe, overrides=set_, resume=resume, force=force, show_progress=progress)
+        typer.echo(f"run folder: {result}")
+    except LmforgeError as err:
+        _fail(err)
+
+
+@app.command()
 def predict(run_dir: Path = typer.Argument(..., help="Fine-tuning run folder (or an HF classifier folder)."),
             input: Path = typer.Option(..., "--input", help="JSONL/CSV/TSV/Parquet rows, or a .txt file (one text per line)."),
             output: Path = typer.Option(..., "--output", help="JSONL file to write, one line per input."),

@@ -83,11 +83,15 @@ def objective_tokenizer(tokenizer, recipe: Recipe):
 
 def pretrain(recipe: Union[Recipe, str, Path, dict], *, overrides: Union[list[str], tuple] = (), resume: bool = False,
              force: bool = False, show_progress: bool = True,
-             on_eval: Optional[Callable[[int, dict], Optional[str]]] = None) -> RunResult:
+             on_eval: Optional[Callable[[int, dict], Optional[str]]] = None,
+             train_objective: Optional[Callable] = None) -> RunResult:
     """Pretrain as the recipe (object, YAML file or dict, plus `--set` style overrides) says; returns the run
     folder and its last validation metrics. `on_eval(step, metrics)` sees each evaluation and may stop the run by
-    returning a reason (a tuner's pruner)."""
+    returning a reason (a tuner's pruner). `train_objective(objective, model, tokenizer)` gives the objective
+    training uses in place of the recipe's (a distiller's); evaluation keeps the recipe's."""
     recipe = coerce_recipe(recipe, overrides, Recipe, load_recipe)
+    if recipe.distill and train_objective is None:
+        raise LmforgeError("distill: this recipe distils from a teacher; run it with `lmforge distill`")
     if recipe.train.threads:
         torch.set_num_threads(recipe.train.threads)
     check_fits(recipe, pick_device(recipe.train.device))  # before anything is built or written
@@ -120,7 +124,8 @@ def pretrain(recipe: Union[Recipe, str, Path, dict], *, overrides: Union[list[st
             cap = cfg.eval_batches * world if cfg.eval_batches else None  # eval_batches is per process
             return evaluate_blocks(m, objective, data, batch_size=cfg.batch_size, max_batches=cap)
 
-        engine = Engine(model, tokenizer, objective, loader, cfg, run_dir, evaluate=evaluate, flops_per_token=fpt,
+        trained_by = train_objective(objective, model, tokenizer) if train_objective else objective
+        engine = Engine(model, tokenizer, trained_by, loader, cfg, run_dir, evaluate=evaluate, flops_per_token=fpt,
                         started=t0, on_eval=on_eval,
                         tensorboard=recipe.output.tensorboard, plots=recipe.output.plots, show_progress=show_progress)
         if resume:

@@ -211,6 +211,33 @@ class ExpertsConfig(Section):
         return self
 
 
+class DistillConfig(Section):
+    teacher: str = Field(description="The teacher: a fine-tuned or pretrained run folder, a model folder, or a "
+                                     "domain-experts run (its ensemble, weighted by the domain posterior, teaches).")
+    temperature: float = Field(2.0, gt=0.0, description="Softmax temperature T of the soft targets (the KL term is "
+                                                        "scaled by T^2).")
+    alpha: float = Field(0.5, ge=0.0, le=1.0, description="Weight of the soft-target (KL) loss; 1 - alpha weighs the "
+                                                         "hard labels.")
+    student_layers: Optional[int] = Field(None, ge=1, description="The student is the teacher with this many layers "
+                                                                  "(default: the student is the recipe's model).")
+    init_layers: Optional[list[int]] = Field(None, description="Teacher layer each student layer starts from "
+                                                               "(default: evenly spaced, first and last kept).")
+    allow_larger: bool = Field(False, description="Accept a student with more layers or parameters than its teacher "
+                                                  "(a warning instead of an error).")
+
+    @model_validator(mode="after")
+    def _layers_agree(self) -> "DistillConfig":
+        if self.init_layers is not None:
+            if self.student_layers is None:
+                raise ValueError("distill.init_layers needs distill.student_layers")
+            if len(self.init_layers) != self.student_layers:
+                raise ValueError(f"distill.init_layers: {len(self.init_layers)} layers listed for "
+                                 f"student_layers {self.student_layers}")
+            if any(i < 0 for i in self.init_layers) or len(set(self.init_layers)) != len(self.init_layers):
+                raise ValueError(f"distill.init_layers: expected distinct layer indices >= 0, got {self.init_layers}")
+        return self
+
+
 class Recipe(Section):
     name: str = Field("run", description="Name of the run.")
     data: DataConfig = Field(default_factory=DataConfig)
@@ -220,6 +247,8 @@ class Recipe(Section):
     train: TrainConfig = Field(default_factory=TrainConfig)
     output: OutputConfig = Field(default_factory=OutputConfig)
     experts: Optional[ExpertsConfig] = Field(None, description="Domain experts (lmforge experts ...).")
+    distill: Optional[DistillConfig] = Field(None, description="Knowledge distillation from a teacher "
+                                                               "(lmforge distill).")
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
@@ -386,6 +415,8 @@ def _resolve_paths(recipe: Recipe, base: Path) -> None:
     recipe.model.path = resolve_path(recipe.model.path, base)
     recipe.tokenizer.path = resolve_path(recipe.tokenizer.path, base)
     recipe.data.domain_clusters = resolve_path(recipe.data.domain_clusters, base)
+    if recipe.distill:
+        recipe.distill.teacher = resolve_path(recipe.distill.teacher, base)
     if recipe.experts and recipe.experts.cluster_encoder and not recipe.experts.cluster_encoder.startswith("package:"):
         recipe.experts.cluster_encoder = resolve_path(recipe.experts.cluster_encoder, base)
 

@@ -32,7 +32,17 @@ class TaskObjective(Objective):
         return (labels >= 0).long()
 
     def loss(self, model, batch: dict):
-        return self.loss_from_logits(model(**model_inputs(batch)).logits.float(), batch)
+        return self.loss_from_logits(self.forward_logits(model, batch), batch)
+
+    def forward_logits(self, model, batch: dict) -> torch.Tensor:
+        return model(**model_inputs(batch)).logits.float()
+
+    def prediction_mask(self, batch: dict) -> Optional[torch.Tensor]:
+        """Which rows of forward_logits are loss units: labelled words (NER), labelled examples (single label)."""
+        labels = batch["labels"]
+        if self.task == "ner":
+            return labels != -100
+        return None if self.multi_label else labels >= 0
 
     def loss_from_logits(self, logits: torch.Tensor, batch: dict, weighted: bool = True):
         labels = batch["labels"]

@@ -59,11 +59,15 @@ def class_weights(recipe: FinetuneRecipe, data: TaskData) -> Optional[torch.Tens
 
 def finetune(recipe: Union[FinetuneRecipe, str, Path, dict], *, overrides: Union[list[str], tuple] = (),
              resume: bool = False, force: bool = False, show_progress: bool = True,
-             on_eval: Optional[Callable[[int, dict], Optional[str]]] = None) -> RunResult:
+             on_eval: Optional[Callable[[int, dict], Optional[str]]] = None,
+             train_objective: Optional[Callable] = None) -> RunResult:
     """Fine-tune as the recipe (object, YAML file or dict, plus `--set` style overrides) says; returns the run
     folder and the headline metrics of each evaluated split. `on_eval(step, metrics)` sees each evaluation and may
-    stop the run by returning a reason (a tuner's pruner)."""
+    stop the run by returning a reason (a tuner's pruner). `train_objective(objective, model, tokenizer)` gives the
+    objective training uses in place of the task's own (a distiller's); evaluation keeps the task's."""
     recipe = coerce_recipe(recipe, overrides, FinetuneRecipe, load_finetune_recipe)
+    if recipe.distill and train_objective is None:
+        raise LmforgeError("distill: this recipe distils from a teacher; run it with `lmforge distill`")
     cfg = recipe.train
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -107,7 +111,9 @@ def finetune(recipe: Union[FinetuneRecipe, str, Path, dict], *, overrides: Union
             return score_split(m, data, "validation", recipe, objective)["metrics_flat"]
 
         # Throughput counts the non-padding input tokens read; MFU the FLOPs of the padded shapes run.
-        engine = Engine(model, tokenizer, objective, loader, train_cfg, run_dir, evaluate=evaluate, started=t0, on_eval=on_eval,
+        trained_by = train_objective(objective, model, tokenizer) if train_objective else objective
+        engine = Engine(model, tokenizer, trained_by, loader, train_cfg, run_dir, evaluate=evaluate, started=t0,
+                        on_eval=on_eval,
                         batch_flops=task_batch_flops(model, recipe.task, first_position),
                         tensorboard=recipe.output.tensorboard, plots=recipe.output.plots, show_progress=show_progress,
                         param_groups=tm.param_groups(model, cfg.weight_decay, strategy, cfg.lr))

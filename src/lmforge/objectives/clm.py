@@ -47,12 +47,21 @@ class CausalLM(Objective):
         return {}
 
     def loss(self, model, batch):
-        # A block of T tokens gives T-1 predictions; the model runs on those T-1 positions only
-        # (the last token's prediction would have no target).
+        return self.loss_from_logits(self.forward_logits(model, batch), batch)
+
+    def forward_logits(self, model, batch) -> torch.Tensor:
+        """(B, T-1, V): a block of T tokens gives T-1 predictions; the model runs on those T-1 positions only
+        (the last token's prediction would have no target)."""
         ids = batch["input_ids"]
         kwargs = {"position_ids": batch["position_ids"][:, :-1]} if "position_ids" in batch else {}
         kwargs.update(self.forward_kwargs(batch))
-        logits = causal_logits(model, ids[:, :-1], use_cache=False, **kwargs)
+        return causal_logits(model, ids[:, :-1], use_cache=False, **kwargs)
+
+    def prediction_mask(self, batch) -> None:
+        return None  # every position of forward_logits has a target
+
+    def loss_from_logits(self, logits: torch.Tensor, batch):
+        ids = batch["input_ids"]
         targets = ids[:, 1:]
         losses = token_cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1))
         per_example = losses.view(ids.size(0), -1).sum(1)

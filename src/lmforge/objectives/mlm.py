@@ -80,14 +80,22 @@ class MaskedLM(Objective):
         return (batch["labels"] != -100).sum(1).cpu()
 
     def loss(self, model, batch):
-        ids, labels = batch["input_ids"], batch["labels"]
+        return self.loss_from_logits(self.forward_logits(model, batch), batch)
+
+    def forward_logits(self, model, batch) -> torch.Tensor:
+        """(N, V): the logits of the N masked positions only (the head runs on nothing else)."""
+        ids, selected = batch["input_ids"], batch["labels"] != -100
         encoder, head = _split_mlm(model)
-        selected = labels != -100
         if encoder is not None:
-            hidden = encoder(input_ids=ids).last_hidden_state
-            logits = head(hidden[selected])
-        else:  # an unknown masked-LM class: full logits, then select
-            logits = model(input_ids=ids).logits[selected]
+            return head(encoder(input_ids=ids).last_hidden_state[selected])
+        return model(input_ids=ids).logits[selected]  # an unknown masked-LM class: full logits, then select
+
+    def prediction_mask(self, batch) -> None:
+        return None  # forward_logits holds the masked positions only
+
+    def loss_from_logits(self, logits: torch.Tensor, batch):
+        ids, labels = batch["input_ids"], batch["labels"]
+        selected = labels != -100
         losses = token_cross_entropy(logits, labels[selected])
         rows = selected.nonzero()[:, 0]
         per_example = torch.zeros(ids.size(0), device=ids.device, dtype=losses.dtype).index_add_(0, rows, losses)

@@ -9,7 +9,8 @@ from typing import Literal, Optional, Union
 import yaml
 from pydantic import Field, model_validator
 
-from lmforge.recipe import OutputConfig, Section, TrainConfig, read_yaml_mapping, resolve_path, validate_tree
+from lmforge.recipe import (DistillConfig, OutputConfig, Section, TrainConfig, read_yaml_mapping, resolve_path,
+                            validate_tree)
 
 TABLE_FORMATS = Literal["auto", "csv", "tsv", "jsonl", "parquet", "conll"]
 
@@ -111,6 +112,8 @@ class FinetuneRecipe(Section):
     strategy: StrategyConfig = Field(default_factory=StrategyConfig)
     train: FinetuneTrain = Field(default_factory=FinetuneTrain)
     output: OutputConfig = Field(default_factory=lambda: OutputConfig(dir="runs/finetune"))
+    distill: Optional[DistillConfig] = Field(None, description="Knowledge distillation from a fine-tuned teacher "
+                                                               "(lmforge distill).")
 
     @model_validator(mode="after")
     def _needs_train(self) -> "FinetuneRecipe":
@@ -151,4 +154,6 @@ def load_finetune_recipe(path, overrides=()) -> FinetuneRecipe:
     recipe.model.tokenizer = resolve_path(recipe.model.tokenizer, base)
     if isinstance(recipe.data.label_names, str):
         recipe.data.label_names = resolve_path(recipe.data.label_names, base)
+    if recipe.distill:
+        recipe.distill.teacher = resolve_path(recipe.distill.teacher, base)
     return recipe

@@ -1,0 +1,127 @@
+"""Distillation: the loss against a hand computation, the student's layers, and tiny runs end to end (a causal-LM
+student that beats its no-teacher twin; a classifier whose folder names its teacher); bad recipes."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+from typer.testing import CliRunner
+
+from conftest import tiny_recipe
+from lmforge.cli import app
+from lmforge.distill import distill
+from lmforge.distill.objective import kd_loss
+from lmforge.distill.student import evenly_spaced, make_student
+from lmforge.errors import LmforgeError
+from lmforge.finetune import finetune
+from lmforge.pretrain import pretrain
+from lmforge.recipe import recipe_from_dict
+
+from test_finetune import base_dir, recipe as task_recipe, sentiment  # noqa: F401  (fixtures and helpers)
+
+runner = CliRunner()
+
+
+def test_kd_loss_is_t_squared_kl_and_zero_when_the_student_is_the_teacher():
+    s, t, T = torch.tensor([[1.0, 0.0, -1.0]]), torch.tensor([[0.5, 0.5, 2.0]]), 2.0
+    p = [math.exp(x / T) for x in t[0].tolist()]
+    q = [math.exp(x / T) for x in s[0].tolist()]
+    p, q = [x / sum(p) for x in p], [x / sum(q) for x in q]
+    by_hand = T * T * sum(a * math.log(a / b) for a, b in zip(p, q))
+    assert kd_loss(s, t, T).item() == pytest.approx(by_hand, rel=1e-6)
+    assert kd_loss(t, t, T).item() == pytest.approx(0.0, abs=1e-7)
+    mask = torch.tensor([True, False])
+    two = torch.cat([s, torch.zeros(1, 3)]), torch.cat([t, torch.ones(1, 3) * 9])
+    assert kd_loss(*two, T, mask).item() == pytest.approx(by_hand, rel=1e-6)  # masked rows count for nothing
+    logits = torch.tensor([[2.0, -1.0]])
+    assert kd_loss(logits, logits, T, binary=True).item() == pytest.approx(0.0, abs=1e-7)
+    assert kd_loss(torch.zeros(1, 2), logits, T, binary=True).item() > 0
+
+
+def test_the_student_starts_as_the_chosen_teacher_layers(tmp_path, corpus):
+    assert evenly_spaced(6, 3) == [0, 2, 5] and evenly_spaced(4, 2) == [0, 3]
+    tree = tiny_recipe(corpus, tmp_path / "t", "clm", max_steps=2)
+    tree["model"]["n_layers"] = 3
+    teacher = pretrain(recipe_from_dict(tree), show_progress=False)
+    folder = make_student(teacher / "final", [0, 2], 2)
+    big = AutoModelForCausalLM.from_pretrained(teacher / "final")
+    small = AutoModelForCausalLM.from_pretrained(folder)
+    assert small.config.num_hidden_layers == 2 and (folder / "tokenizer.json").is_file()
+    for mine, theirs in ((0, 0), (1, 2)):
+        for (name, a), (_, b) in zip(small.transformer.h[mine].state_dict().items(),
+                                     big.transformer.h[theirs].state_dict().items()):
+            assert torch.equal(a, b), name
+    assert torch.equal(small.transformer.wte.weight, big.transformer.wte.weight)
+    ids = torch.tensor([[1, 2, 3, 4]])
+    assert small(ids).logits.shape == big(ids).logits.shape  # and it runs, cache indices and all
+    assert make_student(teacher / "final", [0, 2], 2) == folder  # built once, then reused
+
+
+def test_a_distilled_lm_student_beats_its_twin_trained_without_the_teacher(tmp_path, corpus):
+    teacher = pretrain(recipe_from_dict(tiny_recipe(corpus, tmp_path / "teacher", "clm", max_steps=60, eval_every=0)),
+                       show_progress=False)
+
+    def student(out, alpha):  # one layer, from scratch, reading text with the teacher's tokenizer
+        tree = tiny_recipe(corpus, tmp_path / out, "clm", max_steps=20, eval_every=20)
+        tree["model"]["n_layers"] = 1
+        tree["distill"] = {"teacher": str(teacher), "alpha": alpha, "temperature": 1.0}
+        return distill(tree, show_progress=False)
+    taught, alone = student("taught", 0.9), student("alone", 0.0)  # alpha 0: the same student, hard labels only
+    assert taught.metrics["loss"] < alone.metrics["loss"] - 0.05
+    records = [json.loads(line) for line in (taught / "metrics.jsonl").read_text().splitlines()]
+    assert any("kd_loss" in r for r in records)
+    info = json.loads((taught / "distill.json").read_text())
+    assert info["teacher"] == str(teacher) and info["teacher_seconds"] > 0
+    assert "## Distillation" in (taught / "summary.md").read_text()
+
+
+def test_a_distilled_classifier_is_an_ordinary_run_naming_its_teacher(tmp_path, base_dir):  # noqa: F811
+    train, dev = sentiment(tmp_path, n_train=96, n_dev=32)
+    data = {"train": {"path": str(train)}, "validation": {"path": str(dev)}, "text_column": "sentence"}
+    teacher = task_recipe(base_dir, tmp_path / "teacher", data=data, epochs=1)
+    finetune(teacher, show_progress=False)
+    tree = task_recipe(base_dir, tmp_path / "student", data=data, epochs=1).model_dump(mode="json")
+    tree["distill"] = {"teacher": str(tmp_path / "teacher"), "student_layers": 1}
+    run = distill(tree, show_progress=False)
+    model = AutoModelForSequenceClassification.from_pretrained(run / "final")
+    assert model.config.num_hidden_layers == 1 and model.config.id2label == {0: "0", 1: "1"}
+    assert "Distilled from" in (run / "README.md").read_text()
+    assert json.loads((run / "results.json").read_text())["validation"]["accuracy"] >= 0.5
+    other = tmp_path / "three.tsv"
+    other.write_text("sentence\tlabel\n" + "".join(f"the film {i}\t{i % 3}\n" for i in range(12)))
+    tree["data"] = {**data, "train": {"path": str(other)}, "validation": {"path": str(other)}}
+    tree["output"]["dir"] = str(tmp_path / "three")
+    with pytest.raises(LmforgeError, match="label '2' is not in the label set"):  # the teacher knows 0 and 1
+        distill(tree, show_progress=False)
+    assert not (tmp_path / "three").exists()
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"temperature": 0}, "distill.temperature"),
+    ({"alpha": 1.5}, "distill.alpha"),
+    ({"student_layers": 5}, "more than the teacher's 2 layers"),
+    ({"init_layers": [0, 0], "student_layers": 2}, "distinct layer indices"),
+    ({"teacher": "no/such/run"}, "no such run or model folder"),
+])
+def test_bad_distillation_recipes_exit_2_with_one_line(tmp_path, corpus, change, message):
+    teacher = tmp_path / "teacher"
+    if "teacher" not in change:
+        pretrain(recipe_from_dict(tiny_recipe(corpus, teacher, "clm", max_steps=1, eval_every=0)),
+                 show_progress=False)
+    tree = tiny_recipe(corpus, tmp_path / "student", "clm", max_steps=2)
+    tree["distill"] = {"teacher": str(teacher), **change}
+    (tmp_path / "r.yaml").write_text(json.dumps(tree))
+    result = runner.invoke(app, ["distill", str(tmp_path / "r.yaml")])
+    assert result.exit_code == 2 and message in result.output, result.output
+    assert len(result.output.strip().splitlines()) == 1 and not (tmp_path / "student").exists()
+
+
+def test_a_recipe_with_a_distill_section_is_refused_by_pretrain(tmp_path, corpus):
+    tree = tiny_recipe(corpus, tmp_path / "s", "clm", max_steps=2)
+    tree["distill"] = {"teacher": str(tmp_path)}
+    with pytest.raises(LmforgeError, match="run it with `lmforge distill`"):
+        pretrain(recipe_from_dict(tree), show_progress=False)
