@@ -34,11 +34,15 @@ def _fail(err: Exception) -> None:
 
 
 def _load(recipe_file: Path, overrides: List[str]):
-    """A pretraining recipe, or a fine-tuning recipe (one with a `task:` key)."""
+    """A pretraining recipe, a fine-tuning recipe (one with a `task:` key) or a compress recipe (`steps:`)."""
     from lmforge.recipe import load_recipe, read_yaml_mapping
-    if Path(recipe_file).is_file() and "task" in read_yaml_mapping(recipe_file, "a recipe is a mapping of sections"):
+    keys = read_yaml_mapping(recipe_file, "a recipe is a mapping of sections") if Path(recipe_file).is_file() else {}
+    if "task" in keys:
         from lmforge.tasks.config import load_finetune_recipe
         return load_finetune_recipe(recipe_file, overrides)
+    if "steps" in keys:
+        from lmforge.compress.config import load_compress_recipe
+        return load_compress_recipe(recipe_file, overrides)
     return load_recipe(recipe_file, overrides)
 
 
@@ -352,16 +356,16 @@ def recipe_show(recipe: Path = typer.Argument(..., help="Recipe YAML file."),
 @recipe_app.command("fields")
 def recipe_fields(markdown: bool = typer.Option(False, "--markdown", help="Print the Markdown field reference "
                                                 "(docs/recipes.md is this output).")):
-    """List every field of every recipe kind (pretraining and experts, fine-tuning, prep) with its default and
-    meaning."""
+    """List every field of every recipe kind (pretraining and experts, fine-tuning, prep, compress) with its default
+    and meaning."""
     from lmforge.prep.config import PrepRecipe
     from lmforge.recipe import Recipe, fields_markdown, fields_text
     from lmforge.compress.config import CompressRecipe
     from lmforge.tasks.config import FinetuneRecipe
     kinds = [(Recipe, "Pretraining and experts recipes (`lmforge pretrain`, `lmforge experts`)"),
              (FinetuneRecipe, "Fine-tuning recipes (`lmforge finetune`)"),
-             (CompressRecipe, "Compress recipes (`lmforge compress`)"),
-             (PrepRecipe, "Data preparation recipes (`lmforge prep`)")]
+             (PrepRecipe, "Data preparation recipes (`lmforge prep`)"),
+             (CompressRecipe, "Compress recipes (`lmforge compress`)")]
     if markdown:
         typer.echo("\n".join([
             "# Recipe fields", "",

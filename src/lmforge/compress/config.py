@@ -121,7 +121,8 @@ class CompressRecipe(Section):
         return self
 
     def to_yaml(self) -> str:
-        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+        """The resolved recipe; a step shows only its own kind (unset fields of a step are left out)."""
+        return yaml.safe_dump(self.model_dump(mode="json", exclude_none=True), sort_keys=False)
 
 
 def load_compress_recipe(path, overrides=()) -> CompressRecipe:
