@@ -60,11 +60,11 @@ def task_run(tmp_path_factory) -> Path:
                         intermediate_size=128, max_position_embeddings=64, pad_token_id=tok.pad_token_id)
     BertForSequenceClassification(config).save_pretrained(base)
     recipe = {"name": "toy", "task": "classification",
-              "data": {"train": {"path": _tsv(root / "train.tsv", _rows(480, 0))},
+              "data": {"train": {"path": _tsv(root / "train.tsv", _rows(320, 0))},
                        "validation": {"path": _tsv(root / "dev.tsv", _rows(64, 1))},
                        "text_column": "sentence", "max_length": 32},
               "model": {"path": str(base)},
-              "train": {"epochs": 3, "batch_size": 16, "lr": 3e-3, "seed": 0, "threads": 2},
+              "train": {"epochs": 2, "batch_size": 16, "lr": 5e-3, "seed": 0, "threads": 2},
               "output": {"dir": str(root / "run"), "tensorboard": False, "plots": False}}
     (root / "toy.yaml").write_text(yaml.safe_dump(recipe))
     finetune(recipe, show_progress=False)
@@ -170,7 +170,7 @@ def test_compress_prune_recover_quantize_writes_folders_that_reload_and_serve(ta
     toy["output"]["dir"] = str(tmp_path / "unused")
     (tmp_path / "toy.yaml").write_text(yaml.safe_dump(toy))
     steps = [{"prune": {"heads": 0.5, "ffn": 0.25, "batches": 2}},
-             {"finetune": {"recipe": str(tmp_path / "toy.yaml"), "set": {"train.epochs": 1}}},
+             {"finetune": {"recipe": str(tmp_path / "toy.yaml"), "set": {"train.max_steps": 10}}},
              {"quantize": {"scheme": "int8-dynamic"}}]
     result = compress(_compress_recipe(task_run, tmp_path / "out", steps), show_progress=False)
     out = Path(result)
@@ -185,7 +185,8 @@ def test_compress_prune_recover_quantize_writes_folders_that_reload_and_serve(ta
     rows = json.loads((out / "compress.json").read_text())
     assert rows[1]["params"] < rows[0]["params"] and rows[3]["size_mb"] < 0.5 * rows[0]["size_mb"]
     assert all(r["metric_name"] == "accuracy" and set(r["latency_ms"]) == {"1", "4"} for r in rows)
-    assert rows[0]["metric"] >= 0.9 and rows[2]["metric"] >= 0.9 and (out / "compress.png").stat().st_size > 0
+    assert rows[0]["metric"] == json.loads((task_run / "eval-validation.json").read_text())["accuracy"]
+    assert rows[2]["metric"] >= 0.9 and (out / "compress.png").stat().st_size > 0  # recovery learns the toy task
     for step in ("1-prune", "3-quantize"):
         (tmp_path / "in.txt").write_text("a great film\nan awful plot\n")
         assert predict_file(out / step, tmp_path / "in.txt", tmp_path / f"{step}.jsonl") == 2
