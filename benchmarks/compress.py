@@ -40,8 +40,10 @@ def main() -> None:
     recipe = yaml.safe_load(RECIPE.read_text())
     recipe.update(model=str(args.base), output={"dir": str(args.out / "pruned")},
                   bench={"threads": args.threads, "repeats": 1})
+    recovery = recipe["steps"][1]["finetune"]["set"]
+    recovery["train.threads"] = args.threads  # more threads than free cores stalls a shared machine
     if args.examples:
-        recipe["steps"][1]["finetune"]["set"]["data.max_examples"] = args.examples
+        recovery["data.max_examples"] = args.examples
     runs = {"pruned": compress(recipe, force=True)}
     for name, step in (("int8-dynamic", {"quantize": {"scheme": "int8-dynamic"}}),
                        ("int8-weight", {"quantize": {"scheme": "int8-weight"}}),

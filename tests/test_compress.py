@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from transformers import (AutoModelForSequenceClassification, BertConfig, BertForSequenceClassification,
+from transformers import (AutoModelForCausalLM, AutoModelForSequenceClassification, BertConfig, BertForSequenceClassification,
                           DistilBertConfig, DistilBertForSequenceClassification, GPT2Config, GPT2LMHeadModel)
 from typer.testing import CliRunner
 
@@ -232,3 +232,20 @@ def test_family_without_a_pruning_rule_is_refused(tmp_path):
     result = CliRunner().invoke(app, ["compress", str(path)])
     assert result.exit_code == 2 and "model family 'distilbert' has no pruning rule" in result.output
     assert not (tmp_path / "out").exists()
+
+
+def test_int8_gpt2_keeps_its_tied_head_in_float_and_leaves_the_lean_path(tmp_path):
+    from lmforge.models.lean import lean_applies
+    model = _tiny_gpt2()
+    inputs = _inputs(100)
+    with torch.no_grad():
+        reference = model(**inputs).logits
+        modules = quantize_modules(model, "int8-dynamic")
+        quantized = model(**inputs).logits
+    assert len(modules["linear"]) == 8 and modules["embedding"] == [] and not lean_applies(model)
+    assert (quantized - reference).abs().max() <= QUANT_TOLERANCE
+    model.config.lmforge_compression = {"quantization": {"scheme": "int8-dynamic", "modules": modules}}
+    model.save_pretrained(tmp_path)
+    again = load_pretrained(AutoModelForCausalLM, tmp_path)
+    with torch.no_grad():
+        assert torch.equal(again(**inputs).logits, quantized)
