@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from transformers import (AutoModelForCausalLM, AutoModelForSequenceClassification, BertConfig, BertForSequenceClassification,
-                          DistilBertConfig, DistilBertForSequenceClassification, GPT2Config, GPT2LMHeadModel)
+from transformers import (AutoModelForCausalLM, AutoModelForSequenceClassification, BertConfig,
+                          BertForSequenceClassification, DistilBertConfig, DistilBertForSequenceClassification, GPT2Config, GPT2LMHeadModel)
 from typer.testing import CliRunner
 
 from lmforge.cli import app

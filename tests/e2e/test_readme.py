@@ -82,8 +82,8 @@ def test_example_recipes_validate(recipe):
 
 
 def test_every_command_has_help():
-    for command in ([], ["quickstart"], ["pretrain"], ["eval"], ["generate"], ["serve"], ["recipe", "show"],
-                    ["recipe", "fields"], ["tokenizer", "train"]):
+    for command in ([], ["quickstart"], ["pretrain"], ["eval"], ["generate"], ["serve"], ["compress"], ["compare"],
+                    ["recipe", "show"], ["recipe", "fields"], ["tokenizer", "train"]):
         result = _run(*command, "--help")
         assert "Usage" in result.stdout
 

@@ -24,12 +24,12 @@ def pareto_front(rows: Sequence[Row], batch: int) -> list[Row]:
     """Variants no other beats on both quality and latency at `batch` (rows without a metric are left out)."""
     scored = [r for r in rows if r.metric is not None and batch in r.latency_ms]
     sign = {r.name: (1 if higher_is_better(r.metric_name) else -1) for r in scored}
+    quality = {r.name: sign[r.name] * r.metric for r in scored}
     front = []
     for r in scored:
-        dominated = any(o is not r and o.latency_ms[batch] <= r.latency_ms[batch]
-                        and sign[o.name] * o.metric >= sign[r.name] * r.metric
-                        and (o.latency_ms[batch] < r.latency_ms[batch] or sign[o.name] * o.metric > sign[r.name] * r.metric)
-                        for o in scored)
+        t, q = r.latency_ms[batch], quality[r.name]
+        dominated = any(o is not r and o.latency_ms[batch] <= t and quality[o.name] >= q
+                        and (o.latency_ms[batch] < t or quality[o.name] > q) for o in scored)
         if not dominated:
             front.append(r)
     return sorted(front, key=lambda r: r.latency_ms[batch])
