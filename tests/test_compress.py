@@ -11,7 +11,8 @@ import pytest
 import torch
 import yaml
 from transformers import (AutoModelForCausalLM, AutoModelForSequenceClassification, BertConfig,
-                          BertForSequenceClassification, DistilBertConfig, DistilBertForSequenceClassification, GPT2Config, GPT2LMHeadModel)
+                          BertForSequenceClassification, DistilBertConfig, DistilBertForSequenceClassification,
+                          GPT2Config, GPT2LMHeadModel)
 from typer.testing import CliRunner
 
 from lmforge.cli import app
