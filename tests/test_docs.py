@@ -43,6 +43,6 @@ def test_recipe_fields_lists_every_recipe_kind():
     out = result.stdout
     headings = [line for line in out.splitlines() if line.startswith("# ")]
     assert [h.split(" (")[0] for h in headings] == ["# Pretraining and experts recipes", "# Fine-tuning recipes",
-                                                    "# Data preparation recipes"]
+                                                    "# Data preparation recipes", "# Compress recipes"]
     for line in ("  train.lr = 0.0005", "  strategy.method = 'full'", "  dedup.threshold = ", "  experts.routing = "):
         assert line in out, line

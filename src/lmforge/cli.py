@@ -34,11 +34,15 @@ def _fail(err: Exception) -> None:
 
 
 def _load(recipe_file: Path, overrides: List[str]):
-    """A pretraining recipe, or a fine-tuning recipe (one with a `task:` key)."""
+    """A pretraining recipe, a fine-tuning recipe (one with a `task:` key) or a compress recipe (`steps:`)."""
     from lmforge.recipe import load_recipe, read_yaml_mapping
-    if Path(recipe_file).is_file() and "task" in read_yaml_mapping(recipe_file, "a recipe is a mapping of sections"):
+    keys = read_yaml_mapping(recipe_file, "a recipe is a mapping of sections") if Path(recipe_file).is_file() else {}
+    if "task" in keys:
         from lmforge.tasks.config import load_finetune_recipe
         return load_finetune_recipe(recipe_file, overrides)
+    if "steps" in keys:
+        from lmforge.compress.config import load_compress_recipe
+        return load_compress_recipe(recipe_file, overrides)
     return load_recipe(recipe_file, overrides)
 
 
@@ -318,6 +322,44 @@ def tune(target: str = typer.Argument(..., help="Recipe YAML file to search; or 
         _fail(err)
 
 
+@app.command()
+def compress(recipe: Path = typer.Argument(..., help="Compress recipe YAML file (model, steps, eval, output)."),
+             set_: List[str] = typer.Option([], "--set", help=SET_HELP),
+             force: bool = typer.Option(False, help="Replace an existing output folder."),
+             progress: bool = typer.Option(True, help="Show progress bars.")):
+    """Prune (attention heads, FFN neurons, or weights by magnitude), recover by fine-tuning and quantize to int8,
+    as the recipe's steps say; each step writes a run folder that eval / predict / serve load, and compress.md /
+    compress.png tabulate size, latency and quality of every variant."""
+    from lmforge.compress import compress as run
+    try:
+        result = run(recipe, overrides=set_, force=force, show_progress=progress)
+        typer.echo(f"compress folder: {result} (report: {result / 'compress.md'})")
+    except LmforgeError as err:
+        _fail(err)
+
+
+@app.command()
+def compare(runs: List[Path] = typer.Argument(..., help="Run or model folders to measure side by side."),
+            out: Optional[Path] = typer.Option(None, help="Write compare.md / compare.png / compare.json here."),
+            split: str = typer.Option("validation", help="Split whose eval-SPLIT.json gives the metric."),
+            threads: int = typer.Option(1, min=1, help="CPU threads for the latency measurement."),
+            repeats: int = typer.Option(7, min=1, help="Timed repeats per batch size (median reported)."),
+            seq_len: int = typer.Option(64, min=2, help="Tokens per input row."),
+            batch: List[int] = typer.Option([1, 32], "--batch", min=1, help="Batch sizes timed (repeatable).")):
+    """Parameters, size on disk, sparsity, CPU latency (median of warm repeats), throughput, peak memory and the
+    task metric of any run or model folders, as one table (and a quality-vs-latency plot with --out)."""
+    from lmforge.compress import compare as run
+    from lmforge.compress.report import markdown_table
+    try:
+        rows, path = run(runs, out, split=split, threads=threads, repeats=repeats, seq_len=seq_len,
+                         batch_sizes=tuple(batch))
+        typer.echo(markdown_table(rows, "lmforge compare", threads, seq_len))
+        if path:
+            typer.echo(f"written: {path} and {path.with_suffix('.png')}")
+    except LmforgeError as err:
+        _fail(err)
+
+
 @recipe_app.command("show")
 def recipe_show(recipe: Path = typer.Argument(..., help="Recipe YAML file."),
                 set_: List[str] = typer.Option([], "--set", help=SET_HELP)):
@@ -331,14 +373,16 @@ def recipe_show(recipe: Path = typer.Argument(..., help="Recipe YAML file."),
 @recipe_app.command("fields")
 def recipe_fields(markdown: bool = typer.Option(False, "--markdown", help="Print the Markdown field reference "
                                                 "(docs/recipes.md is this output).")):
-    """List every field of every recipe kind (pretraining and experts, fine-tuning, prep) with its default and
-    meaning."""
+    """List every field of every recipe kind (pretraining and experts, fine-tuning, prep, compress) with its default
+    and meaning."""
     from lmforge.prep.config import PrepRecipe
     from lmforge.recipe import Recipe, fields_markdown, fields_text
+    from lmforge.compress.config import CompressRecipe
     from lmforge.tasks.config import FinetuneRecipe
     kinds = [(Recipe, "Pretraining and experts recipes (`lmforge pretrain`, `lmforge experts`)"),
              (FinetuneRecipe, "Fine-tuning recipes (`lmforge finetune`)"),
-             (PrepRecipe, "Data preparation recipes (`lmforge prep`)")]
+             (PrepRecipe, "Data preparation recipes (`lmforge prep`)"),
+             (CompressRecipe, "Compress recipes (`lmforge compress`)")]
     if markdown:
         typer.echo("\n".join([
             "# Recipe fields", "",

@@ -16,17 +16,17 @@ from lmforge.engine.dropout import attention
 def _first_position_forward(self, hidden_states, attention_mask=None, *args, **kwargs):
     attn = self.attention.self
     batch, length, _ = hidden_states.shape
-    heads, size = attn.num_attention_heads, attn.attention_head_size
+    size = attn.attention_head_size  # the head count comes from the width: a pruned layer has fewer heads
     first = hidden_states[:, :1]
-    q = attn.query(first).view(batch, 1, heads, size).transpose(1, 2)
-    k = attn.key(hidden_states).view(batch, length, heads, size).transpose(1, 2)
-    v = attn.value(hidden_states).view(batch, length, heads, size).transpose(1, 2)
+    q = attn.query(first).view(batch, 1, -1, size).transpose(1, 2)
+    k = attn.key(hidden_states).view(batch, length, -1, size).transpose(1, 2)
+    v = attn.value(hidden_states).view(batch, length, -1, size).transpose(1, 2)
     mask = attention_mask
     if mask is not None and mask.dim() == 4 and mask.shape[-2] > 1:
         mask = mask[:, :, :1, :]
     context, _ = attention(attn, q, k, v, mask, dropout=attn.dropout.p if self.training else 0.0,
                            scaling=attn.scaling, is_causal=False)
-    context = context.reshape(batch, 1, heads * size)
+    context = context.reshape(batch, 1, -1)
     attention_output = self.attention.output(context, first)
     return self.output(self.intermediate(attention_output), attention_output)
 

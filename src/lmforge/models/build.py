@@ -9,6 +9,7 @@ from transformers.utils import logging as hf_logging
 
 from lmforge.errors import LmforgeError
 from lmforge.models import demix, moe  # noqa: F401  (register the DEMix and MoE models with the Auto classes)
+from lmforge.models.compressed import load_pretrained
 from lmforge.models.electra import ElectraPretrainer, generator_config
 from lmforge.models.families import POSITION_OFFSET, families_for, family_kind, make_config
 from lmforge.paths import local_path
@@ -79,8 +80,7 @@ def load_model(path, objective: str):
         return ElectraPretrainer.from_folder(path)
     try:
         config = AutoConfig.from_pretrained(str(path), local_files_only=True, trust_remote_code=False)
-        return auto_class(objective).from_pretrained(str(path), config=config, local_files_only=True,
-                                                     attn_implementation="sdpa", trust_remote_code=False)
+        return load_pretrained(auto_class(objective), path, config=config)
     except ValueError as err:
         kind = {"clm": "a causal LM", "span": "an encoder-decoder LM"}.get(objective, "a masked LM")
         raise LmforgeError(f"{path}: cannot load as {kind}: "

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.modules import module as nn_module
 from transformers import GPT2LMHeadModel
+from transformers.pytorch_utils import Conv1D
 
 from lmforge.engine.dropout import ATTENTION
 
@@ -48,7 +49,10 @@ def lean_applies(model: torch.nn.Module, **kwargs) -> bool:
         return False
     modules = [model, body, *body.h]
     modules += [m for block in body.h for m in (block.attn, block.mlp)]
-    return not any(_has_hooks(m) for m in modules)
+    projections = [m for block in body.h for m in (block.attn.c_attn, block.attn.c_proj, block.mlp.c_fc,
+                                                   block.mlp.c_proj)]
+    # int8 projections (lmforge compress) are not Conv1D: they run through transformers' forward
+    return not any(_has_hooks(m) for m in modules) and all(isinstance(m, Conv1D) for m in projections)
 
 
 def _project(conv, x: torch.Tensor) -> torch.Tensor:

@@ -13,6 +13,7 @@ from transformers import AutoConfig, AutoModelForSequenceClassification, AutoMod
 from transformers.utils import logging as hf_logging
 
 from lmforge.errors import LmforgeError
+from lmforge.models.compressed import is_quantized, load_pretrained
 from lmforge.paths import package_path
 from lmforge.runs import model_folder
 from lmforge.tasks.config import BaseModelSpec, StrategyConfig
@@ -48,6 +49,9 @@ def load_task_tokenizer(spec: BaseModelSpec, folder: Path):
 def build_task_model(folder: Path, task: str, label_names: list[str], multi_label: bool, tokenizer,
                      dropout: Optional[float] = None, seed: int = 0):
     torch.manual_seed(seed)
+    if is_quantized(folder):
+        raise LmforgeError(f"{folder}: an int8 model is for inference only; fine-tune the model it was quantized "
+                           "from, then quantize again")
     auto = AutoModelForSequenceClassification if task == "classification" else AutoModelForTokenClassification
     config = AutoConfig.from_pretrained(str(folder), local_files_only=True, trust_remote_code=False)
     config.num_labels = len(label_names)
@@ -65,9 +69,7 @@ def build_task_model(folder: Path, task: str, label_names: list[str], multi_labe
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # the new head is expected to be missing from the checkpoint
     try:
-        model, info = auto.from_pretrained(str(folder), config=config, local_files_only=True,
-                                           trust_remote_code=False, attn_implementation="sdpa",
-                                           output_loading_info=True)
+        model, info = load_pretrained(auto, folder, config=config, with_info=True)
     except (ValueError, KeyError) as err:
         raise LmforgeError(f"{folder}: cannot load for {task}: {str(err).splitlines()[0]}") from None
     finally:

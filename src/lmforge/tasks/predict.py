@@ -13,6 +13,7 @@ import torch
 from transformers import AutoModelForSequenceClassification, AutoModelForTokenClassification
 
 from lmforge.errors import LmforgeError
+from lmforge.models.compressed import load_pretrained
 from lmforge.tasks import model as tm
 from lmforge.tasks.config import BaseModelSpec, FinetuneRecipe, SplitFile, load_finetune_recipe
 from lmforge.tasks.conll import Sentence, entity_spans
@@ -50,8 +51,7 @@ def open_task_model(run_dir: Path, which: Optional[str] = None):
         raise LmforgeError(f"{folder}: not a classification model (architectures: {archs}); "
                            "use a fine-tuning run folder")
     tokenizer = tm.load_task_tokenizer(BaseModelSpec(path=str(folder)), folder)
-    model = auto.from_pretrained(str(folder), local_files_only=True, trust_remote_code=False,
-                                 attn_implementation="sdpa")
+    model = load_pretrained(auto, folder)
     model.eval()
     return recipe, model, tokenizer, task
 

@@ -1,0 +1,67 @@
+"""Compression of a fine-tuned SST-2 classifier, every variant measured side by side in one process.
+
+    python benchmarks/compress.py --base runs/sst2-minilm --out runs/bench-compress [--examples 8000]
+
+Runs recipes/compress-sst2.yaml (heads 50 %, FFN 30 %, one recovery epoch on --examples training rows,
+int8-dynamic), then int8-dynamic and int8-weight of the unpruned model and 50 % unstructured magnitude sparsity
+(no recovery), and prints one table (`lmforge compare` of all variants: ratios against the base model) plus the
+zip-compressed size of each weight file (what unstructured sparsity buys on disk)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import zlib
+from pathlib import Path
+
+import yaml
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+from lmforge.compress import compare, compress  # noqa: E402
+from lmforge.compress.report import markdown_table  # noqa: E402
+
+RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "compress-sst2.yaml"
+
+
+def deflated_mb(folder: Path) -> float:
+    """Size of the model's safetensors after zlib level 6, in MB: zeros compress, dense weights barely do."""
+    return len(zlib.compress((folder / "final" / "model.safetensors").read_bytes(), 6)) / 1e6
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--base", type=Path, required=True, help="A fine-tuned SST-2 run folder.")
+    ap.add_argument("--out", type=Path, default=Path("runs/bench-compress"))
+    ap.add_argument("--examples", type=int, default=None, help="Training rows of the recovery epoch (default all).")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--repeats", type=int, default=7)
+    args = ap.parse_args()
+    recipe = yaml.safe_load(RECIPE.read_text())
+    recipe.update(model=str(args.base), output={"dir": str(args.out / "pruned")},
+                  bench={"threads": args.threads, "repeats": 1})
+    recovery = recipe["steps"][1]["finetune"]["set"]
+    recovery["train.threads"] = args.threads  # more threads than free cores stalls a shared machine
+    if args.examples:
+        recovery["data.max_examples"] = args.examples
+    runs = {"pruned": compress(recipe, force=True)}
+    for name, step in (("int8-dynamic", {"quantize": {"scheme": "int8-dynamic"}}),
+                       ("int8-weight", {"quantize": {"scheme": "int8-weight"}}),
+                       ("sparse-50", {"prune": {"sparsity": 0.5}})):
+        runs[name] = compress({"name": name, "model": str(args.base), "steps": [step], "bench": {"repeats": 1},
+                               "output": {"dir": str(args.out / name)}}, force=True)
+    folders = [args.base, *(runs["pruned"] / s for s in ("1-prune", "2-finetune", "3-quantize")),
+               runs["int8-dynamic"] / "1-quantize", runs["int8-weight"] / "1-quantize", runs["sparse-50"] / "1-prune"]
+    rows, path = compare(folders, args.out, threads=args.threads, repeats=args.repeats)
+    labels = ["base", "pruned", "pruned+recovered", "pruned+recovered+int8-dynamic", "int8-dynamic", "int8-weight",
+              "50% magnitude sparsity"]
+    for row, label in zip(rows, labels):
+        row.name = label
+    print(markdown_table(rows, "SST-2 all-MiniLM-L6-v2: compression variants", args.threads, 64))
+    for label, folder in zip(labels, folders):
+        print(f"{label}: {deflated_mb(folder):.1f} MB deflated")
+    print(f"written: {path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,239 @@
+"""The compress stage: recipe → checks of every step (before any work) → the steps in order, each writing a run
+folder → the size / speed / quality report of the model and every step's variant.
+
+    OUT/
+      recipe.yaml                 the compress recipe, resolved
+      1-prune/  2-finetune/  3-quantize/   one fine-tuning-style run folder per step: final/ (the model),
+                                  recipe.yaml (the task's data settings), eval-SPLIT.json, report-SPLIT.*,
+                                  compression.json (what the step did), README.md (model card)
+      compress.md  compress.png  compress.json   the table, the plot (Pareto front drawn), the rows
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Optional, Union
+
+from lmforge.compress.config import CompressRecipe, PruneStep, QuantizeStep, load_compress_recipe
+from lmforge.compress.magnitude import apply_masks, prune_magnitude, sparsity_by_layer
+from lmforge.compress.measure import describe
+from lmforge.compress.report import write_report
+from lmforge.compress.structured import check_fractions, prune_structured
+from lmforge.engine import checkpoint as ckpt
+from lmforge.engine.logging import console
+from lmforge.errors import LmforgeError
+from lmforge.finetune import finetune
+from lmforge.finetune.objective import TaskObjective
+from lmforge.models.compressed import COMPRESSION_KEY
+from lmforge.models.quantized import quantize_modules
+from lmforge.models.slicing import rule_for, stock_loadable
+from lmforge.recipe import coerce_recipe
+from lmforge.runs import model_folder
+from lmforge.stage import RunResult
+from lmforge.tasks.config import FinetuneRecipe, load_finetune_recipe
+from lmforge.tasks.encode import collate
+from lmforge.tasks.predict import is_task_run, open_task_model
+from lmforge.tasks.report import TaskData, write_split_report, write_text_atomic
+
+INT4_REFUSAL = ("quantize.scheme: int4-weight has no CPU kernel here (torchao's int4 CPU path needs a kernel "
+                "package that does not install against torch 2.13); use int8-dynamic or int8-weight")
+ONNX_REFUSAL = ("quantize.runtime: onnx is not available yet (it comes with `lmforge export`); use runtime: torch")
+
+
+def compress(recipe: Union[CompressRecipe, str, Path, dict], *, overrides=(), force: bool = False,
+             show_progress: bool = True) -> RunResult:
+    """Run the recipe's steps on its model, each from the previous one's output, and write the report; returns
+    the output folder and each variant's metric."""
+    recipe = coerce_recipe(recipe, overrides, CompressRecipe, load_compress_recipe)
+    task_recipe = check_plan(recipe)
+    out = prepare_output(recipe, force)
+    current, masks, variants = Path(recipe.model), None, [("base", Path(recipe.model), "")]
+    for k, step in enumerate(recipe.steps, 1):
+        step_dir = out / f"{k}-{step.kind}"
+        console.print(f"[bold]{recipe.name}[/]: step {k} of {len(recipe.steps)}: {step.kind}")
+        if step.prune is not None:
+            note, masks = prune_step(step.prune, current, step_dir, task_recipe, recipe.eval.split)
+        elif step.finetune is not None:
+            note = finetune_step(step.finetune, current, step_dir, masks, recipe.eval.split, show_progress)
+        else:
+            note = quantize_step(step.quantize, current, step_dir, task_recipe, recipe.eval.split)
+        current = step_dir
+        variants.append((step_dir.name, step_dir, note))
+    rows = []
+    for name, path, note in variants:
+        row = describe(path, name=name, split=recipe.eval.split, threads=recipe.bench.threads,
+                       repeats=recipe.bench.repeats, seq_len=recipe.bench.seq_len, batch_sizes=recipe.bench.batch_sizes)
+        row.note = note
+        rows.append(row)
+    report = write_report(rows, out, "compress", f"{recipe.name}: size, speed and quality", recipe.bench.threads,
+                          recipe.bench.seq_len)
+    console.print(report.read_text())
+    return RunResult(out, {r.name: {r.metric_name: r.metric} for r in rows if r.metric is not None})
+
+
+def check_plan(recipe: CompressRecipe) -> FinetuneRecipe:
+    """Refuse, before anything is written, what cannot work; returns the fine-tuning recipe whose data the steps
+    rank and evaluate on (the model's run, else the first finetune step's recipe)."""
+    source = Path(recipe.model)
+    if not source.exists():
+        raise LmforgeError(f"model: {recipe.model}: no such run or model folder")
+    folder = model_folder(source)
+    config = json.loads((folder / "config.json").read_text())
+    if "Classification" not in " ".join(config.get("architectures") or []):
+        raise LmforgeError(f"model: {recipe.model}: compress works on fine-tuned classifiers and taggers "
+                           f"(architectures: {config.get('architectures')})")
+    finetunes = [load_finetune_recipe(s.finetune.recipe, _set_list(s.finetune.set))
+                 for s in recipe.steps if s.finetune is not None]
+    for step in recipe.steps:
+        if step.prune is not None:
+            check_prune(step.prune, config)
+        if step.quantize is not None:
+            check_quantize(step.quantize)
+    if is_task_run(source):
+        return load_finetune_recipe(source / "recipe.yaml")
+    if finetunes:
+        return finetunes[0]
+    raise LmforgeError(f"model: {recipe.model} is a model folder without a recipe; the steps need the task's data: "
+                       "give its fine-tuning run folder or a finetune step")
+
+
+def check_prune(step: PruneStep, config: dict) -> None:
+    if step.heads is not None or step.ffn is not None:
+        rule_for(config.get("model_type", ""))
+        check_fractions(config, step.heads, step.ffn)
+
+
+def check_quantize(step: QuantizeStep) -> None:
+    if step.scheme == "int4-weight":
+        raise LmforgeError(INT4_REFUSAL)
+    if step.runtime == "onnx":
+        raise LmforgeError(ONNX_REFUSAL)
+
+
+def _set_list(values: dict) -> list[str]:
+    return [f"{k}={json.dumps(v) if isinstance(v, (list, dict)) else v}" for k, v in values.items()]
+
+
+def prepare_output(recipe: CompressRecipe, force: bool) -> Path:
+    out = Path(recipe.output.dir)
+    if out.exists() and any(out.iterdir()):
+        if not force:
+            raise LmforgeError(f"output.dir: {out} is not empty; pass --force to replace it")
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(out / "recipe.yaml", recipe.to_yaml())
+    return out
+
+
+def _task_data(task_recipe: FinetuneRecipe, tokenizer, model, split: str, train_rows: int) -> TaskData:
+    """The split to score, and the first `train_rows` training rows, labelled as the model is."""
+    spec = task_recipe.model_copy(deep=True)
+    spec.data.max_examples = train_rows
+    for name in ("validation", "test"):
+        if name != split and getattr(spec.data, name) is not None:
+            setattr(spec.data, name, None)
+    names = [model.config.id2label[i] for i in range(model.config.num_labels)]
+    return TaskData(spec, tokenizer, labels=names)
+
+
+def prune_step(step: PruneStep, source: Path, step_dir: Path, task_recipe: FinetuneRecipe, split: str):
+    _, model, tokenizer, _ = open_task_model(source)
+    data = _task_data(task_recipe, tokenizer, model, split, step.batches * step.batch_size)
+    details, notes, masks = {}, [], None
+    if step.heads is not None or step.ffn is not None:
+        train = data.encoded["train"]
+        pad = tokenizer.pad_token_id or 0
+        batches = [collate(train, list(range(i, min(i + step.batch_size, len(train)))), pad,
+                           task_recipe.data.multi_label) for i in range(0, len(train), step.batch_size)]
+        objective = TaskObjective(task_recipe.task, task_recipe.data.multi_label)
+
+        def loss_of(m, batch):
+            total, count, _ = objective.loss(m, batch)
+            return total / count.clamp(min=1)
+
+        details.update(prune_structured(model, step.heads, step.ffn, batches, loss_of))
+        shape = details["shape"]
+        notes.append(f"heads per layer {shape['heads']}, FFN neurons per layer {shape['ffn']}")
+    if step.sparsity is not None:
+        masks = prune_magnitude(model, step.sparsity, step.scope)
+        details["sparsity"] = sparsity_by_layer(model)
+        notes.append(f"{details['sparsity']['all']:.1%} of the layers' weights zero ({step.scope} magnitude)")
+    save_step(step_dir, model, tokenizer, task_recipe, data, split, details, "; ".join(notes))
+    return "; ".join(notes), masks
+
+
+def finetune_step(step, source: Path, step_dir: Path, masks: Optional[dict], split: str, show_progress: bool) -> str:
+    overrides = _set_list(step.set) + [f"model.path={model_folder(source)}", f"output.dir={step_dir}"]
+    finetune(step.recipe, overrides=overrides, force=True, show_progress=show_progress)
+    if not masks:
+        return "recovered by fine-tuning"
+    # Recovery moved the pruned weights: zero them again so the saved model holds the sparsity it was pruned to.
+    recipe, model, tokenizer, _ = open_task_model(step_dir)
+    apply_masks(model, masks)
+    ckpt.save_model(step_dir / "final", model, tokenizer)
+    data = _task_data(recipe, tokenizer, model, split, 1)
+    write_split_report(step_dir, model, data, split, recipe)
+    return "recovered by fine-tuning; pruned weights zeroed again after it"
+
+
+def quantize_step(step: QuantizeStep, source: Path, step_dir: Path, task_recipe: FinetuneRecipe, split: str) -> str:
+    _, model, tokenizer, _ = open_task_model(source)
+    record = dict(getattr(model.config, COMPRESSION_KEY, None) or {})
+    modules = quantize_modules(model, step.scheme)
+    record["quantization"] = {"scheme": step.scheme, "modules": modules}
+    setattr(model.config, COMPRESSION_KEY, record)
+    data = _task_data(task_recipe, tokenizer, model, split, 1)
+    kernel = "fbgemm dynamic int8 matmul" if step.scheme == "int8-dynamic" else "fp32 matmul on widened int8 weights"
+    note = f"{step.scheme}: {len(modules['linear'])} linear layers ({kernel}), embeddings int8 per row"
+    save_step(step_dir, model, tokenizer, task_recipe, data, split, {"quantization": record["quantization"]}, note,
+              quantized=True)
+    return note
+
+
+def save_step(step_dir: Path, model, tokenizer, task_recipe: FinetuneRecipe, data: TaskData, split: str,
+              details: dict, note: str, quantized: bool = False) -> None:
+    """A step's run folder, written under a temporary name and renamed into place."""
+    tmp = step_dir.with_name(f".{step_dir.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        if not quantized:
+            record = stock_loadable(model)
+            if record:
+                setattr(model.config, COMPRESSION_KEY, {"shape": record})
+            elif hasattr(model.config, COMPRESSION_KEY):
+                delattr(model.config, COMPRESSION_KEY)
+        ckpt.save_model(tmp / "final", model, tokenizer)
+        recipe = task_recipe.model_copy(deep=True)
+        recipe.model.path, recipe.output.dir = str(step_dir / "final"), str(step_dir)
+        write_text_atomic(tmp / "recipe.yaml", recipe.to_yaml())
+        write_text_atomic(tmp / "compression.json", json.dumps(details, indent=2))
+        metrics = write_split_report(tmp, model, data, split, recipe)
+        write_model_card(tmp, step_dir, model, note, metrics, split)
+        os.replace(tmp, step_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def write_model_card(tmp: Path, step_dir: Path, model, note: str, metrics: dict, split: str) -> None:
+    record = getattr(model.config, COMPRESSION_KEY, None) or {}
+    if record.get("quantization"):
+        loads = ("Stock `transformers` cannot load it: the weights are int8 with per-row scales "
+                 "(`lmforge_compression.quantization` in config.json). lmforge's loader rebuilds it.")
+    elif record.get("shape"):
+        loads = ("Stock `transformers.AutoModel*` cannot represent this shape (attention heads removed, or FFN "
+                 "widths differing per layer: `lmforge_compression.shape` in config.json); lmforge's loader "
+                 "rebuilds it.")
+    else:
+        loads = "It loads with stock `transformers` `AutoModelFor*.from_pretrained` (same logits as lmforge's loader)."
+    score = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float) and k != "loss")
+    text = "\n".join([f"# {step_dir.name}", "", f"Made by `lmforge compress`: {note}.", "", loads, "",
+                      f"Scores on {split}: {score}.", "", "## Use", "",
+                      f"`lmforge predict {step_dir} --input FILE.txt --output preds.jsonl`, `lmforge eval "
+                      f"{step_dir}`, `lmforge serve {step_dir}` (CPU).", ""])
+    write_text_atomic(tmp / "README.md", text)
+
