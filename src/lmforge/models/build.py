@@ -11,6 +11,7 @@ from lmforge.errors import LmforgeError
 from lmforge.models import demix, moe  # noqa: F401  (register the DEMix and MoE models with the Auto classes)
 from lmforge.models.electra import ElectraPretrainer, generator_config
 from lmforge.models.families import POSITION_OFFSET, families_for, family_kind, make_config
+from lmforge.models.onnx import refuse_inference_only
 from lmforge.paths import local_path
 from lmforge.recipe import ModelConfig, ObjectiveConfig
 from lmforge.registry import objective_kind
@@ -75,6 +76,7 @@ def load_model(path, objective: str):
     objective = objective_kind(objective)
     if not (path / "config.json").is_file():
         raise LmforgeError(f"{path}: not a Hugging Face checkpoint folder (no config.json)")
+    refuse_inference_only(path, "model")
     if objective == "electra":
         return ElectraPretrainer.from_folder(path)
     try:
