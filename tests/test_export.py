@@ -23,7 +23,7 @@ from lmforge.recipe import TokenizerConfig
 from lmforge.serve import create_app, load_served_model
 from lmforge.tasks.config import finetune_recipe_from_dict
 from lmforge.tasks.predict import classify_texts, open_task_model, tag_texts
-from lmforge.tokenizer import save_tokenizer, train_tokenizer
+from lmforge.tokenizer import load_tokenizer, save_tokenizer, train_tokenizer
 
 WORDS = "the a film plot was great awful dull lovely john mary paris london met flew to in and very".split()
 NER_LABELS = ["O", "B-PER", "I-PER", "B-LOC", "I-LOC"]
@@ -102,6 +102,17 @@ def test_fp32_logits_equal_pytorch_and_open_in_plain_onnxruntime(models):
     out = session.run(["logits"], {"input_ids": ids, "attention_mask": np.ones_like(ids),
                                    "token_type_ids": np.zeros_like(ids)})[0]
     assert out.shape == (1, 2)
+
+
+def test_roberta_classifier_exports_with_equal_logits(models, tmp_path):
+    from transformers import RobertaConfig, RobertaForSequenceClassification
+    torch.manual_seed(1)
+    config = RobertaConfig(vocab_size=120, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                           intermediate_size=64, max_position_embeddings=66, pad_token_id=0, num_labels=3)
+    save_tokenizer(load_tokenizer(models / "tagger"), tmp_path / "roberta")
+    RobertaForSequenceClassification(config).save_pretrained(tmp_path / "roberta")
+    export(tmp_path / "roberta", tmp_path / "roberta-onnx")
+    assert logits_gap(tmp_path / "roberta", tmp_path / "roberta-onnx") <= FP32_TOLERANCE
 
 
 def test_int8_is_close_and_smaller(models):
