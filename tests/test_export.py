@@ -16,6 +16,8 @@ from fastapi.testclient import TestClient
 from transformers import BertConfig, BertForMaskedLM, BertForSequenceClassification, BertForTokenClassification
 from typer.testing import CliRunner
 
+from conftest import tiny_recipe
+from lmforge import LmforgeError, pretrain
 from lmforge.cli import app as cli
 from lmforge.export import export
 from lmforge.models.onnx import OnnxForSequenceClassification, load_onnx_model
@@ -169,7 +171,7 @@ def fails(args: list[str], message: str) -> None:
     assert done.output.startswith("error:") and message in done.output and done.output.count("\n") == 1, done.output
 
 
-def test_bad_inputs_are_one_line_and_leave_nothing(models, tmp_path, monkeypatch):
+def test_bad_inputs_are_one_line_and_leave_nothing(models, corpus, tmp_path, monkeypatch):
     out = tmp_path / "out"
     fails(["export", str(models / "mlm"), "--out", str(out)], "no ONNX export rule for BertForMaskedLM")
     no_weights = tmp_path / "no-weights"
@@ -187,7 +189,7 @@ def test_bad_inputs_are_one_line_and_leave_nothing(models, tmp_path, monkeypatch
     monkeypatch.setattr("lmforge.export.onnx.quantize_dynamic", lambda *a, **k: (_ for _ in ()).throw(
         OSError(28, "No space left on device")))
     fails(["export", str(models / "tagger"), "--out", str(out), "--quantize", "int8"], "no space left on the device")
-    assert list(tmp_path.iterdir()) == [no_weights]
+    assert sorted(tmp_path.iterdir()) == sorted([no_weights, *corpus.values()])
 
     # An export is inference-only: fine-tuning, pretraining and experts refuse it.
     recipe = tmp_path / "ft.yaml"
@@ -196,9 +198,11 @@ def test_bad_inputs_are_one_line_and_leave_nothing(models, tmp_path, monkeypatch
     recipe.write_text(yaml.safe_dump(tree))
     fails(["finetune", str(recipe), "--no-progress"], "is an ONNX export (model.onnx), which is inference-only")
     assert not (tmp_path / "ft-run").exists()
-    from lmforge.models import load_model
-    with pytest.raises(Exception, match="inference-only; use the run it was exported from"):
-        load_model(models / "run-onnx", "mlm")
+    tree = tiny_recipe(corpus, tmp_path / "pt-run", objective="mlm")
+    tree["model"] = {"path": str(models / "run-onnx")}
+    with pytest.raises(LmforgeError, match="model.path: .* inference-only; use the run it was exported from"):
+        pretrain(tree, show_progress=False)
+    assert not (tmp_path / "pt-run").exists()
 
     corrupt = tmp_path / "corrupt"
     corrupt.mkdir()
