@@ -256,13 +256,15 @@ def serve(models: List[str] = typer.Argument(..., help="Run folders or HF folder
     /v1/ner for fine-tuned runs, /v1/models, /health, /metrics."""
     import torch
 
+    from lmforge.models.onnx import OnnxModel
     from lmforge.serve import create_app, load_served_models, run_server
     try:
         served = load_served_models(models)
         target = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
         for m in served.values():
             m.model.to(target)
-            typer.echo(f"serving {m.name!r} ({m.kind}) from {m.source} on {target}")
+            where = "ONNX Runtime (cpu)" if isinstance(m.model, OnnxModel) else target
+            typer.echo(f"serving {m.name!r} ({m.kind}) from {m.source} on {where}")
         app_ = create_app(served, api_key=api_key, max_batch=max_batch, max_wait_ms=max_wait_ms,
                           max_concurrent=max_concurrent, max_queue=max_queue, timeout_s=timeout,
                           max_tokens_cap=max_tokens_cap)
@@ -274,6 +276,22 @@ def serve(models: List[str] = typer.Argument(..., help="Run folders or HF folder
         typer.echo(f"warning: listening on {host} without an API key; anyone who can reach it can use it", err=True)
     typer.echo(f"listening on http://{host}:{port} (OpenAI base_url: http://{host}:{port}/v1)")
     run_server(app_, host=host, port=port)
+
+
+@app.command()
+def export(model_dir: Path = typer.Argument(..., help="Fine-tuning run folder (or an HF classifier folder)."),
+           out: Path = typer.Option(..., "--out", help="Folder to write: model.onnx, config, tokenizer, model card."),
+           format: str = typer.Option("onnx", "--format", help="Export format: onnx."),
+           quantize: Optional[str] = typer.Option(None, help="int8: dynamic int8 weights (about 4× smaller, "
+                                                             "faster on CPU)."),
+           model: Optional[str] = typer.Option(None, help="'final' (default), 'best', 'latest' or a folder."),
+           force: bool = typer.Option(False, help="Replace --out if it exists.")):
+    """Export a model to ONNX Runtime (fused graph, optional int8); predict, eval and serve take the folder."""
+    from lmforge.export import export as run
+    try:
+        run(model_dir, out, fmt=format, quantize=quantize, which=model, force=force)
+    except LmforgeError as err:
+        _fail(err)
 
 
 @app.command()

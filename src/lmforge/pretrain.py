@@ -24,6 +24,7 @@ from lmforge.engine.loop import Engine
 from lmforge.errors import LmforgeError
 from lmforge.evaluate import evaluate_blocks, format_table
 from lmforge.models import build_model, count_parameters, flops_per_token, local_path
+from lmforge.models.onnx import refuse_inference_only
 from lmforge.models.memory import check_fits
 from lmforge.objectives import build_objective
 from lmforge.objectives.span import add_sentinels, corrupted_lengths, end_with_eos
@@ -94,6 +95,8 @@ def pretrain(recipe: Union[Recipe, str, Path, dict], *, overrides: Union[list[st
         raise LmforgeError("distill: this recipe distils from a teacher; run it with `lmforge distill`")
     if recipe.train.threads:
         torch.set_num_threads(recipe.train.threads)
+    if recipe.model.path:
+        refuse_inference_only(local_path(recipe.model.path), "model.path")
     check_fits(recipe, pick_device(recipe.train.device))  # before anything is built or written
     world, rank = _join_process_group(recipe)  # first: the set-up below uses barriers
     with start_run(recipe, resume, force) as run_dir:  # a failed set-up leaves nothing

@@ -48,6 +48,7 @@ from lmforge.experts.moe import load_moe, merge_moe
 from lmforge.experts.prior import estimate_prior
 from lmforge.models import load_model
 from lmforge.models.ensemble import ExpertEnsemble, average_state_dicts
+from lmforge.models.onnx import refuse_inference_only
 from lmforge.objectives import build_objective
 from lmforge.pretrain import pretrain
 from lmforge.recipe import ExpertsConfig, Recipe, load_recipe
@@ -102,6 +103,7 @@ def branch(recipe: Recipe, *, force: bool = False, show_progress: bool = True) -
     seed = run / "seed"
     if recipe.experts.seed:
         source = model_folder(Path(recipe.experts.seed))
+        refuse_inference_only(source, "experts.seed")
         shutil.copytree(source, seed, ignore=shutil.ignore_patterns("trainer_state.pt"))
         if not (seed / "tokenizer.json").exists() and not (seed / "vocab.txt").exists():
             raise LmforgeError(f"{source}: the seed folder has no tokenizer")

@@ -12,6 +12,7 @@ from lmforge.models import demix, moe  # noqa: F401  (register the DEMix and MoE
 from lmforge.models.compressed import load_pretrained
 from lmforge.models.electra import ElectraPretrainer, generator_config
 from lmforge.models.families import POSITION_OFFSET, families_for, family_kind, make_config
+from lmforge.models.onnx import refuse_inference_only
 from lmforge.paths import local_path
 from lmforge.recipe import ModelConfig, ObjectiveConfig
 from lmforge.registry import objective_kind
@@ -76,6 +77,7 @@ def load_model(path, objective: str):
     objective = objective_kind(objective)
     if not (path / "config.json").is_file():
         raise LmforgeError(f"{path}: not a Hugging Face checkpoint folder (no config.json)")
+    refuse_inference_only(path, "model")
     if objective == "electra":
         return ElectraPretrainer.from_folder(path)
     try:

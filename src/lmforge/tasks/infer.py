@@ -13,13 +13,19 @@ def model_inputs(batch: dict) -> dict:
     return {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
 
 
+def device_of(model) -> torch.device:
+    """Where a model's inputs go: its `device` (transformers and ONNX Runtime models), else its parameters'."""
+    device = getattr(model, "device", None)
+    return device if isinstance(device, torch.device) else next(model.parameters()).device
+
+
 @torch.no_grad()
 def predict_encoded(model, data: Encoded, *, task: str, multi_label: bool, pad_id: int, batch_size: int = 128,
                     objective=None) -> dict:
     """Scores for every example, in input order. Batches are sorted by length so padding stays small; only
     the per-example outputs (not all logits of a batch) are kept. With `objective` (one with `loss_from_logits`,
     as the fine-tuning objective's), also the mean loss."""
-    device = next(model.parameters()).device
+    device = device_of(model)
     order = sorted(range(len(data)), key=lambda i: len(data.input_ids[i]))
     scores: list = [None] * len(data)
     loss_sum, units = 0.0, 0

@@ -14,6 +14,7 @@ from transformers.utils import logging as hf_logging
 
 from lmforge.errors import LmforgeError
 from lmforge.models.compressed import is_quantized, load_pretrained
+from lmforge.models.onnx import refuse_inference_only
 from lmforge.paths import package_path
 from lmforge.runs import model_folder
 from lmforge.tasks.config import BaseModelSpec, StrategyConfig
@@ -30,9 +31,9 @@ def resolve_base(path: str) -> Path:
     folder = package_path(path) if path.startswith("package:") else Path(path)
     if not folder.exists():
         raise LmforgeError(f"model.path: {path}: no such folder")
-    if (folder / "config.json").is_file():
-        return folder
-    return model_folder(folder)
+    folder = folder if (folder / "config.json").is_file() else model_folder(folder)
+    refuse_inference_only(folder, "model.path")
+    return folder
 
 
 def load_task_tokenizer(spec: BaseModelSpec, folder: Path):

@@ -14,6 +14,7 @@ from transformers import AutoModelForSequenceClassification, AutoModelForTokenCl
 
 from lmforge.errors import LmforgeError
 from lmforge.models.compressed import load_pretrained
+from lmforge.models.onnx import is_onnx_folder, load_onnx_model
 from lmforge.tasks import model as tm
 from lmforge.tasks.config import BaseModelSpec, FinetuneRecipe, SplitFile, load_finetune_recipe
 from lmforge.tasks.conll import Sentence, entity_spans
@@ -51,9 +52,18 @@ def open_task_model(run_dir: Path, which: Optional[str] = None):
         raise LmforgeError(f"{folder}: not a classification model (architectures: {archs}); "
                            "use a fine-tuning run folder")
     tokenizer = tm.load_task_tokenizer(BaseModelSpec(path=str(folder)), folder)
-    model = load_pretrained(auto, folder)
-    model.eval()
-    return recipe, model, tokenizer, task
+    model = load_task_runtime(folder, auto)
+    return recipe, model.eval(), tokenizer, task
+
+
+def load_task_runtime(folder: Path, auto):
+    """The runtime is chosen by what the folder holds: model.onnx (written by `lmforge export`) runs on ONNX
+    Runtime, a PyTorch checkpoint (plain or compressed) on transformers' `auto` class; both answer
+    `model(**inputs).logits`."""
+    if is_onnx_folder(folder):
+        return load_onnx_model(folder)
+    return load_pretrained(auto, folder)
+
 
 
 def word_offsets(text: str) -> list[tuple[str, int, int]]:
