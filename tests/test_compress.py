@@ -194,6 +194,19 @@ def test_compress_prune_recover_quantize_writes_folders_that_reload_and_serve(ta
         assert load_served_model(f"m={out / step}").kind == "classification"
 
 
+def test_pruned_then_int8_on_onnx_runtime_is_a_step_that_predicts(task_run, tmp_path):
+    steps = [{"prune": {"heads": 0.5, "ffn": 0.25, "batches": 2}}, {"quantize": {"runtime": "onnx"}}]
+    out = Path(compress(_compress_recipe(task_run, tmp_path / "out", steps), show_progress=False))
+    assert (out / "2-quantize" / "final" / "model.onnx").is_file()
+    assert "ONNX Runtime folder" in (out / "2-quantize" / "README.md").read_text()
+    rows = json.loads((out / "compress.json").read_text())
+    assert [r["name"] for r in rows][-1] == "2-quantize" and rows[-1]["size_mb"] < 0.5 * rows[1]["size_mb"]
+    assert abs(rows[-1]["metric"] - rows[1]["metric"]) <= 0.1  # int8 of the pruned model scores as it does
+    (tmp_path / "in.txt").write_text("a great film\nan awful plot\n")
+    assert predict_file(out / "2-quantize", tmp_path / "in.txt", tmp_path / "p.jsonl") == 2
+    assert not list(out.glob(".*"))  # no staging folder left
+
+
 def test_compare_lists_any_folders(task_run, tmp_path):
     rows, path = compare([task_run, task_run / "final"], tmp_path / "cmp", threads=1, repeats=1, seq_len=8,
                          batch_sizes=(1, 2))
@@ -208,7 +221,7 @@ BAD_STEPS = [
     ([{"prune": {"ffn": 0.999}}], "prune.ffn: 0.999 leaves layer 0 with no FFN neurons"),
     ([{"quantize": {}}, {"finetune": {"recipe": "toy.yaml"}}], "a finetune step after quantize"),
     ([{"quantize": {"scheme": "int4-weight"}}], "int4-weight has no CPU kernel"),
-    ([{"quantize": {"runtime": "onnx"}}], "onnx is not available yet"),
+    ([{"quantize": {"runtime": "onnx", "scheme": "int8-weight"}}], "int8-weight on runtime onnx"),
 ]
 
 

@@ -25,9 +25,11 @@ from lmforge.compress.structured import check_fractions, prune_structured
 from lmforge.engine import checkpoint as ckpt
 from lmforge.engine.logging import console
 from lmforge.errors import LmforgeError
+from lmforge.export import export
 from lmforge.finetune import finetune
 from lmforge.finetune.objective import TaskObjective
 from lmforge.models.compressed import COMPRESSION_KEY
+from lmforge.models.onnx import is_onnx_folder
 from lmforge.models.quantized import quantize_modules
 from lmforge.models.slicing import rule_for, stock_loadable
 from lmforge.recipe import coerce_recipe
@@ -40,7 +42,7 @@ from lmforge.tasks.report import TaskData, write_split_report, write_text_atomic
 
 INT4_REFUSAL = ("quantize.scheme: int4-weight has no CPU kernel here (torchao's int4 CPU path needs a kernel "
                 "package that does not install against torch 2.13); use int8-dynamic or int8-weight")
-ONNX_REFUSAL = ("quantize.runtime: onnx is not available yet (it comes with `lmforge export`); use runtime: torch")
+ONNX_SCHEMES = ("int8-dynamic",)  # what ONNX Runtime's quantizer writes: int8 weights, int8 activations at run time
 
 
 def compress(recipe: Union[CompressRecipe, str, Path, dict], *, overrides=(), force: bool = False,
@@ -109,8 +111,9 @@ def check_prune(step: PruneStep, config: dict) -> None:
 def check_quantize(step: QuantizeStep) -> None:
     if step.scheme == "int4-weight":
         raise LmforgeError(INT4_REFUSAL)
-    if step.runtime == "onnx":
-        raise LmforgeError(ONNX_REFUSAL)
+    if step.runtime == "onnx" and step.scheme not in ONNX_SCHEMES:
+        raise LmforgeError(f"quantize.scheme: {step.scheme} on runtime onnx: ONNX Runtime's CPU quantization here "
+                           f"is {', '.join(ONNX_SCHEMES)}")
 
 
 def _set_list(values: dict) -> list[str]:
@@ -180,6 +183,8 @@ def finetune_step(step, source: Path, step_dir: Path, masks: Optional[dict], spl
 
 
 def quantize_step(step: QuantizeStep, source: Path, step_dir: Path, task_recipe: FinetuneRecipe, split: str) -> str:
+    if step.runtime == "onnx":
+        return onnx_quantize_step(source, step_dir, task_recipe, split)
     _, model, tokenizer, _ = open_task_model(source)
     record = dict(getattr(model.config, COMPRESSION_KEY, None) or {})
     modules = quantize_modules(model, step.scheme)
@@ -193,20 +198,41 @@ def quantize_step(step: QuantizeStep, source: Path, step_dir: Path, task_recipe:
     return note
 
 
+def onnx_quantize_step(source: Path, step_dir: Path, task_recipe: FinetuneRecipe, split: str) -> str:
+    """The model as a fused ONNX Runtime graph with per-channel int8 weights (`lmforge export --quantize int8`)."""
+    staged = step_dir.with_name(f".{step_dir.name}.onnx")
+    shutil.rmtree(staged, ignore_errors=True)
+    try:
+        export(source, staged, quantize="int8", force=True)
+        _, model, tokenizer, _ = open_task_model(staged)
+        data = _task_data(task_recipe, tokenizer, model, split, 1)
+        note = "int8-dynamic on ONNX Runtime: fused graph, int8 weights per output channel"
+        save_step(step_dir, model, tokenizer, task_recipe, data, split,
+                  {"quantization": {"scheme": "int8-dynamic", "runtime": "onnx"}}, note,
+                  write_model=lambda final: os.replace(staged, final))
+    finally:
+        shutil.rmtree(staged, ignore_errors=True)
+    return note
+
+
 def save_step(step_dir: Path, model, tokenizer, task_recipe: FinetuneRecipe, data: TaskData, split: str,
-              details: dict, note: str, quantized: bool = False) -> None:
-    """A step's run folder, written under a temporary name and renamed into place."""
+              details: dict, note: str, quantized: bool = False, write_model=None) -> None:
+    """A step's run folder, written under a temporary name and renamed into place; `write_model(folder)` writes
+    a model that is not a PyTorch one (an ONNX folder)."""
     tmp = step_dir.with_name(f".{step_dir.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
-        if not quantized:
-            record = stock_loadable(model)
-            if record:
-                setattr(model.config, COMPRESSION_KEY, {"shape": record})
-            elif hasattr(model.config, COMPRESSION_KEY):
-                delattr(model.config, COMPRESSION_KEY)
-        ckpt.save_model(tmp / "final", model, tokenizer)
+        if write_model:
+            write_model(tmp / "final")
+        else:
+            if not quantized:
+                record = stock_loadable(model)
+                if record:
+                    setattr(model.config, COMPRESSION_KEY, {"shape": record})
+                elif hasattr(model.config, COMPRESSION_KEY):
+                    delattr(model.config, COMPRESSION_KEY)
+            ckpt.save_model(tmp / "final", model, tokenizer)
         recipe = task_recipe.model_copy(deep=True)
         recipe.model.path, recipe.output.dir = str(step_dir / "final"), str(step_dir)
         write_text_atomic(tmp / "recipe.yaml", recipe.to_yaml())
@@ -221,7 +247,10 @@ def save_step(step_dir: Path, model, tokenizer, task_recipe: FinetuneRecipe, dat
 
 def write_model_card(tmp: Path, step_dir: Path, model, note: str, metrics: dict, split: str) -> None:
     record = getattr(model.config, COMPRESSION_KEY, None) or {}
-    if record.get("quantization"):
+    if is_onnx_folder(tmp / "final"):
+        loads = ("An ONNX Runtime folder (`final/model.onnx`, written by `lmforge export`); it opens in a plain "
+                 "`onnxruntime.InferenceSession`, and its own model card says what it carries.")
+    elif record.get("quantization"):
         loads = ("Stock `transformers` cannot load it: the weights are int8 with per-row scales "
                  "(`lmforge_compression.quantization` in config.json). lmforge's loader rebuilds it.")
     elif record.get("shape"):

@@ -22,6 +22,7 @@ from onnxruntime.transformers.optimizer import optimize_model
 from transformers import AutoModelForSequenceClassification, AutoModelForTokenClassification
 
 from lmforge.errors import LmforgeError
+from lmforge.models.compressed import compression_of, load_pretrained
 from lmforge.models.onnx import ONNX_FILE, open_session
 
 OPSET = 17
@@ -67,10 +68,13 @@ def export_rule(folder: Path) -> tuple[ExportRule, dict]:
 
 
 def load_for_export(folder: Path, rule: ExportRule):
-    """The PyTorch model with eager attention, the one form whose graph ORT's attention fusion matches."""
+    """The PyTorch model with eager attention, the one form whose graph ORT's attention fusion matches; a pruned
+    folder (heads or FFN neurons removed, `lmforge compress`) comes back in its own shape."""
+    if (compression_of(folder) or {}).get("quantization"):
+        raise LmforgeError(f"{folder}: the weights are already int8 (PyTorch); export the model before that "
+                           f"quantize step, with --quantize int8")
     try:
-        model = rule.auto.from_pretrained(str(folder), local_files_only=True, trust_remote_code=False,
-                                          attn_implementation="eager")
+        model = load_pretrained(rule.auto, folder, attention="eager")
     except (OSError, ValueError) as err:
         raise LmforgeError(f"{folder}: cannot load the model to export: {str(err).splitlines()[0]}") from None
     return model.eval()

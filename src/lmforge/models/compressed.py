@@ -37,17 +37,17 @@ def is_quantized(folder: Path) -> bool:
     return bool((compression_of(folder) or {}).get("quantization"))
 
 
-def load_pretrained(auto, folder: Path, config=None, with_info: bool = False):
-    """`auto.from_pretrained(folder)` (local files, no remote code, SDPA attention) for a plain folder; for a
-    compressed one, the model rebuilt to its saved shape and int8 modules. `with_info` also returns the loading
-    info (missing keys), as `output_loading_info` does."""
+def load_pretrained(auto, folder: Path, config=None, with_info: bool = False, attention: str = "sdpa"):
+    """`auto.from_pretrained(folder)` (local files, no remote code, SDPA attention unless `attention` says
+    otherwise) for a plain folder; for a compressed one, the model rebuilt to its saved shape and int8 modules.
+    `with_info` also returns the loading info (missing keys), as `output_loading_info` does."""
     folder = Path(folder)
     record = compression_of(folder)
     if not record:
         return auto.from_pretrained(str(folder), config=config, local_files_only=True, trust_remote_code=False,
-                                    attn_implementation="sdpa", output_loading_info=with_info)
+                                    attn_implementation=attention, output_loading_info=with_info)
     config = config or AutoConfig.from_pretrained(str(folder), local_files_only=True, trust_remote_code=False)
-    model = auto.from_config(config, attn_implementation="sdpa")
+    model = auto.from_config(config, attn_implementation=attention)
     apply_shape(model, record.get("shape") or {})
     quant = record.get("quantization")
     if quant:
