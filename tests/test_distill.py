@@ -17,6 +17,7 @@ from lmforge.distill import distill
 from lmforge.distill.objective import kd_loss
 from lmforge.distill.student import evenly_spaced, make_student
 from lmforge.errors import LmforgeError
+from lmforge.experts import branch, merge, train
 from lmforge.finetune import finetune
 from lmforge.pretrain import pretrain
 from lmforge.recipe import recipe_from_dict
@@ -125,3 +126,35 @@ def test_a_recipe_with_a_distill_section_is_refused_by_pretrain(tmp_path, corpus
     tree["distill"] = {"teacher": str(tmp_path)}
     with pytest.raises(LmforgeError, match="run it with `lmforge distill`"):
         pretrain(recipe_from_dict(tree), show_progress=False)
+
+
+def test_a_domain_experts_ensemble_teaches_one_dense_student(tmp_path, corpus):
+    tree = tiny_recipe(corpus, tmp_path / "btm", "clm", max_steps=6, eval_every=0)
+    tree["experts"] = {"seed_steps": 4, "steps": 6}
+    run = branch(recipe_from_dict(tree), show_progress=False)
+    train(run, show_progress=False)
+    merge(run, "ensemble")
+    student = tiny_recipe(corpus, tmp_path / "dense", "clm", max_steps=4, eval_every=4)
+    student.pop("tokenizer")  # the student reads text with the experts' tokenizer
+    student["distill"] = {"teacher": str(run)}
+    result = distill(student, show_progress=False)
+    expert_vocab = json.loads((run / "seed" / "tokenizer.json").read_text())["model"]["vocab"]
+    assert json.loads((result / "final" / "tokenizer.json").read_text())["model"]["vocab"] == expert_vocab
+    assert json.loads((result / "distill.json").read_text())["teacher_seconds"] > 0
+    assert math.isfinite(result.metrics["loss"])
+    bad = {**student, "distill": {"teacher": str(run), "student_layers": 1}}
+    with pytest.raises(LmforgeError, match="an experts ensemble has no single stack of layers"):
+        distill(bad, show_progress=False)
+
+
+def test_a_masked_lm_distils_at_the_masked_positions(tmp_path, corpus):
+    teacher = pretrain(recipe_from_dict(tiny_recipe(corpus, tmp_path / "teacher", "mlm", max_steps=4, eval_every=0)),
+                       show_progress=False)
+    tree = tiny_recipe(corpus, tmp_path / "student", "mlm", max_steps=4, eval_every=4)
+    tree["distill"] = {"teacher": str(teacher), "student_layers": 1}
+    result = distill(tree, show_progress=False)
+    records = [json.loads(line) for line in (result / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["kd_loss"] >= 0 for r in records if "kd_loss" in r) and math.isfinite(result.metrics["loss"])
+    bad = {**tree, "objective": {"name": "electra", "block_size": 32}}
+    with pytest.raises(LmforgeError, match="objective.name: distillation matches"):
+        distill(bad, show_progress=False)

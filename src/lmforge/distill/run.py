@@ -13,7 +13,6 @@ from lmforge.distill.student import load_hf_model, make_student
 from lmforge.engine.logging import console
 from lmforge.errors import LmforgeError
 from lmforge.finetune import finetune
-from lmforge.models import count_parameters
 from lmforge.pretrain import pretrain
 from lmforge.recipe import Recipe, coerce_recipe, load_recipe, read_yaml_mapping
 from lmforge.runs import MANIFEST, model_folder, open_experts_model, open_run
@@ -47,7 +46,7 @@ def _check_pair(teacher, teacher_tok, student, student_tok, cfg) -> None:
     if teacher_tok.get_vocab() != student_tok.get_vocab():
         raise LmforgeError("distill.teacher: the teacher's tokenizer differs from the student's; a student learns "
                            "the teacher's outputs token for token, so give it the teacher's tokenizer")
-    sizes = (count_parameters(student)["total"], count_parameters(teacher)["total"])
+    sizes = tuple(sum(p.numel() for p in m.parameters()) for m in (student, teacher))
     if sizes[0] > sizes[1]:
         message = (f"the student has {sizes[0] / 1e6:.2f}M parameters, more than its teacher's {sizes[1] / 1e6:.2f}M")
         if not cfg.allow_larger:
