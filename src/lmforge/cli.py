@@ -124,7 +124,8 @@ def eval_(run_dir: Path = typer.Argument(..., help="Run folder (or a checkpoint 
           model: Optional[str] = typer.Option(None, help="'final', 'best', 'latest' or a folder; for an experts "
                                               "run one of its models (seed, dense, an expert's domain, ensemble, "
                                               "average, moe, demix)."),
-          max_batches: Optional[int] = typer.Option(None, help="Evaluate at most this many batches (experts runs: per domain)."),
+          max_batches: Optional[int] = typer.Option(None, help="Evaluate at most this many batches (experts runs: "
+                                                    "per domain)."),
           per_domain: bool = typer.Option(True, help="Show the per-domain table."),
           as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
           domain: List[str] = typer.Option([], "--domain", help="Experts runs: evaluate only this domain "

@@ -5,14 +5,16 @@
     RUN/
       recipe.yaml  experts.json        the experts recipe and the manifest (domains, seed, expert folders)
       clusters/                        with experts.clusters (c-BTM): the clustering that names the domains
-      seed/                            the seed model + tokenizer (HF folder)
+      seed/                            the seed model + tokenizer (HF folder), trained on experts.seed_domains
       seed-run/                        the seed's pretraining run, when the recipe trains it
       experts/<domain>.yaml            the recipe of each expert
       experts/<domain>/                one ordinary pretraining run per domain (its recipe.yaml, final/, ...)
       experts/<domain>-init/           an added expert's starting point: the relevance-weighted average of the
                                        existing experts (`add_expert`; experts.json "added" records the weights)
-      dense/                           optional baseline: the seed trained on the mixture, as many tokens as the
-                                       experts together
+      dense/                           optional baseline: the seed trained on every expert's domain, as many
+                                       tokens as the experts together (the ones added later too)
+      eval-cache.json                  each (model, domain) result of `evaluate`, keyed by the model's files and
+                                       the domain's validation blocks
       ensemble/ensemble.json           experts, domains, prior and top-k of the posterior-weighted ensemble
       average/                         one HF model: the weighted parameter average of the experts
       moe/                             one HF model: the experts' FFNs as MoE experts, the rest averaged, trained
@@ -214,6 +216,9 @@ def _with_sources(recipe: Recipe, domain: str, sources: list[str]) -> Recipe:
         raise LmforgeError(f"--domain: '{domain}' is already a domain of this run's data; leave out --source to "
                            f"add an expert on that text, or give the new text another name")
     for path in sources:
+        if (Path(path) / PREPARED_MARKER).is_file():
+            raise LmforgeError(f"--source: {path} is a prepared folder, whose rows keep their own domains; give "
+                               "the new domain's raw files (text, JSONL, CSV/TSV, Parquet)")
         expand_paths(str(path), "--source")
     r = recipe.model_copy(deep=True)
     r.data.sources += [SourceConfig(path=str(p), domain=domain) for p in sources]
