@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 
 from lmforge.experts import branch, evaluate, format_comparison, merge
-from lmforge.experts.run import expert_recipe, mixture_steps
+from lmforge.experts.run import dense_recipe, mixture_steps
 from lmforge.recipe import load_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -102,7 +102,7 @@ def main() -> None:
     expert_batch = info.get("expert_batch_size", recipe.train.batch_size)
     n = len(info["domains"])
     if args.small_batch_dense and expert_batch != recipe.train.batch_size:
-        r = expert_recipe(recipe, None, run / info["seed"], run / "dense-small-batch")
+        r = dense_recipe(recipe, info["domains"], run / info["seed"], run / "dense-small-batch")
         r.train.batch_size, r.train.max_steps = expert_batch, n * info["steps_per_expert"]
         (run / "dense-small-batch.yaml").write_text(r.to_yaml())
         t0 = time.perf_counter()

@@ -173,7 +173,7 @@ def test_clustered_experts_branch_train_merge_and_evaluate(mixed, tmp_path):
     ensemble = load_ensemble(run / "ensemble")
     assert isinstance(ensemble.router, ClusterRouter)
     results = evaluate(run, max_batches=2)
-    assert set(results) == {"seed", "ensemble"}
+    assert set(results) == {"seed", "cluster-0", "cluster-1", "ensemble"}  # each expert alone, and together
     for model in results.values():
         for name in ("cluster-0", "cluster-1"):
             assert math.isfinite(model[f"ppl/{name}"]) and model[f"ppl/{name}"] > 1.0

@@ -204,19 +204,19 @@ def test_branch_train_merge_improves_each_domain_over_the_seed(tmp_path, corpus)
 
 def test_experts_at_a_smaller_batch_and_the_dense_baseline_see_the_same_tokens(tmp_path, corpus):
     from pathlib import Path
-    from lmforge.experts.run import expert_recipe, mixture_steps
+    from lmforge.experts.run import dense_recipe, expert_recipe, mixture_steps
     tree = tiny_recipe(corpus, tmp_path / "btm", "clm", max_steps=30, batch_size=16)
     tree["experts"] = {"steps": 120, "batch_size": 4}       # BTM's compute matching: a quarter of the batch each
     recipe = recipe_from_dict(tree)
     expert = expert_recipe(recipe, "code", Path("seed"), tmp_path / "code")
-    dense = expert_recipe(recipe, None, Path("seed"), tmp_path / "dense")
+    dense = dense_recipe(recipe, ["code", "prose"], Path("seed"), tmp_path / "dense")
     assert (expert.train.batch_size, expert.train.max_steps) == (4, 120)
     assert (dense.train.batch_size, dense.train.max_steps) == (16, 60)  # 2 domains x 120 x 4 / 16
     assert mixture_steps(recipe, 4) == 120 and mixture_steps(recipe, 1) == 30
     tree["experts"] = {"steps": 50}                         # default: the recipe's batch, n x the steps
     recipe = recipe_from_dict(tree)
     assert expert_recipe(recipe, "code", Path("seed"), tmp_path / "c").train.batch_size == 16
-    assert expert_recipe(recipe, None, Path("seed"), tmp_path / "d").train.max_steps == 100
+    assert dense_recipe(recipe, ["code", "prose"], Path("seed"), tmp_path / "d").train.max_steps == 100
 
 
 def test_only_domains_keeps_rows_of_those_domains(corpus):

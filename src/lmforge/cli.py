@@ -142,25 +142,28 @@ def predict(run_dir: Path = typer.Argument(..., help="Fine-tuning run folder (or
 def eval_(run_dir: Path = typer.Argument(..., help="Run folder (or a checkpoint folder inside one)."),
           split: str = typer.Option("validation", help="'validation' or 'train' ('test' for fine-tuning runs)."),
           file: Optional[Path] = typer.Option(None, help="Fine-tuning runs: score this file as the split."),
-          model: Optional[str] = typer.Option(None, help="'final', 'best', 'latest' or a folder."),
-          max_batches: Optional[int] = typer.Option(None, help="Evaluate at most this many batches."),
+          model: Optional[str] = typer.Option(None, help="'final', 'best', 'latest' or a folder; for an experts "
+                                              "run one of its models (seed, dense, an expert's domain, ensemble, "
+                                              "average, moe, demix)."),
+          max_batches: Optional[int] = typer.Option(None, help="Evaluate at most this many batches (experts runs: "
+                                                    "per domain)."),
           per_domain: bool = typer.Option(True, help="Show the per-domain table."),
-          as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table.")):
+          as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
+          domain: List[str] = typer.Option([], "--domain", help="Experts runs: evaluate only this domain "
+                                           "(repeatable)."),
+          cache: bool = typer.Option(True, "--cache/--no-cache", help="Experts runs: reuse the results kept in "
+                                     "RUN/eval-cache.json for unchanged models and data (--no-cache: evaluate "
+                                     "again).")):
     """Perplexity (causal LM) or masked-token loss/perplexity (masked LM), overall and per domain; for a
-    fine-tuning run, the task report (accuracy/F1/MCC or entity-level scores) of a split."""
+    fine-tuning run, the task report (accuracy/F1/MCC or entity-level scores) of a split. For an experts run:
+    a domain x model table (seed, dense, each expert alone, ensemble, ...); --model names one model."""
     from lmforge.evaluate import evaluate, format_table
     from lmforge.tasks.predict import is_task_run
     if (Path(run_dir) / "experts.json").is_file():
-        from lmforge.experts import evaluate as evaluate_experts
-        from lmforge.experts import format_comparison
-        try:
-            results = evaluate_experts(run_dir, max_batches=max_batches)
-        except LmforgeError as err:
-            _fail(err)
-        typer.echo(json.dumps(results, indent=2) if as_json else
-                   format_comparison(results) + "\n\n(validation perplexity per domain; columns: models)")
-        (Path(run_dir) / "eval-validation.json").write_text(json.dumps(results, indent=2))
+        _eval_experts(run_dir, model, domain, max_batches, cache, as_json)
         return
+    if domain:
+        _fail(LmforgeError(f"--domain: only for an experts run ({run_dir} is not one)"))
     if is_task_run(run_dir):
         if split not in ("validation", "test", "train"):
             _fail(LmforgeError(f"--split: expected 'validation', 'test' or 'train', got {split!r}"))
@@ -190,6 +193,23 @@ def eval_(run_dir: Path = typer.Argument(..., help="Run folder (or a checkpoint 
         if extra:  # the objective's own figures (pair accuracy, RTD accuracy, ...)
             typer.echo("\n" + "  ".join(f"{k} {v:.4f}" for k, v in extra.items()))
     (Path(run_dir) / f"eval-{split}.json").write_text(json.dumps(metrics, indent=2))
+
+
+def _eval_experts(run_dir: Path, model: Optional[str], domains: List[str], max_batches: Optional[int], cache: bool,
+                  as_json: bool) -> None:
+    """`lmforge eval` of an experts run; the whole table (no --model, no --domain) is also kept in
+    RUN/eval-validation.json."""
+    from lmforge.experts import evaluate as evaluate_experts
+    from lmforge.experts import format_comparison
+    try:
+        results = evaluate_experts(run_dir, max_batches=max_batches, domains=domains or None,
+                                   models=[model] if model else None, cache=cache)
+    except LmforgeError as err:
+        _fail(err)
+    typer.echo(json.dumps(results, indent=2) if as_json else format_comparison(results) +
+               "\n\n(validation perplexity per domain; columns: models; train tokens: beyond the seed)")
+    if not model and not domains:
+        (Path(run_dir) / "eval-validation.json").write_text(json.dumps(results, indent=2))
 
 
 @app.command()
@@ -515,7 +535,11 @@ def experts_merge(target: Path = typer.Argument(..., help="The experts run folde
 
 @experts_app.command("add")
 def experts_add(target: Path = typer.Argument(..., help="The experts run folder (or its recipe)."),
-                domain: str = typer.Option(..., "--domain", help="The new domain (its text must be in the run's data)."),
+                domain: str = typer.Option(..., "--domain", help="The new domain: a name new to the run's data with "
+                                           "--source, else a domain of the run's data."),
+                source: List[Path] = typer.Option([], "--source", help="A file, folder or glob of the new domain's "
+                                                  "text (repeatable); it joins the run's data, tokenized with the "
+                                                  "run's tokenizer and split by its rule."),
                 init: str = typer.Option("average", help="'average': start from the parameter average of the trained "
                                          "experts most relevant to the new domain (weighted by their posterior on "
                                          "its text); 'seed': from the seed."),
@@ -524,7 +548,8 @@ def experts_add(target: Path = typer.Argument(..., help="The experts run folder 
     """Add an expert for a new domain to a branched run; train it with `lmforge experts train RUN --domain D`."""
     from lmforge.experts import add_expert
     try:
-        typer.echo(f"expert recipe: {add_expert(_experts_run(target, set_), domain, init=init, top_k=top_k)}")
+        recipe = add_expert(_experts_run(target, set_), domain, sources=source, init=init, top_k=top_k)
+        typer.echo(f"expert recipe: {recipe}")
     except LmforgeError as err:
         _fail(err)
 

@@ -173,6 +173,10 @@ class ExpertsConfig(Section):
                                                   "mixture for seed_steps).")
     seed_steps: int = Field(200, ge=1, description="Steps of the seed model trained on the whole mixture.")
     domains: Optional[list[str]] = Field(None, description="Domains that get an expert (default: every domain).")
+    seed_domains: Union[Literal["experts", "all"], list[str]] = Field(
+        "experts", description="Domains whose text the seed trains on, and its tokenizer with it: 'experts' (the "
+                               "domains that get an expert), 'all' (every domain of the data) or a list. A domain "
+                               "left out stays new to both, as one added later with `experts add --source` is.")
     steps: Optional[int] = Field(None, ge=1, description="Training steps per expert (default: train.max_steps).")
     batch_size: Optional[int] = Field(
         None, ge=1, description="Batch size of each expert (default: train.batch_size). As in Branch-Train-Merge's "

@@ -161,8 +161,10 @@ def cache_key(data: DataConfig, tokenizer, objective: ObjectiveConfig) -> str:
     return h.hexdigest()[:20]
 
 
-def build_blocks(data: DataConfig, tokenizer, objective: ObjectiveConfig, progress=None) -> BlockData:
-    """Tokenized, packed blocks for both splits, from the on-disk cache when it is already there."""
+def build_blocks(data: DataConfig, tokenizer, objective: ObjectiveConfig, progress=None, *,
+                 need_train: bool = True) -> BlockData:
+    """Tokenized, packed blocks for both splits, from the on-disk cache when it is already there; with
+    `need_train` False (evaluation), a training split without a full block is None instead of an error."""
     root = Path(data.cache_dir) if data.cache_dir else default_cache_dir()
     target = root / "blocks" / cache_key(data, tokenizer, objective)
     # Under torchrun the first process builds the cache while the others wait for it.
@@ -173,11 +175,11 @@ def build_blocks(data: DataConfig, tokenizer, objective: ObjectiveConfig, progre
         tdist.barrier()
     meta = json.loads((target / "meta.json").read_text())
     # Checked before loading: `datasets` cannot load back a split saved with zero rows.
-    if meta["train_blocks"] == 0:
+    if meta["train_blocks"] == 0 and need_train:
         raise LmforgeError(
             f"data: no full block of {objective.block_size} tokens in the training split; "
             "add text or lower objective.block_size")
-    train = datasets.load_from_disk(str(target / "train"))
+    train = datasets.load_from_disk(str(target / "train")) if meta["train_blocks"] else None
     val = datasets.load_from_disk(str(target / "validation")) if meta["validation_blocks"] else None
     return BlockData(train=train, validation=val, domains=meta["domains"], block_size=objective.block_size,
                      packed=meta.get("layout", "packed") == "packed")
