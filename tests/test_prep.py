@@ -257,22 +257,23 @@ def test_survivors_exact_groups_near_pairs_and_no_chaining():
     tokens = [dedup_tokens(d) for d in docs]
     sig, valid = MinHasher(128, 2).signatures(tokens)
     keys = np.array([hash(" ".join(t)) & (2**63 - 1) for t in tokens], np.uint64)
-    pairs = near_pairs(sig, valid, 0.5)
+    pairs, _ = near_pairs(sig, valid, 0.5)
     assert sorted(map(tuple, pairs.tolist())) == [(0, 6), (1, 7)]
     none = np.zeros(8, bool)
-    kept, dup_of, why = choose_survivors(keys, pairs, none)
+    kept, dup_of, why, _, _ = choose_survivors(keys, pairs, none)
     assert kept.tolist() == [True] * 6 + [False, False] and dup_of[6:].tolist() == [0, 1]
     assert why[6:] == ["exact_duplicate", "near_duplicate"]
     # A chain A~B, B~C with A and C unrelated: B goes, C stays (a connected cluster would drop both).
     chain = np.array([[0, 1], [1, 2]])
-    kept, dup_of, _ = choose_survivors(np.arange(3, dtype=np.uint64), chain, np.zeros(3, bool))
-    assert kept.tolist() == [True, False, True]
+    kept, dup_of, _, _, cluster = choose_survivors(np.arange(3, dtype=np.uint64), chain, np.zeros(3, bool))
+    assert kept.tolist() == [True, False, True] and cluster.tolist() == [0, 0, 0]  # one cluster (union-find)
     # A document of a fixed validation source wins over its earlier training copy.
-    kept, dup_of, why = choose_survivors(np.arange(2, dtype=np.uint64), np.array([[0, 1]]), np.array([False, True]))
+    kept, dup_of, why, _, _ = choose_survivors(np.arange(2, dtype=np.uint64), np.array([[0, 1]]),
+                                               np.array([False, True]))
     assert kept.tolist() == [False, True] and why[0] == "copy_of_validation"
     # Exact groups are resolved whole (one survivor of three equal keys); a near pair with it still counts.
     keys = np.array([5, 5, 5, 9], np.uint64)
-    kept, dup_of, _ = choose_survivors(keys, np.array([[0, 3]]), np.zeros(4, bool))
+    kept, dup_of, _, _, _ = choose_survivors(keys, np.array([[0, 3]]), np.zeros(4, bool))
     assert kept.tolist() == [True, False, False, False] and dup_of.tolist() == [-1, 0, 0, 0]
 
 
@@ -355,7 +356,7 @@ def test_output_folder_report_and_figures(tmp_path):
     assert "similarity" in report  # duplicate cluster examples
     import datasets
     ds = datasets.load_dataset("parquet", data_dir=str(out))
-    assert set(ds) == {"train", "validation"} and ds["train"].column_names == ["text", "domain"]
+    assert set(ds) == {"train", "validation"} and ds["train"].column_names == ["text", "domain", "id", "source"]
     assert len(ds["train"]) + len(ds["validation"]) == 40
     assert not list(tmp_path.glob(".out.prep-work*"))  # the work folder is gone
 
