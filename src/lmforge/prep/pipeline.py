@@ -9,6 +9,7 @@ into a temporary folder that replaces the output folder only when it is complete
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import multiprocessing as mp
@@ -102,6 +103,16 @@ def _load_rows(work: Path, units: list[Unit], num_perm: int) -> tuple[dict, np.n
     return cols, sig, sizes
 
 
+@contextlib.contextmanager
+def _discarded_on_bad_input(work: Path):
+    """Bad input (an id missing or repeated) removes the work folder: resuming would meet it again."""
+    try:
+        yield
+    except LmforgeError:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+
+
 def _shingle_sets(work: Path, units: list[Unit], counts: np.ndarray) -> ShingleSets:
     return ShingleSets([np.load(unit_paths(work, u.index)["sets"], mmap_mode="r") for u in units], counts)
 
@@ -125,8 +136,7 @@ def _check_unique_ids(recipe: PrepRecipe, ids: np.ndarray, src: np.ndarray) -> N
     i = int(src[first])
     where = (f"sources[{i}].id_column: '{recipe.sources[i].id_column}' is not unique"
              if recipe.sources[i].id_column else f"sources[{i}]: a file is read twice")
-    raise LmforgeError(f"{where}: id {ids[first]!r} names {len(same) + 1 if len(same) == 1 else 'several'} "
-                       "documents")
+    raise LmforgeError(f"{where}: id {ids[first]!r} names more than one document")
 
 
 def _sum_by(codes: np.ndarray, values: np.ndarray, mask: np.ndarray, names: list[str]) -> dict[str, int]:
@@ -176,19 +186,17 @@ def prep(recipe: Union[PrepRecipe, str, Path], *, force: bool = False, show_prog
             results[stats["unit"]] = stats
             advance()
         todo.sort(key=lambda u: -u.bytes)  # biggest first: the last unit to finish is a small one
-        _map(process_unit, [(recipe, u, work, boilerplate) for u in todo], recipe.num_proc, collect)
+        with _discarded_on_bad_input(work):
+            _map(process_unit, [(recipe, u, work, boilerplate) for u in todo], recipe.num_proc, collect)
     times["read, normalise, filter, sign"] = time.perf_counter() - tick
 
     # Stage 2: duplicates, survivors, split, mixing.
     tick = time.perf_counter()
     cols, sig, sizes = _load_rows(work, units, recipe.dedup.num_perm)
     filtered = _filtered(work, units)
-    try:
+    with _discarded_on_bad_input(work):
         _check_unique_ids(recipe, np.concatenate([cols["id"], filtered.column("id").to_numpy(zero_copy_only=False)]),
                           np.concatenate([cols["src"], filtered.column("src").to_numpy()]))
-    except LmforgeError:
-        shutil.rmtree(work, ignore_errors=True)  # bad input: resuming would meet it again
-        raise
     domains = sorted({d for r in results.values() for d in r["before"]} | set(cols["domain"].tolist()))
     sets = _shingle_sets(work, units, cols["shingles"]) if recipe.dedup.verify else None
     plan = _decide(recipe, cols, sig, domains, sets)

@@ -352,8 +352,9 @@ def read_part(src: SourceConfig, part: Part, limit: int, events: Counter) -> Ite
             last, piece = None, 0
             for at, text, user_id in records:
                 base = user_id if user_id is not None else f"{part.file}:{at}"
-                piece = piece + 1 if base == last else 0  # the pieces of one long line share its number
-                last = base
+                # The pieces of one long line share its number (a repeated id of the user's is their error).
+                piece = piece + 1 if user_id is None and at == last else 0
+                last = at if user_id is None else None
                 for k, cut in enumerate(_cut(text, limit, events), piece):
                     yield (f"{base}#{k + 1}" if k else base), cut
                     piece = k
