@@ -36,7 +36,8 @@ import xxhash
 
 from lmforge.data.sources import split_of
 from lmforge.prep import load_prep_recipe, prep
-from lmforge.prep.dedup import MinHasher, dedup_tokens, exact_key, lsh_params, near_pairs
+from lmforge.prep.dedup import (MinHasher, ShingleSets, dedup_tokens, exact_key, lsh_params, near_pairs,
+                                shingle_sets)
 from lmforge.prep.filters import _line_metrics, alnum_count, code_rules, has_alpha, prose_rules
 from lmforge.prep.mix import choose_survivors
 from lmforge.prep.normalize import count_lines, normalize, strip_boilerplate
@@ -56,7 +57,7 @@ def base_documents(recipe, per_domain: int, rng: random.Random) -> list[tuple[st
     for unit in units:
         for part in unit.parts:
             src = recipe.sources[part.source]
-            for text in read_part(src, part, recipe.normalize.max_doc_chars, Counter()):
+            for _, text in read_part(src, part, recipe.normalize.max_doc_chars, Counter()):
                 text = normalize(text, recipe.normalize)
                 tokens = dedup_tokens(text)
                 key = " ".join(tokens)
@@ -92,9 +93,11 @@ def dedup(texts: list[str], d) -> tuple[np.ndarray, np.ndarray]:
     tokens = [dedup_tokens(t) for t in texts]
     sig, valid = MinHasher(d.num_perm, d.ngram, d.seed).signatures(tokens)
     keys = np.array([exact_key(t, text) for t, text in zip(tokens, texts)], np.uint64)
-    kept, duplicate_of, _ = choose_survivors(keys, near_pairs(sig, valid, d.threshold, d.bands),
-                                             np.zeros(len(texts), bool), d.exact)
-    return kept, duplicate_of
+    g, doc = MinHasher(d.num_perm, d.ngram, d.seed).shingles(tokens)
+    sets, counts = shingle_sets(g, doc, len(texts))
+    pairs, sims = near_pairs(sig, valid, d.threshold, d.bands, ShingleSets([sets], counts) if d.verify else None)
+    chosen = choose_survivors(keys, pairs, np.zeros(len(texts), bool), d.exact, counts, sims)
+    return chosen.kept, chosen.duplicate_of
 
 
 def quality(recipe, per_domain: int, copies: int, seed: int = 0) -> dict:
@@ -214,13 +217,13 @@ def reference(recipe, out_file: Path) -> dict:
             src = recipe.sources[part.source]
             if src.domain in code_domains:
                 continue
-            for raw in read_part(src, part, recipe.normalize.max_doc_chars, Counter()):
+            for _, raw in read_part(src, part, recipe.normalize.max_doc_chars, Counter()):
                 counts[src.domain].update(count_lines([normalize(raw, recipe.normalize)], min_chars))
         boilerplate = {d: {k for k, v in c.items() if v >= min_docs} for d, c in counts.items()}
     for part in parts:
         src = recipe.sources[part.source]
         nbytes += Path(part.file).stat().st_size if part.end < 0 else part.end - part.start
-        for raw in read_part(src, part, recipe.normalize.max_doc_chars, Counter()):
+        for _, raw in read_part(src, part, recipe.normalize.max_doc_chars, Counter()):
             text = normalize(raw, recipe.normalize)
             if boilerplate.get(src.domain):
                 text = strip_boilerplate(text, boilerplate[src.domain], min_chars)[0]

@@ -257,22 +257,23 @@ def test_survivors_exact_groups_near_pairs_and_no_chaining():
     tokens = [dedup_tokens(d) for d in docs]
     sig, valid = MinHasher(128, 2).signatures(tokens)
     keys = np.array([hash(" ".join(t)) & (2**63 - 1) for t in tokens], np.uint64)
-    pairs = near_pairs(sig, valid, 0.5)
+    pairs, _ = near_pairs(sig, valid, 0.5)
     assert sorted(map(tuple, pairs.tolist())) == [(0, 6), (1, 7)]
     none = np.zeros(8, bool)
-    kept, dup_of, why = choose_survivors(keys, pairs, none)
+    kept, dup_of, why, _, _ = choose_survivors(keys, pairs, none)
     assert kept.tolist() == [True] * 6 + [False, False] and dup_of[6:].tolist() == [0, 1]
     assert why[6:] == ["exact_duplicate", "near_duplicate"]
     # A chain A~B, B~C with A and C unrelated: B goes, C stays (a connected cluster would drop both).
     chain = np.array([[0, 1], [1, 2]])
-    kept, dup_of, _ = choose_survivors(np.arange(3, dtype=np.uint64), chain, np.zeros(3, bool))
-    assert kept.tolist() == [True, False, True]
+    kept, dup_of, _, _, cluster = choose_survivors(np.arange(3, dtype=np.uint64), chain, np.zeros(3, bool))
+    assert kept.tolist() == [True, False, True] and cluster.tolist() == [0, 0, 0]  # one cluster (union-find)
     # A document of a fixed validation source wins over its earlier training copy.
-    kept, dup_of, why = choose_survivors(np.arange(2, dtype=np.uint64), np.array([[0, 1]]), np.array([False, True]))
+    kept, dup_of, why, _, _ = choose_survivors(np.arange(2, dtype=np.uint64), np.array([[0, 1]]),
+                                               np.array([False, True]))
     assert kept.tolist() == [False, True] and why[0] == "copy_of_validation"
     # Exact groups are resolved whole (one survivor of three equal keys); a near pair with it still counts.
     keys = np.array([5, 5, 5, 9], np.uint64)
-    kept, dup_of, _ = choose_survivors(keys, np.array([[0, 3]]), np.zeros(4, bool))
+    kept, dup_of, _, _, _ = choose_survivors(keys, np.array([[0, 3]]), np.zeros(4, bool))
     assert kept.tolist() == [True, False, False, False] and dup_of.tolist() == [-1, 0, 0, 0]
 
 
@@ -355,7 +356,7 @@ def test_output_folder_report_and_figures(tmp_path):
     assert "similarity" in report  # duplicate cluster examples
     import datasets
     ds = datasets.load_dataset("parquet", data_dir=str(out))
-    assert set(ds) == {"train", "validation"} and ds["train"].column_names == ["text", "domain"]
+    assert set(ds) == {"train", "validation"} and ds["train"].column_names == ["text", "domain", "id", "source"]
     assert len(ds["train"]) + len(ds["validation"]) == 40
     assert not list(tmp_path.glob(".out.prep-work*"))  # the work folder is gone
 
@@ -480,3 +481,132 @@ def test_cli_prep_and_pretraining_reads_the_output(tmp_path):
     run_dir = pretrain(recipe_from_dict(tree), show_progress=False)
     final = json.loads((run_dir / "results.json").read_text())
     assert {"loss/news", "loss/blogs"} <= set(final["validation"])
+
+
+# ---------------------------------------------------------------- verified near-dedup, ids, removed.jsonl
+
+
+def removed(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "removed.jsonl").read_text().splitlines()]
+
+
+def _copies_with_jaccard(rng, originals, lo, hi, n):
+    """Edited copies of `originals` whose true word 5-gram Jaccard with their original lies in [lo, hi)."""
+    found = []
+    for doc in originals:
+        while len(found) < n:
+            copy = edit(doc, rng.uniform(0.01, 0.06), rng)
+            if lo <= jaccard(doc, copy, 5) < hi:
+                found.append((doc, copy))
+                break
+    return found
+
+
+def test_verified_pairs_only_just_below_survives_just_above_goes(tmp_path):
+    rng = random.Random(20)
+    originals = [prose(rng, 200) for _ in range(60)]
+    below = _copies_with_jaccard(rng, originals[:30], 0.76, 0.80, 8)
+    above = _copies_with_jaccard(rng, originals[30:], 0.80, 0.84, 8)
+    docs = originals + [c for _, c in below + above]
+    out, stats = run(tmp_path, [{"path": write_jsonl(tmp_path / "a.jsonl", docs)}],
+                     dedup={"ngram": 5, "threshold": 0.8}, split={"validation_fraction": 0.0})
+    kept = {r["text"] for r in rows(out, "train")}
+    norm = lambda t: normalize(t, NormalizeConfig())  # noqa: E731
+    assert all(norm(c) in kept for _, c in below)  # just below the threshold: both stay
+    assert not any(norm(c) in kept for _, c in above)  # just above: the copy goes
+    gone = removed(out)
+    assert len(gone) == 8 and {g["reason"] for g in gone} == {"near_duplicate"} and stats["removed_documents"] == 8
+    truth = sorted(round(jaccard(o, c, 5), 4) for o, c in above)
+    assert sorted(g["similarity"] for g in gone) == pytest.approx(truth, abs=1e-4)  # the true Jaccard, not an estimate
+    assert stats["duplicates"]["verified"]
+    # The estimate alone decides on its own noise: the run still works and says so.
+    _, est = run(tmp_path, [{"path": str(tmp_path / "a.jsonl")}], dedup={"ngram": 5, "threshold": 0.8, "verify": False},
+                 split={"validation_fraction": 0.0}, output={"dir": str(tmp_path / "est"), "plots": False})
+    assert not est["duplicates"]["verified"]
+
+
+def test_lsh_bands_reach_recall_at_the_threshold():
+    from lmforge.prep.dedup import candidate_probability
+    for t in (0.5, 0.7, 0.8, 0.9):
+        b, r = lsh_params(t, 128)
+        assert b * r <= 128 and candidate_probability(t, b, r) >= 0.99
+        assert candidate_probability(t, 128 // (r + 1), r + 1) < 0.99  # the most rows that still reach it
+    assert lsh_params(0.8, 128) == (21, 6)
+
+
+def test_ids_and_removed_jsonl_round_trip(tmp_path):
+    rng = random.Random(21)
+    docs = [prose(rng) for _ in range(30)]
+    docs += [docs[3], "Too short.", edit(docs[5], 0.03, rng)]
+    path = write_jsonl(tmp_path / "a.jsonl", docs)
+    out, stats = run(tmp_path, [{"path": path, "domain": "web"}], shard_mb=0.002, split={"validation_fraction": 0.0})
+    lines = Path(path).read_text().splitlines()
+    got = rows(out, "train")
+    assert {r["source"] for r in got} == {path}
+    for r in got:  # an id names the file and line its text came from, across work units
+        file, line = r["id"].rsplit(":", 1)
+        assert file == path and normalize(json.loads(lines[int(line) - 1])["text"], NormalizeConfig()) == r["text"]
+    gone = {g["id"]: g for g in removed(out)}
+    assert gone[f"{path}:32"] == {"id": f"{path}:32", "source": path, "domain": "web", "reason": "too_few_words",
+                                 "duplicate_of": None, "similarity": None}
+    assert gone[f"{path}:31"]["reason"] == "exact_duplicate" and gone[f"{path}:31"]["duplicate_of"] == f"{path}:4"
+    assert gone[f"{path}:31"]["similarity"] == 1.0
+    near = gone[f"{path}:33"]
+    assert near["reason"] == "near_duplicate" and near["duplicate_of"] == f"{path}:6"
+    assert near["similarity"] == pytest.approx(jaccard(docs[5], docs[32]), abs=1e-4)
+    assert len(gone) == stats["removed_documents"] == 3 and "3 documents removed" in (out / "report.md").read_text()
+    # The user's id column instead, from JSONL and from CSV.
+    (tmp_path / "b.jsonl").write_text("".join(json.dumps({"text": d, "key": f"doc-{i}"}) + "\n"
+                                              for i, d in enumerate(docs[:10] + [docs[2]])))
+    with open(tmp_path / "c.csv", "w", newline="") as fh:
+        import csv
+        csv.writer(fh).writerows([["uid", "text"]] + [[f"c{i}", prose(rng)] for i in range(5)])
+    out, _ = run(tmp_path, [{"path": str(tmp_path / "b.jsonl"), "id_column": "key"},
+                            {"path": str(tmp_path / "c.csv"), "id_column": "uid"}],
+                 split={"validation_fraction": 0.0}, output={"dir": str(tmp_path / "own"), "plots": False})
+    assert sorted(r["id"] for r in rows(out, "train")) == sorted([f"doc-{i}" for i in range(10)] +
+                                                                 [f"c{i}" for i in range(5)])
+    assert removed(out) == [{"id": "doc-10", "source": str(tmp_path / "b.jsonl"), "domain": "default",
+                             "reason": "exact_duplicate", "duplicate_of": "doc-2", "similarity": 1.0}]
+
+
+def test_kept_document_is_the_longest_then_the_first(tmp_path):
+    rng = random.Random(22)
+    docs = [prose(rng, 100) for _ in range(20)]
+    longer = docs[0] + " " + " ".join(rng.choice(VOCAB) for _ in range(6)) + "."
+    twin_a, twin_b = edit(docs[1], 0.03, rng), edit(docs[1], 0.03, rng)
+    docs = docs + [longer, twin_a, twin_b]
+    sources = [{"path": write_jsonl(tmp_path / "a.jsonl", docs[:21])}, {"path": write_jsonl(tmp_path / "b.jsonl",
+                                                                                              docs[21:])}]
+    out, _ = run(tmp_path, sources, split={"validation_fraction": 0.0})
+    gone = {g["id"].rsplit("/", 1)[1]: g["duplicate_of"].rsplit("/", 1)[1] for g in removed(out)}
+    # The longer copy wins over an earlier original; equal lengths: the first in input order stays.
+    assert gone == {"a.jsonl:1": "a.jsonl:21", "b.jsonl:1": "a.jsonl:2", "b.jsonl:2": "a.jsonl:2"}
+    two, _ = run(tmp_path, sources, num_proc=2, shard_mb=0.001, split={"validation_fraction": 0.0},
+                 output={"dir": str(tmp_path / "two"), "plots": False})
+    assert removed(two) == removed(out)
+
+
+@pytest.mark.parametrize("setting,message", [
+    ("dedup.threshold=0", "dedup.threshold"), ("dedup.threshold=1.5", "dedup.threshold"),
+    ("dedup.ngram=0", "dedup.ngram")])
+def test_bad_dedup_settings_exit_2(tmp_path, setting, message):
+    (tmp_path / "r.yaml").write_text(json.dumps({"sources": [{"path": "a.jsonl"}],
+                                                 "output": {"dir": str(tmp_path / "out")}}))
+    result = CliRunner().invoke(app, ["prep", str(tmp_path / "r.yaml"), "--no-progress", "--set", setting])
+    assert result.exit_code == 2 and result.output.startswith("error:") and message in result.output
+    assert len(result.output.strip().splitlines()) == 1 and not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("records,message", [
+    ([{"text": "a", "key": "x"}, {"text": "b"}], "a.jsonl:2: no id in 'key'"),
+    ([{"text": "a", "key": "x"}, {"text": "b", "key": "x"}], "sources[0].id_column: 'key' is not unique: id 'x'")])
+def test_bad_id_column_exit_2_and_nothing_written(tmp_path, records, message):
+    rng = random.Random(23)
+    lines = [json.dumps({**r, "text": prose(rng)}) for r in records]
+    (tmp_path / "a.jsonl").write_text("\n".join(lines) + "\n")
+    (tmp_path / "r.yaml").write_text(json.dumps({"sources": [{"path": "a.jsonl", "id_column": "key"}],
+                                                 "output": {"dir": str(tmp_path / "out")}}))
+    result = CliRunner().invoke(app, ["prep", str(tmp_path / "r.yaml"), "--no-progress"])
+    assert result.exit_code == 2 and result.output.startswith("error:") and message in result.output, result.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.jsonl", "r.yaml"]  # no output, no work folder

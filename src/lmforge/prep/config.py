@@ -55,14 +55,25 @@ class CodeFilterConfig(Section):
         0.25, ge=0, le=1, description="Least fraction of alphanumeric characters.")
 
 
+class PrepSourceConfig(SourceConfig):
+    id_column: Optional[str] = Field(
+        None, description="Column (or JSON key) holding each document's unique id (null: file and line/row).")
+
+
 class DedupConfig(Section):
     exact: bool = Field(True, description="Drop documents whose normalised text (lowercase, words only) repeats.")
     near: bool = Field(True, description="Drop near-duplicates found with MinHash + LSH.")
     ngram: int = Field(2, ge=1, le=16, description="Word n-gram size of MinHash shingles.")
     threshold: float = Field(
-        0.5, gt=0, le=1, description="Estimated Jaccard similarity from which two documents are near-duplicates.")
+        0.5, gt=0, le=1, description="Jaccard similarity of the word n-gram sets from which two documents are "
+                                     "near-duplicates.")
+    verify: bool = Field(
+        True, description="Check every LSH candidate pair with the true Jaccard of its shingle sets (false: accept "
+                          "the MinHash estimate: faster, some wrong removals and misses near the threshold).")
     num_perm: int = Field(128, ge=8, le=1024, description="MinHash permutations (signature length).")
-    bands: Optional[int] = Field(None, ge=1, description="LSH bands (null: chosen from the threshold).")
+    bands: Optional[int] = Field(
+        None, ge=1, description="LSH bands (null: from the threshold, so a pair at the threshold is a candidate "
+                                "with probability >= 0.99).")
     seed: int = Field(1, description="Seed of the MinHash permutations.")
 
 
@@ -91,7 +102,7 @@ class OutputConfig(Section):
 
 class PrepRecipe(Section):
     name: str = Field("prep", description="Name of the dataset.")
-    sources: list[SourceConfig] = Field(default_factory=list, description="Raw inputs, each with a domain tag.")
+    sources: list[PrepSourceConfig] = Field(default_factory=list, description="Raw inputs, each with a domain tag.")
     num_proc: int = Field(1, ge=1, description="Worker processes.")
     shard_mb: float = Field(16.0, gt=0, description="Input megabytes per work unit (units are resumable).")
     normalize: NormalizeConfig = Field(default_factory=NormalizeConfig)

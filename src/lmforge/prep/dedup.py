@@ -61,10 +61,11 @@ class MinHasher:
             g = np.where(step, g * _MULT + nxt, g)
         return g, d
 
-    def signatures(self, token_lists: list[list[str]]) -> tuple[np.ndarray, np.ndarray]:
+    def signatures(self, token_lists: list[list[str]], shingles: Optional[tuple] = None
+                   ) -> tuple[np.ndarray, np.ndarray]:
         """(documents × num_perm) uint32 signatures, and which documents had any token."""
         sig = np.full((len(token_lists), self.num_perm), np.iinfo(np.uint32).max, np.uint32)
-        g, d = self.shingles(token_lists)
+        g, d = shingles if shingles is not None else self.shingles(token_lists)
         for lo in range(0, len(g), _CHUNK):
             gs, ds = g[lo:lo + _CHUNK], d[lo:lo + _CHUNK]
             values = ((gs[:, None] * self.a[None, :] + self.b[None, :]) >> np.uint64(32)).astype(np.uint32)
@@ -77,24 +78,34 @@ class MinHasher:
         return sig, valid
 
 
+def shingle_sets(g: np.ndarray, d: np.ndarray, n_docs: int) -> tuple[np.ndarray, np.ndarray]:
+    """Each document's distinct shingle hashes, sorted, one after another, and how many each has."""
+    order = np.lexsort((g, d))
+    g, d = g[order], d[order]
+    new = np.concatenate([[True], (g[1:] != g[:-1]) | (d[1:] != d[:-1])]) if len(g) else np.zeros(0, bool)
+    return g[new], np.bincount(d[new], minlength=n_docs).astype(np.int64)
+
+
+def candidate_probability(s, bands: int, rows: int):
+    """The LSH S-curve: the chance that a pair of Jaccard similarity s shares at least one band."""
+    return 1 - (1 - np.asarray(s, float) ** rows) ** bands
+
+
+RECALL_AT_THRESHOLD = 0.99
+
+
 @lru_cache(maxsize=64)
 def lsh_params(threshold: float, num_perm: int) -> tuple[int, int]:
-    """Bands and rows per band that minimise 0.1 × false positives + 0.9 × false negatives.
+    """Bands b and rows r (b·r <= num_perm) with 1 - (1 - t^r)^b >= 0.99 at the threshold t, the most rows
+    that reach it (fewest false candidates, each of which costs a check), then the most bands.
 
-    Missed pairs are lost for good while false candidates are only a signature comparison away from
-    being rejected, so the S-curve is shifted to make pairs just above the threshold candidates.
-    """
-    s = np.linspace(0, 1, 2001)
-    best, best_err = (1, num_perm), float("inf")
-    for b in range(1, num_perm + 1):
-        r = num_perm // b
-        p = 1 - (1 - s ** r) ** b  # probability that a pair of similarity s becomes a candidate
-        fp = np.trapezoid(np.where(s < threshold, p, 0), s)
-        fn = np.trapezoid(np.where(s >= threshold, 1 - p, 0), s)
-        err = 0.1 * fp + 0.9 * fn
-        if err < best_err:
-            best, best_err = (b, r), err
-    return best
+    A pair at or above the threshold is missed with probability at most 1 %; with too few permutations
+    for that, one row per band."""
+    for rows in range(num_perm, 0, -1):
+        bands = num_perm // rows
+        if candidate_probability(threshold, bands, rows) >= RECALL_AT_THRESHOLD:
+            return bands, rows
+    return num_perm, 1
 
 
 def _band_keys(sig: np.ndarray, bands: int, rows: int) -> np.ndarray:
@@ -146,11 +157,52 @@ def similarity(sig: np.ndarray, pairs: np.ndarray) -> np.ndarray:
     return out
 
 
-def near_pairs(sig: np.ndarray, valid: np.ndarray, threshold: float, bands: Optional[int] = None) -> np.ndarray:
-    """Pairs (i < j) of near-duplicates: LSH candidates whose estimated Jaccard reaches the threshold."""
+class ShingleSets:
+    """Every document's sorted shingle hashes, read from per-unit files (memory-mapped) on demand."""
+
+    def __init__(self, arrays: list[np.ndarray], counts: np.ndarray):
+        self.arrays = arrays
+        self.counts = counts
+        self.start = np.cumsum(counts) - counts  # where each document's set begins, over all units together
+        self.unit_end = np.cumsum([len(a) for a in arrays])
+
+    def get(self, i: int) -> np.ndarray:
+        u = int(np.searchsorted(self.unit_end, self.start[i], side="right"))
+        lo = self.start[i] - (self.unit_end[u - 1] if u else 0)
+        return self.arrays[u][lo:lo + self.counts[i]]
+
+
+def jaccard(a: np.ndarray, b: np.ndarray) -> float:
+    """True Jaccard similarity of two sorted arrays of distinct values."""
+    if len(a) > len(b):
+        a, b = b, a
+    if not len(a):
+        return 0.0
+    at = np.searchsorted(b, a)
+    same = int(np.count_nonzero(b[np.minimum(at, len(b) - 1)] == a))
+    return same / (len(a) + len(b) - same)
+
+
+def true_similarity(sets: ShingleSets, pairs: np.ndarray) -> np.ndarray:
+    """The exact Jaccard similarity of each pair's shingle sets (pairs sorted by their first document)."""
+    out = np.empty(len(pairs))
+    last, a = -1, None
+    for k, (i, j) in enumerate(pairs.tolist()):
+        if i != last:
+            last, a = i, np.asarray(sets.get(i))
+        out[k] = jaccard(a, np.asarray(sets.get(j)))
+    return out
+
+
+def near_pairs(sig: np.ndarray, valid: np.ndarray, threshold: float, bands: Optional[int] = None,
+               sets: Optional[ShingleSets] = None) -> tuple[np.ndarray, np.ndarray]:
+    """Pairs (i < j) of near-duplicates and their similarity: LSH candidates whose true Jaccard (with
+    `sets`) or else MinHash estimate reaches the threshold."""
     if len(sig) < 2:
-        return np.zeros((0, 2), np.int64)
+        return np.zeros((0, 2), np.int64), np.zeros(0)
     num_perm = sig.shape[1]
     b, r = (bands, num_perm // bands) if bands else lsh_params(threshold, num_perm)
     cand = candidate_pairs(sig, valid, b, r)
-    return cand[similarity(sig, cand) >= threshold] if len(cand) else cand
+    sim = true_similarity(sets, cand) if sets is not None else similarity(sig, cand)
+    keep = sim >= threshold
+    return cand[keep], sim[keep]

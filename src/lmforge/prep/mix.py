@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import numpy as np
 
@@ -20,23 +20,40 @@ def uniform(keys: np.ndarray, seed: int) -> np.ndarray:
     return (x >> np.uint64(11)).astype(np.float64) / 2.0**53
 
 
-def choose_survivors(exact: np.ndarray, near: np.ndarray, fixed_validation: np.ndarray, dedup_exact: bool = True
-                     ) -> tuple[np.ndarray, np.ndarray, list[Optional[str]]]:
+class Survivors(NamedTuple):
+    kept: np.ndarray  # bool per document
+    duplicate_of: np.ndarray  # the kept document a removed one copies (-1: kept)
+    reasons: list  # why each removed document went (None: kept)
+    similarity: np.ndarray  # Jaccard similarity to that document (1 for exact copies, nan: kept)
+    cluster: np.ndarray  # the first-visited (kept) document of each document's cluster
+
+
+def visiting_order(n: int, fixed_validation: np.ndarray, length: Optional[np.ndarray]) -> np.ndarray:
+    """The kept rule: sources fixed to validation first, then the longest (most distinct word n-grams, so
+    exact copies tie), then input order (sources in recipe order, files and rows in order)."""
+    length = np.zeros(n, np.int64) if length is None else length
+    return np.lexsort((np.arange(n), -length, ~fixed_validation))
+
+
+def choose_survivors(exact: np.ndarray, near: np.ndarray, fixed_validation: np.ndarray, dedup_exact: bool = True,
+                     length: Optional[np.ndarray] = None, near_similarity: Optional[np.ndarray] = None) -> Survivors:
     """Which documents survive deduplication, which kept document each removed one copies, and why.
 
-    Documents are visited in order — those of sources fixed to validation first. With `dedup_exact`,
-    the first of each group of equal keys stays. Then a document goes if it is a near-duplicate pair
-    (`near`) with a document already kept. Unlike keeping one per connected cluster, this never
-    removes a document for resembling a chain of others (A~B, B~C, yet A and C unrelated), and no two
-    kept documents form a found pair, so the split cannot put near copies on both sides. A training
-    document that copies a validation one goes as `copy_of_validation`.
+    Clusters are the connected components (union-find) of exact groups and the near pairs found (`near`,
+    verified unless the recipe says otherwise). Each cluster's documents are visited in `visiting_order`.
+    With `dedup_exact`, the first of each group of equal keys stays. Then a document goes if it forms a
+    near pair with a document already kept. Unlike keeping one per cluster, this never removes a document
+    for resembling a chain of others (A~B, B~C, yet A and C unrelated): every removed document has a kept
+    twin, and no two kept documents form a pair, so the split cannot put near copies on both sides. A
+    training document that copies a validation one goes as `copy_of_validation`.
     """
     n = len(exact)
-    order = np.lexsort((np.arange(n), ~fixed_validation))
+    order = visiting_order(n, fixed_validation, length)
     rank = np.empty(n, np.int64)
     rank[order] = np.arange(n)
     kept = np.ones(n, bool)
     duplicate_of = np.full(n, -1)
+    sim = np.full(n, np.nan)
     rep = np.arange(n)
     if dedup_exact and n:
         by_key = np.lexsort((rank, exact))
@@ -45,15 +62,18 @@ def choose_survivors(exact: np.ndarray, near: np.ndarray, fixed_validation: np.n
         rep[by_key] = by_key[head]
         kept = rep == np.arange(n)
         duplicate_of[~kept] = rep[~kept]
+        sim[~kept] = 1.0
+    near_sim = np.ones(len(near)) if near_similarity is None else near_similarity
     if len(near):
         # An exact copy stands for its representative: a pair with it is a pair with the representative.
         a, b = rep[near[:, 0]], rep[near[:, 1]]
         a, b = np.where(rank[a] > rank[b], b, a), np.where(rank[a] > rank[b], a, b)  # a is visited first
         by_later = np.lexsort((rank[a], rank[b]))
-        for x, y in zip(a[by_later].tolist(), b[by_later].tolist()):
+        for x, y, s in zip(a[by_later].tolist(), b[by_later].tolist(), near_sim[by_later].tolist()):
             if x != y and kept[y] and kept[x]:
                 kept[y] = False
                 duplicate_of[y] = x
+                sim[y] = s
     reasons: list[Optional[str]] = [None] * n
     for i in np.flatnonzero(~kept):
         k = duplicate_of[i]
@@ -63,7 +83,35 @@ def choose_survivors(exact: np.ndarray, near: np.ndarray, fixed_validation: np.n
             reasons[i] = "exact_duplicate"
         else:
             reasons[i] = "near_duplicate"
-    return kept, duplicate_of, reasons
+    return Survivors(kept, duplicate_of, reasons, sim, _cluster_heads(rep, near, rank))
+
+
+def union_find(n: int, edges: np.ndarray) -> np.ndarray:
+    """Each node's root (the smallest node of its connected component): union-find run on all edges at once,
+    hooking each edge's roots to the smaller one, then compressing paths, until every edge is inside a set."""
+    parent = np.arange(n)
+    while True:
+        pa, pb = parent[edges[:, 0]], parent[edges[:, 1]]
+        if (pa == pb).all():
+            return parent
+        low = np.minimum(pa, pb)
+        np.minimum.at(parent, pa, low)
+        np.minimum.at(parent, pb, low)
+        while True:
+            up = parent[parent]
+            if (up == parent).all():
+                break
+            parent = up
+
+
+def _cluster_heads(rep: np.ndarray, near: np.ndarray, rank: np.ndarray) -> np.ndarray:
+    """Clusters of exact groups and near pairs: each document's cluster, named by its first-visited member."""
+    n = len(rep)
+    edges = np.concatenate([np.stack([np.arange(n), rep], 1), np.asarray(near, np.int64).reshape(-1, 2)])
+    root = union_find(n, edges)
+    first = np.full(n, n, np.int64)
+    np.minimum.at(first, root, rank)
+    return np.argsort(rank)[first[root]]
 
 
 def assign_split(kept: np.ndarray, domain: np.ndarray, fixed: np.ndarray, u: np.ndarray,

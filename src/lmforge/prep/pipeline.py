@@ -3,12 +3,13 @@
 Stages: (0, optional) count lines for boilerplate removal; (1) per work unit, in `num_proc`
 processes: read, normalise, filter, hash and sign — saved to a work folder, so a restarted run
 resumes with the units still to do; (2) over all signatures: exact and near-duplicate clusters,
-survivors, split, mixing weights; (3) write the shards, the marker file and the report into a
-temporary folder that replaces the output folder only when it is complete.
+survivors, split, mixing weights; (3) write the shards, the marker file, removed.jsonl and the report
+into a temporary folder that replaces the output folder only when it is complete.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import multiprocessing as mp
@@ -19,7 +20,7 @@ import time
 from collections import Counter
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
-from typing import Callable, Union
+from typing import Callable, Optional, Union
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -28,19 +29,21 @@ from lmforge.data.sources import PREPARED_MARKER as MARKER
 from lmforge.errors import LmforgeError
 from lmforge.prep import mix
 from lmforge.prep.config import PrepRecipe, load_prep_recipe
-from lmforge.prep.dedup import near_pairs
+from lmforge.prep.dedup import ShingleSets, near_pairs
 from lmforge.prep.read import Unit, plan_units
 from lmforge.prep.report import write_report
-from lmforge.prep.worker import HIST_EDGES, count_unit_lines, process_unit, unit_paths
+from lmforge.prep.worker import FILTERED_SCHEMA, HIST_EDGES, count_unit_lines, process_unit, unit_paths
 from lmforge.recipe import coerce_recipe
 from lmforge.stage import RunResult
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+COLUMNS = ["text", "domain", "id", "source"]
+UNIT_LAYOUT = "units-v2"  # what a work unit holds: bump when it changes, so old work folders are not reused
 
 
 def _fingerprint(recipe: PrepRecipe, units: list[Unit]) -> str:
     """Changes when anything that stage 1 reads or depends on changes (not split or mix settings)."""
-    h = hashlib.sha256()
+    h = hashlib.sha256(UNIT_LAYOUT.encode())
     h.update(recipe.model_dump_json(include={"sources", "normalize", "filters", "code", "output"}).encode())
     h.update(recipe.dedup.model_dump_json(include={"num_perm", "ngram", "seed"}).encode())
     for unit in units:
@@ -86,8 +89,9 @@ def _check_output(out: Path, force: bool) -> None:
 
 def _load_rows(work: Path, units: list[Unit], num_perm: int) -> tuple[dict, np.ndarray, list[int]]:
     """The per-document columns of every unit (without text), and all signatures in one memmap."""
-    tables = [pq.read_table(unit_paths(work, u.index)["rows"], columns=["domain", "fixed", "words", "tokens",
-                                                                          "exact", "valid"]) for u in units]
+    tables = [pq.read_table(unit_paths(work, u.index)["rows"],
+                            columns=["domain", "id", "src", "fixed", "words", "tokens", "exact", "valid", "shingles"])
+              for u in units]
     sizes = [t.num_rows for t in tables]
     cols = {name: np.concatenate([t.column(name).to_numpy(zero_copy_only=False) for t in tables])
             if tables else np.zeros(0) for name in tables[0].column_names}
@@ -97,6 +101,42 @@ def _load_rows(work: Path, units: list[Unit], num_perm: int) -> tuple[dict, np.n
         sig[at:at + n] = np.load(unit_paths(work, u.index)["sig"], mmap_mode="r")
         at += n
     return cols, sig, sizes
+
+
+@contextlib.contextmanager
+def _discarded_on_bad_input(work: Path):
+    """Bad input (an id missing or repeated) removes the work folder: resuming would meet it again."""
+    try:
+        yield
+    except LmforgeError:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+
+
+def _shingle_sets(work: Path, units: list[Unit], counts: np.ndarray) -> ShingleSets:
+    return ShingleSets([np.load(unit_paths(work, u.index)["sets"], mmap_mode="r") for u in units], counts)
+
+
+def _filtered(work: Path, units: list[Unit]):
+    """The documents the filters removed (id, source, src, domain, reason), over all units."""
+    import pyarrow as pa  # only the filtered table needs the concatenation
+    tables = [pq.read_table(unit_paths(work, u.index)["filtered"]) for u in units]
+    return pa.concat_tables(tables) if tables else FILTERED_SCHEMA.empty_table()
+
+
+def _check_unique_ids(recipe: PrepRecipe, ids: np.ndarray, src: np.ndarray) -> None:
+    """Ids name documents in removed.jsonl and the output rows: two documents may not share one."""
+    if not len(ids):
+        return
+    order = np.argsort(ids, kind="stable")
+    same = np.flatnonzero(ids[order][1:] == ids[order][:-1])
+    if not len(same):
+        return
+    first = order[same[0] + 1]
+    i = int(src[first])
+    where = (f"sources[{i}].id_column: '{recipe.sources[i].id_column}' is not unique"
+             if recipe.sources[i].id_column else f"sources[{i}]: a file is read twice")
+    raise LmforgeError(f"{where}: id {ids[first]!r} names more than one document")
 
 
 def _sum_by(codes: np.ndarray, values: np.ndarray, mask: np.ndarray, names: list[str]) -> dict[str, int]:
@@ -146,14 +186,20 @@ def prep(recipe: Union[PrepRecipe, str, Path], *, force: bool = False, show_prog
             results[stats["unit"]] = stats
             advance()
         todo.sort(key=lambda u: -u.bytes)  # biggest first: the last unit to finish is a small one
-        _map(process_unit, [(recipe, u, work, boilerplate) for u in todo], recipe.num_proc, collect)
+        with _discarded_on_bad_input(work):
+            _map(process_unit, [(recipe, u, work, boilerplate) for u in todo], recipe.num_proc, collect)
     times["read, normalise, filter, sign"] = time.perf_counter() - tick
 
     # Stage 2: duplicates, survivors, split, mixing.
     tick = time.perf_counter()
     cols, sig, sizes = _load_rows(work, units, recipe.dedup.num_perm)
+    filtered = _filtered(work, units)
+    with _discarded_on_bad_input(work):
+        _check_unique_ids(recipe, np.concatenate([cols["id"], filtered.column("id").to_numpy(zero_copy_only=False)]),
+                          np.concatenate([cols["src"], filtered.column("src").to_numpy()]))
     domains = sorted({d for r in results.values() for d in r["before"]} | set(cols["domain"].tolist()))
-    plan = _decide(recipe, cols, sig, domains)
+    sets = _shingle_sets(work, units, cols["shingles"]) if recipe.dedup.verify else None
+    plan = _decide(recipe, cols, sig, domains, sets)
     times["deduplicate, split, mix"] = time.perf_counter() - tick
 
     # Stage 3: write everything into a temporary folder, then swap it in.
@@ -163,12 +209,12 @@ def prep(recipe: Union[PrepRecipe, str, Path], *, force: bool = False, show_prog
     (tmp / "train").mkdir(parents=True)
     (tmp / "validation").mkdir()
     offsets = np.concatenate([[0], np.cumsum(sizes)])
-    examples = _duplicate_examples(plan["cluster"], plan["reasons"], sig, work, units, offsets,
-                                   recipe.output.examples)
+    examples = _duplicate_examples(plan, work, units, offsets, recipe.output.examples)
+    _write_removed(tmp / "removed.jsonl", plan, cols, work, units, filtered)
     for u, lo, hi in zip(units, offsets[:-1], offsets[1:]):
         if hi == lo:
             continue
-        table = pq.read_table(unit_paths(work, u.index)["rows"], columns=["text", "domain"])
+        table = pq.read_table(unit_paths(work, u.index)["rows"], columns=COLUMNS)
         take_train = np.repeat(np.arange(hi - lo), plan["repeats"][lo:hi])
         take_val = np.flatnonzero(plan["split"][lo:hi] == mix.VALIDATION)
         for name, take in (("train", take_train), ("validation", take_val)):
@@ -185,7 +231,7 @@ def prep(recipe: Union[PrepRecipe, str, Path], *, force: bool = False, show_prog
     write_report(tmp, stats, examples, plots=recipe.output.plots)
     (tmp / MARKER).write_text(json.dumps({
         "format": FORMAT_VERSION, "name": recipe.name, "domains": domains, "splits": ["train", "validation"],
-        "columns": ["text", "domain"], "recipe": recipe.model_dump(mode="json")}, indent=1))
+        "columns": COLUMNS, "recipe": recipe.model_dump(mode="json")}, indent=1))
     _swap_in(tmp, out)
     shutil.rmtree(work, ignore_errors=True)
     if show_progress:
@@ -200,7 +246,8 @@ def prep(recipe: Union[PrepRecipe, str, Path], *, force: bool = False, show_prog
     return RunResult(out, stats)
 
 
-def _decide(recipe: PrepRecipe, cols: dict, sig: np.ndarray, domains: list[str]) -> dict:
+def _decide(recipe: PrepRecipe, cols: dict, sig: np.ndarray, domains: list[str],
+            sets: Optional[ShingleSets] = None) -> dict:
     """Per document: survives deduplication or not (and why), its split, its copies in the training stream."""
     n = len(cols["exact"])
     code = {d: i for i, d in enumerate(domains)}
@@ -209,11 +256,15 @@ def _decide(recipe: PrepRecipe, cols: dict, sig: np.ndarray, domains: list[str])
                      np.int64)
     exact = cols["exact"].astype(np.uint64)
     d = recipe.dedup
-    pairs = near_pairs(sig[:n], cols["valid"].astype(bool), d.threshold, d.bands) if d.near else np.zeros((0, 2), int)
-    kept, duplicate_of, reasons = mix.choose_survivors(exact, pairs, fixed == mix.VALIDATION, d.exact)
+    words = cols["words"].astype(np.int64)
+    pairs, sims = (near_pairs(sig[:n], cols["valid"].astype(bool), d.threshold, d.bands, sets) if d.near
+                   else (np.zeros((0, 2), np.int64), np.zeros(0)))
+    survivors = mix.choose_survivors(exact, pairs, fixed == mix.VALIDATION, d.exact,
+                                     cols["shingles"].astype(np.int64), sims)
+    kept = survivors.kept
     s = recipe.split
     split = mix.assign_split(kept, dom, fixed, mix.uniform(exact, s.seed), s.validation_fraction, s.validation_count)
-    words, tokens = cols["words"].astype(np.int64), cols["tokens"].astype(np.int64)
+    tokens = cols["tokens"].astype(np.int64)
     train = split == mix.TRAIN
     measure = {"tokens": tokens, "words": words, "documents": np.ones(n, np.int64)}[recipe.mix.by]
     active = {dm: v for dm, v in _sum_by(dom, measure, train, domains).items() if v > 0}
@@ -226,8 +277,10 @@ def _decide(recipe: PrepRecipe, cols: dict, sig: np.ndarray, domains: list[str])
     ratio = np.array([ratio_by_domain.get(dm, 0.0) for dm in domains])[dom]
     draw = mix.uniform(np.arange(n, dtype=np.uint64), recipe.mix.seed + 7919)
     repeats = np.where(train, mix.repeat_counts(ratio, draw), 0) if recipe.mix.resample else train.astype(np.int64)
-    return {"dom": dom, "words": words, "tokens": tokens, "kept": kept, "reasons": reasons,
-            "cluster": _cluster_of(kept, duplicate_of), "split": split, "repeats": repeats,
+    return {"dom": dom, "words": words, "tokens": tokens, "kept": kept, "reasons": survivors.reasons,
+            "duplicate_of": survivors.duplicate_of, "similarity": survivors.similarity,
+            "cluster": survivors.cluster, "candidate_pairs_verified": bool(d.near and sets is not None),
+            "near_pairs": int(len(pairs)), "split": split, "repeats": repeats,
             "weights": weights, "sizes": active, "ratios": ratio_by_domain}
 
 
@@ -240,25 +293,7 @@ def _swap_in(tmp: Path, out: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
-def _cluster_of(kept: np.ndarray, duplicate_of: np.ndarray) -> np.ndarray:
-    """The kept document each document stands with (itself when kept), following chains of copies."""
-    root = np.where(kept, np.arange(len(kept)), duplicate_of)
-    while not kept[root].all():
-        root = np.where(kept[root], root, duplicate_of[root])
-    return root
-
-
-def _duplicate_examples(cluster, reasons, sig, work, units, offsets, limit) -> list[dict]:
-    """The largest clusters (a kept document and the copies removed for it), with a few members' text."""
-    if limit == 0:
-        return []
-    sizes = np.bincount(cluster, minlength=len(cluster))
-    big = [c for c in np.argsort(-sizes, kind="stable")[:limit] if sizes[c] > 1]
-    wanted = {}
-    for c in big:
-        others = [m for m in np.flatnonzero(cluster == c) if m != c][:2]
-        wanted[int(c)] = [int(c)] + [int(m) for m in others]
-    rows = sorted({m for ms in wanted.values() for m in ms})
+def _texts(work: Path, units: list[Unit], offsets: np.ndarray, rows: list[int]) -> dict[int, str]:
     texts: dict[int, str] = {}
     for u, lo, hi in zip(units, offsets[:-1], offsets[1:]):
         inside = [m for m in rows if lo <= m < hi]
@@ -266,13 +301,39 @@ def _duplicate_examples(cluster, reasons, sig, work, units, offsets, limit) -> l
             col = pq.read_table(unit_paths(work, u.index)["rows"], columns=["text"]).column("text")
             for m in inside:
                 texts[m] = col[m - lo].as_py()
-    out = []
-    for c, ms in wanted.items():
-        keeper = ms[0]
-        out.append({"size": int(sizes[c]), "members": [
-            {"kept": m == keeper, "reason": reasons[m], "text": texts[m],
-             "similarity": float((np.asarray(sig[m]) == np.asarray(sig[keeper])).mean())} for m in ms]})
-    return out
+    return texts
+
+
+def _duplicate_examples(plan: dict, work: Path, units: list[Unit], offsets: np.ndarray, limit: int) -> list[dict]:
+    """The largest clusters (their first document and documents removed in them), with a few members' text."""
+    cluster, kept = plan["cluster"], plan["kept"]
+    if limit == 0:
+        return []
+    sizes = np.bincount(cluster, minlength=len(cluster))
+    big = [c for c in np.argsort(-sizes, kind="stable")[:limit] if sizes[c] > 1]
+    wanted = {}
+    for c in big:
+        others = [m for m in np.flatnonzero(cluster == c) if m != c and not kept[m]][:2]
+        wanted[int(c)] = [int(c)] + [int(m) for m in others]
+    texts = _texts(work, units, offsets, sorted({m for ms in wanted.values() for m in ms}))
+    return [{"size": int(sizes[c]), "members": [
+        {"kept": bool(kept[m]), "reason": plan["reasons"][m], "text": texts[m],
+         "similarity": float(plan["similarity"][m])} for m in ms]} for c, ms in wanted.items()]
+
+
+def _write_removed(path: Path, plan: dict, cols: dict, work: Path, units: list[Unit], filtered) -> None:
+    """One JSON line per removed document: its id, source file, domain, reason, the kept document it
+    duplicated and their similarity (null for filter removals)."""
+    sources = np.concatenate([pq.read_table(unit_paths(work, u.index)["rows"], columns=["source"])
+                              .column("source").to_numpy(zero_copy_only=False) for u in units])
+    ids, dup_of, sim = cols["id"], plan["duplicate_of"], plan["similarity"]
+    with open(path, "w", encoding="utf-8") as fh:
+        for row in filtered.select(["id", "source", "domain", "reason"]).to_pylist():
+            fh.write(json.dumps({**row, "duplicate_of": None, "similarity": None}, ensure_ascii=False) + "\n")
+        for i in np.flatnonzero(~plan["kept"]).tolist():
+            fh.write(json.dumps({"id": ids[i], "source": sources[i], "domain": cols["domain"][i],
+                                 "reason": plan["reasons"][i], "duplicate_of": ids[dup_of[i]],
+                                 "similarity": round(float(sim[i]), 4)}, ensure_ascii=False) + "\n")
 
 
 def _stats(recipe: PrepRecipe, results: dict, plan_events: Counter, domains: list[str], plan: dict,
@@ -319,7 +380,10 @@ def _stats(recipe: PrepRecipe, results: dict, plan_events: Counter, domains: lis
         "removed": {d: dict(c) for d, c in removed.items() if c},
         "removed_examples": {d: ex for d, ex in examples.items() if ex},
         "input_events": dict(events),
+        "removed_documents": int(sum(sum(c.values()) for c in removed.values())),
+        "removed_by_reason": dict(sum(removed.values(), Counter())),
         "duplicates": {"clusters": int(len(clusters)), "documents_in_clusters": int(clusters.sum()),
+                       "near_pairs": plan["near_pairs"], "verified": plan["candidate_pairs_verified"],
                        "largest": int(clusters.max()) if len(clusters) else 0,
                        "size_counts": {int(k): int(v) for k, v in zip(*np.unique(clusters, return_counts=True))}},
         "mix": {d: {"size": int(active[d]), "natural": natural[d], "weight": weights[d],

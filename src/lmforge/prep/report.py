@@ -110,7 +110,9 @@ def write_report(out: Path, stats: dict, examples: list[dict], plots: bool = Tru
     if "sizes.png" in figs:
         lines += ["![sizes](sizes.png)", ""]
 
-    lines += ["## Removed documents", ""]
+    lines += ["## Removed documents", "",
+              f"{stats.get('removed_documents', 0):,} documents removed; removed.jsonl lists each with its id, "
+              "source, reason, the document it duplicated and their similarity.", ""]
     reasons = sorted({r for c in stats["removed"].values() for r in c})
     if reasons:
         rows = [[r] + [_n(stats["removed"].get(d, {}).get(r, 0)) for d in doms] for r in reasons]
@@ -141,7 +143,10 @@ def write_report(out: Path, stats: dict, examples: list[dict], plots: bool = Tru
     dup = stats["duplicates"]
     lines += ["## Duplicates", "",
               f"{dup['clusters']:,} clusters hold {dup['documents_in_clusters']:,} documents "
-              f"(largest: {dup['largest']:,}); one document per cluster is kept.", ""]
+              f"(largest: {dup['largest']:,}); {dup.get('near_pairs', 0):,} near-duplicate pairs, "
+              + ("each checked with the true Jaccard similarity" if dup.get("verified") else
+                 "accepted on the MinHash estimate (dedup.verify: false)")
+              + "; a document is removed when it pairs with one kept (the longest first).", ""]
     if "duplicates.png" in figs:
         lines += ["![duplicates](duplicates.png)", ""]
     for i, ex in enumerate(examples, 1):

@@ -1,8 +1,9 @@
 """Stage one, per work unit (in worker processes): read → normalise → filter → hash and sign.
 
-A unit's results are three files under the work folder — the kept documents (Parquet), their
-MinHash signatures (.npy) and its counts (.json, written last: its presence means the unit is done),
-so a restarted run skips finished units.
+A unit's results are files under the work folder — the kept documents (Parquet), their MinHash
+signatures and sorted shingle sets (.npy, for checking candidate pairs exactly), the documents the
+filters removed (Parquet: id, source, reason) and its counts (.json, written last: its presence means
+the unit is done), so a restarted run skips finished units.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from lmforge.prep.config import PrepRecipe
-from lmforge.prep.dedup import MinHasher, dedup_tokens, exact_key
+from lmforge.prep.dedup import MinHasher, dedup_tokens, exact_key, shingle_sets
 from lmforge.prep.filters import WordTable, quality_reasons
 from lmforge.prep.normalize import count_lines, normalize, strip_boilerplate
 from lmforge.prep.read import Unit, part_bytes, read_part
@@ -30,14 +31,18 @@ BATCH_CHARS = 4_000_000
 HIST_EDGES = np.logspace(0, 6, 49)  # words per document, 1 to 1M, log-spaced
 _PIECE = re.compile(r"\w+|[^\w\s]")
 
-UNIT_SCHEMA = pa.schema([("text", pa.string()), ("domain", pa.string()), ("fixed", pa.string()),
+UNIT_SCHEMA = pa.schema([("text", pa.string()), ("domain", pa.string()), ("id", pa.string()),
+                         ("source", pa.string()), ("src", pa.int64()), ("fixed", pa.string()),
                          ("words", pa.int64()), ("tokens", pa.int64()), ("exact", pa.uint64()),
-                         ("valid", pa.bool_())])
+                         ("valid", pa.bool_()), ("shingles", pa.int64())])
+FILTERED_SCHEMA = pa.schema([("id", pa.string()), ("source", pa.string()), ("src", pa.int64()),
+                             ("domain", pa.string()), ("reason", pa.string())])
 
 
 def unit_paths(work: Path, index: int) -> dict[str, Path]:
     stem = work / "units" / f"unit-{index:05d}"
     return {"rows": stem.with_suffix(".parquet"), "sig": stem.with_suffix(".sig.npy"),
+            "sets": stem.with_suffix(".sets.npy"), "filtered": stem.with_suffix(".filtered.parquet"),
             "stats": stem.with_suffix(".json")}
 
 
@@ -70,12 +75,14 @@ class _Unit:
         self.hist: dict = {}
         self.examples: dict = defaultdict(dict)  # domain → reason → the first removed document's start
         self.columns: dict = {name: [] for name in UNIT_SCHEMA.names}
+        self.filtered: dict = {name: [] for name in FILTERED_SCHEMA.names}
         self.sigs: list = []
+        self.sets: list = []
 
-    def process(self, batch: list[tuple[str, int]], events: Counter) -> None:
+    def process(self, batch: list[tuple[str, int, str, str]], events: Counter) -> None:
         r = self.r
-        texts = [normalize(t, r.normalize) for t, _ in batch]
-        sources = [r.sources[s] for _, s in batch]
+        texts = [normalize(t, r.normalize) for t, *_ in batch]
+        sources = [r.sources[b[1]] for b in batch]
         if self.boilerplate:
             for i, src in enumerate(sources):
                 lines = self.boilerplate.get(src.domain)
@@ -104,17 +111,27 @@ class _Unit:
             if reasons[i] is not None:
                 self.removed[src.domain][reasons[i]] += 1
                 self.examples[src.domain].setdefault(reasons[i], texts[i][:300])
+                for name, value in zip(FILTERED_SCHEMA.names, (batch[i][2], batch[i][3], batch[i][1], src.domain,
+                                                               reasons[i])):
+                    self.filtered[name].append(value)
         for domain in {s.domain for s in sources}:
             mask = np.array([s.domain == domain for s in sources])
             counts = np.histogram(np.maximum(words[mask], 1), HIST_EDGES)[0]
             self.hist[domain] = self.hist.get(domain, 0) + counts
         token_lists = [dedup_tokens(texts[i]) for i in kept]
-        sig, valid = self.hasher.signatures(token_lists)
+        g, d = self.hasher.shingles(token_lists)
+        sig, valid = self.hasher.signatures(token_lists, (g, d))
+        sets, counts = shingle_sets(g, d, len(kept))
         self.sigs.append(sig)
+        self.sets.append(sets)
         c = self.columns
         for j, i in enumerate(kept):
             c["text"].append(texts[i])
             c["domain"].append(sources[i].domain)
+            c["id"].append(batch[i][2])
+            c["source"].append(batch[i][3])
+            c["src"].append(batch[i][1])
+            c["shingles"].append(int(counts[j]))
             c["fixed"].append(sources[i].split or "")
             c["words"].append(int(words[i]))
             c["tokens"].append(int(tokens[i]))
@@ -126,8 +143,8 @@ def _batches(recipe: PrepRecipe, unit: Unit, events: Counter):
     batch, size = [], 0
     for part in unit.parts:
         src = recipe.sources[part.source]
-        for text in read_part(src, part, recipe.normalize.max_doc_chars, events):
-            batch.append((text, part.source))
+        for doc_id, text in read_part(src, part, recipe.normalize.max_doc_chars, events):
+            batch.append((text, part.source, doc_id, part.file))
             size += len(text)
             if len(batch) >= BATCH_DOCS or size >= BATCH_CHARS:
                 yield batch
@@ -142,6 +159,11 @@ def _atomic(path: Path, write) -> None:
     os.replace(tmp, path)
 
 
+def _save_npy(path: Path, array: np.ndarray) -> None:
+    with open(path, "wb") as fh:  # a file object: np.save would append '.npy' to a temp name
+        np.save(fh, array)
+
+
 def process_unit(recipe: PrepRecipe, unit: Unit, work: Path, boilerplate: dict) -> dict:
     t0 = time.perf_counter()
     events: Counter = Counter()
@@ -152,12 +174,12 @@ def process_unit(recipe: PrepRecipe, unit: Unit, work: Path, boilerplate: dict) 
     paths["rows"].parent.mkdir(parents=True, exist_ok=True)
     table = pa.table(state.columns, schema=UNIT_SCHEMA)
     _atomic(paths["rows"], lambda p: pq.write_table(table, p))
+    filtered = pa.table(state.filtered, schema=FILTERED_SCHEMA)
+    _atomic(paths["filtered"], lambda p: pq.write_table(filtered, p))
     sig = np.concatenate(state.sigs) if state.sigs else np.zeros((0, recipe.dedup.num_perm), np.uint32)
-
-    def save_sig(p: Path) -> None:
-        with open(p, "wb") as fh:  # a file object: np.save would append '.npy' to a temp name
-            np.save(fh, sig)
-    _atomic(paths["sig"], save_sig)
+    _atomic(paths["sig"], lambda p: _save_npy(p, sig))
+    sets = np.concatenate(state.sets) if state.sets else np.zeros(0, np.uint64)
+    _atomic(paths["sets"], lambda p: _save_npy(p, sets))
     stats = {"unit": unit.index, "bytes": sum(part_bytes(p) for p in unit.parts), "rows": table.num_rows,
              "before": {d: dict(c) for d, c in state.before.items()},
              "removed": {d: dict(c) for d, c in state.removed.items()}, "examples": dict(state.examples),
@@ -174,7 +196,7 @@ def count_unit_lines(recipe: PrepRecipe, unit: Unit) -> dict[str, Counter]:
     skip = set(recipe.code.domains)
     for batch in _batches(recipe, unit, events):
         by_domain: dict[str, list] = defaultdict(list)
-        for text, s in batch:
+        for text, s, *_ in batch:
             domain = recipe.sources[s].domain
             if domain not in skip:
                 by_domain[domain].append(normalize(text, recipe.normalize))

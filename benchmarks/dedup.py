@@ -1,0 +1,299 @@
+"""Near-duplicate removal against exact ground truth: `lmforge prep` (verified and estimate-only) and
+datasketch's MinHashLSH, on one corpus with seeded injected near-duplicates, in the same run.
+
+    python benchmarks/dedup.py [--base 4000] [--inject 0.35] [--threshold 0.8] [--ngram 5] [--repeats 3]
+
+Corpus: prose documents of at least 40 words from the shared corpora (WikiText-2 paragraphs, Inspec
+abstracts, PubMedQA contexts, legal texts; exact copies dropped), plus seeded copies of random ones of
+several kinds: word edits (1-20 %: substituted, deleted or inserted), a dropped sentence, reordered
+sentences, an added header and footer, whitespace and case changes, exact copies, and copies of copies.
+Everything is shuffled and written as one JSONL file with an `id` per document.
+
+Ground truth: every pair whose word n-gram sets (lower-case words, punctuation dropped, the tokens all
+tools are given) have Jaccard >= the threshold, found by All-Pairs prefix filtering (n-grams ordered
+rarest first; a pair above the threshold shares one of the first |x| - ceil(t|x|) + 1 n-grams of each
+set, so no pair is missed) and checked by brute force against every document for a sample.
+
+Scores: precision = the fraction of removed documents that have a true twin (Jaccard >= threshold)
+among the kept ones; recall = the fraction of true pairs of which at most one document is kept.
+MB/s: corpus bytes over each tool's own seconds (median of --repeats runs, each in a fresh process);
+peak RSS: the process's maximum resident memory, and above what it held after its imports (lmforge's
+imports include torch). datatrove is not run: its MinHash pipeline needs four executor stages on disk.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+import re
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter, defaultdict
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+WORD = re.compile(r"\w+")
+HEADERS = ["Posted in General | Leave a comment", "Home > Articles > Reading", "Share this page:"]
+FOOTERS = ["Copyright (c) 2024. All rights reserved.", "Click here to subscribe to our newsletter.",
+           "This article was printed from the archive."]
+
+
+# ---------------------------------------------------------------- corpus
+
+
+def base_documents(limit: int, rng: random.Random) -> list[str]:
+    from lmforge.prep import load_prep_recipe
+    from lmforge.prep.normalize import normalize
+    from lmforge.prep.read import plan_units, read_part
+    recipe = load_prep_recipe(ROOT / "recipes" / "prep" / "shared-corpora.yaml")
+    prose = [s for s in recipe.sources if s.domain not in ("code", "drama", "reviews")]
+    units, _ = plan_units(prose, 1e9)
+    docs, seen = [], set()
+    for unit in units:
+        for part in unit.parts:
+            for _, text in read_part(prose[part.source], part, 1_000_000, Counter()):
+                text = normalize(text, recipe.normalize)
+                key = " ".join(WORD.findall(text.lower()))
+                if len(key.split()) >= 40 and key not in seen:
+                    seen.add(key)
+                    docs.append(text)
+    rng.shuffle(docs)
+    return docs[:limit]
+
+
+def sentences(text: str) -> list[str]:
+    return [s for s in re.split(r"(?<=[.!?])\s+", text) if s]
+
+
+def word_edit(text: str, rate: float, rng: random.Random, vocab: list[str]) -> str:
+    words = text.split()
+    for i in sorted(rng.sample(range(len(words)), max(1, round(rate * len(words)))), reverse=True):
+        kind = rng.random()
+        if kind < 0.5:
+            words[i] = rng.choice(vocab)
+        elif kind < 0.75:
+            del words[i]
+        else:
+            words.insert(i, rng.choice(vocab))
+    return " ".join(words)
+
+
+def near_copy(text: str, kind: str, rng: random.Random, vocab: list[str]) -> str:
+    parts = sentences(text)
+    if kind == "edit":
+        return word_edit(text, rng.uniform(0.01, 0.20), rng, vocab)
+    if kind == "drop_sentence" and len(parts) > 2:
+        del parts[rng.randrange(len(parts))]
+        return " ".join(parts)
+    if kind == "reorder" and len(parts) > 2:
+        i = rng.randrange(len(parts) - 1)
+        parts[i], parts[i + 1] = parts[i + 1], parts[i]
+        return " ".join(parts)
+    if kind == "header_footer":
+        return rng.choice(HEADERS) + "\n\n" + text + "\n\n" + rng.choice(FOOTERS)
+    if kind == "case_space":
+        return "  ".join(w.upper() if rng.random() < 0.3 else w for w in text.split())
+    return text  # exact copy
+
+
+KINDS = ["edit", "edit", "edit", "drop_sentence", "reorder", "header_footer", "case_space", "exact"]
+
+
+def build_corpus(n_base: int, inject: float, seed: int) -> list[str]:
+    rng = random.Random(seed)
+    docs = base_documents(n_base, rng)
+    vocab = sorted({w for d in docs[:500] for w in d.split()})
+    copies: list[str] = []
+    for _ in range(int(inject * len(docs))):
+        if copies and rng.random() < 0.15:  # a copy of a copy
+            copies.append(near_copy(rng.choice(copies), "edit", rng, vocab))
+        else:
+            copies.append(near_copy(rng.choice(docs), rng.choice(KINDS), rng, vocab))
+    corpus = docs + copies
+    rng.shuffle(corpus)
+    return corpus
+
+
+# ---------------------------------------------------------------- exact ground truth
+
+
+def shingle_set(text: str, n: int) -> frozenset:
+    """What every tool compares: word n-grams of the lower-case words (one shingle for a shorter text)."""
+    w = WORD.findall(text.lower())
+    if len(w) < n:
+        return frozenset([" ".join(w)])
+    return frozenset(" ".join(w[i:i + n]) for i in range(len(w) - n + 1))
+
+
+def jaccard(a: frozenset, b: frozenset) -> float:
+    inter = len(a & b)
+    return inter / (len(a) + len(b) - inter) if a or b else 0.0
+
+
+def all_pairs(sets: list[frozenset], t: float) -> set[tuple[int, int]]:
+    """Every pair (i < j) with Jaccard >= t, by prefix filtering: no pair is missed."""
+    freq = Counter(g for s in sets for g in s)
+    rank = {g: k for k, g in enumerate(sorted(freq, key=lambda g: (freq[g], g)))}
+    ordered = [sorted(rank[g] for g in s) for s in sets]
+    index: dict[int, list[int]] = defaultdict(list)
+    found = set()
+    for y in sorted(range(len(sets)), key=lambda i: (len(sets[i]), i)):
+        size = len(ordered[y])
+        prefix = ordered[y][:size - math.ceil(t * size) + 1]
+        candidates = {x for g in prefix for x in index[g] if len(sets[x]) >= t * size}
+        for x in candidates:
+            if jaccard(sets[x], sets[y]) >= t:
+                found.add((min(x, y), max(x, y)))
+        for g in prefix:
+            index[g].append(y)
+    return found
+
+
+def brute_force_check(sets: list[frozenset], pairs: set, t: float, sample: int, rng: random.Random) -> int:
+    """Compare `sample` random documents with every other one; the pairs found must all be in `pairs`."""
+    checked = 0
+    for i in rng.sample(range(len(sets)), min(sample, len(sets))):
+        for j in range(len(sets)):
+            if i != j and jaccard(sets[i], sets[j]) >= t:
+                assert (min(i, j), max(i, j)) in pairs, f"all-pairs missed ({i}, {j})"
+                checked += 1
+    return checked
+
+
+# ---------------------------------------------------------------- the tools (each in its own process)
+
+
+def rss_mb() -> float:
+    """This process's peak resident memory (VmHWM: unlike ru_maxrss, not carried over from the parent)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def run_lmforge(corpus: Path, args, verify: bool) -> list[str]:
+    from lmforge.prep import prep, prep_recipe_from_dict
+    off = dict(min_words=None, max_words=None, min_mean_word_length=None, max_mean_word_length=None,
+               max_symbol_word_ratio=None, max_ellipsis_line_fraction=None, max_bullet_line_fraction=None,
+               max_non_alpha_word_fraction=None, max_dup_line_fraction=None, max_dup_line_char_fraction=None,
+               max_top_ngram_char_fraction={}, max_dup_ngram_char_fraction={})
+    out = Path(tempfile.mkdtemp()) / "out"
+    recipe = prep_recipe_from_dict({
+        "sources": [{"path": str(corpus), "id_column": "id"}], "filters": off, "num_proc": 1,
+        "dedup": {"ngram": args.ngram, "threshold": args.threshold, "verify": verify},
+        "split": {"validation_fraction": 0.0}, "mix": {"resample": False},
+        "output": {"dir": str(out), "plots": False, "examples": 0}})
+    prep(recipe, show_progress=False)
+    return [json.loads(line)["id"] for line in (out / "removed.jsonl").read_text().splitlines()]
+
+
+def run_datasketch(corpus: Path, args) -> list[str]:
+    from datasketch import MinHash, MinHashLSH
+    lsh = MinHashLSH(threshold=args.threshold, num_perm=128)
+    removed = []
+    with open(corpus, encoding="utf-8") as fh:
+        for line in fh:
+            row = json.loads(line)
+            m = MinHash(num_perm=128)
+            m.update_batch([g.encode() for g in shingle_set(row["text"], args.ngram)])
+            if lsh.query(m):
+                removed.append(row["id"])
+            else:
+                lsh.insert(row["id"], m)
+    return removed
+
+
+def child(args) -> None:
+    corpus = Path(args.corpus)
+    if args.tool == "datasketch":
+        import datasketch  # noqa: F401  imports first: the baseline memory
+    else:
+        import lmforge.prep  # noqa: F401
+    before = rss_mb()
+    t0 = time.perf_counter()
+    removed = (run_datasketch(corpus, args) if args.tool == "datasketch"
+               else run_lmforge(corpus, args, verify=args.tool == "lmforge"))
+    seconds = time.perf_counter() - t0
+    print(json.dumps({"seconds": seconds, "removed": removed, "rss_mb": rss_mb(), "rss_before_mb": before}))
+
+
+def measure(tool: str, corpus: Path, args) -> dict:
+    cmd = [sys.executable, __file__, "--child", tool, "--corpus", str(corpus), "--ngram", str(args.ngram),
+           "--threshold", str(args.threshold)]
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    runs = [json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True, env=env).stdout.splitlines()[-1])
+            for _ in range(args.repeats)]
+    return {**runs[0], "seconds": statistics.median(r["seconds"] for r in runs),
+            "rss_mb": max(r["rss_mb"] for r in runs), "rss_before_mb": max(r["rss_before_mb"] for r in runs)}
+
+
+def score(removed: list[str], ids: list[str], pairs: set) -> tuple[float, float]:
+    at = {d: i for i, d in enumerate(ids)}
+    gone = {at[r] for r in removed}
+    twins: dict[int, set] = defaultdict(set)
+    for i, j in pairs:
+        twins[i].add(j)
+        twins[j].add(i)
+    right = sum(1 for r in gone if twins[r] - gone)
+    both_kept = sum(1 for i, j in pairs if i not in gone and j not in gone)
+    return right / max(len(gone), 1), 1 - both_kept / max(len(pairs), 1)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--base", type=int, default=4000, help="Distinct documents drawn from the corpora.")
+    p.add_argument("--inject", type=float, default=0.35, help="Near copies injected, per base document.")
+    p.add_argument("--threshold", type=float, default=0.8)
+    p.add_argument("--ngram", type=int, default=5)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--sample", type=int, default=100, help="Documents checked against all others by brute force.")
+    p.add_argument("--child", choices=["lmforge", "lmforge-estimate", "datasketch"], dest="tool")
+    p.add_argument("--corpus")
+    args = p.parse_args()
+    if args.tool:
+        child(args)
+        return
+    corpus = build_corpus(args.base, args.inject, args.seed)
+    ids = [f"d{i}" for i in range(len(corpus))]
+    folder = Path(tempfile.mkdtemp())
+    path = folder / "corpus.jsonl"
+    path.write_text("".join(json.dumps({"id": i, "text": t}) + "\n" for i, t in zip(ids, corpus)), encoding="utf-8")
+    mb = path.stat().st_size / 2**20
+    t0 = time.perf_counter()
+    sets = [shingle_set(t, args.ngram) for t in corpus]
+    pairs = all_pairs(sets, args.threshold)
+    truth_s = time.perf_counter() - t0
+    checked = brute_force_check(sets, pairs, args.threshold, args.sample, random.Random(args.seed + 1))
+    print(f"corpus: {len(corpus):,} documents ({args.base:,} drawn, {len(corpus) - args.base:,} injected), "
+          f"{mb:.1f} MB; {len(pairs):,} true pairs at Jaccard >= {args.threshold} on word {args.ngram}-grams "
+          f"(all-pairs {truth_s:.1f} s; brute force on {args.sample} documents agrees: {checked} pairs); "
+          f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
+    try:
+        import datasketch  # noqa: F401
+        tools = ["lmforge", "lmforge-estimate", "datasketch"]
+    except ImportError:
+        print("datasketch is not installed: skipping it (pip install datasketch)")
+        tools = ["lmforge", "lmforge-estimate"]
+    results = {t: measure(t, path, args) for t in tools}
+    print("| tool | removed | precision | recall | MB/s | peak RSS (MB) | above imports (MB) |")
+    print("|---|---|---|---|---|---|---|")
+    for t, r in results.items():
+        precision, recall = score(r["removed"], ids, pairs)
+        print(f"| {t} | {len(r['removed']):,} | {precision:.4f} | {recall:.4f} | {mb / r['seconds']:.2f} | "
+              f"{r['rss_mb']:.0f} | {r['rss_mb'] - r['rss_before_mb']:.0f} |")
+    if "datasketch" in results:
+        ratio = results["datasketch"]["seconds"] / results["lmforge"]["seconds"]
+        print(f"lmforge (verified) MB/s / datasketch MB/s: {ratio:.2f}")
+    print(f"load average after: {os.getloadavg()[0]:.1f}")
+
+
+if __name__ == "__main__":
+    main()
