@@ -14,6 +14,7 @@ import argparse
 import csv
 import json
 import random
+import shutil
 import subprocess
 import sys
 import time
@@ -104,6 +105,8 @@ def main():
     if not SST2.exists():
         raise SystemExit(f"SST-2 not found at {SST2}")
     out = args.out / args.part
+    if out.exists():  # a study left there would be continued, not run again
+        shutil.rmtree(out)
     recipe_file = recipe(out, subset(out, args.rows, args.dev_rows, seed=0), args.eval_every)
     if args.part == "pruning":
         walls = wait_all({"unpruned": study(recipe_file, out, "unpruned", args.trials, "none", 1),
