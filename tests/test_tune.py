@@ -87,8 +87,8 @@ def test_a_pruned_trial_stops_early_and_the_best_recipe_reproduces_its_trial(tmp
     assert [t.params["train.lr"] for t in trials] == [0.003, 1e-07]
     pruned = Path(trials[1].user_attrs["run_dir"])
     steps = [json.loads(line)["step"] for line in (pruned / "metrics.jsonl").read_text().splitlines()]
-    assert max(steps) == 5 and "pruned at step 5" in (pruned / "summary.md").read_text()
-    assert set(trials[0].intermediate_values) == {5, 10, 15, 20}
+    assert max(steps) == 5 and "pruned at step 5 (40 examples)" in (pruned / "summary.md").read_text()
+    assert set(trials[0].intermediate_values) == {40, 80, 120, 160}  # reported by examples read (batch 8)
     done = Path(trials[0].user_attrs["run_dir"])
     assert (done / "final" / "model.safetensors").exists()  # the models stay; the resume state is removed
     assert not (done / "checkpoints").exists() and not (pruned / "checkpoints").exists()

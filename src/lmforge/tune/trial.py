@@ -74,27 +74,30 @@ def run_trial(spec: dict) -> int:
     objectives = [Objective(**o) for o in spec["objectives"]]
     stage = stage_of(spec["recipe"])
     stop = {}
+    try:
+        recipe = stage.load(spec["recipe"], spec["overrides"])
+    except LmforgeError as err:
+        return _failed(study, trial, spec, err, main)
+    # The pruner compares trials after the same number of training examples, not the same step: a searched batch
+    # size would otherwise set a trial at batch 16 against others that have read twice its data.
+    per_step = recipe.train.batch_size * recipe.train.grad_accum * int(os.environ.get("WORLD_SIZE", 1))
 
     def on_eval(step: int, metrics: dict):
         # Only a single objective can be pruned on (Optuna's rule); the pruner sees the first objective's value.
         metric = objectives[0].metric
         if len(objectives) > 1 or metric not in metrics:
             return None
-        trial.report(float(metrics[metric]), step)
+        trial.report(float(metrics[metric]), step * per_step)
         if trial.should_prune():
-            stop["reason"] = f"pruned at step {step}: {metric} {metrics[metric]:.4f} (the {spec['pruner']} pruner)"
+            stop["reason"] = (f"pruned at step {step} ({step * per_step:,} examples): {metric} {metrics[metric]:.4f} "
+                              f"(the {spec['pruner']} pruner)")
             return stop["reason"]
         return None
 
     try:
-        result = stage.run(stage.load(spec["recipe"], spec["overrides"]), show_progress=False,
-                           on_eval=on_eval if main else None, force=True)
+        result = stage.run(recipe, show_progress=False, on_eval=on_eval if main else None, force=True)
     except LmforgeError as err:
-        if main:
-            trial.set_user_attr("error", str(err))
-            study.tell(spec["trial_id_number"], state=TrialState.FAIL)
-        print(f"error: {err}", file=sys.stderr)
-        return EXIT_BAD_INPUT
+        return _failed(study, trial, spec, err, main)
     except BaseException as err:
         if main:
             trial.set_user_attr("error", f"{type(err).__name__}: {err}")
@@ -111,12 +114,18 @@ def run_trial(spec: dict) -> int:
     try:
         values = objective_values(stage.name, result, objectives)
     except LmforgeError as err:
-        trial.set_user_attr("error", str(err))
-        study.tell(spec["trial_id_number"], state=TrialState.FAIL)
-        print(f"error: {err}", file=sys.stderr)
-        return EXIT_BAD_INPUT
+        return _failed(study, trial, spec, err, main)
     study.tell(spec["trial_id_number"], values)
     return 0
+
+
+def _failed(study, trial, spec: dict, err: LmforgeError, main: bool) -> int:
+    """A trial the user's input stopped: the study records it failed, with the error."""
+    if main:
+        trial.set_user_attr("error", str(err))
+        study.tell(spec["trial_id_number"], state=TrialState.FAIL)
+    print(f"error: {err}", file=sys.stderr)
+    return EXIT_BAD_INPUT
 
 
 def trial_process(spec_file: str, log: str) -> None:
