@@ -112,7 +112,7 @@ def _tokenizer_folder(experts_run: Path) -> Path:
 def _record(run_dir: Path, cfg, objective) -> None:
     """distill.json, and the model card's section naming the teacher."""
     info = {**cfg.model_dump(mode="json"),
-            "teacher_seconds": round(objective.teacher_seconds, 1) if objective else None}
+            "teacher_seconds": round(objective.teacher_seconds, 4) if objective else None}
     write_text_atomic(run_dir / "distill.json", json.dumps(info, indent=2))
     card = next((run_dir / n for n in ("README.md", "summary.md") if (run_dir / n).is_file()), None)
     if card is None:
