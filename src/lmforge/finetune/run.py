@@ -105,10 +105,14 @@ def finetune(recipe: Union[FinetuneRecipe, str, Path, dict], *, overrides: Union
             "metric": recipe.metric})
         objective = TaskObjective(recipe.task, recipe.data.multi_label, class_weights(recipe, data))
 
+        scored_at = {}  # validation scores by step: the final report reuses those of the weights it reports on
+
         def evaluate(m):
             if "validation" not in data.encoded:
                 return {}
-            return score_split(m, data, "validation", recipe, objective)["metrics_flat"]
+            scored = score_split(m, data, "validation", recipe, objective)
+            scored_at[engine.state.step] = scored["metrics"]
+            return scored["metrics_flat"]
 
         # Throughput counts the non-padding input tokens read; MFU the FLOPs of the padded shapes run.
         trained_by = train_objective(objective, model, tokenizer) if train_objective else objective
@@ -128,11 +132,14 @@ def finetune(recipe: Union[FinetuneRecipe, str, Path, dict], *, overrides: Union
     state = engine.fit()
     results = {}
     if dist.is_main():
+        reported_step = state.step
         if (run_dir / "best").is_dir():  # the dev metric's best step, not the last one
             load_weights(model, run_dir / "best", engine.device)
+            reported_step = state.best_step
         for split in ("validation", "test"):
             if split in data.encoded:
-                results[split] = write_split_report(run_dir, model, data, split, recipe, objective)
+                known = scored_at.get(reported_step) if split == "validation" else None
+                results[split] = write_split_report(run_dir, model, data, split, recipe, objective, metrics=known)
         export(run_dir, model, tokenizer, strategy.method == "peft")
         seconds = engine.wall_seconds()
         write_model_card(run_dir, recipe, data, results, state, seconds, trainable, total)

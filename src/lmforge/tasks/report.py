@@ -119,9 +119,12 @@ def score_split(model, data: TaskData, split: str, recipe: FinetuneRecipe, objec
     return {"metrics": metrics, "metrics_flat": flat}
 
 
-def write_split_report(run_dir: Path, model, data: TaskData, split: str, recipe: FinetuneRecipe, objective=None) -> dict:
+def write_split_report(run_dir: Path, model, data: TaskData, split: str, recipe: FinetuneRecipe, objective=None,
+                       metrics: Optional[dict] = None) -> dict:
+    """Score `split` (or take `metrics`, the scores of these very weights on it) and write its report files."""
     model.eval()
-    metrics = score_split(model, data, split, recipe, objective)["metrics"]
+    if metrics is None:
+        metrics = score_split(model, data, split, recipe, objective)["metrics"]
     title = f"{recipe.name}: {split} ({source_of(recipe.data, split)})"
     write_text_atomic(run_dir / f"report-{split}.txt", format_report(metrics, title))
     write_text_atomic(run_dir / f"eval-{split}.json", json.dumps(metrics, indent=2))
