@@ -473,23 +473,62 @@ def experts_branch(recipe: Path = typer.Argument(..., help="Pretraining recipe w
 
 @experts_app.command("train")
 def experts_train(target: Path = typer.Argument(..., help="The experts recipe or its run folder."),
-                  domain: List[str] = typer.Option([], "--domain", help="Train only this expert (repeatable); "
-                                                   "run one process per domain to train them in parallel."),
+                  domain: List[str] = typer.Option([], "--domain", help="Train only this expert (repeatable)."),
                   dense: bool = typer.Option(False, help="Also train the dense baseline (the seed on the mixture "
                                              "on as many tokens as the experts together)."),
                   demix: bool = typer.Option(False, help="Also train the DEMix model (RUN/demix/): the seed with one "
                                              "FFN expert per domain in every layer, as many tokens as the "
                                              "experts together, each row through its domain's expert."),
+                  launch: str = typer.Option("local", help="How the jobs run: 'local' (one process per expert, "
+                                             "--jobs at a time, logs in RUN/experts/<name>.log), 'inline' (one after "
+                                             "another in this process), 'print' (one torchrun command per expert, "
+                                             "for any scheduler) or 'slurm' (write RUN/experts/train.sbatch, a job "
+                                             "array)."),
+                  jobs: Optional[int] = typer.Option(None, min=1, help="local: experts trained at once (default: "
+                                                     "one per two cores)."),
+                  nproc: int = typer.Option(1, min=1, help="print/slurm: processes (GPUs) per expert's torchrun."),
+                  missing: bool = typer.Option(False, help="Only the experts whose final model is not there yet."),
                   set_: List[str] = typer.Option([], "--set", help=SET_HELP),
                   progress: bool = typer.Option(True, help="Show progress bars.")):
-    """Train experts, each on its own domain only, as independent pretraining runs."""
+    """Train experts, each on its own domain only, as independent jobs (no expert waits for another)."""
     from lmforge.experts import train
+    from lmforge.experts.launch import DEMIX, DENSE, LAUNCHERS, jobs_for, run_local, torchrun_commands, write_slurm
+    if launch not in LAUNCHERS:
+        _fail(LmforgeError(f"--launch: expected one of {', '.join(LAUNCHERS)}, got {launch!r}"))
     try:
+        run = _experts_run(target, set_)
         # --dense / --demix alone train only those; no --domain, --dense or --demix trains every expert.
-        train(_experts_run(target, set_), domain or ([] if dense or demix else None), dense, demix=demix,
-              show_progress=progress)
+        wanted = domain or ([] if dense or demix else None)
+        todo = jobs_for(run, wanted, dense, demix, missing_only=missing)
+        names = [job.name for job in todo]
+        if launch == "inline":
+            train(run, [n for n in names if n not in (DENSE, DEMIX)], DENSE in names, demix=DEMIX in names,
+                  show_progress=progress)
+        elif not todo:
+            typer.echo("every expert asked for is trained already")
+        elif launch == "print":
+            typer.echo("\n".join(torchrun_commands(run, todo, set_, nproc)))
+        elif launch == "slurm":
+            script = write_slurm(run, todo, set_, nproc)
+            typer.echo(f"wrote {script} ({len(todo)} array tasks); submit it with: sbatch {script}")
+        else:
+            run_local(run, todo, set_, jobs)
     except LmforgeError as err:
         _fail(err)
+
+
+@experts_app.command("status")
+def experts_status(target: Path = typer.Argument(..., help="The experts run folder (or its recipe)."),
+                   set_: List[str] = typer.Option([], "--set", help=SET_HELP)):
+    """Which experts are trained, which stopped part-way (and at what step), which are missing."""
+    from lmforge.experts.launch import status
+    try:
+        rows = status(_experts_run(target, set_))
+    except LmforgeError as err:
+        _fail(err)
+    width = max(len(r["name"]) for r in rows)
+    for r in rows:
+        typer.echo(f"{r['name']:<{width}}  {r['state']:<8} {r['detail']}")
 
 
 @experts_app.command("merge")

@@ -369,4 +369,11 @@ class Engine:
         if self.main and self.plots:
             plot_losses(self.run_dir)
         self.log.close()
+        self._release_process_group()
         return self.state
+
+    def _release_process_group(self) -> None:
+        """Drop the DDP wrapper once training is over: its reducer holds the process group, and a gloo group
+        destroyed only when the reducer is freed, after the other ranks have exited, can hang in its destructor."""
+        if isinstance(self.module, torch.nn.parallel.DistributedDataParallel):
+            self.module = self.module.module
