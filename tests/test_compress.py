@@ -65,7 +65,7 @@ def task_run(tmp_path_factory) -> Path:
                        "validation": {"path": _tsv(root / "dev.tsv", _rows(64, 1))},
                        "text_column": "sentence", "max_length": 32},
               "model": {"path": str(base)},
-              "train": {"epochs": 2, "batch_size": 16, "lr": 5e-3, "seed": 0, "threads": 2},
+              "train": {"epochs": 3, "batch_size": 16, "lr": 2e-3, "seed": 0, "threads": 2},
               "output": {"dir": str(root / "run"), "tensorboard": False, "plots": False}}
     (root / "toy.yaml").write_text(yaml.safe_dump(recipe))
     finetune(recipe, show_progress=False)
