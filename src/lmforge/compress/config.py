@@ -57,6 +57,20 @@ class FinetuneStep(Section):
     recipe: str = Field(description="The fine-tuning recipe that recovers the model (its model.path and output.dir "
                                     "are set by the step).")
     set: dict[str, Any] = Field(default_factory=dict, description="Overrides of that recipe, {field: value}.")
+    sparsity: Optional[float] = Field(None, description="Prune by magnitude while fine-tuning, gradually up to this "
+                                      "share of the layers' weights (Zhu & Gupta's cubic schedule); pruned weights "
+                                      "are held at zero, those of an earlier prune step too.")
+    scope: Literal["global", "layer"] = Field("global", description="Gradual pruning: rank magnitudes over all "
+                                              "layers together or in each matrix.")
+    prune_steps: int = Field(100, ge=1, description="Gradual pruning: optimizer steps over which the sparsity rises "
+                                                    "to `sparsity`; the steps after it recover at that sparsity.")
+    prune_every: int = Field(10, ge=1, description="Gradual pruning: steps between pruning events.")
+
+    @model_validator(mode="after")
+    def _fraction(self) -> "FinetuneStep":
+        if self.sparsity is not None:
+            _check_fraction(self.sparsity, "sparsity")
+        return self
 
 
 class QuantizeStep(Section):
