@@ -222,6 +222,9 @@ class DistillConfig(Section):
                                                         "scaled by T^2).")
     alpha: float = Field(0.5, ge=0.0, le=1.0, description="Weight of the soft-target (KL) loss; 1 - alpha weighs the "
                                                          "hard labels.")
+    hidden_weight: float = Field(0.0, ge=0.0, description="Weight of hidden-state matching (TinyBERT): the MSE "
+                                                          "between student and teacher block outputs, paired "
+                                                          "uniformly; needs equal widths. 0: off.")
     student_layers: Optional[int] = Field(None, ge=1, description="The student is the teacher with this many layers "
                                                                   "(default: the student is the recipe's model).")
     init_layers: Optional[list[int]] = Field(None, description="Teacher layer each student layer starts from "

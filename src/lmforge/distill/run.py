@@ -8,9 +8,10 @@ import json
 from pathlib import Path
 from typing import Union
 
-from lmforge.distill.objective import Distilled
+from lmforge.distill.objective import BlockOutputs, Distilled, layer_pairs
 from lmforge.distill.student import load_hf_model, make_student
 from lmforge.engine.logging import console
+from lmforge.engine.loop import transformer_blocks
 from lmforge.errors import LmforgeError
 from lmforge.finetune import finetune
 from lmforge.pretrain import pretrain
@@ -88,13 +89,30 @@ def distill(recipe: Union[str, Path, dict, FinetuneRecipe, Recipe], *, overrides
     def train_objective(objective, model, tokenizer):
         _check_pair(teacher, teacher_tok, model, tokenizer, cfg)
         binary = task and recipe.data.multi_label
-        wrapped["objective"] = Distilled(objective, teacher, cfg.temperature, cfg.alpha, binary)
+        hidden = hidden_matching(teacher, model) if cfg.hidden_weight > 0 else {}
+        wrapped["objective"] = Distilled(objective, teacher, cfg.temperature, cfg.alpha, binary,
+                                         hidden_weight=cfg.hidden_weight, **hidden)
         return wrapped["objective"]
 
     run = (finetune if task else pretrain)(recipe, resume=resume, force=force, show_progress=show_progress,
                                            train_objective=train_objective)
     _record(run.run_dir, cfg, wrapped.get("objective"))
     return run
+
+
+def hidden_matching(teacher, student) -> dict:
+    """The taps on both models' blocks and the layer pairs for `distill.hidden_weight`, or a refusal."""
+    blocks = transformer_blocks(teacher), transformer_blocks(student)
+    if blocks[0] is None or blocks[1] is None:
+        raise LmforgeError("distill.hidden_weight: hidden states are matched block to block, and the "
+                           + ("teacher (an experts ensemble?)" if blocks[0] is None else "student")
+                           + " has no stack of transformer blocks lmforge knows")
+    widths = [getattr(m.config, "hidden_size", None) or getattr(m.config, "n_embd", None) for m in (teacher, student)]
+    if widths[0] != widths[1]:
+        raise LmforgeError(f"distill.hidden_weight: the student's width {widths[1]} differs from the teacher's "
+                           f"{widths[0]}; hidden states are compared without a projection, so give equal widths")
+    return {"taps": (BlockOutputs(blocks[1]), BlockOutputs(blocks[0])),
+            "pairs": layer_pairs(len(blocks[1]), len(blocks[0]))}
 
 
 def _is_task(recipe) -> bool:
