@@ -306,3 +306,20 @@ def test_gradual_pruning_in_a_finetune_step_reaches_the_sparsity_exactly(task_ru
     model = AutoModelForSequenceClassification.from_pretrained(out / "1-finetune" / "final")
     assert sparsity_by_layer(model)["all"] == pytest.approx(0.4, abs=1e-4)
     assert "gradual magnitude pruning to 40.0% (3 pruning events, the last at step 6)" in rows[1]["note"]
+
+
+def test_a_distill_step_makes_a_smaller_student_the_next_steps_take(task_run, tmp_path):
+    toy = yaml.safe_load((task_run.parent / "toy.yaml").read_text())
+    (tmp_path / "toy.yaml").write_text(yaml.safe_dump(toy))
+    steps = [{"distill": {"recipe": str(tmp_path / "toy.yaml"), "student_layers": 1,
+                          "set": {"train.max_steps": 20}}},
+             {"quantize": {"scheme": "int8-dynamic"}}]
+    out = Path(compress(_compress_recipe(task_run, tmp_path / "out", steps), show_progress=False))
+    rows = json.loads((out / "compress.json").read_text())
+    assert [r["name"] for r in rows] == ["base", "1-distill", "2-quantize"]
+    assert rows[1]["params"] < rows[0]["params"] and rows[1]["metric"] >= 0.9
+    assert json.loads((out / "1-distill" / "distill.json").read_text())["teacher"] == str(task_run)
+    assert "distilled into 1 layers" in rows[1]["note"]
+    bad = _compress_recipe(task_run, tmp_path / "bad", [{"quantize": {"scheme": "int8-dynamic"}}, steps[0]])
+    with pytest.raises(Exception, match="a distill step after quantize"):
+        compress(bad, show_progress=False)
