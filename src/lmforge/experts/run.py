@@ -40,7 +40,7 @@ import torch
 
 from lmforge.data.blocks import build_blocks
 from lmforge.data.clusters import cluster_name
-from lmforge.data.sources import PREPARED_MARKER, expand_paths
+from lmforge.data.files import expand_paths
 from lmforge.engine import checkpoint as ckpt
 from lmforge.engine.logging import console
 from lmforge.errors import LmforgeError
@@ -56,6 +56,7 @@ from lmforge.models import load_model
 from lmforge.models.ensemble import ExpertEnsemble, average_state_dicts
 from lmforge.models.onnx import refuse_inference_only
 from lmforge.objectives import build_objective
+from lmforge.paths import PREPARED_MARKER
 from lmforge.pretrain import pretrain
 from lmforge.recipe import DataConfig, ExpertsConfig, Recipe, SourceConfig, load_recipe
 from lmforge.runs import MANIFEST, load_ensemble, manifest, model_folder
