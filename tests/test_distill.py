@@ -74,6 +74,40 @@ def test_hidden_matching_pairs_the_last_blocks_and_is_zero_for_the_teacher_itsel
     assert value / count > 0.01  # the second pair differs; padding positions are not counted
 
 
+@pytest.mark.parametrize("task", ["classification", "ner"])
+def test_cached_teacher_outputs_give_the_on_the_fly_loss(task):
+    from transformers import BertConfig, BertForSequenceClassification, BertForTokenClassification
+    from lmforge.distill.objective import Distilled, TeacherCache
+    from lmforge.finetune.objective import TaskObjective
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=40, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                        intermediate_size=32, max_position_embeddings=16, num_labels=3)
+    make = BertForSequenceClassification if task == "classification" else BertForTokenClassification
+    teacher, student = make(config).eval(), make(config).train()
+    ids = torch.randint(5, 40, (4, 8))
+    mask = torch.ones(4, 8, dtype=torch.long)
+    mask[1, 6:] = 0
+    labels = torch.tensor([0, 2, 1, 1]) if task == "classification" else torch.randint(0, 3, (4, 8))
+    if task == "ner":
+        labels[mask == 0] = -100
+    full = {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    # The same examples in two epochs, grouped differently: a cache hit must not depend on the batch.
+    epoch1 = [{k: v[:2] for k, v in full.items()}, {k: v[2:] for k, v in full.items()}]
+    epoch2 = [{k: v[[1, 3]] for k, v in full.items()}, {k: v[[0, 2]] for k, v in full.items()}]
+    cache = TeacherCache()
+    cached = Distilled(TaskObjective(task, False), teacher, 2.0, 0.7, cache=cache)
+    fresh = Distilled(TaskObjective(task, False), teacher, 2.0, 0.7)
+    torch.manual_seed(1)
+    for batch in epoch1:
+        cached.loss(student, batch)
+    student.eval()
+    student.training = True  # the training path, without dropout: both objectives see the same student
+    for batch in epoch2:
+        a, b = cached.loss(student, batch)[0], fresh.loss(student, batch)[0]
+        assert torch.allclose(a, b, atol=1e-5), (a, b)
+    assert (cache.misses, cache.hits, len(cache.rows)) == (4, 4, 4)
+
+
 def test_the_student_starts_as_the_chosen_teacher_layers(tmp_path, corpus):
     assert evenly_spaced(6, 3) == [0, 2, 5] and evenly_spaced(4, 2) == [0, 3]
     tree = tiny_recipe(corpus, tmp_path / "t", "clm", max_steps=2)
@@ -141,6 +175,7 @@ def test_a_distilled_classifier_is_an_ordinary_run_naming_its_teacher(tmp_path, 
     ({"init_layers": [0, 0], "student_layers": 2}, "distinct layer indices"),
     ({"teacher": "no/such/run"}, "no such run or model folder"),
     ({"hidden_weight": 1.0, "student_width": 16}, "the student's width 16 differs from the teacher's 32"),
+    ({"cache_teacher": True}, "distill.cache_teacher: kept for fine-tuning students"),
 ])
 def test_bad_distillation_recipes_exit_2_with_one_line(tmp_path, corpus, change, message):
     teacher = tmp_path / "teacher"

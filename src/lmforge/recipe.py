@@ -225,6 +225,9 @@ class DistillConfig(Section):
     hidden_weight: float = Field(0.0, ge=0.0, description="Weight of hidden-state matching (TinyBERT): the MSE "
                                                           "between student and teacher block outputs, paired "
                                                           "uniformly; needs equal widths. 0: off.")
+    cache_teacher: bool = Field(False, description="Fine-tuning: keep the teacher's outputs for each training "
+                                                   "example in memory the first epoch and reuse them after (a few "
+                                                   "floats per example; per word for NER).")
     student_layers: Optional[int] = Field(None, ge=1, description="The student is the teacher with this many layers "
                                                                   "(default: the student is the recipe's model).")
     init_layers: Optional[list[int]] = Field(None, description="Teacher layer each student layer starts from "

@@ -75,14 +75,50 @@ def hidden_mse(student: list[torch.Tensor], teacher: list[torch.Tensor], pairs: 
     return total / len(pairs)
 
 
+class TeacherCache:
+    """The teacher's outputs for each training example, kept in memory the first time the example is seen and
+    reused in later epochs (fine-tuning: a few floats per example, or per word for NER). Keyed by the example's
+    token ids, so the order and grouping of batches do not matter."""
+
+    def __init__(self):
+        self.rows: dict[bytes, torch.Tensor] = {}
+        self.hits = self.misses = 0
+
+    @staticmethod
+    def keys(batch: dict) -> list[bytes]:
+        lengths = batch["attention_mask"].sum(1).tolist()
+        return [row[:n].numpy().tobytes() for row, n in zip(batch["input_ids"].cpu(), lengths)]
+
+    def lookup(self, batch: dict, width: int) -> Optional[torch.Tensor]:
+        """The batch's teacher outputs if every row is cached (rows padded with zeros to `width` positions)."""
+        keys = self.keys(batch)
+        if not all(k in self.rows for k in keys):
+            return None
+        self.hits += len(keys)
+        rows = [self.rows[k] for k in keys]
+        if rows[0].dim() == 1:
+            return torch.stack(rows)
+        out = rows[0].new_zeros((len(rows), width, rows[0].size(-1)))
+        for r, row in enumerate(rows):
+            out[r, :row.size(0)] = row
+        return out
+
+    def store(self, batch: dict, outputs: torch.Tensor) -> None:
+        lengths = batch["attention_mask"].sum(1).tolist()
+        for key, row, n in zip(self.keys(batch), outputs.detach().cpu(), lengths):
+            self.rows[key] = row if row.dim() == 1 else row[:n].clone()
+        self.misses += len(lengths)
+
+
 class Distilled:
     """Wraps a student's objective (anything with forward_logits / prediction_mask / loss_from_logits); everything
     else — batches, token counts, tallies — is the wrapped objective's."""
 
     def __init__(self, base, teacher: torch.nn.Module, temperature: float, alpha: float, binary: bool = False, *,
                  hidden_weight: float = 0.0, taps: Optional[tuple["BlockOutputs", "BlockOutputs"]] = None,
-                 pairs: Optional[list[tuple[int, int]]] = None):
+                 pairs: Optional[list[tuple[int, int]]] = None, cache: Optional[TeacherCache] = None):
         self.base, self.teacher, self.temperature, self.alpha, self.binary = base, teacher, temperature, alpha, binary
+        self.cache = cache
         self.hidden_weight, self.taps, self.pairs = hidden_weight, taps, pairs
         self.tally_names = tuple(getattr(base, "tally_names", ())) + ("kd_loss",) + (("hidden_loss",) if taps else ())
         self.teacher_seconds = 0.0  # the teacher's forward passes, computed in the same step as the student's
@@ -100,8 +136,13 @@ class Distilled:
         for taps in self.taps or ():
             taps.on = True
         start = time.perf_counter()
-        with torch.no_grad():
-            teacher = self.base.forward_logits(self.teacher, batch)
+        teacher = self.cache.lookup(batch, batch["input_ids"].size(1)) if self.cache is not None else None
+        if teacher is None:
+            with torch.no_grad():
+                teacher = self.base.forward_logits(self.teacher, batch)
+            if self.cache is not None:
+                self.cache.store(batch, teacher)
+        teacher = teacher.to(device)
         self.teacher_seconds += time.perf_counter() - start
         student = self.base.forward_logits(model, batch)
         hard, count, per_example = self.base.loss_from_logits(student, batch)
