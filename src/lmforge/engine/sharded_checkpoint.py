@@ -13,8 +13,11 @@ unchanged from the base model. The folder must be on a file system every process
 
 from __future__ import annotations
 
+import contextlib
 import shutil
+import warnings
 from pathlib import Path
+from typing import Iterator
 
 import torch
 import torch.distributed.checkpoint as dcp
@@ -27,6 +30,14 @@ from lmforge.errors import LmforgeError
 
 METADATA = ".metadata"
 OPTIONS = StateDictOptions(ignore_frozen_params=True)
+
+
+@contextlib.contextmanager
+def _one_process_is_fine() -> Iterator[None]:
+    """DCP warns on every save and load without a process group; one process is an intended case here."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield
 
 
 def is_sharded(folder: Path) -> bool:
@@ -44,7 +55,8 @@ def save_sharded(root: Path, step: int, model, optimizer, state: dict) -> Path:
         tmp.mkdir(parents=True)
     dist.barrier()
     model_state, optim_state = get_state_dict(model, optimizer, options=OPTIONS)
-    dcp.save({"model": model_state, "optimizer": optim_state}, checkpoint_id=tmp, no_dist=dist.world_size() == 1)
+    with _one_process_is_fine():
+        dcp.save({"model": model_state, "optimizer": optim_state}, checkpoint_id=tmp, no_dist=dist.world_size() == 1)
     dist.barrier()  # every shard is on the disk before the folder becomes the latest checkpoint
     if dist.is_main():
         torch.save(state, tmp / STATE_FILE)
@@ -75,6 +87,7 @@ def load_sharded(folder: Path, model, optimizer) -> None:
     check_complete(folder)
     model_state, optim_state = get_state_dict(model, optimizer, options=OPTIONS)
     state = {"model": model_state, "optimizer": optim_state}
-    dcp.load(state, checkpoint_id=folder, no_dist=dist.world_size() == 1)
+    with _one_process_is_fine():
+        dcp.load(state, checkpoint_id=folder, no_dist=dist.world_size() == 1)
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"],
                    options=OPTIONS)
