@@ -3,6 +3,8 @@ adapters alone trained and saved, incomplete checkpoints refused by name."""
 
 import json
 import os
+import socket
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -119,9 +121,27 @@ def test_two_fsdp_processes_match_one_and_resume_on_one(tmp_path, corpus, capfd)
     assert max(abs(a - b) for a, b in zip(losses_resumed, losses_two)) < TOLERANCE, (losses_two, losses_resumed)
 
 
+def _two_nodes(args: list[str], timeout: float = 150.0) -> list[subprocess.CompletedProcess]:
+    """The multi-node command of docs/distributed.md as two "nodes" of one process each on 127.0.0.1: two
+    torchrun agents meeting at a c10d rendezvous."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [str(TORCHRUN), "--nnodes", "2", "--nproc_per_node", "1", "--rdzv_backend", "c10d",
+           "--rdzv_endpoint", f"127.0.0.1:{port}", "--rdzv_id", "test", "-m", "lmforge.cli", *args]
+    nodes = [subprocess.Popen(cmd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for _ in range(2)]
+    try:
+        outputs = [n.communicate(timeout=timeout) for n in nodes]
+        return [subprocess.CompletedProcess(cmd, n.returncode, *out) for n, out in zip(nodes, outputs)]
+    finally:
+        for n in nodes:
+            n.kill()
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(not TORCHRUN.exists(), reason="torchrun not installed")
-def test_lora_under_fsdp_trains_and_saves_only_the_adapters(tmp_path, base_dir):  # noqa: F811
+def test_lora_under_fsdp_on_two_nodes_trains_and_saves_only_the_adapters(tmp_path, base_dir):  # noqa: F811
     base = base_dir
     train, dev = sentiment(tmp_path, 160, 32)
     run = tmp_path / "run"
@@ -133,9 +153,8 @@ def test_lora_under_fsdp_trains_and_saves_only_the_adapters(tmp_path, base_dir):
             "dist": {"strategy": "fsdp"},
             "output": {"dir": str(run), "tensorboard": False, "plots": False}}
     (tmp_path / "ft.yaml").write_text(yaml.safe_dump(tree))
-    result = _run([str(TORCHRUN), "--standalone", "--nproc_per_node=2", "-m", "lmforge.cli", "finetune",
-                   str(tmp_path / "ft.yaml"), "--no-progress"], ENV, run)
-    assert result.returncode == 0, result.stderr[-3000:]
+    for node in _two_nodes(["finetune", str(tmp_path / "ft.yaml"), "--no-progress"]):
+        assert node.returncode == 0, node.stderr[-3000:]
     saved = FileSystemReader(str(run / "checkpoints" / "step-000006")).read_metadata().state_dict_metadata
     weights = {k for k in saved if k.startswith("model.")}
     assert weights and all(".lora_" in k or ".modules_to_save." in k for k in weights), sorted(weights)

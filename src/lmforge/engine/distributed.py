@@ -58,6 +58,13 @@ def all_reduce_max(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def lost_peer(err: BaseException) -> bool:
+    """Whether `err` is a collective that failed because another process died (its connection closed) or stalled
+    past the process group's timeout."""
+    signs = ("gloo", "NCCL", "Timed out", "Connection closed", "Connection reset")
+    return world_size() > 1 and (isinstance(err, tdist.DistError) or any(s in str(err) for s in signs))
+
+
 def teardown() -> None:
     if tdist.is_initialized():
         tdist.destroy_process_group()

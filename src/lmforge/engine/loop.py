@@ -337,6 +337,21 @@ class Engine:
         return {n: (flat[2 * i], flat[2 * i + 1]) for i, n in enumerate(names)}
 
     def fit(self) -> TrainState:
+        """Train to `max_steps` (or an early stop). A collective that fails because another process died or
+        stalled past `dist.timeout_s` ends the run with one error line, not a hang or a C++ trace."""
+        try:
+            return self._fit()
+        except RuntimeError as err:
+            if not dist.lost_peer(err):
+                raise
+            where = ckpt.latest_checkpoint(self.checkpoint_dir)
+            first = str(err).strip().splitlines()[0][:300] if str(err).strip() else type(err).__name__
+            raise LmforgeError(
+                f"process {dist.rank()} lost the other processes at step {self.state.step + 1}: one died or stalled "
+                f"longer than dist.timeout_s={self.dist_cfg.timeout_s:g} s ({first}); last checkpoint: "
+                f"{where or 'none yet'}; run the same command with --resume to continue") from None
+
+    def _fit(self) -> TrainState:
         cfg = self.cfg
         self.model.train()
         peak = matmul_roof(self.device_type, self.precision) * (dist.world_size())
