@@ -21,7 +21,7 @@ from lmforge.engine.sharding import ignored_settings, parameterless_copy, repeat
 from lmforge.errors import LmforgeError
 from lmforge.pretrain import pretrain
 from lmforge.recipe import DistConfig, recipe_from_dict
-from test_ddp import TORCHRUN, TOLERANCE, _losses, _run
+from test_ddp import TORCHRUN, TOLERANCE, _losses
 from test_finetune import base_dir, sentiment  # noqa: F401  (base_dir: the tiny BERT fixture)
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -85,21 +85,41 @@ def test_incomplete_sharded_checkpoint_is_refused_by_name(tmp_path):
         check_complete(folder)
 
 
+def _two_nodes(args: list[str], caches: tuple = (), timeout: float = 150.0) -> list[subprocess.CompletedProcess]:
+    """The multi-node command of docs/distributed.md as two "nodes" of one process each on 127.0.0.1: two
+    torchrun agents meeting at a c10d rendezvous; `caches`: each node's own LMFORGE_CACHE (node-local disks)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [str(TORCHRUN), "--nnodes", "2", "--nproc_per_node", "1", "--rdzv_backend", "c10d",
+           "--rdzv_endpoint", f"127.0.0.1:{port}", "--rdzv_id", "test", "-m", "lmforge.cli", *args]
+    envs = [{**ENV, "LMFORGE_CACHE": str(c)} for c in caches] or [ENV, ENV]
+    nodes = [subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for env in envs]
+    try:
+        outputs = [n.communicate(timeout=timeout) for n in nodes]
+        return [subprocess.CompletedProcess(cmd, n.returncode, *out) for n, out in zip(nodes, outputs)]
+    finally:
+        for n in nodes:
+            n.kill()
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(not TORCHRUN.exists(), reason="torchrun not installed")
-def test_two_fsdp_processes_match_one_and_resume_on_one(tmp_path, corpus, capfd):
-    """2 processes x batch 4 under FSDP, 1 process x batch 8: the same global batch, the same data, the same
-    losses (to TOLERANCE: sums reduced in another order); the 2-process run's step-6 checkpoint, resumed in one
-    process, continues the same curve to step 12."""
+def test_two_fsdp_nodes_match_one_process_and_resume_on_one(tmp_path, corpus, capfd):
+    """2 processes x batch 4 under FSDP (two "nodes", each with its own token cache), 1 process x batch 8: the
+    same global batch, the same data, the same losses (to TOLERANCE: sums reduced in another order); the
+    2-process run's step-6 checkpoint, resumed in one process, continues the same curve to step 12."""
     recipes = {}
     for name, batch in (("one", 8), ("two", 4)):
         tree = tiny_recipe(corpus, tmp_path / name, "clm", batch_size=batch, grad_accum=2, max_steps=12,
                            eval_every=6, save_every=6, keep_last=2, threads=1, schedule="constant")
         recipes[name] = tmp_path / f"{name}.yaml"
         recipes[name].write_text(yaml.safe_dump(tree))
-    two = _run([str(TORCHRUN), "--standalone", "--nproc_per_node=2", "-m", "lmforge.cli", "pretrain",
-                str(recipes["two"]), "--no-progress", "--set", "dist.strategy=fsdp"], ENV, tmp_path / "two")
-    assert two.returncode == 0, two.stderr[-3000:]
+    caches = (tmp_path / "node0-cache", tmp_path / "node1-cache")
+    for node in _two_nodes(["pretrain", str(recipes["two"]), "--no-progress", "--set", "dist.strategy=fsdp"], caches):
+        assert node.returncode == 0, node.stderr[-3000:]
+    assert all(len(list(c.glob("blocks/*/meta.json"))) == 1 for c in caches)  # each node built its own copy
     step6 = tmp_path / "two" / "checkpoints" / "step-000006"
     assert sorted(p.name for p in step6.iterdir()) == [".metadata", "__0_0.distcp", "__1_0.distcp",
                                                       "trainer_state.pt"]
@@ -119,24 +139,6 @@ def test_two_fsdp_processes_match_one_and_resume_on_one(tmp_path, corpus, capfd)
     assert "resumed from" in said and "at step 6" in said, said
     losses_resumed = _losses(tmp_path / "two")
     assert max(abs(a - b) for a, b in zip(losses_resumed, losses_two)) < TOLERANCE, (losses_two, losses_resumed)
-
-
-def _two_nodes(args: list[str], timeout: float = 150.0) -> list[subprocess.CompletedProcess]:
-    """The multi-node command of docs/distributed.md as two "nodes" of one process each on 127.0.0.1: two
-    torchrun agents meeting at a c10d rendezvous."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    cmd = [str(TORCHRUN), "--nnodes", "2", "--nproc_per_node", "1", "--rdzv_backend", "c10d",
-           "--rdzv_endpoint", f"127.0.0.1:{port}", "--rdzv_id", "test", "-m", "lmforge.cli", *args]
-    nodes = [subprocess.Popen(cmd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for _ in range(2)]
-    try:
-        outputs = [n.communicate(timeout=timeout) for n in nodes]
-        return [subprocess.CompletedProcess(cmd, n.returncode, *out) for n, out in zip(nodes, outputs)]
-    finally:
-        for n in nodes:
-            n.kill()
 
 
 @pytest.mark.slow
