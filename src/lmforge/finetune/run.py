@@ -72,7 +72,7 @@ def finetune(recipe: Union[FinetuneRecipe, str, Path, dict], *, overrides: Union
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     t0 = time.perf_counter()
-    dist.setup(pick_device(cfg.device))
+    dist.setup(pick_device(cfg.device), recipe.dist.timeout_s)
     folder = tm.resolve_base(recipe.model.path)
     tokenizer = tm.load_task_tokenizer(recipe.model, folder)
     limit = tm.position_limit(json.loads((folder / "config.json").read_text()))
@@ -117,7 +117,7 @@ def finetune(recipe: Union[FinetuneRecipe, str, Path, dict], *, overrides: Union
         # Throughput counts the non-padding input tokens read; MFU the FLOPs of the padded shapes run.
         trained_by = train_objective(objective, model, tokenizer) if train_objective else objective
         engine = Engine(model, tokenizer, trained_by, loader, train_cfg, run_dir, evaluate=evaluate, started=t0,
-                        on_eval=on_eval,
+                        on_eval=on_eval, dist_cfg=recipe.dist,
                         batch_flops=task_batch_flops(model, recipe.task, first_position),
                         tensorboard=recipe.output.tensorboard, plots=recipe.output.plots, show_progress=show_progress,
                         param_groups=tm.param_groups(model, cfg.weight_decay, strategy, cfg.lr))
@@ -130,8 +130,10 @@ def finetune(recipe: Union[FinetuneRecipe, str, Path, dict], *, overrides: Union
                           f"({loader.steps_per_epoch} per epoch) on {engine.device_type}"
                           f"{threads_note(cfg.threads, engine.device_type)}")
     state = engine.fit()
+    model = engine.export_model()  # every process; under FSDP the gathered, plain model on process 0 only
     results = {}
     if dist.is_main():
+        model = model.to(engine.device)
         reported_step = state.step
         if (run_dir / "best").is_dir():  # the dev metric's best step, not the last one
             load_weights(model, run_dir / "best", engine.device)

@@ -9,8 +9,8 @@ from typing import Literal, Optional, Union
 import yaml
 from pydantic import Field, model_validator
 
-from lmforge.recipe import (DistillConfig, OutputConfig, Section, TrainConfig, read_yaml_mapping, resolve_path,
-                            validate_tree)
+from lmforge.recipe import (DistConfig, DistillConfig, OutputConfig, Section, TrainConfig, read_yaml_mapping,
+                            resolve_path, validate_tree)
 
 TABLE_FORMATS = Literal["auto", "csv", "tsv", "jsonl", "parquet", "conll"]
 
@@ -111,6 +111,7 @@ class FinetuneRecipe(Section):
     model: BaseModelSpec
     strategy: StrategyConfig = Field(default_factory=StrategyConfig)
     train: FinetuneTrain = Field(default_factory=FinetuneTrain)
+    dist: DistConfig = Field(default_factory=DistConfig)
     output: OutputConfig = Field(default_factory=lambda: OutputConfig(dir="runs/finetune"))
     distill: Optional[DistillConfig] = Field(None, description="Knowledge distillation from a fine-tuned teacher "
                                                                "(lmforge distill).")
