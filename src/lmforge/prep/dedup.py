@@ -108,7 +108,8 @@ def lsh_params(threshold: float, num_perm: int) -> tuple[int, int]:
     return num_perm, 1
 
 
-def _band_keys(sig: np.ndarray, bands: int, rows: int) -> np.ndarray:
+def band_keys(sig: np.ndarray, bands: int, rows: int) -> np.ndarray:
+    """Each document's key in each band (documents × bands): equal keys, equal band."""
     rng = np.random.default_rng(12345)
     mult = rng.integers(0, 2**63, rows, np.uint64) * np.uint64(2) + np.uint64(1)
     keys = np.empty((len(sig), bands), np.uint64)
@@ -120,13 +121,18 @@ def _band_keys(sig: np.ndarray, bands: int, rows: int) -> np.ndarray:
     return keys
 
 
+def band_layout(threshold: float, num_perm: int, bands: Optional[int]) -> tuple[int, int]:
+    """Bands and rows per band: the recipe's bands, or those `lsh_params` picks for the threshold."""
+    return (bands, num_perm // bands) if bands else lsh_params(threshold, num_perm)
+
+
 def candidate_pairs(sig: np.ndarray, valid: np.ndarray, bands: int, rows: int) -> np.ndarray:
     """Pairs (i < j) that share at least one LSH band: each bucket member is paired with the
     bucket's first member and with its predecessor (enough to connect the bucket's cluster)."""
     idx = np.flatnonzero(valid)
     if len(idx) < 2:
         return np.zeros((0, 2), np.int64)
-    keys = _band_keys(sig[idx], bands, rows)
+    keys = band_keys(sig[idx], bands, rows)
     found = []
     for b in range(bands):
         order = np.argsort(keys[:, b], kind="stable")
@@ -200,9 +206,7 @@ def near_pairs(sig: np.ndarray, valid: np.ndarray, threshold: float, bands: Opti
     `sets`) or else MinHash estimate reaches the threshold."""
     if len(sig) < 2:
         return np.zeros((0, 2), np.int64), np.zeros(0)
-    num_perm = sig.shape[1]
-    b, r = (bands, num_perm // bands) if bands else lsh_params(threshold, num_perm)
-    cand = candidate_pairs(sig, valid, b, r)
+    cand = candidate_pairs(sig, valid, *band_layout(threshold, sig.shape[1], bands))
     sim = true_similarity(sets, cand) if sets is not None else similarity(sig, cand)
     keep = sim >= threshold
     return cand[keep], sim[keep]
