@@ -105,7 +105,7 @@ def _load_rows(work: Path, units: list[Unit], num_perm: int) -> tuple[dict, np.n
 
 
 @contextlib.contextmanager
-def _discarded_on_bad_input(work: Path):
+def discarded_on_bad_input(work: Path):
     """Bad input (an id missing or repeated) removes the work folder: resuming would meet it again."""
     try:
         yield
@@ -209,14 +209,6 @@ def fresh_output(work: Path) -> Path:
     return tmp
 
 
-def prep(recipe: Union[PrepRecipe, str, Path], *, force: bool = False, show_progress: bool = True,
-         overrides: Union[list[str], tuple] = ()) -> RunResult:
-    """Run the whole preparation on the local engine (recipe object, YAML file or dict, plus `--set` style
-    overrides); returns the dataset folder (train/ and validation/ Parquet shards) and its statistics."""
-    recipe = coerce_recipe(recipe, overrides, PrepRecipe, load_prep_recipe)
-    return run_local(start(recipe, force), show_progress)
-
-
 def run_local(job: Job, show_progress: bool = True) -> RunResult:
     """Stage 1 in `num_proc` processes, stages 2 and 3 in this one (signatures in a memory-mapped file)."""
     recipe, work, units, times = job.recipe, job.work, job.units, job.times
@@ -229,11 +221,11 @@ def run_local(job: Job, show_progress: bool = True) -> RunResult:
     tick = time.perf_counter()
     results, todo = finished_units(job)
     resumed = len(results)
-    with _progress(show_progress, len(units), resumed) as advance:
+    with progress(show_progress, len(units), resumed) as advance:
         def collect(stats):
             results[stats["unit"]] = stats
             advance()
-        with _discarded_on_bad_input(work):
+        with discarded_on_bad_input(work):
             _map(process_unit, [(recipe, u, work, boilerplate) for u in todo], recipe.num_proc, collect)
     times["read, normalise, filter, sign"] = time.perf_counter() - tick
 
@@ -241,7 +233,7 @@ def run_local(job: Job, show_progress: bool = True) -> RunResult:
     tick = time.perf_counter()
     cols, sig, sizes = _load_rows(work, units, recipe.dedup.num_perm)
     filtered = _filtered(work, units)
-    with _discarded_on_bad_input(work):
+    with discarded_on_bad_input(work):
         _check_unique_ids(recipe, np.concatenate([cols["id"], filtered.column("id").to_numpy(zero_copy_only=False)]),
                           np.concatenate([cols["src"], filtered.column("src").to_numpy()]))
     domains = domains_of(results)
@@ -264,7 +256,7 @@ def run_local(job: Job, show_progress: bool = True) -> RunResult:
     sizes_of = Counter(np.bincount(plan["cluster"], minlength=len(plan["cluster"])).tolist())
     duplicates = duplicate_stats(sizes_of, plan["near_pairs"], plan["candidate_pairs_verified"])
     mixing = {k: plan[k] for k in ("weights", "sizes", "ratios")}
-    stats = _stats(recipe, results, job.plan_events, domains, totals, duplicates, mixing, resumed)
+    stats = stats_of(recipe, results, job.plan_events, domains, totals, duplicates, mixing, resumed)
     return finish(job, tmp, stats, examples, show_progress)
 
 
@@ -463,7 +455,7 @@ def duplicate_stats(cluster_sizes: Counter, near_pairs: int, verified: bool) -> 
             "size_counts": sizes}
 
 
-def _stats(recipe: PrepRecipe, results: dict, plan_events: Counter, domains: list[str], totals: dict,
+def stats_of(recipe: PrepRecipe, results: dict, plan_events: Counter, domains: list[str], totals: dict,
            duplicates: dict, mixing: dict, resumed: int) -> dict:
     weights, active, ratio_by_domain = mixing["weights"], mixing["sizes"], mixing["ratios"]
     before: dict = {d: Counter() for d in domains}
@@ -505,7 +497,7 @@ def _stats(recipe: PrepRecipe, results: dict, plan_events: Counter, domains: lis
     }
 
 
-class _progress:
+class progress:
     """A rich progress bar over work units (a no-op when disabled)."""
 
     def __init__(self, enabled: bool, total: int, done: int):

@@ -1,0 +1,607 @@
+"""The ray engine of `lmforge prep`: the local engine's stages as Ray Data operations, so the workers of a
+cluster share them and no process holds every document's signature, candidate pair or decision.
+
+Each stage calls the local engine's own functions (`process_unit`, `band_keys`, `true_similarity`,
+`choose_survivors`, `assign_split`, `training_repeats`, `doc_totals`), so both engines give the same
+dataset by construction. What each stage moves between workers is in brackets:
+
+1. per work unit, `process_unit` — read, normalise, filter, exact hash, MinHash — as a map over the units;
+   its files land in the work folder, which every node must see (as the output folder). Boilerplate lines
+   first, if asked for: line counts per unit, summed by a groupby on (domain, line) [line counts].
+2. ids: a groupby on the id [one id per document], to find an id that names two documents.
+3. candidates: each document's LSH band keys (a map), grouped by (band, key) [bands × documents]; exact keys
+   are grouped in the same shuffle. A bucket gives the pairs the local engine forms from it.
+4. verification: pairs grouped by their first document [candidate pairs], each checked with the true Jaccard
+   of the n-gram sets (or the MinHash estimate), read memory-mapped from the work units.
+5. clusters: connected components of the pair edges by min-label propagation, one groupby per round [the
+   documents in some pair]; then each document's kept-rule attributes, grouped by work unit.
+6. survivors: documents grouped by component, where the local rule runs on the component alone — its
+   decisions never depend on documents outside it — then grouped by work unit [documents in clusters].
+7. split, mixing sizes, repeats, shards: maps over the work units (two or three passes of a few columns).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import shutil
+import time
+import uuid
+from collections import Counter
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from lmforge.errors import LmforgeError
+from lmforge.prep import mix
+from lmforge.prep.config import PrepRecipe
+from lmforge.prep.dedup import band_keys, band_layout, similarity, true_similarity
+from lmforge.prep.pipeline import (Job, add_totals, discarded_on_bad_input, doc_totals, domains_of,
+                                   duplicate_examples, duplicate_id_error, duplicate_line, duplicate_stats,
+                                   filtered_lines, finish, finished_units, fresh_output, mixing_plan, progress,
+                                   stats_of, training_repeats, write_unit_shards)
+from lmforge.prep.read import Unit
+from lmforge.prep.worker import count_unit_lines, process_unit, unit_paths
+from lmforge.stage import RunResult
+
+FIXED = {"": -1, "train": mix.TRAIN, "validation": mix.VALIDATION}
+_EMPTY_LIST = pa.list_(pa.int64())
+
+
+@contextlib.contextmanager
+def connected(address: Optional[str], num_cpus: int):
+    """A Ray to run on: the one this process already joined, the cluster at `address`, or one started here
+    with `num_cpus` CPUs (shut down afterwards)."""
+    try:
+        import ray  # the optional `ray` extra, seconds to import: loaded only when the ray engine runs
+    except ImportError:
+        raise LmforgeError("engine: 'ray' needs Ray Data, an optional extra: pip install 'lmforge[ray]'") from None
+    if ray.is_initialized():
+        yield
+        return
+    quiet = {"logging_level": logging.ERROR, "log_to_driver": False}
+    try:
+        if address:
+            ray.init(address=address, **quiet)
+        else:
+            ray.init(num_cpus=num_cpus, include_dashboard=False, **quiet)
+    except (ConnectionError, RuntimeError, ValueError, TimeoutError) as err:
+        raise LmforgeError(f"--address {address}: no Ray cluster answers there ({str(err).splitlines()[0]})") from None
+    try:
+        yield
+    finally:
+        ray.shutdown()
+
+
+@dataclass
+class _Ctx:
+    """What every task needs: small and picklable (no per-document data)."""
+    recipe: PrepRecipe
+    work: str
+    units: list[Unit]
+    offsets: list[int]  # the global index of each unit's first document; the total last
+    domains: list[str]
+    run: str  # names this run in per-process caches (a later run may reuse the work folder's names)
+
+
+def run(job: Job, show_progress: bool = True) -> RunResult:
+    """The whole preparation on the Ray this process is connected to (see `connected`)."""
+    import ray  # the optional extra, as in `connected`
+    data = ray.data.DataContext.get_current()
+    data.enable_progress_bars = False
+    # Shuffles as tasks on the worker pool: the hash shuffle's aggregators are new processes per groupby, and
+    # each pays for importing lmforge again.
+    data.shuffle_strategy = ray.data.context.ShuffleStrategy.SORT_SHUFFLE_PULL_BASED
+    logging.getLogger("ray.data").setLevel(logging.ERROR)  # one line per execution otherwise
+    cpus = int(ray.cluster_resources().get("CPU", 1))
+    recipe, work, times = job.recipe, job.work, job.times
+    parts = max(2, cpus)
+    units = ray.data.from_items([{"unit": u.index} for u in job.units], override_num_blocks=len(job.units))
+
+    tick = time.perf_counter()
+    boilerplate = _boilerplate(recipe, job.units, units, parts) if recipe.normalize.boilerplate_min_docs else {}
+    if boilerplate:
+        times["boilerplate"] = time.perf_counter() - tick
+    tick = time.perf_counter()
+    results, todo = finished_units(job)
+    resumed = len(results)
+    with discarded_on_bad_input(work):
+        results.update(_process_units(ray, recipe, work, todo, boilerplate, show_progress, len(job.units), resumed))
+    times["read, normalise, filter, sign"] = time.perf_counter() - tick
+
+    offsets = np.concatenate([[0], np.cumsum([results[u.index]["rows"] for u in job.units])]).astype(int).tolist()
+    ctx = _Ctx(recipe, str(work), job.units, offsets, domains_of(results), uuid.uuid4().hex)
+    kw = {"fn_kwargs": {"ctx": ctx}}
+    tick = time.perf_counter()
+    with discarded_on_bad_input(work):
+        _check_unique_ids(ctx, units, parts)
+    times["ids (shuffle)"] = time.perf_counter() - tick
+
+    tick = time.perf_counter()
+    edges = _edges(ctx, units, parts)
+    near_pairs = int(edges.sum("near") or 0) if edges is not None else 0
+    times["candidate pairs, verification (shuffles)"] = time.perf_counter() - tick
+    tick = time.perf_counter()
+    decisions, rounds = _survivors(ctx, edges, parts) if edges is not None else (None, 0)
+    times[f"clusters ({rounds} rounds), survivors (shuffles)"] = time.perf_counter() - tick
+
+    tick = time.perf_counter()
+    (work / "decisions").mkdir(exist_ok=True)
+    (work / "removed").mkdir(exist_ok=True)
+    if decisions is not None:
+        decisions.groupby("unit", num_partitions=parts).map_groups(_save_decisions, batch_format="pyarrow",
+                                                                   **kw).materialize()
+    held = _held_out(ctx, units) if recipe.split.validation_count is not None else None
+    sizes = Counter()
+    for row in units.map_batches(_train_sizes, batch_size=1, fn_kwargs={"ctx": ctx, "held": held}).iter_rows():
+        sizes.update(json.loads(row["sizes"]))
+    active, weights, ratios = mixing_plan(recipe, {d: sizes.get(d, 0) for d in ctx.domains})
+    tmp = fresh_output(work)
+    written = units.map_batches(_write_unit, batch_size=1,
+                                fn_kwargs={"ctx": ctx, "held": held, "ratios": ratios, "tmp": str(tmp)})
+    totals = doc_totals(ctx.domains, *(np.zeros(0, np.int64),) * 3, np.zeros(0, bool), [], np.zeros(0), np.zeros(0))
+    for row in sorted(written.take_all(), key=lambda r: r["unit"]):
+        add_totals(totals, _totals_from_json(row["totals"]))
+    _write_removed(tmp / "removed.jsonl", work, job.units)
+    times["split, mix, write"] = time.perf_counter() - tick
+
+    duplicates = duplicate_stats(_cluster_sizes(decisions), near_pairs, recipe.dedup.near and recipe.dedup.verify)
+    examples = _examples(ctx, decisions)
+    mixing = {"weights": weights, "sizes": active, "ratios": ratios}
+    stats = stats_of(recipe, results, job.plan_events, ctx.domains, totals, duplicates, mixing, resumed)
+    stats["ray_cpus"] = cpus
+    return finish(job, tmp, stats, examples, show_progress)
+
+
+# ---------------------------------------------------------------- stage 1: work units
+
+
+def _boilerplate(recipe: PrepRecipe, plan: list[Unit], units, parts: int) -> dict[str, set]:
+    counted = units.map_batches(_line_counts, batch_size=1, fn_kwargs={"recipe": recipe, "plan": plan})
+    frequent = counted.groupby(["domain", "key"], num_partitions=parts).map_groups(
+        _frequent_line, batch_format="numpy", fn_kwargs={"threshold": recipe.normalize.boilerplate_min_docs})
+    lines: dict[str, set] = {}
+    for row in frequent.iter_rows():
+        lines.setdefault(row["domain"], set()).add(int(row["key"]))
+    return lines
+
+
+def _line_counts(batch: dict, recipe: PrepRecipe, plan: list[Unit]) -> dict:
+    counts = count_unit_lines(recipe, plan[int(batch["unit"][0])])
+    rows = [(d, k, n) for d, c in counts.items() for k, n in c.items()]
+    return {"domain": np.array([r[0] for r in rows], dtype=object),
+            "key": np.array([r[1] for r in rows], np.uint64), "n": np.array([r[2] for r in rows], np.int64)}
+
+
+def _frequent_line(group: dict, threshold: int) -> dict:
+    keep = group["n"].sum() >= threshold
+    return {"domain": group["domain"][:int(keep)], "key": group["key"][:int(keep)]}
+
+
+def _process_units(ray, recipe: PrepRecipe, work: Path, todo: list[Unit], boilerplate: dict, show_progress: bool,
+                   total: int, resumed: int) -> dict[int, dict]:
+    """`process_unit` on every unit still to do, as a map; bad input (an id column missing) comes back as
+    the worker's error message, raised here."""
+    results = {}
+    if not todo:
+        return results
+    ds = ray.data.from_items([{"unit": u.index} for u in todo], override_num_blocks=len(todo))
+    done = ds.map_batches(_process_unit_task, batch_size=1,
+                          fn_kwargs={"recipe": recipe, "work": str(work), "plan": {u.index: u for u in todo},
+                                     "boilerplate": boilerplate})
+    with progress(show_progress, total, resumed) as advance:
+        for row in done.iter_rows():
+            if row["error"]:
+                raise LmforgeError(row["error"])
+            stats = json.loads(row["stats"])
+            results[stats["unit"]] = stats
+            advance()
+    return results
+
+
+def _process_unit_task(batch: dict, recipe: PrepRecipe, work: str, plan: dict, boilerplate: dict) -> dict:
+    try:
+        stats, error = json.dumps(process_unit(recipe, plan[int(batch["unit"][0])], Path(work), boilerplate)), ""
+    except LmforgeError as err:
+        stats, error = "", str(err)
+    return {"stats": np.array([stats], dtype=object), "error": np.array([error], dtype=object)}
+
+
+# ---------------------------------------------------------------- per-unit columns
+
+
+def _unit_rows(ctx: _Ctx, unit: int, columns: list[str]) -> dict:
+    table = pq.read_table(unit_paths(Path(ctx.work), unit)["rows"], columns=columns)
+    cols = {c: table.column(c).to_numpy(zero_copy_only=False) for c in columns}
+    cols["idx"] = ctx.offsets[unit] + np.arange(table.num_rows, dtype=np.int64)
+    return cols
+
+
+def _unit_of(ctx: _Ctx, idx: np.ndarray) -> np.ndarray:
+    return np.searchsorted(np.asarray(ctx.offsets), idx, side="right") - 1
+
+
+@lru_cache(maxsize=32)
+def _unit_sets(run: str, work: str, unit: int) -> tuple[np.ndarray, np.ndarray]:
+    """A unit's sorted n-gram sets (memory-mapped) and where each document's begins."""
+    counts = pq.read_table(unit_paths(Path(work), unit)["rows"], columns=["shingles"]).column(0).to_numpy()
+    return np.load(unit_paths(Path(work), unit)["sets"], mmap_mode="r"), np.cumsum(counts) - counts
+
+
+@lru_cache(maxsize=32)
+def _unit_signatures(run: str, work: str, unit: int) -> np.ndarray:
+    return np.load(unit_paths(Path(work), unit)["sig"], mmap_mode="r")
+
+
+class _Sets:
+    """`ShingleSets.get` over the work units, by global document index (what `true_similarity` reads)."""
+
+    def __init__(self, ctx: _Ctx):
+        self.ctx = ctx
+
+    def get(self, i: int) -> np.ndarray:
+        u = int(_unit_of(self.ctx, np.int64(i)))
+        sets, starts = _unit_sets(self.ctx.run, self.ctx.work, u)
+        row = i - self.ctx.offsets[u]
+        end = starts[row + 1] if row + 1 < len(starts) else len(sets)
+        return sets[starts[row]:end]
+
+
+class _Signatures:
+    """Signature rows by global document index (what `similarity` reads)."""
+
+    def __init__(self, ctx: _Ctx):
+        self.ctx = ctx
+
+    def __getitem__(self, idx: np.ndarray) -> np.ndarray:
+        units = _unit_of(self.ctx, idx)
+        return np.stack([_unit_signatures(self.ctx.run, self.ctx.work, int(u))[i - self.ctx.offsets[u]]
+                         for i, u in zip(idx.tolist(), units.tolist())])
+
+
+# ---------------------------------------------------------------- ids
+
+
+def _check_unique_ids(ctx: _Ctx, units, parts: int) -> None:
+    repeated = units.map_batches(_unit_ids, batch_size=1, fn_kwargs={"ctx": ctx}).groupby(
+        "id", num_partitions=parts).map_groups(_second_of_repeated_id, batch_format="numpy")
+    first = repeated.sort("id").take(1)
+    if first:
+        raise duplicate_id_error(ctx.recipe, first[0]["id"], int(first[0]["src"]))
+
+
+def _unit_ids(batch: dict, ctx: _Ctx) -> dict:
+    """Ids in the local engine's order: kept documents by index (kind 0), then filtered ones by unit (kind 1)."""
+    unit = int(batch["unit"][0])
+    kept = _unit_rows(ctx, unit, ["id", "src"])
+    filtered = pq.read_table(unit_paths(Path(ctx.work), unit)["filtered"], columns=["id", "src"])
+    n = filtered.num_rows
+    return {"id": np.concatenate([kept["id"], filtered.column("id").to_numpy(zero_copy_only=False)]).astype(object),
+            "src": np.concatenate([kept["src"], filtered.column("src").to_numpy()]).astype(np.int64),
+            "kind": np.repeat(np.array([0, 1], np.int64), [len(kept["idx"]), n]),
+            "pos": np.concatenate([kept["idx"], (unit << 32) + np.arange(n, dtype=np.int64)])}
+
+
+def _second_of_repeated_id(group: dict) -> dict:
+    order = np.lexsort((group["pos"], group["kind"]))
+    second = order[1:2]
+    return {"id": group["id"][second], "src": group["src"][second]}
+
+
+# ---------------------------------------------------------------- candidate pairs and their verification
+
+
+def _edges(ctx: _Ctx, units, parts: int):
+    """Verified near pairs and exact-copy links (i < j, near, same, sim): materialised, spread over the cluster."""
+    d = ctx.recipe.dedup
+    if not (d.near or d.exact):
+        return None
+    keyed = units.map_batches(_bucket_rows, batch_size=1, fn_kwargs={"ctx": ctx})
+    pairs = keyed.groupby(["band", "key"], num_partitions=parts).map_groups(_bucket_pairs, batch_format="numpy")
+    edges = pairs.groupby("i", num_partitions=parts).map_groups(_checked_pairs, batch_format="numpy",
+                                                                fn_kwargs={"ctx": ctx}).materialize()
+    return edges if edges.count() else None
+
+
+def _bucket_rows(batch: dict, ctx: _Ctx) -> dict:
+    """(band, key, document) per LSH band of every document with words, and (-1, exact key, document)."""
+    unit = int(batch["unit"][0])
+    d = ctx.recipe.dedup
+    cols = _unit_rows(ctx, unit, ["valid", "exact"])
+    bands, keys, idx = [], [], []
+    valid = cols["valid"].astype(bool)
+    if d.near and valid.any():
+        b, r = band_layout(d.threshold, d.num_perm, d.bands)
+        k = band_keys(np.asarray(_unit_signatures(ctx.run, ctx.work, unit))[valid], b, r)
+        bands.append(np.tile(np.arange(b, dtype=np.int64), len(k)))
+        keys.append(k.reshape(-1))
+        idx.append(np.repeat(cols["idx"][valid], b))
+    if d.exact:
+        bands.append(np.full(len(cols["idx"]), -1, np.int64))
+        keys.append(cols["exact"].astype(np.uint64))
+        idx.append(cols["idx"])
+    if not idx:
+        return {"band": np.zeros(0, np.int64), "key": np.zeros(0, np.uint64), "idx": np.zeros(0, np.int64)}
+    return {"band": np.concatenate(bands), "key": np.concatenate(keys), "idx": np.concatenate(idx)}
+
+
+def _bucket_pairs(group: dict) -> dict:
+    """A bucket's pairs as `candidate_pairs` forms them: each member with the first and with its predecessor."""
+    idx = np.sort(group["idx"])
+    i = np.concatenate([np.repeat(idx[:1], max(len(idx) - 1, 0)), idx[:-1]])
+    j = np.concatenate([idx[1:], idx[1:]])
+    return {"i": i, "j": j, "same": np.full(len(i), group["band"][0] == -1)}
+
+
+def _checked_pairs(group: dict, ctx: _Ctx) -> dict:
+    """One document's candidate pairs, each once, checked as `near_pairs` does; exact links kept as they are."""
+    d = ctx.recipe.dedup
+    i = group["i"][0]
+    js, inverse = np.unique(group["j"], return_inverse=True)
+    same = np.zeros(len(js), bool)
+    candidate = np.zeros(len(js), bool)
+    np.logical_or.at(same, inverse, group["same"])
+    np.logical_or.at(candidate, inverse, ~group["same"])
+    sim = np.full(len(js), np.nan)
+    pairs = np.stack([np.full(candidate.sum(), i), js[candidate]], 1)
+    if len(pairs):
+        sim[candidate] = (true_similarity(_Sets(ctx), pairs) if d.verify else similarity(_Signatures(ctx), pairs))
+    near = candidate & (sim >= d.threshold)
+    keep = near | same
+    return {"i": np.full(keep.sum(), i), "j": js[keep], "near": near[keep], "same": same[keep], "sim": sim[keep]}
+
+
+# ---------------------------------------------------------------- clusters and survivors
+
+
+def _survivors(ctx: _Ctx, edges, parts: int):
+    """Per document in a cluster: kept or not, the document it copies, why; and the rounds of propagation."""
+    kw = {"batch_format": "pyarrow"}
+    nodes = edges.map_batches(_both_ways, batch_format="numpy").groupby("node", num_partitions=parts).map_groups(
+        _adjacency, **kw).materialize()
+    rounds = 0
+    while True:
+        rounds += 1
+        nodes = nodes.map_batches(_spread_labels, **kw).groupby("node", num_partitions=parts).map_groups(
+            _lowest_label, **kw).materialize()
+        if not nodes.sum("changed"):
+            break
+    described = nodes.map_batches(_with_unit, fn_kwargs={"ctx": ctx}, **kw).groupby(
+        "unit", num_partitions=parts).map_groups(_with_attributes, fn_kwargs={"ctx": ctx}, **kw)
+    decisions = described.groupby("label", num_partitions=parts).map_groups(
+        _solve_component, fn_kwargs={"ctx": ctx}, **kw).materialize()
+    return decisions, rounds
+
+
+def _both_ways(batch: dict) -> dict:
+    near = np.concatenate([batch["near"], batch["near"]])
+    return {"node": np.concatenate([batch["i"], batch["j"]]), "nbr": np.concatenate([batch["j"], batch["i"]]),
+            "near": near, "sim": np.concatenate([batch["sim"], batch["sim"]])}
+
+
+def _node_table(node, label, nbrs, near, sims, changed) -> pa.Table:
+    return pa.table({"node": pa.array(node, pa.int64()), "label": pa.array(label, pa.int64()),
+                     "nbrs": pa.array(nbrs, _EMPTY_LIST), "near": pa.array(near, _EMPTY_LIST),
+                     "sims": pa.array(sims, pa.list_(pa.float64())), "changed": pa.array(changed, pa.int64())})
+
+
+def _adjacency(group: pa.Table) -> pa.Table:
+    """A node's neighbours (all, and those of verified near pairs with their similarity); its first label."""
+    node = group.column("node")[0].as_py()
+    nbr = group.column("nbr").to_numpy()
+    near = group.column("near").to_numpy(zero_copy_only=False)
+    sim = group.column("sim").to_numpy()
+    nbrs = np.unique(nbr)
+    near_nbrs, first = np.unique(nbr[near], return_index=True)
+    return _node_table([node], [min(node, int(nbrs[0]))], [nbrs.tolist()], [near_nbrs.tolist()],
+                       [sim[near][first].tolist()], [1])
+
+
+def _spread_labels(batch: pa.Table) -> pa.Table:
+    """Each node's own row, and its label sent to each neighbour (a row with no neighbours of its own)."""
+    nbrs = batch.column("nbrs").combine_chunks()
+    lengths = np.diff(nbrs.offsets.to_numpy())
+    sent = np.repeat(batch.column("label").to_numpy(), lengths)
+    n = len(sent)
+    messages = _node_table(nbrs.flatten().to_numpy(), sent, [[]] * n, [[]] * n, [[]] * n, np.zeros(n, np.int64))
+    own = batch.set_column(batch.schema.get_field_index("changed"), "changed",
+                           pa.array(np.ones(batch.num_rows, np.int64)))
+    return pa.concat_tables([own, messages])
+
+
+def _lowest_label(group: pa.Table) -> pa.Table:
+    """The lowest label a node heard; `changed` when that lowers its own (propagation stops when none does)."""
+    own = int(np.flatnonzero(group.column("changed").to_numpy())[0])
+    row = group.slice(own, 1)
+    low = int(group.column("label").to_numpy().min())
+    changed = int(low < row.column("label")[0].as_py())
+    return row.set_column(1, "label", pa.array([low], pa.int64())).set_column(5, "changed", pa.array([changed]))
+
+
+def _with_unit(batch: pa.Table, ctx: _Ctx) -> pa.Table:
+    return batch.append_column("unit", pa.array(_unit_of(ctx, batch.column("node").to_numpy()), pa.int64()))
+
+
+def _with_attributes(group: pa.Table, ctx: _Ctx) -> pa.Table:
+    """The kept rule's inputs for a unit's documents in clusters: exact key, pinned split, length, id."""
+    unit = group.column("unit")[0].as_py()
+    rows = group.column("node").to_numpy() - ctx.offsets[unit]
+    cols = _unit_rows(ctx, unit, ["exact", "fixed", "shingles", "id"])
+    fixed = np.array([FIXED[f] for f in cols["fixed"][rows]], np.int64)
+    return (group.append_column("exact", pa.array(cols["exact"][rows], pa.uint64()))
+            .append_column("fixed", pa.array(fixed)).append_column("length", pa.array(cols["shingles"][rows]))
+            .append_column("id", pa.array(cols["id"][rows].tolist(), pa.string())))
+
+
+def _solve_component(group: pa.Table, ctx: _Ctx) -> pa.Table:
+    """`choose_survivors` on one component, its documents in input order: the same decisions as over all."""
+    group = group.sort_by("node")
+    node = group.column("node").to_numpy()
+    near = group.column("near").combine_chunks()
+    counts = np.diff(near.offsets.to_numpy())
+    a = np.repeat(np.arange(len(node)), counts)
+    b = np.searchsorted(node, near.flatten().to_numpy())
+    sims = group.column("sims").combine_chunks().flatten().to_numpy()
+    once = b > a  # each pair is listed by both of its documents
+    a, b, sims = a[once], b[once], sims[once]
+    order = np.lexsort((b, a))  # the local engine's pairs come sorted (i, j)
+    pairs = np.stack([a[order], b[order]], 1)
+    exact = group.column("exact").to_numpy()
+    s = mix.choose_survivors(exact, pairs, group.column("fixed").to_numpy() == mix.VALIDATION,
+                             ctx.recipe.dedup.exact, group.column("length").to_numpy(), sims[order])
+    ids = np.asarray(group.column("id").to_pylist(), dtype=object)
+    head = int(s.cluster[0])
+    shown = [m for m in range(len(node)) if m != head and not s.kept[m]][:2] + [-1, -1]
+    first = np.arange(len(node)) == head
+    return pa.table({
+        "idx": node, "unit": group.column("unit"), "kept": s.kept,
+        "dup_id": [ids[k] if k >= 0 else "" for k in s.duplicate_of.tolist()],
+        "reason": [r or "" for r in s.reasons], "sim": s.similarity,
+        "cluster": np.full(len(node), node[head]), "size": np.where(first, len(node), 0),
+        "ex1": np.where(first, node[shown[0]] if shown[0] >= 0 else -1, -1),
+        "ex2": np.where(first, node[shown[1]] if shown[1] >= 0 else -1, -1)})
+
+
+def _save_decisions(group: pa.Table, ctx: _Ctx) -> pa.Table:
+    unit = group.column("unit")[0].as_py()
+    pq.write_table(group.sort_by("idx").select(["idx", "kept", "dup_id", "reason", "sim"]), _decisions_path(ctx, unit))
+    return pa.table({"unit": [unit]})
+
+
+def _decisions_path(ctx: _Ctx, unit: int) -> Path:
+    return Path(ctx.work) / "decisions" / f"unit-{unit:05d}.parquet"
+
+
+def _rows_where(batch: pa.Table, column: str, low: Optional[int] = None,
+                among: Optional[np.ndarray] = None) -> pa.Table:
+    """The rows whose `column` is at least `low`, or one of `among`."""
+    values = batch.column(column).to_numpy()
+    return batch.filter(values >= low if among is None else np.isin(values, among))
+
+
+def _cluster_sizes(decisions) -> Counter:
+    if decisions is None:
+        return Counter()
+    heads = decisions.map_batches(_rows_where, batch_format="pyarrow", fn_kwargs={"column": "size", "low": 1})
+    heads = heads.groupby("size").count().take_all()
+    return Counter({int(r["size"]): int(r["count()"]) for r in heads})
+
+
+def _examples(ctx: _Ctx, decisions) -> list[dict]:
+    """The report's examples: the largest clusters (ties: the first), as the local engine picks them."""
+    limit = ctx.recipe.output.examples
+    if decisions is None or limit == 0:
+        return []
+    heads = decisions.map_batches(_rows_where, batch_format="pyarrow", fn_kwargs={"column": "size", "low": 2})
+    heads = heads.sort(["size", "cluster"], descending=[True, False]).take(limit)
+    shown = [(int(h["size"]), [int(h["cluster"])] + [int(h[k]) for k in ("ex1", "ex2") if h[k] >= 0]) for h in heads]
+    wanted = {m for _, ms in shown for m in ms}
+    found = decisions.map_batches(_rows_where, batch_format="pyarrow",
+                                  fn_kwargs={"column": "idx", "among": np.array(sorted(wanted))}).take_all()
+    members = {int(r["idx"]): (bool(r["kept"]), r["reason"] or None, float(r["sim"])) for r in found}
+    return duplicate_examples(Path(ctx.work), ctx.units, np.asarray(ctx.offsets), shown, members)
+
+
+# ---------------------------------------------------------------- split, mixing, shards
+
+
+def _unit_plan(ctx: _Ctx, unit: int, held: Optional[np.ndarray]) -> dict:
+    """A unit's documents with their decisions and split."""
+    cols = _unit_rows(ctx, unit, ["domain", "id", "source", "fixed", "words", "tokens", "exact"])
+    n = len(cols["idx"])
+    code = {d: i for i, d in enumerate(ctx.domains)}
+    cols["dom"] = np.array([code[d] for d in cols["domain"]], np.int64)
+    fixed = np.array([FIXED[f] for f in cols["fixed"]], np.int64)
+    cols["kept"], cols["reasons"] = np.ones(n, bool), [None] * n
+    cols["dup_id"], cols["sim"] = [""] * n, np.full(n, np.nan)
+    path = _decisions_path(ctx, unit)
+    if path.exists():
+        dec = pq.read_table(path).to_pydict()
+        for i, kept, dup, reason, sim in zip(dec["idx"], dec["kept"], dec["dup_id"], dec["reason"], dec["sim"]):
+            row = i - ctx.offsets[unit]
+            cols["kept"][row], cols["reasons"][row], cols["dup_id"][row], cols["sim"][row] = kept, reason or None, dup, sim
+    s = ctx.recipe.split
+    cols["u"] = mix.uniform(cols["exact"].astype(np.uint64), s.seed)
+    cols["free"] = cols["kept"] & (fixed < 0)
+    held_mask = np.isin(cols["idx"], held) if held is not None else None
+    cols["split"] = mix.assign_split(cols["kept"], cols["dom"], fixed, cols["u"], s.validation_fraction,
+                                     s.validation_count, held_mask)
+    return cols
+
+
+def _held_out(ctx: _Ctx, units) -> np.ndarray:
+    """`split.validation_count`: each domain's free documents with the smallest draw, chosen from each unit's
+    own smallest (a few per domain and unit, gathered here)."""
+    found = units.map_batches(_held_out_candidates, batch_size=1, fn_kwargs={"ctx": ctx}).take_all()
+    found.sort(key=lambda r: r["idx"])
+    idx = np.array([r["idx"] for r in found], np.int64)
+    dom = np.array([r["dom"] for r in found], np.int64)
+    u = np.array([r["u"] for r in found], np.float64)
+    return np.sort(idx[mix.smallest_per_domain(np.arange(len(idx)), dom, u, ctx.recipe.split.validation_count)])
+
+
+def _held_out_candidates(batch: dict, ctx: _Ctx) -> dict:
+    cols = _unit_plan(ctx, int(batch["unit"][0]), np.zeros(0, np.int64))
+    chosen = mix.smallest_per_domain(np.flatnonzero(cols["free"]), cols["dom"], cols["u"],
+                                     ctx.recipe.split.validation_count)
+    return {"idx": cols["idx"][chosen], "dom": cols["dom"][chosen], "u": cols["u"][chosen]}
+
+
+def _measure(ctx: _Ctx, cols: dict) -> np.ndarray:
+    return {"tokens": cols["tokens"], "words": cols["words"], "documents": np.ones(len(cols["idx"]), np.int64)
+            }[ctx.recipe.mix.by].astype(np.int64)
+
+
+def _train_sizes(batch: dict, ctx: _Ctx, held: Optional[np.ndarray]) -> dict:
+    cols = _unit_plan(ctx, int(batch["unit"][0]), held)
+    train = cols["split"] == mix.TRAIN
+    sizes = {d: int(_measure(ctx, cols)[train & (cols["dom"] == i)].sum()) for i, d in enumerate(ctx.domains)}
+    return {"sizes": np.array([json.dumps(sizes)], dtype=object)}
+
+
+def _write_unit(batch: dict, ctx: _Ctx, held: Optional[np.ndarray], ratios: dict, tmp: str) -> dict:
+    """A unit's train and validation shards, its duplicates' removed.jsonl lines, and its stats totals."""
+    unit = int(batch["unit"][0])
+    cols = _unit_plan(ctx, unit, held)
+    repeats = training_repeats(ctx.recipe, ctx.domains, ratios, cols["dom"], cols["split"] == mix.TRAIN,
+                               cols["idx"])
+    if len(cols["idx"]):
+        write_unit_shards(Path(tmp), Path(ctx.work), unit, repeats, cols["split"])
+    gone = np.flatnonzero(~cols["kept"])
+    if len(gone):
+        with open(Path(ctx.work) / "removed" / f"unit-{unit:05d}.jsonl", "w", encoding="utf-8") as fh:
+            for i in gone.tolist():
+                fh.write(duplicate_line(cols["id"][i], cols["source"][i], cols["domain"][i], cols["reasons"][i],
+                                        cols["dup_id"][i], cols["sim"][i]))
+    totals = doc_totals(ctx.domains, cols["dom"], cols["words"].astype(np.int64), cols["tokens"].astype(np.int64),
+                        cols["kept"], cols["reasons"], cols["split"], repeats)
+    return {"unit": np.array([unit]), "totals": np.array([_totals_to_json(totals)], dtype=object)}
+
+
+def _totals_to_json(totals: dict) -> str:
+    return json.dumps({"removed": {d: dict(c) for d, c in totals["removed"].items()}, "parts": totals["parts"],
+                       "hist_after": {d: h.tolist() for d, h in totals["hist_after"].items()}})
+
+
+def _totals_from_json(text: str) -> dict:
+    t = json.loads(text)
+    return {"removed": {d: Counter(c) for d, c in t["removed"].items()}, "parts": t["parts"],
+            "hist_after": {d: np.asarray(h, np.int64) for d, h in t["hist_after"].items()}}
+
+
+def _write_removed(path: Path, work: Path, units: list[Unit]) -> None:
+    """removed.jsonl as the local engine writes it: filter removals of every unit, then duplicates in order."""
+    with open(path, "w", encoding="utf-8") as fh:
+        for u in units:
+            fh.writelines(filtered_lines(pq.read_table(unit_paths(work, u.index)["filtered"])))
+        for u in units:
+            part = work / "removed" / f"unit-{u.index:05d}.jsonl"
+            if part.exists():
+                with open(part, encoding="utf-8") as src:
+                    shutil.copyfileobj(src, fh)
