@@ -26,6 +26,7 @@ import contextlib
 import json
 import logging
 import shutil
+import socket
 import time
 import uuid
 from collections import Counter
@@ -62,6 +63,8 @@ def connected(address: Optional[str], num_cpus: int):
         import ray  # the optional `ray` extra, seconds to import: loaded only when the ray engine runs
     except ImportError:
         raise LmforgeError("engine: 'ray' needs Ray Data, an optional extra: pip install 'lmforge[ray]'") from None
+    if address:
+        _check_reachable(address)
     if ray.is_initialized():
         yield
         return
@@ -77,6 +80,17 @@ def connected(address: Optional[str], num_cpus: int):
         yield
     finally:
         ray.shutdown()
+
+
+def _check_reachable(address: str, timeout: float = 5.0) -> None:
+    """Fail in seconds on an address where nothing listens: Ray itself retries for minutes."""
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit():
+        raise LmforgeError(f"--address {address}: expected HOST:PORT of a Ray head node (e.g. 10.0.0.5:6379)")
+    try:
+        socket.create_connection((host, int(port)), timeout).close()
+    except OSError as err:
+        raise LmforgeError(f"--address {address}: no Ray cluster answers there ({err.strerror or err})") from None
 
 
 @dataclass

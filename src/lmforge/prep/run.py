@@ -11,6 +11,8 @@ from lmforge.prep.config import PrepRecipe, load_prep_recipe
 from lmforge.recipe import coerce_recipe
 from lmforge.stage import RunResult
 
+ENGINES = ("local", "ray")
+
 
 def prep(recipe: Union[PrepRecipe, str, Path], *, force: bool = False, show_progress: bool = True,
          overrides: Union[list[str], tuple] = (), engine: Optional[str] = None,
@@ -20,6 +22,8 @@ def prep(recipe: Union[PrepRecipe, str, Path], *, force: bool = False, show_prog
 
     `engine` overrides `prep.engine`; `address` names a running Ray cluster (HOST:PORT) for the ray engine,
     which otherwise starts a Ray on this machine with `num_proc` CPUs (at least 2)."""
+    if engine is not None and engine not in ENGINES:
+        raise LmforgeError(f"--engine {engine}: unknown engine; choose {' or '.join(ENGINES)}")
     overrides = [*overrides, f"engine={engine}"] if engine else overrides
     recipe = coerce_recipe(recipe, overrides, PrepRecipe, load_prep_recipe)
     if recipe.engine == "local":
