@@ -127,8 +127,7 @@ def band_layout(threshold: float, num_perm: int, bands: Optional[int]) -> tuple[
 
 
 def candidate_pairs(sig: np.ndarray, valid: np.ndarray, bands: int, rows: int) -> np.ndarray:
-    """Pairs (i < j) that share at least one LSH band: each bucket member is paired with the
-    bucket's first member and with its predecessor (enough to connect the bucket's cluster)."""
+    """Pairs (i < j) that share at least one LSH band (see `run_pairs` for which pairs of a bucket)."""
     idx = np.flatnonzero(valid)
     if len(idx) < 2:
         return np.zeros((0, 2), np.int64)
@@ -137,21 +136,23 @@ def candidate_pairs(sig: np.ndarray, valid: np.ndarray, bands: int, rows: int) -
     for b in range(bands):
         order = np.argsort(keys[:, b], kind="stable")
         k = keys[order, b]
-        same = np.concatenate([[False], k[1:] == k[:-1]])
-        if not same.any():
-            continue
-        head = np.maximum.accumulate(np.where(~same, np.arange(len(k)), 0))
-        members = np.flatnonzero(same)
-        found.append(np.stack([order[head[members]], order[members]], 1))
-        found.append(np.stack([order[members - 1], order[members]], 1))
-    if not found:
-        return np.zeros((0, 2), np.int64)
+        found.append(run_pairs(order, np.concatenate([[False], k[1:] == k[:-1]])))
     pairs = idx[np.concatenate(found)]
     pairs = np.sort(pairs, axis=1)
     pairs = pairs[pairs[:, 0] != pairs[:, 1]]
     n = np.int64(len(sig))
     code = np.unique(pairs[:, 0] * n + pairs[:, 1])  # one int64 per pair: a 1-D unique is far faster
     return np.stack([code // n, code % n], 1)
+
+
+def run_pairs(members: np.ndarray, same: np.ndarray) -> np.ndarray:
+    """Pairs inside runs of equal keys (`same[k]`: member k has the key of member k - 1): each member with the
+    first of its run and with its predecessor, enough to connect the run without all its pairs."""
+    if not same.any():
+        return np.zeros((0, 2), np.int64)
+    head = np.maximum.accumulate(np.where(~same, np.arange(len(same)), 0))
+    at = np.flatnonzero(same)
+    return np.concatenate([np.stack([members[head[at]], members[at]], 1), np.stack([members[at - 1], members[at]], 1)])
 
 
 def similarity(sig: np.ndarray, pairs: np.ndarray) -> np.ndarray:

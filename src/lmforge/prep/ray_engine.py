@@ -38,11 +38,12 @@ from typing import Optional
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+import xxhash
 
 from lmforge.errors import LmforgeError
 from lmforge.prep import mix
 from lmforge.prep.config import PrepRecipe
-from lmforge.prep.dedup import band_keys, band_layout, similarity, true_similarity
+from lmforge.prep.dedup import band_keys, band_layout, run_pairs, similarity, true_similarity
 from lmforge.prep.pipeline import (Job, add_totals, discarded_on_bad_input, doc_totals, domains_of,
                                    duplicate_examples, duplicate_id_error, duplicate_line, duplicate_stats,
                                    filtered_lines, finish, finished_units, fresh_output, mixing_plan, progress,
@@ -52,7 +53,6 @@ from lmforge.prep.worker import count_unit_lines, process_unit, unit_paths
 from lmforge.stage import RunResult
 
 FIXED = {"": -1, "train": mix.TRAIN, "validation": mix.VALIDATION}
-_EMPTY_LIST = pa.list_(pa.int64())
 
 
 @contextlib.contextmanager
@@ -178,8 +178,8 @@ def run(job: Job, show_progress: bool = True) -> RunResult:
 
 def _boilerplate(recipe: PrepRecipe, plan: list[Unit], units, parts: int) -> dict[str, set]:
     counted = units.map_batches(_line_counts, batch_size=1, fn_kwargs={"recipe": recipe, "plan": plan})
-    frequent = counted.groupby(["domain", "key"], num_partitions=parts).map_groups(
-        _frequent_line, batch_format="numpy", fn_kwargs={"threshold": recipe.normalize.boilerplate_min_docs})
+    frequent = _by_key(counted, ["domain", "key"], _frequent_lines, parts,
+                       threshold=recipe.normalize.boilerplate_min_docs)
     lines: dict[str, set] = {}
     for row in frequent.iter_rows():
         lines.setdefault(row["domain"], set()).add(int(row["key"]))
@@ -193,9 +193,12 @@ def _line_counts(batch: dict, recipe: PrepRecipe, plan: list[Unit]) -> dict:
             "key": np.array([r[1] for r in rows], np.uint64), "n": np.array([r[2] for r in rows], np.int64)}
 
 
-def _frequent_line(group: dict, threshold: int) -> dict:
-    keep = group["n"].sum() >= threshold
-    return {"domain": group["domain"][:int(keep)], "key": group["key"][:int(keep)]}
+def _frequent_lines(group: pa.Table, threshold: int) -> pa.Table:
+    t = group.sort_by([("domain", "ascending"), ("key", "ascending")])
+    domain = np.asarray(t.column("domain").to_pylist(), dtype=object)
+    first = np.flatnonzero(~_same_as_previous(domain, t.column("key").to_numpy()))
+    total = np.add.reduceat(t.column("n").to_numpy(), first) if len(first) else np.zeros(0, np.int64)
+    return t.take(pa.array(first[total >= threshold], pa.int64())).select(["domain", "key"])
 
 
 def _process_units(ray, recipe: PrepRecipe, work: Path, todo: list[Unit], boilerplate: dict, show_progress: bool,
@@ -283,9 +286,8 @@ class _Signatures:
 
 
 def _check_unique_ids(ctx: _Ctx, units, parts: int) -> None:
-    repeated = units.map_batches(_unit_ids, batch_size=1, fn_kwargs={"ctx": ctx}).groupby(
-        "id", num_partitions=parts).map_groups(_second_of_repeated_id, batch_format="numpy")
-    first = repeated.sort("id").take(1)
+    ids = units.map_batches(_unit_ids, batch_size=1, fn_kwargs={"ctx": ctx})
+    first = _by_key(ids, ["id"], _second_of_repeated_ids, parts).sort("id").take(1)
     if first:
         raise duplicate_id_error(ctx.recipe, first[0]["id"], int(first[0]["src"]))
 
@@ -302,10 +304,43 @@ def _unit_ids(batch: dict, ctx: _Ctx) -> dict:
             "pos": np.concatenate([kept["idx"], (unit << 32) + np.arange(n, dtype=np.int64)])}
 
 
-def _second_of_repeated_id(group: dict) -> dict:
-    order = np.lexsort((group["pos"], group["kind"]))
-    second = order[1:2]
-    return {"id": group["id"][second], "src": group["src"][second]}
+def _second_of_repeated_ids(group: pa.Table) -> pa.Table:
+    """For each id met more than once, its second document in the local engine's order."""
+    t = group.sort_by([("id", "ascending"), ("kind", "ascending"), ("pos", "ascending")])
+    ids = np.asarray(t.column("id").to_pylist(), dtype=object)
+    same = _same_as_previous(ids)
+    second = same & ~np.concatenate([[False], same[:-1]])
+    return t.filter(pa.array(second)).select(["id", "src"])
+
+
+def _same_as_previous(*columns: np.ndarray) -> np.ndarray:
+    """Per row of sorted columns: whether it has the previous row's values."""
+    n = len(columns[0])
+    same = np.ones(max(n - 1, 0), bool)
+    for c in columns:
+        same &= c[1:] == c[:-1]
+    return np.concatenate([[False], same])[:n]
+
+
+def _by_key(ds, keys: list[str], fn, parts: int, **fn_kwargs):
+    """Rows with equal `keys` brought together by a shuffle: the keys are hashed into `parts` partitions, grouped
+    on the partition, and `fn` gets all keys of a partition at once (vectorised: a call per key is far slower)."""
+    tagged = ds.map_batches(_tag_partition, batch_format="pyarrow", fn_kwargs={"keys": keys, "parts": parts})
+    return tagged.groupby("part", num_partitions=parts).map_groups(fn, batch_format="pyarrow", fn_kwargs=fn_kwargs)
+
+
+def _tag_partition(batch: pa.Table, keys: list[str], parts: int) -> pa.Table:
+    h = np.zeros(batch.num_rows, np.uint64)
+    for key in keys:
+        col = batch.column(key)
+        if pa.types.is_string(col.type) or pa.types.is_large_string(col.type):
+            values = np.fromiter((xxhash.xxh64_intdigest(v.encode("utf-8", "surrogatepass")) for v in col.to_pylist()),
+                                 np.uint64, batch.num_rows)
+        else:
+            values = col.to_numpy().astype(np.uint64)
+        h = (h * np.uint64(0x100000001B3)) ^ values
+    batch = batch.drop_columns(["part"]) if "part" in batch.column_names else batch  # an earlier shuffle's
+    return batch.append_column("part", pa.array((mix.uniform(h, 0) * parts).astype(np.int64)))
 
 
 # ---------------------------------------------------------------- candidate pairs and their verification
@@ -317,9 +352,8 @@ def _edges(ctx: _Ctx, units, parts: int):
     if not (d.near or d.exact):
         return None
     keyed = units.map_batches(_bucket_rows, batch_size=1, fn_kwargs={"ctx": ctx})
-    pairs = keyed.groupby(["band", "key"], num_partitions=parts).map_groups(_bucket_pairs, batch_format="numpy")
-    edges = pairs.groupby("i", num_partitions=parts).map_groups(_checked_pairs, batch_format="numpy",
-                                                                fn_kwargs={"ctx": ctx}).materialize()
+    pairs = _by_key(keyed, ["band", "key"], _bucket_pairs, parts)
+    edges = _by_key(pairs, ["i"], _checked_pairs, parts, ctx=ctx).materialize()
     return edges if edges.count() else None
 
 
@@ -345,30 +379,40 @@ def _bucket_rows(batch: dict, ctx: _Ctx) -> dict:
     return {"band": np.concatenate(bands), "key": np.concatenate(keys), "idx": np.concatenate(idx)}
 
 
-def _bucket_pairs(group: dict) -> dict:
-    """A bucket's pairs as `candidate_pairs` forms them: each member with the first and with its predecessor."""
-    idx = np.sort(group["idx"])
-    i = np.concatenate([np.repeat(idx[:1], max(len(idx) - 1, 0)), idx[:-1]])
-    j = np.concatenate([idx[1:], idx[1:]])
-    return {"i": i, "j": j, "same": np.full(len(i), group["band"][0] == -1)}
+def _bucket_pairs(group: pa.Table) -> pa.Table:
+    """Each bucket's pairs as `candidate_pairs` forms them (`run_pairs`), flagged `same` for exact-key buckets."""
+    t = group.sort_by([("band", "ascending"), ("key", "ascending"), ("idx", "ascending")])
+    band, key, idx = (t.column(c).to_numpy() for c in ("band", "key", "idx"))
+    same = _same_as_previous(band, key)
+    found = [run_pairs(idx[band == -1], same[band == -1]), run_pairs(idx[band >= 0], same[band >= 0])]
+    flags = np.repeat([True, False], [len(found[0]), len(found[1])])
+    pairs = np.concatenate(found)
+    return pa.table({"i": pairs[:, 0], "j": pairs[:, 1], "same": flags})
 
 
-def _checked_pairs(group: dict, ctx: _Ctx) -> dict:
-    """One document's candidate pairs, each once, checked as `near_pairs` does; exact links kept as they are."""
+def _checked_pairs(group: pa.Table, ctx: _Ctx) -> pa.Table:
+    """Each pair once, LSH candidates checked as `near_pairs` does; exact links kept as they are."""
     d = ctx.recipe.dedup
-    i = group["i"][0]
-    js, inverse = np.unique(group["j"], return_inverse=True)
-    same = np.zeros(len(js), bool)
-    candidate = np.zeros(len(js), bool)
-    np.logical_or.at(same, inverse, group["same"])
-    np.logical_or.at(candidate, inverse, ~group["same"])
-    sim = np.full(len(js), np.nan)
-    pairs = np.stack([np.full(candidate.sum(), i), js[candidate]], 1)
-    if len(pairs):
-        sim[candidate] = (true_similarity(_Sets(ctx), pairs) if d.verify else similarity(_Signatures(ctx), pairs))
+    t = group.sort_by([("i", "ascending"), ("j", "ascending")])
+    i, j, same = (t.column(c).to_numpy() for c in ("i", "j", "same"))
+    first = np.flatnonzero(~_same_as_previous(i, j))
+    if not len(first):
+        return _edge_table(*(np.zeros(0, np.int64),) * 2, *(np.zeros(0, bool),) * 2, np.zeros(0))
+    linked = np.maximum.reduceat(same.astype(np.int8), first).astype(bool)
+    candidate = np.maximum.reduceat((~same).astype(np.int8), first).astype(bool)
+    pairs = np.stack([i[first], j[first]], 1)
+    sim = np.full(len(pairs), np.nan)
+    if candidate.any():
+        found = pairs[candidate]
+        sim[candidate] = true_similarity(_Sets(ctx), found) if d.verify else similarity(_Signatures(ctx), found)
     near = candidate & (sim >= d.threshold)
-    keep = near | same
-    return {"i": np.full(keep.sum(), i), "j": js[keep], "near": near[keep], "same": same[keep], "sim": sim[keep]}
+    keep = near | linked
+    return _edge_table(pairs[keep, 0], pairs[keep, 1], near[keep], linked[keep], sim[keep])
+
+
+def _edge_table(i, j, near, same, sim) -> pa.Table:
+    return pa.table({"i": pa.array(i, pa.int64()), "j": pa.array(j, pa.int64()), "near": pa.array(near, pa.bool_()),
+                     "same": pa.array(same, pa.bool_()), "sim": pa.array(sim, pa.float64())})
 
 
 # ---------------------------------------------------------------- clusters and survivors
@@ -376,21 +420,17 @@ def _checked_pairs(group: dict, ctx: _Ctx) -> dict:
 
 def _survivors(ctx: _Ctx, edges, parts: int):
     """Per document in a cluster: kept or not, the document it copies, why; and the rounds of propagation."""
-    kw = {"batch_format": "pyarrow"}
-    nodes = edges.map_batches(_both_ways, batch_format="numpy").groupby("node", num_partitions=parts).map_groups(
-        _adjacency, **kw).materialize()
+    nodes = _by_key(edges.map_batches(_both_ways, batch_format="numpy"), ["node"], _adjacency, parts).materialize()
     rounds = 0
     while True:
         rounds += 1
-        nodes = nodes.map_batches(_spread_labels, **kw).groupby("node", num_partitions=parts).map_groups(
-            _lowest_label, **kw).materialize()
+        spread = nodes.map_batches(_spread_labels, batch_format="pyarrow")
+        nodes = _by_key(spread, ["node"], _lowest_label, parts).materialize()
         if not nodes.sum("changed"):
             break
-    described = nodes.map_batches(_with_unit, fn_kwargs={"ctx": ctx}, **kw).groupby(
-        "unit", num_partitions=parts).map_groups(_with_attributes, fn_kwargs={"ctx": ctx}, **kw)
-    decisions = described.groupby("label", num_partitions=parts).map_groups(
-        _solve_component, fn_kwargs={"ctx": ctx}, **kw).materialize()
-    return decisions, rounds
+    described = nodes.map_batches(_with_unit, batch_format="pyarrow", fn_kwargs={"ctx": ctx}).groupby(
+        "unit", num_partitions=parts).map_groups(_with_attributes, batch_format="pyarrow", fn_kwargs={"ctx": ctx})
+    return _by_key(described, ["label"], _solve_components, parts, ctx=ctx).materialize(), rounds
 
 
 def _both_ways(batch: dict) -> dict:
@@ -399,43 +439,48 @@ def _both_ways(batch: dict) -> dict:
             "near": near, "sim": np.concatenate([batch["sim"], batch["sim"]])}
 
 
-def _node_table(node, label, nbrs, near, sims, changed) -> pa.Table:
-    return pa.table({"node": pa.array(node, pa.int64()), "label": pa.array(label, pa.int64()),
-                     "nbrs": pa.array(nbrs, _EMPTY_LIST), "near": pa.array(near, _EMPTY_LIST),
-                     "sims": pa.array(sims, pa.list_(pa.float64())), "changed": pa.array(changed, pa.int64())})
+def _lists(offsets: np.ndarray, values: np.ndarray, kind=pa.int64()) -> pa.ListArray:
+    return pa.ListArray.from_arrays(pa.array(offsets, pa.int32()), pa.array(values, kind))
+
+
+def _node_table(node, label, nbrs: pa.ListArray, near: pa.ListArray, sims: pa.ListArray, changed) -> pa.Table:
+    return pa.table({"node": pa.array(node, pa.int64()), "label": pa.array(label, pa.int64()), "nbrs": nbrs,
+                     "near": near, "sims": sims, "changed": pa.array(changed, pa.int64())})
 
 
 def _adjacency(group: pa.Table) -> pa.Table:
-    """A node's neighbours (all, and those of verified near pairs with their similarity); its first label."""
-    node = group.column("node")[0].as_py()
-    nbr = group.column("nbr").to_numpy()
-    near = group.column("near").to_numpy(zero_copy_only=False)
-    sim = group.column("sim").to_numpy()
-    nbrs = np.unique(nbr)
-    near_nbrs, first = np.unique(nbr[near], return_index=True)
-    return _node_table([node], [min(node, int(nbrs[0]))], [nbrs.tolist()], [near_nbrs.tolist()],
-                       [sim[near][first].tolist()], [1])
+    """Per node: its neighbours (all; and those of verified near pairs, with the similarity); its first label."""
+    t = group.sort_by([("node", "ascending"), ("nbr", "ascending")])
+    node, nbr, sim = (t.column(c).to_numpy() for c in ("node", "nbr", "sim"))
+    near = t.column("near").to_numpy(zero_copy_only=False)
+    first = np.flatnonzero(~_same_as_previous(node))
+    offsets = np.append(first, len(node))
+    near_offsets = np.concatenate([[0], np.cumsum(np.add.reduceat(near.astype(np.int64), first))]) if len(first) \
+        else np.zeros(1, np.int64)
+    return _node_table(node[first], np.minimum(node[first], nbr[first]), _lists(offsets, nbr),
+                       _lists(near_offsets, nbr[near]), _lists(near_offsets, sim[near], pa.float64()),
+                       np.ones(len(first), np.int64))
 
 
 def _spread_labels(batch: pa.Table) -> pa.Table:
-    """Each node's own row, and its label sent to each neighbour (a row with no neighbours of its own)."""
+    """Each node's own row (`own`), and its label sent to each neighbour as a row of its own."""
     nbrs = batch.column("nbrs").combine_chunks()
-    lengths = np.diff(nbrs.offsets.to_numpy())
-    sent = np.repeat(batch.column("label").to_numpy(), lengths)
-    n = len(sent)
-    messages = _node_table(nbrs.flatten().to_numpy(), sent, [[]] * n, [[]] * n, [[]] * n, np.zeros(n, np.int64))
-    own = batch.set_column(batch.schema.get_field_index("changed"), "changed",
-                           pa.array(np.ones(batch.num_rows, np.int64)))
-    return pa.concat_tables([own, messages])
+    sent = np.repeat(batch.column("label").to_numpy(), np.diff(nbrs.offsets.to_numpy()))
+    nothing = np.zeros(len(sent) + 1, np.int64)
+    messages = _node_table(nbrs.flatten().to_numpy(), sent, _lists(nothing, []), _lists(nothing, []),
+                           _lists(nothing, [], pa.float64()), np.zeros(len(sent), np.int64))
+    own = pa.concat_tables([batch.select(messages.column_names), messages])
+    return own.append_column("own", pa.array(np.arange(own.num_rows) < batch.num_rows))
 
 
 def _lowest_label(group: pa.Table) -> pa.Table:
-    """The lowest label a node heard; `changed` when that lowers its own (propagation stops when none does)."""
-    own = int(np.flatnonzero(group.column("changed").to_numpy())[0])
-    row = group.slice(own, 1)
-    low = int(group.column("label").to_numpy().min())
-    changed = int(low < row.column("label")[0].as_py())
-    return row.set_column(1, "label", pa.array([low], pa.int64())).set_column(5, "changed", pa.array([changed]))
+    """The lowest label each node heard; `changed` when that lowers its own (propagation stops when none does)."""
+    t = group.sort_by([("node", "ascending")])
+    node, label = t.column("node").to_numpy(), t.column("label").to_numpy()
+    low = np.minimum.reduceat(label, np.flatnonzero(~_same_as_previous(node))) if len(node) else label
+    own = t.filter(t.column("own")).sort_by([("node", "ascending")]).drop_columns(["own"])
+    changed = (low < own.column("label").to_numpy()).astype(np.int64)
+    return own.set_column(1, "label", pa.array(low, pa.int64())).set_column(5, "changed", pa.array(changed))
 
 
 def _with_unit(batch: pa.Table, ctx: _Ctx) -> pa.Table:
@@ -453,33 +498,35 @@ def _with_attributes(group: pa.Table, ctx: _Ctx) -> pa.Table:
             .append_column("id", pa.array(cols["id"][rows].tolist(), pa.string())))
 
 
-def _solve_component(group: pa.Table, ctx: _Ctx) -> pa.Table:
-    """`choose_survivors` on one component, its documents in input order: the same decisions as over all."""
+def _solve_components(group: pa.Table, ctx: _Ctx) -> pa.Table:
+    """`choose_survivors` on whole components, documents in input order: the rule never looks past a component,
+    so this decides as the local engine does over all documents."""
     group = group.sort_by("node")
     node = group.column("node").to_numpy()
     near = group.column("near").combine_chunks()
-    counts = np.diff(near.offsets.to_numpy())
-    a = np.repeat(np.arange(len(node)), counts)
+    a = np.repeat(np.arange(len(node)), np.diff(near.offsets.to_numpy()))
     b = np.searchsorted(node, near.flatten().to_numpy())
     sims = group.column("sims").combine_chunks().flatten().to_numpy()
     once = b > a  # each pair is listed by both of its documents
     a, b, sims = a[once], b[once], sims[once]
     order = np.lexsort((b, a))  # the local engine's pairs come sorted (i, j)
-    pairs = np.stack([a[order], b[order]], 1)
-    exact = group.column("exact").to_numpy()
-    s = mix.choose_survivors(exact, pairs, group.column("fixed").to_numpy() == mix.VALIDATION,
-                             ctx.recipe.dedup.exact, group.column("length").to_numpy(), sims[order])
+    s = mix.choose_survivors(group.column("exact").to_numpy(), np.stack([a[order], b[order]], 1),
+                             group.column("fixed").to_numpy() == mix.VALIDATION, ctx.recipe.dedup.exact,
+                             group.column("length").to_numpy(), sims[order])
     ids = np.asarray(group.column("id").to_pylist(), dtype=object)
-    head = int(s.cluster[0])
-    shown = [m for m in range(len(node)) if m != head and not s.kept[m]][:2] + [-1, -1]
-    first = np.arange(len(node)) == head
+    heads, sizes = np.unique(s.cluster, return_counts=True)
+    size = np.zeros(len(node), np.int64)
+    size[heads] = sizes
+    shown = np.full((len(node), 2), -1, np.int64)  # the report's example members: two removed, in input order
+    gone = np.flatnonzero(~s.kept & (s.cluster != np.arange(len(node))))
+    gone = gone[np.argsort(s.cluster[gone], kind="stable")]
+    rank = np.arange(len(gone)) - np.searchsorted(s.cluster[gone], s.cluster[gone])
+    shown[s.cluster[gone[rank < 2]], rank[rank < 2]] = node[gone[rank < 2]]
     return pa.table({
         "idx": node, "unit": group.column("unit"), "kept": s.kept,
-        "dup_id": [ids[k] if k >= 0 else "" for k in s.duplicate_of.tolist()],
-        "reason": [r or "" for r in s.reasons], "sim": s.similarity,
-        "cluster": np.full(len(node), node[head]), "size": np.where(first, len(node), 0),
-        "ex1": np.where(first, node[shown[0]] if shown[0] >= 0 else -1, -1),
-        "ex2": np.where(first, node[shown[1]] if shown[1] >= 0 else -1, -1)})
+        "dup_id": pa.array([ids[k] if k >= 0 else "" for k in s.duplicate_of.tolist()], pa.string()),
+        "reason": pa.array([r or "" for r in s.reasons], pa.string()), "sim": s.similarity,
+        "cluster": node[s.cluster], "size": size, "ex1": shown[:, 0], "ex2": shown[:, 1]})
 
 
 def _save_decisions(group: pa.Table, ctx: _Ctx) -> pa.Table:
