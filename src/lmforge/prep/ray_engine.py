@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
 import shutil
 import socket
 import time
@@ -130,7 +131,7 @@ def run(job: Job, show_progress: bool = True) -> RunResult:
     times["read, normalise, filter, sign"] = time.perf_counter() - tick
 
     offsets = np.concatenate([[0], np.cumsum([results[u.index]["rows"] for u in job.units])]).astype(int).tolist()
-    ctx = _Ctx(recipe, str(work), job.units, offsets, domains_of(results), uuid.uuid4().hex)
+    ctx = _Ctx(recipe, str(work.resolve()), job.units, offsets, domains_of(results), uuid.uuid4().hex)
     kw = {"fn_kwargs": {"ctx": ctx}}
     tick = time.perf_counter()
     with discarded_on_bad_input(work):
@@ -156,7 +157,7 @@ def run(job: Job, show_progress: bool = True) -> RunResult:
     for row in units.map_batches(_train_sizes, batch_size=1, fn_kwargs={"ctx": ctx, "held": held}).iter_rows():
         sizes.update(json.loads(row["sizes"]))
     active, weights, ratios = mixing_plan(recipe, {d: sizes.get(d, 0) for d in ctx.domains})
-    tmp = fresh_output(work)
+    tmp = fresh_output(work).resolve()
     written = units.map_batches(_write_unit, batch_size=1,
                                 fn_kwargs={"ctx": ctx, "held": held, "ratios": ratios, "tmp": str(tmp)})
     totals = doc_totals(ctx.domains, *(np.zeros(0, np.int64),) * 3, np.zeros(0, bool), [], np.zeros(0), np.zeros(0))
@@ -177,7 +178,8 @@ def run(job: Job, show_progress: bool = True) -> RunResult:
 
 
 def _boilerplate(recipe: PrepRecipe, plan: list[Unit], units, parts: int) -> dict[str, set]:
-    counted = units.map_batches(_line_counts, batch_size=1, fn_kwargs={"recipe": recipe, "plan": plan})
+    counted = units.map_batches(_line_counts, batch_size=1,
+                                fn_kwargs={"recipe": recipe, "plan": plan, "cwd": os.getcwd()})
     frequent = _by_key(counted, ["domain", "key"], _frequent_lines, parts,
                        threshold=recipe.normalize.boilerplate_min_docs)
     lines: dict[str, set] = {}
@@ -186,7 +188,8 @@ def _boilerplate(recipe: PrepRecipe, plan: list[Unit], units, parts: int) -> dic
     return lines
 
 
-def _line_counts(batch: dict, recipe: PrepRecipe, plan: list[Unit]) -> dict:
+def _line_counts(batch: dict, recipe: PrepRecipe, plan: list[Unit], cwd: str) -> dict:
+    os.chdir(cwd)  # the recipe's paths are relative to the driver's folder; a worker starts elsewhere
     counts = count_unit_lines(recipe, plan[int(batch["unit"][0])])
     rows = [(d, k, n) for d, c in counts.items() for k, n in c.items()]
     return {"domain": np.array([r[0] for r in rows], dtype=object),
@@ -210,8 +213,8 @@ def _process_units(ray, recipe: PrepRecipe, work: Path, todo: list[Unit], boiler
         return results
     ds = ray.data.from_items([{"unit": u.index} for u in todo], override_num_blocks=len(todo))
     done = ds.map_batches(_process_unit_task, batch_size=1,
-                          fn_kwargs={"recipe": recipe, "work": str(work), "plan": {u.index: u for u in todo},
-                                     "boilerplate": boilerplate})
+                          fn_kwargs={"recipe": recipe, "work": str(work.resolve()), "cwd": os.getcwd(),
+                                     "plan": {u.index: u for u in todo}, "boilerplate": boilerplate})
     with progress(show_progress, total, resumed) as advance:
         for row in done.iter_rows():
             if row["error"]:
@@ -222,7 +225,8 @@ def _process_units(ray, recipe: PrepRecipe, work: Path, todo: list[Unit], boiler
     return results
 
 
-def _process_unit_task(batch: dict, recipe: PrepRecipe, work: str, plan: dict, boilerplate: dict) -> dict:
+def _process_unit_task(batch: dict, recipe: PrepRecipe, work: str, cwd: str, plan: dict, boilerplate: dict) -> dict:
+    os.chdir(cwd)  # as in `_line_counts`
     try:
         stats, error = json.dumps(process_unit(recipe, plan[int(batch["unit"][0])], Path(work), boilerplate)), ""
     except LmforgeError as err:
