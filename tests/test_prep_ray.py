@@ -11,6 +11,7 @@ import random
 import socket
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -30,7 +31,7 @@ VOLATILE = {"engine", "num_proc", "ray_cpus", "seconds", "mb_per_s", "stage_seco
 @pytest.fixture(scope="module")
 def local_ray():
     """One small Ray for the module (a start costs seconds); the engine uses it instead of starting its own."""
-    ray.init(num_cpus=2, include_dashboard=False, logging_level=logging.ERROR, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level=logging.ERROR, log_to_driver=False)
     yield
     ray.shutdown()
 
@@ -146,6 +147,9 @@ def stop_nodes(nodes: list[subprocess.Popen]) -> None:
         with contextlib.suppress(psutil.NoSuchProcess):
             proc.kill()
     psutil.wait_procs(started, timeout=30)
+    # `ray start --head` names its cluster there for a later `ray.init()`; `ray stop` would remove it.
+    with contextlib.suppress(FileNotFoundError):
+        (Path(tempfile.gettempdir()) / "ray" / "ray_current_cluster").unlink()
 
 
 @pytest.mark.slow

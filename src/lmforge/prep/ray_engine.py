@@ -74,7 +74,7 @@ def connected(address: Optional[str], num_cpus: int):
         if address:
             ray.init(address=address, **quiet)
         else:
-            ray.init(num_cpus=num_cpus, include_dashboard=False, **quiet)
+            ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, **quiet)  # never a stale cluster
     except (ConnectionError, RuntimeError, ValueError, TimeoutError) as err:
         raise LmforgeError(f"--address {address}: no Ray cluster answers there ({str(err).splitlines()[0]})") from None
     try:
