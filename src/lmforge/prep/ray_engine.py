@@ -147,8 +147,9 @@ def run(job: Job, show_progress: bool = True) -> RunResult:
     times[f"clusters ({rounds} rounds), survivors (shuffles)"] = time.perf_counter() - tick
 
     tick = time.perf_counter()
-    (work / "decisions").mkdir(exist_ok=True)
-    (work / "removed").mkdir(exist_ok=True)
+    for name in ("decisions", "removed"):  # an interrupted run's may hold other settings' answers
+        shutil.rmtree(work / name, ignore_errors=True)
+        (work / name).mkdir()
     if decisions is not None:
         decisions.groupby("unit", num_partitions=parts).map_groups(_save_decisions, batch_format="pyarrow",
                                                                    **kw).materialize()
