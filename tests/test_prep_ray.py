@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
+import lmforge.prep.pipeline as pipeline_mod
 from conftest import SHARED
 from lmforge.cli import app
 from lmforge.prep import load_prep_recipe, prep
@@ -24,8 +25,8 @@ from test_prep import ROOT, edit, prose, recipe, rows, write_jsonl
 
 ray = pytest.importorskip("ray")
 
-# What may differ between two runs of the same recipe: timings and who ran them.
-VOLATILE = {"engine", "num_proc", "ray_cpus", "seconds", "mb_per_s", "stage_seconds"}
+# What may differ between two runs of the same recipe: timings, who ran them, what an earlier run had done.
+VOLATILE = {"engine", "num_proc", "ray_cpus", "seconds", "mb_per_s", "stage_seconds", "resumed_units"}
 
 
 @pytest.fixture(scope="module")
@@ -100,6 +101,27 @@ def test_ray_engine_with_the_minhash_estimate_and_a_fraction_split(tmp_path, loc
     assert_same_dataset(local, on_ray)
     duplicates = json.loads((on_ray / "stats.json").read_text())["duplicates"]
     assert not duplicates["verified"] and 10 <= duplicates["near_pairs"] <= 20
+
+
+def test_a_run_interrupted_on_the_local_engine_resumes_on_the_ray_engine(tmp_path, local_ray, monkeypatch):
+    rng = random.Random(26)
+    sources = [{"path": write_jsonl(tmp_path / f"s{i}.jsonl", [prose(rng) for _ in range(15)])} for i in range(4)]
+    real, calls = pipeline_mod.process_unit, []
+
+    def interrupted(*args):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(*args)
+    monkeypatch.setattr(pipeline_mod, "process_unit", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        prep(recipe(tmp_path, sources, shard_mb=0.001), show_progress=False)
+    monkeypatch.undo()
+    resumed = prep(recipe(tmp_path, sources, shard_mb=0.001), show_progress=False, engine="ray")
+    assert json.loads((resumed / "stats.json").read_text())["resumed_units"] == 2
+    fresh = prep(recipe(tmp_path, sources, shard_mb=0.001, output={"dir": str(tmp_path / "fresh"), "plots": False}),
+                 show_progress=False)
+    assert_same_dataset(fresh, resumed)
 
 
 @pytest.mark.slow
