@@ -63,11 +63,14 @@ def quickstart(out: Path = typer.Option(Path("runs/quickstart"), help="Folder fo
 def prep(recipe: Path = typer.Argument(..., help="Prep recipe YAML file."),
          set_: List[str] = typer.Option([], "--set", help="Override a recipe field, e.g. --set dedup.threshold=0.6."),
          force: bool = typer.Option(False, help="Replace an existing output folder."),
-         progress: bool = typer.Option(True, help="Show a progress bar.")):
+         progress: bool = typer.Option(True, help="Show a progress bar."),
+         engine: Optional[str] = typer.Option(None, help="local or ray (default: the recipe's prep.engine, local)."),
+         address: Optional[str] = typer.Option(
+             None, help="HOST:PORT of a running Ray cluster (ray engine; default: start one on this machine).")):
     """Normalise, filter, deduplicate, split and mix raw text into a dataset folder that pretraining reads."""
     from lmforge.prep import prep as run
     try:
-        out = run(recipe, overrides=set_, force=force, show_progress=progress)
+        out = run(recipe, overrides=set_, force=force, show_progress=progress, engine=engine, address=address)
         typer.echo(f"prepared data: {out} (report: {out / 'report.md'})")
     except LmforgeError as err:
         _fail(err)
