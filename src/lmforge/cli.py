@@ -7,6 +7,7 @@ of a second instead of loading torch and transformers first."""
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 from typing import List, Optional
@@ -265,8 +266,14 @@ def serve(models: List[str] = typer.Argument(..., help="Run folders or HF folder
           port: int = typer.Option(8000, min=1, max=65535, help="TCP port."),
           api_key: Optional[str] = typer.Option(None, envvar="LMFORGE_API_KEY",
                                                 help="Require 'Authorization: Bearer KEY' (all routes but /health)."),
-          max_batch: int = typer.Option(16, min=1, help="Most completion rows run in one batched generate call."),
-          max_wait_ms: float = typer.Option(10.0, min=0.0, help="How long a batch waits for more requests."),
+          batching: str = typer.Option("continuous", help="'continuous': one decode loop per model that rows join "
+                                       "and leave at every step; 'micro': requests that arrive together run as one "
+                                       "generate call."),
+          max_batch: int = typer.Option(64, min=1, help="Most completion rows decoding together."),
+          max_wait_ms: float = typer.Option(10.0, min=0.0, help="--batching micro: how long a batch waits for more "
+                                                                "requests."),
+          max_cache_tokens: int = typer.Option(65536, min=1, help="Most KV-cache tokens a decode loop reserves "
+                                                                  "(prompt + max_tokens per row); rows beyond wait."),
           max_concurrent: int = typer.Option(64, min=1, help="Requests worked on at once."),
           max_queue: int = typer.Option(256, min=0, help="Requests waiting beyond those; more get 429."),
           timeout: float = typer.Option(120.0, min=0.001, help="Seconds before a request gets 408 and is stopped."),
@@ -274,6 +281,9 @@ def serve(models: List[str] = typer.Argument(..., help="Run folders or HF folder
           device: str = typer.Option("auto", help="'auto' (CUDA when available), 'cpu' or 'cuda[:N]'.")):
     """Serve models over HTTP: OpenAI-compatible /v1/completions and /v1/chat/completions, /v1/classify and
     /v1/ner for fine-tuned runs, /v1/models, /health, /metrics."""
+    # Before torch loads OpenMP: its threads sleep instead of spinning between operations, which on a CPU shared
+    # with other work (or with the server's own threads) made each request many times slower.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     import torch
 
     from lmforge.models.onnx import OnnxModel
@@ -285,9 +295,9 @@ def serve(models: List[str] = typer.Argument(..., help="Run folders or HF folder
             m.model.to(target)
             where = "ONNX Runtime (cpu)" if isinstance(m.model, OnnxModel) else target
             typer.echo(f"serving {m.name!r} ({m.kind}) from {m.source} on {where}")
-        app_ = create_app(served, api_key=api_key, max_batch=max_batch, max_wait_ms=max_wait_ms,
-                          max_concurrent=max_concurrent, max_queue=max_queue, timeout_s=timeout,
-                          max_tokens_cap=max_tokens_cap)
+        app_ = create_app(served, api_key=api_key, batching=batching, max_batch=max_batch, max_wait_ms=max_wait_ms,
+                          max_cache_tokens=max_cache_tokens, max_concurrent=max_concurrent, max_queue=max_queue,
+                          timeout_s=timeout, max_tokens_cap=max_tokens_cap)
     except LmforgeError as err:
         _fail(err)
     except RuntimeError as err:  # e.g. an unknown --device

@@ -1,6 +1,8 @@
-"""Server-sent events: each streamed row runs `generate` in its own thread, so a long or slowly read stream
-never holds up other requests; pieces reach the event loop through a queue. When the client goes away (or
-the request times out) the rows are cancelled and stop at their next token."""
+"""Server-sent events. With continuous batching a streamed request's rows join the model's running batch
+like any other and hand over their text pieces as they are made; with micro-batching each streamed row runs
+`generate` in its own thread, so a long or slowly read stream never holds up a batch. Pieces reach the event
+loop through a queue. When the client goes away (or the request times out) the rows are cancelled and stop
+at their next token."""
 
 from __future__ import annotations
 
@@ -14,15 +16,18 @@ from fastapi.responses import StreamingResponse
 
 from lmforge.errors import LmforgeError
 from lmforge.generate import stream_generate
+from lmforge.serve.batching import Job
 from lmforge.serve.errors import APIError
 from lmforge.serve.metrics import Metrics
+from lmforge.serve.scheduler import Scheduler
 
 
 def sse(payload: dict) -> str:
     return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
 
 
-async def stream_rows(served, rows, cancel: threading.Event, deadline: float, metrics: Metrics) -> AsyncIterator:
+async def stream_rows(served, engine, rows, cancel: threading.Event, deadline: float,
+                      metrics: Metrics) -> AsyncIterator:
     """Yields (row index, text piece, None) as text is produced and (row index, "", Completion) when a row ends."""
     loop = asyncio.get_running_loop()
     pieces: asyncio.Queue = asyncio.Queue()
@@ -33,18 +38,12 @@ async def stream_rows(served, rows, cancel: threading.Event, deadline: float, me
         except RuntimeError:  # the loop is gone: nobody is listening any more
             cancel.set()
 
-    def work(i: int, prompt: str, settings) -> None:
-        try:
-            completion = stream_generate(served.model, served.tokenizer, prompt, settings,
-                                         lambda text: push((i, text, None)), cancel=cancel)
-            metrics.tokens(0, completion.completion_tokens)
-            push((i, "", completion))
-        except BaseException as err:  # handed to the event loop
-            push((i, None, err))
-
-    for i, (prompt, settings) in enumerate(rows):
-        threading.Thread(target=work, args=(i, prompt, settings), name=f"lmforge-stream-{served.name}",
-                         daemon=True).start()
+    if isinstance(engine, Scheduler):
+        done = loop.create_future()  # the listener reports everything; the future is read only to quiet asyncio
+        done.add_done_callback(lambda f: f.cancelled() or f.exception())
+        engine.submit(Job(rows, loop, done, cancel=cancel, listener=lambda i, text, result: push((i, text, result))))
+    else:
+        _stream_in_threads(served, rows, cancel, metrics, push)
     left = len(rows)
     try:
         while left:
@@ -62,6 +61,21 @@ async def stream_rows(served, rows, cancel: threading.Event, deadline: float, me
         if left:
             cancel.set()
             metrics.cancel()
+
+
+def _stream_in_threads(served, rows, cancel: threading.Event, metrics: Metrics, push: Callable) -> None:
+    def work(i: int, prompt: str, settings) -> None:
+        try:
+            completion = stream_generate(served.model, served.tokenizer, prompt, settings,
+                                         lambda text: push((i, text, None)), cancel=cancel)
+            metrics.tokens(0, completion.completion_tokens)
+            push((i, "", completion))
+        except BaseException as err:  # handed to the event loop
+            push((i, None, err))
+
+    for i, (prompt, settings) in enumerate(rows):
+        threading.Thread(target=work, args=(i, prompt, settings), name=f"lmforge-stream-{served.name}",
+                         daemon=True).start()
 
 
 async def _guard(events: AsyncIterator[str]) -> AsyncIterator[str]:
