@@ -79,13 +79,21 @@ class RunningBatch:
 
     # ------------------------------------------------------------------ joining
 
-    @torch.inference_mode()
     def join(self, rows: list[Row]) -> list[tuple[Row, Optional[Completion]]]:
-        """Prefill `rows` as one batch, choose their first tokens and add those still going to the batch.
-        Returns the rows that already ended (one-token limits, an immediate EOS) or were dropped."""
-        rows = [r for r in rows if not r.dropped()]
-        if not rows:
-            return []
+        """Prefill `rows`, choose their first tokens and add those still going to the batch. Returns the rows
+        that already ended (one-token limits, an immediate EOS). Rows are prefilled in groups of similar prompt
+        length (shortest first), so that a long prompt does not pad many short ones to its length."""
+        rows = sorted((r for r in rows if not r.dropped()), key=lambda r: len(r.prompt_ids))
+        groups: list[list[Row]] = []
+        for r in rows:
+            if groups and len(r.prompt_ids) <= 2 * len(groups[-1][0].prompt_ids):
+                groups[-1].append(r)
+            else:
+                groups.append([r])
+        return [ended for group in groups for ended in self._prefill(group)]
+
+    @torch.inference_mode()
+    def _prefill(self, rows: list[Row]) -> list[tuple[Row, Optional[Completion]]]:
         device = self.model.device
         width = max(len(r.prompt_ids) for r in rows)
         ids = torch.tensor([[self.pad] * (width - len(r.prompt_ids)) + r.prompt_ids for r in rows], device=device)
@@ -192,17 +200,24 @@ class RunningBatch:
         """Give each row its token; returns (rows that ended, with their Completion) and the indices that go on."""
         ended, keep = [], []
         for i, (r, token) in enumerate(zip(rows, chosen.tolist())):
-            if token in self.ends:
-                ended.append((r, self._finish(r, by_eos=token == self.eos)))
-                continue
-            r.tokens.append(token)
-            if r.text is not None:
-                r.text.add(token)
-            if len(r.tokens) >= r.limit or (r.text is not None and r.text.finished.is_set()):
-                ended.append((r, self._finish(r, by_eos=False)))
-            else:
+            completion = self._take(r, token)
+            if completion is None:
                 keep.append(i)
+            else:
+                ended.append((r, completion))
         return ended, keep
+
+    def _take(self, row: Row, token: int) -> Optional[Completion]:
+        """Give the row its next token; returns its Completion when that token ends it (EOS, its limit, a stop
+        string), else None."""
+        if token in self.ends:
+            return self._finish(row, by_eos=token == self.eos)
+        row.tokens.append(token)
+        if row.text is not None:
+            row.text.add(token)
+        if len(row.tokens) >= row.limit or (row.text is not None and row.text.finished.is_set()):
+            return self._finish(row, by_eos=False)
+        return None
 
     def _finish(self, row: Row, by_eos: bool) -> Completion:
         if row.text is not None:
