@@ -231,12 +231,17 @@ def generate(run_dir: Path = typer.Argument(..., help="Causal LM run folder, or 
              stream: bool = typer.Option(False, help="Print text as it is generated."),
              model: Optional[str] = typer.Option(None, help="'final', 'best', 'latest' or a folder; for an experts "
                                                  "run: ensemble, moe, demix, average, dense or seed (default: the "
-                                                 "first of these that exists).")):
+                                                 "first of these that exists)."),
+             draft: Optional[Path] = typer.Option(None, help="A smaller causal LM with the same tokenizer: "
+                                                             "speculative decoding (prints the acceptance rate).")):
     """Continue a prompt with a causal LM (or an encoder-decoder model): greedy, sampling or beam search."""
     from lmforge.generate import Decoding, context_limit, encode_prompt, open_generator
     from lmforge.generate import generate as run
     from lmforge.generate import stream as run_stream
     try:
+        if draft is not None:
+            return _generate_with_draft(run_dir, model, draft, prompt, max_new_tokens, temperature, top_k, top_p,
+                                        stop, seed, stream)
         lm, tokenizer = open_generator(run_dir, model)
         limit = context_limit(lm)
         used = len(encode_prompt(tokenizer, lm, prompt))
@@ -246,7 +251,7 @@ def generate(run_dir: Path = typer.Argument(..., help="Causal LM run folder, or 
         settings = Decoding(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                             num_beams=num_beams, length_penalty=length_penalty, early_stopping=early_stopping,
                             repetition_penalty=repetition_penalty, seed=seed,
-                            stop=tuple(s.replace("\\n", "\n").replace("\\t", "\t") for s in stop))
+                            stop=_stops(stop))
         if stream:
             typer.echo(prompt, nl=False)
             for piece in run_stream(lm, tokenizer, prompt, settings, clamp=True):
@@ -257,6 +262,30 @@ def generate(run_dir: Path = typer.Argument(..., help="Causal LM run folder, or 
             typer.echo(prompt + run(lm, tokenizer, [prompt], settings, clamp=True)[0].text)
     except LmforgeError as err:
         _fail(err)
+
+
+def _stops(stop: List[str]) -> tuple[str, ...]:
+    """--stop values, with \\n and \\t meaning newline and tab."""
+    return tuple(s.replace("\\n", "\n").replace("\\t", "\t") for s in stop)
+
+
+def _generate_with_draft(run_dir: Path, which: Optional[str], draft: Path, prompt: str, max_new_tokens: int,
+                         temperature: float, top_k: Optional[int], top_p: Optional[float], stop: List[str], seed: int,
+                         stream: bool) -> None:
+    from lmforge.generate import Decoding, open_generator
+    from lmforge.generate.speculative import check_draft, speculative_generate
+    lm, tokenizer = open_generator(run_dir, which)
+    if not draft.exists():
+        raise LmforgeError(f"--draft {draft}: no such run folder")
+    small, small_tokenizer = open_generator(draft)
+    check_draft(lm, tokenizer, small, small_tokenizer)
+    settings = Decoding(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
+                        stop=_stops(stop))
+    typer.echo(prompt, nl=False)
+    completion, rate = speculative_generate(lm, tokenizer, small, prompt, settings, clamp=True, emit=(
+        lambda piece: (typer.echo(piece, nl=False), sys.stdout.flush())) if stream else None)
+    typer.echo("" if stream else completion.text)
+    typer.echo(f"note: the draft's tokens were accepted at a rate of {rate:.1%}", err=True)
 
 
 @app.command()
@@ -278,6 +307,9 @@ def serve(models: List[str] = typer.Argument(..., help="Run folders or HF folder
           max_queue: int = typer.Option(256, min=0, help="Requests waiting beyond those; more get 429."),
           timeout: float = typer.Option(120.0, min=0.001, help="Seconds before a request gets 408 and is stopped."),
           max_tokens_cap: int = typer.Option(512, min=1, help="Largest max_tokens a request may ask for."),
+          draft: Optional[Path] = typer.Option(None, help="A smaller causal LM with the same tokenizer (e.g. a "
+                                                          "distilled student): speculative decoding, one row at a "
+                                                          "time."),
           device: str = typer.Option("auto", help="'auto' (CUDA when available), 'cpu' or 'cuda[:N]'.")):
     """Serve models over HTTP: OpenAI-compatible /v1/completions and /v1/chat/completions, /v1/classify and
     /v1/ner for fine-tuned runs, /v1/models, /health, /metrics."""
@@ -288,11 +320,16 @@ def serve(models: List[str] = typer.Argument(..., help="Run folders or HF folder
 
     from lmforge.models.onnx import OnnxModel
     from lmforge.serve import create_app, load_served_models, run_server
+    from lmforge.serve.models import attach_draft
     try:
         served = load_served_models(models)
         target = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+        if draft is not None:
+            typer.echo(f"speculative decoding for {attach_draft(served, draft).name!r} with the draft {draft}")
         for m in served.values():
             m.model.to(target)
+            if m.draft is not None:
+                m.draft.to(target)
             where = "ONNX Runtime (cpu)" if isinstance(m.model, OnnxModel) else target
             typer.echo(f"serving {m.name!r} ({m.kind}) from {m.source} on {where}")
         app_ = create_app(served, api_key=api_key, batching=batching, max_batch=max_batch, max_wait_ms=max_wait_ms,

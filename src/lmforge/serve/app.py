@@ -87,7 +87,8 @@ class Server:
 
     def start(self) -> None:
         for name, served in self.models.items():
-            if served.kind == "generate" and self.batching == "continuous" and continuous_batchable(served.model):
+            if served.kind == "generate" and (served.draft is not None or self.batching == "continuous"
+                                              and continuous_batchable(served.model)):
                 self.engines[name] = Scheduler(served, self.max_batch, self.max_cache_tokens, self.metrics)
             elif served.kind == "generate":
                 self.engines[name] = Batcher(served, self.max_batch, self.max_wait_s, self.metrics)
@@ -251,6 +252,9 @@ def create_app(models: dict, api_key: Optional[str] = None, *, batching: str = "
         snap = server.metrics.snapshot()
         snap["models"] = {name: {"kind": m.kind, "queued": server.engines[name].queued()
                                  if name in server.engines else 0} for name, m in served.items()}
+        for name, engine in server.engines.items():
+            if isinstance(engine, Scheduler) and engine.acceptance_rate() is not None:
+                snap["models"][name]["draft_acceptance_rate"] = engine.acceptance_rate()
         if format == "prometheus":
             # prometheus_client loads when /metrics is first read
             from prometheus_client import CONTENT_TYPE_LATEST

@@ -5,27 +5,31 @@ waiting rows, in arrival order, while the batch has fewer than `max_batch` rows 
 reservation (prompt + max tokens) fits in `max_cache_tokens`; they are prefilled together and decode from
 that step on. A row that ends answers its request at once (a stream gets its text piece by piece as it is
 made); a row whose request was cancelled (client gone, timeout) leaves at the next step and frees its slot.
-Streaming and non-streaming requests share the batch.
+Streaming and non-streaming requests share the batch. With a draft model the loop runs speculative decoding
+(`lmforge.generate.speculative`), one row at a time.
 """
 
 from __future__ import annotations
 
 import threading
 from collections import deque
+from typing import Optional
 
 from lmforge.generate import encode_prompt
 from lmforge.generate.running import Row, RunningBatch
+from lmforge.generate.speculative import SpeculativeBatch
 from lmforge.serve.batching import Job
 from lmforge.serve.metrics import Metrics
 
 
 class Scheduler:
     def __init__(self, served, max_batch: int, max_cache_tokens: int, metrics: Metrics):
-        self.served, self.max_batch, self.max_cache_tokens, self.metrics = served, max_batch, max_cache_tokens, metrics
+        self.served, self.max_cache_tokens, self.metrics = served, max_cache_tokens, metrics
+        self.max_batch = 1 if served.draft is not None else max_batch  # speculative decoding: one row at a time
         self.waiting: deque[Row] = deque()
         self.wake = threading.Condition()
         self.closed = False
-        self.batch = RunningBatch(served.model, served.tokenizer)
+        self.batch = self._new_batch()
         self.thread = threading.Thread(target=self._work, name=f"lmforge-decode-{served.name}", daemon=True)
         self.thread.start()
 
@@ -43,6 +47,17 @@ class Scheduler:
 
     def queued(self) -> int:
         return len(self.waiting)
+
+    def _new_batch(self) -> RunningBatch:
+        if self.served.draft is not None:
+            return SpeculativeBatch(self.served.model, self.served.tokenizer, self.served.draft)
+        return RunningBatch(self.served.model, self.served.tokenizer)
+
+    def acceptance_rate(self) -> Optional[float]:
+        """Speculative decoding: the share of drafted tokens the target kept (None without a draft)."""
+        if not isinstance(self.batch, SpeculativeBatch):
+            return None
+        return round(self.batch.accepted / max(1, self.batch.proposed), 4)
 
     def close(self) -> None:
         with self.wake:
@@ -82,7 +97,7 @@ class Scheduler:
                     self.metrics.batch(rows)
             except Exception as err:  # never let the loop die: fail the rows at work, keep serving
                 self._fail(joining + self.batch.rows, err)
-                self.batch = RunningBatch(self.served.model, self.served.tokenizer)
+                self.batch = self._new_batch()
 
     def _report(self, ended) -> None:
         for row, completion in ended:
