@@ -233,12 +233,18 @@ def generate(run_dir: Path = typer.Argument(..., help="Causal LM run folder, or 
                                                  "run: ensemble, moe, demix, average, dense or seed (default: the "
                                                  "first of these that exists)."),
              draft: Optional[Path] = typer.Option(None, help="A smaller causal LM with the same tokenizer: "
-                                                             "speculative decoding (prints the acceptance rate).")):
+                                                             "speculative decoding (prints the acceptance rate)."),
+             json_schema: Optional[Path] = typer.Option(None, help="A JSON Schema file: the text is JSON that "
+                                                                   "follows it (enforced token by token).")):
     """Continue a prompt with a causal LM (or an encoder-decoder model): greedy, sampling or beam search."""
     from lmforge.generate import Decoding, context_limit, encode_prompt, open_generator
     from lmforge.generate import generate as run
     from lmforge.generate import stream as run_stream
     try:
+        if json_schema is not None:
+            return _generate_structured(run_dir, model, json_schema, prompt, Decoding(
+                max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
+                repetition_penalty=repetition_penalty, stop=_stops(stop)), stream)
         if draft is not None:
             return _generate_with_draft(run_dir, model, draft, prompt, max_new_tokens, temperature, top_k, top_p,
                                         stop, seed, stream)
@@ -267,6 +273,39 @@ def generate(run_dir: Path = typer.Argument(..., help="Causal LM run folder, or 
 def _stops(stop: List[str]) -> tuple[str, ...]:
     """--stop values, with \\n and \\t meaning newline and tab."""
     return tuple(s.replace("\\n", "\n").replace("\\t", "\t") for s in stop)
+
+
+def _generate_structured(run_dir: Path, which: Optional[str], schema_file: Path, prompt: str, settings,
+                         stream: bool) -> None:
+    import dataclasses
+
+    from lmforge.generate import context_limit, encode_prompt, open_generator
+    from lmforge.generate.running import Row, RunningBatch, continuous_batchable, run_rows
+    from lmforge.generate.structured import check_grammar, json_grammar
+    try:
+        schema = json.loads(schema_file.read_text())
+    except (OSError, ValueError) as err:
+        raise LmforgeError(f"--json-schema {schema_file}: {err}") from None
+    lm, tokenizer = open_generator(run_dir, which)
+    if not continuous_batchable(lm):
+        raise LmforgeError(f"--json-schema: {type(lm).__name__} is not a decoder the structured decoder can run")
+    grammar = json_grammar(schema)
+    try:
+        check_grammar(grammar, tokenizer, lm.get_output_embeddings().weight.shape[0])
+    except LmforgeError as err:
+        raise LmforgeError(f"--json-schema {schema_file}: {err}") from None
+    ids = encode_prompt(tokenizer, lm, prompt)
+    limit = context_limit(lm)
+    room = settings.max_new_tokens if limit is None else min(settings.max_new_tokens, limit - len(ids))
+    if room < 1:
+        raise LmforgeError(f"prompt: {len(ids)} tokens fill the model's {limit} positions")
+    typer.echo(prompt, nl=False)
+    row = Row(ids, dataclasses.replace(settings, grammar=grammar), room,
+              emit=(lambda piece: (typer.echo(piece, nl=False), sys.stdout.flush())) if stream else None)
+    completion = run_rows(RunningBatch(lm.eval(), tokenizer), [row])[0]
+    typer.echo("" if stream else completion.text)
+    if completion.finish_reason == "length":
+        typer.echo(f"note: the text was cut at {room} tokens before the JSON was complete", err=True)
 
 
 def _generate_with_draft(run_dir: Path, which: Optional[str], draft: Path, prompt: str, max_new_tokens: int,

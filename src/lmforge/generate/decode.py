@@ -36,6 +36,7 @@ class Decoding:
     stop: tuple[str, ...] = ()
     seed: Optional[int] = None      # None: a fresh random seed per call
     logprobs: Optional[int] = None  # record each token's log-probability and this many alternatives
+    grammar: Optional[str] = None   # an llguidance grammar the text must follow (`lmforge.generate.structured`)
 
     def __post_init__(self):
         object.__setattr__(self, "stop", tuple(s for s in self.stop if s))
@@ -147,6 +148,9 @@ def encode_prompt(tokenizer, model, prompt: str) -> list[int]:
 def prepare(model, tokenizer, prompts: Sequence[str], settings: Sequence[Decoding], clamp: bool = False) -> Batch:
     """Token ids of every prompt, left-padded (right-padded for an encoder), checked against the position limit."""
     check_generative(model)
+    if any(s.grammar for s in settings):
+        raise LmforgeError("a grammar (structured output) needs the continuous-batching decoder "
+                           "(`lmforge.generate.running`)")
     if len({s.batch_key() for s in settings}) > 1:
         raise ValueError("rows of one generate call must share num_beams, length_penalty, early_stopping, "
                          "repetition_penalty and logprobs")

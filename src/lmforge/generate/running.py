@@ -22,9 +22,11 @@ import torch
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
+from lmforge.errors import LmforgeError
 from lmforge.generate.decode import Completion, Decoding, row_completion, special_token, steps_by_hand
 from lmforge.generate.rows import row_generator, step_logprobs, warpers
 from lmforge.generate.stream import PieceStreamer
+from lmforge.generate.structured import Constraint
 
 
 @dataclass(eq=False)
@@ -41,6 +43,7 @@ class Row:
     generator: Optional[torch.Generator] = None
     warp: object = None
     text: Optional[PieceStreamer] = None                  # tracks text for streams and stop strings
+    constraint: Optional[Constraint] = None               # structured output
     position: int = 0                                     # position id of the next token fed
 
     @property
@@ -121,6 +124,8 @@ class RunningBatch:
         row.generator = row_generator(s, self.model.device)
         row.warp = warpers(s) if s.sampling else None
         row.record = [] if s.logprobs is not None else None
+        if s.grammar:
+            row.constraint = Constraint(s.grammar, self.tokenizer, self.model.get_output_embeddings().weight.shape[0])
         if row.emit is not None or s.stop:
             row.text = PieceStreamer(self.tokenizer, s, row.emit or (lambda piece: None), self.eos)
 
@@ -183,6 +188,8 @@ class RunningBatch:
         for i, r in enumerate(rows):
             if r.settings.repetition_penalty != 1.0:
                 scores[i] = _penalized(scores[i], r.prompt_ids + r.tokens, r.settings.repetition_penalty)
+            if r.constraint is not None:
+                r.constraint.mask(scores[i])
         chosen = scores.argmax(-1)
         for i, r in enumerate(rows):
             if r.warp is not None:
@@ -194,6 +201,9 @@ class RunningBatch:
             top = max(rows[i].settings.logprobs for i in asked)
             for i, entry in zip(asked, step_logprobs(scores[index], chosen[index], top)):
                 rows[i].record.append(entry)
+        for r, token in zip(rows, chosen.tolist()):
+            if r.constraint is not None:
+                r.constraint.consume(token)
         return chosen
 
     def _advance(self, rows: list[Row], chosen: torch.Tensor) -> tuple[list, list[int]]:
@@ -241,3 +251,13 @@ def _penalized(scores: torch.Tensor, seen: list[int], penalty: float) -> torch.T
     picked = scores.gather(0, index)
     picked = torch.where(picked < 0, picked * penalty, picked / penalty)
     return scores.scatter(0, index, picked)
+
+
+def run_rows(batch: RunningBatch, rows: list[Row]) -> list[Completion]:
+    """Decode `rows` to their ends in `batch` (nothing else running); their completions, in order."""
+    done = {id(r): c for r, c in batch.join(rows)}
+    while len(batch):
+        done.update((id(r), c) for r, c in batch.step())
+    if any(done.get(id(r)) is None for r in rows):
+        raise LmforgeError("generation was cancelled")
+    return [done[id(r)] for r in rows]

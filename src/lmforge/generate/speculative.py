@@ -18,7 +18,7 @@ import torch
 
 from lmforge.errors import LmforgeError
 from lmforge.generate.decode import Completion, Decoding, context_limit, encode_prompt, prepare, steps_by_hand
-from lmforge.generate.running import Row, RunningBatch
+from lmforge.generate.running import Row, RunningBatch, run_rows
 
 DRAFT_TOKENS = 4
 
@@ -60,9 +60,9 @@ class SpeculativeBatch(RunningBatch):
             raise ValueError("speculative decoding takes one row at a time")
         for row in rows:
             s = row.settings
-            if s.repetition_penalty != 1.0 or s.logprobs is not None or s.num_beams > 1:
-                raise LmforgeError("--draft: repetition_penalty, logprobs and beam search are not available with "
-                                   "speculative decoding")
+            if s.repetition_penalty != 1.0 or s.logprobs is not None or s.num_beams > 1 or s.grammar:
+                raise LmforgeError("--draft: repetition_penalty, logprobs, beam search and structured output are "
+                                   "not available with speculative decoding")
             self._start(row)
             self.rows, self.seq, self.caches, self.fed = [row], list(row.prompt_ids), [None, None], [[], []]
         return []
@@ -151,9 +151,5 @@ def speculative_generate(model, tokenizer, draft, prompt: str, settings: Decodin
     batch = SpeculativeBatch(model, tokenizer, draft, k)
     row = Row(encode_prompt(tokenizer, model, prompt), settings, limit, emit=emit,
               dropped=cancel.is_set if cancel is not None else (lambda: False))
-    batch.join([row])
-    while True:
-        for _, completion in batch.step():
-            if completion is None:
-                raise LmforgeError("generation was cancelled")
-            return completion, batch.accepted / max(1, batch.proposed)
+    completion = run_rows(batch, [row])[0]
+    return completion, batch.accepted / max(1, batch.proposed)

@@ -26,6 +26,7 @@ from fastapi import FastAPI, Request, Response
 from lmforge.errors import LmforgeError
 from lmforge.generate import Completion, Decoding, context_limit, encode_prompt
 from lmforge.generate.running import continuous_batchable
+from lmforge.generate.structured import check_grammar, json_grammar, regex_grammar
 from lmforge.serve.batching import Batcher, Job
 from lmforge.serve.errors import APIError, Gate, install_error_handlers
 from lmforge.serve.metrics import Metrics, prometheus_text
@@ -123,6 +124,7 @@ class Server:
             raise APIError(400, f"max_tokens: {max_tokens} is above this server's cap of {self.max_tokens_cap}",
                            param="max_tokens", code="invalid_value")
         limit = context_limit(served.model)
+        grammar = self.grammar(served, body.response_format)
         counts = [len(encode_prompt(served.tokenizer, served.model, p)) for p in prompts]
         rows = []
         for prompt, count in zip(prompts, counts):
@@ -143,9 +145,30 @@ class Server:
                     max_new_tokens=wanted, temperature=body.temperature,
                     top_p=body.top_p if body.top_p < 1.0 else None, top_k=body.top_k,
                     repetition_penalty=body.repetition_penalty, stop=tuple(body.stop or ()),
-                    seed=body.seed + j if body.seed is not None else None, logprobs=logprobs)))
+                    seed=body.seed + j if body.seed is not None else None, logprobs=logprobs, grammar=grammar)))
         self.metrics.tokens(sum(counts), 0)
         return rows, counts
+
+    def grammar(self, served: ServedModel, response_format) -> Optional[str]:
+        """The llguidance grammar of a `response_format` (None for text); 400 when it cannot be compiled or this
+        model's decoder cannot enforce it."""
+        if response_format is None or response_format.type == "text":
+            return None
+        engine = self.engines[served.name]
+        if not isinstance(engine, Scheduler) or served.draft is not None:
+            raise APIError(400, f"response_format: the model {served.name!r} is served without continuous batching "
+                                "(--batching micro, a draft, or a model the decode loop cannot run)",
+                           param="response_format")
+        try:
+            if response_format.type == "regex":
+                grammar = regex_grammar(response_format.regex)
+            else:
+                schema = response_format.json_schema.schema_ if response_format.type == "json_schema" else None
+                grammar = json_grammar(schema)
+            check_grammar(grammar, served.tokenizer, served.model.get_output_embeddings().weight.shape[0])
+        except LmforgeError as err:
+            raise APIError(400, f"response_format: {err}", param="response_format") from None
+        return grammar
 
     # ------------------------------------------------------------------ running work
 

@@ -48,19 +48,33 @@ async def stream_rows(served, engine, rows, cancel: threading.Event, deadline: f
     try:
         while left:
             try:
-                i, text, result = await asyncio.wait_for(pieces.get(), max(0.0, deadline - time.monotonic()))
+                first = await asyncio.wait_for(pieces.get(), max(0.0, deadline - time.monotonic()))
             except asyncio.TimeoutError:
                 raise APIError(408, "the stream took longer than the server's timeout", type="timeout",
                                code="timeout") from None
-            if isinstance(result, BaseException):
-                raise result
-            if result is not None:
-                left -= 1
-            yield i, text, result
+            for i, text, result in _merged([first] + [pieces.get_nowait() for _ in range(pieces.qsize())]):
+                if isinstance(result, BaseException):
+                    raise result
+                if result is not None:
+                    left -= 1
+                yield i, text, result
     finally:
         if left:
             cancel.set()
             metrics.cancel()
+
+
+def _merged(items: list) -> list:
+    """Consecutive text pieces of one row joined into one: when the event loop falls behind the decoder, it
+    sends fewer, longer events instead of falling further behind."""
+    out = []
+    for item in items:
+        i, text, result = item
+        if out and result is None and text and out[-1][0] == i and out[-1][2] is None and out[-1][1]:
+            out[-1] = (i, out[-1][1] + text, None)
+        else:
+            out.append(item)
+    return out
 
 
 def _stream_in_threads(served, rows, cancel: threading.Event, metrics: Metrics, push: Callable) -> None:
