@@ -1,17 +1,24 @@
-"""Serving under load: `lmforge serve` (micro-batching) vs a one-request-at-a-time server with plain
-`model.generate`, both measured in the same run; plus one-sequence generation speed of our wrapper vs
-plain `transformers` generate.
+"""Serving under load, each peer measured in the same run.
+
+Default mode: `lmforge serve` (continuous batching) vs a one-request-at-a-time server with plain
+`model.generate`; plus one-sequence generation speed of our wrapper vs plain `transformers` generate.
+`--stream`: streaming clients with mixed prompt and output lengths against three servers up at once —
+continuous batching, micro-batching (`lmforge serve --batching micro`) and one-at-a-time `generate` —
+for generated tokens/s and time to first token (bars, issue 25: continuous >= 1.5x micro's tokens/s and
+<= 0.5x its p99 TTFT at 8/32/64 clients); medians over `--rounds`, ratios of the same round.
 
     python benchmarks/serve_load.py                      # GPT-2 4x256 (random weights), 1/8/32 clients
+    python benchmarks/serve_load.py --stream --requests 4 --max-tokens 96
     python benchmarks/serve_load.py --run runs/quickstart/clm --device cuda
     python benchmarks/serve_load.py --quick              # seconds: a smoke test of the script itself
 
-Each level starts C concurrent clients (loopback only); each sends R greedy completion requests of
-`--max-tokens` tokens one after another, for at most `--time-limit` seconds. Reported per server and level:
-requests/s, generated tokens/s, p50/p99 latency. Bars (issue 5): at 32 clients our generated tokens/s
->= 4x the one-at-a-time server; one-sequence tokens/s of `lmforge.generate` >= 1.0x plain generate.
-Both servers answer the same greedy prompts, so their texts and token counts agree (the run checks it).
-Both servers run as subprocesses on the same machine as the clients, and get 4 warm-up requests first.
+Each level starts C concurrent clients (loopback only); each sends R greedy completion requests one after
+another, for at most `--time-limit` seconds. Default mode reports per server and level requests/s,
+generated tokens/s, p50/p99 latency (bars, issue 5: at 32 clients our generated tokens/s >= 4x the
+one-at-a-time server; one-sequence tokens/s of `lmforge.generate` >= 1.0x plain generate). The servers
+answer the same greedy prompts, so their texts agree (the run checks it). Servers run as subprocesses on
+the same machine as the clients, with OMP_WAIT_POLICY=PASSIVE (and `--server-threads`) alike, and get
+warm-up requests first.
 """
 
 from __future__ import annotations
@@ -387,6 +394,8 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=5, help="one-sequence timing repeats")
     p.add_argument("--stream", action="store_true", help="streaming clients with mixed prompt and output lengths: "
                    "continuous vs micro-batching vs one-at-a-time generate (default levels 8,32,64)")
+    p.add_argument("--server-threads", type=int, default=0, help="OMP_NUM_THREADS of every server (0: torch's "
+                   "default); --stream defaults to 1")
     p.add_argument("--rounds", type=int, default=3, help="--stream: rounds of all levels (medians are reported)")
     p.add_argument("--quick", action="store_true", help="tiny model, 1 and 4 clients, 2 requests of 8 tokens")
     p.add_argument("--out", help="also write the results as JSON here")
@@ -401,9 +410,13 @@ def main() -> None:
         return
     if args.stream and args.clients == "1,8,32":
         args.clients = "8,32,64"
+    if args.stream and not args.server_threads:
+        args.server_threads = 1
     if args.quick:
         args.clients, args.requests, args.max_tokens, args.repeats, args.rounds = "1,4", 2, 8, 2, 1
     os.environ["OMP_WAIT_POLICY"] = "PASSIVE"  # every server alike (lmforge serve sets it for itself)
+    if args.server_threads:  # every server alike: on a CPU shared with other work, one thread per server is fastest
+        os.environ["OMP_NUM_THREADS"] = str(args.server_threads)
 
     with tempfile.TemporaryDirectory() as tmp:
         if args.run:
