@@ -224,7 +224,7 @@ async def stream_load(port: int, model: str, jobs: list[tuple[str, int]], client
                       time_limit: float) -> dict:
     """C clients, each streaming R greedy completions one after another: generated tokens/s over the level's wall
     time, and time to the first text (TTFT) per request."""
-    ttfts, tokens, texts = [], 0, {}
+    ttfts, tokens, texts, failures = [], 0, {}, []
     stop_at = time.monotonic() + time_limit
 
     async def client(k: int, http: httpx.AsyncClient):
@@ -236,18 +236,22 @@ async def stream_load(port: int, model: str, jobs: list[tuple[str, int]], client
             body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True,
                     "stream_options": {"include_usage": True}}
             t0, first, pieces = time.perf_counter(), None, []
-            async with http.stream("POST", "/v1/completions", json=body) as r:
-                r.raise_for_status()
-                async for line in r.aiter_lines():
-                    if not line.startswith("data: {"):
-                        continue
-                    event = json.loads(line[6:])
-                    if "error" in event:
-                        raise RuntimeError(f"stream failed: {event['error']}")
-                    if event["choices"] and event["choices"][0]["text"]:
-                        first = first or time.perf_counter() - t0
-                        pieces.append(event["choices"][0]["text"])
-                    tokens += (event.get("usage") or {}).get("completion_tokens", 0)
+            try:
+                async with http.stream("POST", "/v1/completions", json=body) as r:
+                    r.raise_for_status()
+                    async for line in r.aiter_lines():
+                        if not line.startswith("data: {"):
+                            continue
+                        event = json.loads(line[6:])
+                        if "error" in event:
+                            raise RuntimeError(f"stream failed: {event['error']}")
+                        if event["choices"] and event["choices"][0]["text"]:
+                            first = first or time.perf_counter() - t0
+                            pieces.append(event["choices"][0]["text"])
+                        tokens += (event.get("usage") or {}).get("completion_tokens", 0)
+            except (httpx.HTTPError, RuntimeError) as err:  # counted and reported, not fatal to the run
+                failures.append(repr(err))
+                continue
             ttfts.append(first if first is not None else time.perf_counter() - t0)
             texts[f"{max_tokens}:{prompt}"] = "".join(pieces)
 
@@ -260,7 +264,7 @@ async def stream_load(port: int, model: str, jobs: list[tuple[str, int]], client
     q = lambda p: ttfts[min(len(ttfts) - 1, int(p * len(ttfts)))]  # noqa: E731
     return {"clients": clients, "requests": len(ttfts), "seconds": round(wall, 3),
             "tokens_per_s": round(tokens / wall, 2), "ttft_p50_ms": round(1000 * q(0.5), 1),
-            "ttft_p99_ms": round(1000 * q(0.99), 1), "texts": texts}
+            "ttft_p99_ms": round(1000 * q(0.99), 1), "failed": len(failures), "texts": texts}
 
 
 def streaming_benchmark(args, folder: str, prompts: list[str], device: str, levels: list[int]) -> dict:
@@ -290,7 +294,8 @@ def streaming_benchmark(args, folder: str, prompts: list[str], device: str, leve
                     texts.setdefault(name, {}).update(r.pop("texts"))
                     runs.setdefault(str(c), {}).setdefault(name, []).append(r)
                     print(f"  round {round_ + 1} {name:>14} {c:>3} clients: {r['tokens_per_s']:9.1f} tok/s  TTFT p50 "
-                          f"{r['ttft_p50_ms']:8.1f} ms  p99 {r['ttft_p99_ms']:8.1f} ms", flush=True)
+                          f"{r['ttft_p50_ms']:8.1f} ms  p99 {r['ttft_p99_ms']:8.1f} ms"
+                          + (f"  ({r['failed']} requests failed)" if r["failed"] else ""), flush=True)
     finally:
         for proc in procs:
             proc.terminate()
