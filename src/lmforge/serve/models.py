@@ -15,6 +15,7 @@ from typing import Optional
 
 from lmforge.errors import LmforgeError
 from lmforge.generate import check_generative, open_generator
+from lmforge.generate.speculative import check_draft
 from lmforge.tasks.predict import is_task_run, open_task_model
 
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
@@ -30,6 +31,7 @@ class ServedModel:
     source: str = ""
     max_length: Optional[int] = None  # classification/NER: longest input in tokens (longer inputs are truncated)
     created: int = field(default_factory=lambda: int(time.time()))
+    draft: object = None            # a smaller model of the same tokenizer: speculative decoding
 
     @property
     def has_chat_template(self) -> bool:
@@ -85,6 +87,20 @@ def load_served_models(specs: list[str]) -> dict[str, ServedModel]:
     if not models:
         raise LmforgeError("serve: name at least one run folder")
     return models
+
+
+def attach_draft(models: dict[str, ServedModel], path: Path) -> ServedModel:
+    """Load the draft model at `path` for the one text-generation model served; returns that model."""
+    generators = [m for m in models.values() if m.kind == "generate"]
+    if len(generators) != 1:
+        raise LmforgeError(f"--draft: serve exactly one text-generation model with a draft (got {len(generators)})")
+    if not Path(path).exists():
+        raise LmforgeError(f"--draft {path}: no such run folder")
+    served = generators[0]
+    draft, tokenizer = open_generator(Path(path))
+    check_draft(served.model, served.tokenizer, draft, tokenizer)
+    served.draft = draft.eval()
+    return served
 
 
 def _is_classifier(path: Path) -> bool:
