@@ -1,4 +1,5 @@
 """The fine-tuning stage: recipe → task data → task model (+ strategy) → engine → evaluated, exported run folder.
+Sentence embeddings (task `embedding`) take the same path in `finetune.embedding`.
 
     RUN/
       recipe.yaml  metrics.jsonl  loss.png
@@ -12,7 +13,6 @@
 from __future__ import annotations
 
 import json
-import time
 from collections import Counter
 from pathlib import Path
 from typing import Callable, Optional, Union
@@ -22,13 +22,15 @@ import torch
 from lmforge.engine import checkpoint as ckpt
 from lmforge.engine import distributed as dist
 from lmforge.engine.checkpoint import load_weights
-from lmforge.engine.hardware import pick_device, threads_note
+from lmforge.engine.hardware import threads_note
 from lmforge.engine.logging import console
 from lmforge.engine.loop import Engine
 from lmforge.errors import LmforgeError
+from lmforge.finetune.embedding import finetune_embedding
 from lmforge.finetune.fast import first_position_only
 from lmforge.finetune.flops import task_batch_flops
 from lmforge.finetune.objective import TaskObjective
+from lmforge.finetune.setup import open_base, train_settings
 from lmforge.recipe import coerce_recipe
 from lmforge.runs import start_run
 from lmforge.stage import RunResult
@@ -68,18 +70,12 @@ def finetune(recipe: Union[FinetuneRecipe, str, Path, dict], *, overrides: Union
     recipe = coerce_recipe(recipe, overrides, FinetuneRecipe, load_finetune_recipe)
     if recipe.distill and train_objective is None:
         raise LmforgeError("distill: this recipe distils from a teacher; run it with `lmforge distill`")
+    if recipe.task == "embedding":
+        if train_objective is not None:
+            raise LmforgeError("distill: task embedding cannot be distilled; fine-tune it with `lmforge finetune`")
+        return finetune_embedding(recipe, resume=resume, force=force, show_progress=show_progress, on_eval=on_eval)
     cfg = recipe.train
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    t0 = time.perf_counter()
-    dist.setup(pick_device(cfg.device))
-    folder = tm.resolve_base(recipe.model.path)
-    tokenizer = tm.load_task_tokenizer(recipe.model, folder)
-    limit = tm.position_limit(json.loads((folder / "config.json").read_text()))
-    if recipe.data.max_length is None:
-        recipe.data.max_length = min(128, limit)
-    elif recipe.data.max_length > limit:
-        raise LmforgeError(f"data.max_length: {recipe.data.max_length} is above the model's position limit {limit}")
+    folder, tokenizer, t0 = open_base(recipe)
     data = TaskData(recipe, tokenizer)
     if "train" not in data.encoded or not len(data.encoded["train"]):
         raise LmforgeError(f"{recipe.data.train.path}: the training split is empty")
@@ -98,11 +94,7 @@ def finetune(recipe: Union[FinetuneRecipe, str, Path, dict], *, overrides: Union
 
         loader = TaskLoader(data.encoded["train"], cfg.batch_size, cfg.grad_accum, cfg.seed, tokenizer.pad_token_id,
                             recipe.data.multi_label, cfg.group_by_length, dist.world_size(), dist.rank())
-        train_cfg = cfg.model_copy(update={
-            "max_steps": cfg.max_steps or max(1, round(cfg.epochs * loader.batches_per_epoch
-                                                       / (cfg.grad_accum * dist.world_size()))),
-            "eval_every": cfg.eval_every if cfg.eval_every is not None else loader.steps_per_epoch,
-            "metric": recipe.metric})
+        train_cfg = train_settings(recipe, loader)
         objective = TaskObjective(recipe.task, recipe.data.multi_label, class_weights(recipe, data))
 
         scored_at = {}  # validation scores by step: the final report reuses those of the weights it reports on
