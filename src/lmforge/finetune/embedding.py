@@ -19,6 +19,7 @@ from typing import Callable, Optional
 
 import torch
 from transformers import AutoConfig, AutoModel
+from transformers.utils import logging as hf_logging
 
 from lmforge.engine import checkpoint as ckpt
 from lmforge.engine import distributed as dist
@@ -63,10 +64,14 @@ def build_encoder(folder: Path, tokenizer, dropout: Optional[float], seed: int):
     for name in DROPOUTS if dropout is not None else ():
         if hasattr(config, name):
             setattr(config, name, dropout)
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # a masked-LM head is expected to be left out, a pooler to be new
     try:
         model = load_pretrained(AutoModel, folder, config=config)
     except (ValueError, KeyError) as err:
         raise LmforgeError(f"{folder}: cannot load as an encoder: {str(err).splitlines()[0]}") from None
+    finally:
+        hf_logging.set_verbosity(verbosity)
     if len(tokenizer) > model.get_input_embeddings().num_embeddings:
         raise LmforgeError(f"{folder}: the tokenizer has {len(tokenizer)} tokens but the model's vocabulary holds "
                            f"{model.get_input_embeddings().num_embeddings}; use the checkpoint's own tokenizer")
@@ -127,7 +132,8 @@ def finetune_embedding(recipe: FinetuneRecipe, *, resume: bool = False, force: b
             {"steps": state.step, "seconds": seconds, "best_step": state.best_step, **results}, indent=2))
     dist.barrier()
     dist.teardown()
-    return RunResult(run_dir, results)
+    return RunResult(run_dir, {split: {k: v for k, v in m.items() if isinstance(v, float)}
+                               for split, m in results.items()})
 
 
 def export_encoder(run_dir: Path, model, tokenizer, recipe: FinetuneRecipe) -> None:
