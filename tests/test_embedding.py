@@ -87,6 +87,14 @@ def test_recall_and_mrr_from_ranks():
     assert ranks.tolist() == [1, 2, 1]  # query 1 prefers row 1 (1.0) over its gold row 2 (0.6)
     metrics = ranking_metrics(ranks, [1, 5])
     assert metrics == pytest.approx({"recall@1": 2 / 3, "recall@5": 1.0, "mrr": (1 + 0.5 + 1) / 3})
+    # row 1 is query 1's own text (a query that is also another pair's positive): it is left out of its ranking
+    assert gold_ranks(queries, corpus, np.array([0, 2, 2]), itself=np.array([-1, 1, -1])).tolist() == [1, 1, 1]
+
+
+def test_a_positive_equal_to_the_query_is_masked():
+    # consecutive sentences: row 1's query is row 0's positive (key 7)
+    mask = false_negative_mask(torch.tensor([6, 7]), torch.tensor([7, 8]), torch.tensor([6, 9]))
+    assert mask.tolist() == [[False, False, True, False], [True, False, False, False]]
 
 
 def pair_rows(n: int, seed: int) -> list[dict]:

@@ -3,8 +3,8 @@
 In-batch negatives (multiple-negatives ranking, InfoNCE): query i scores every positive of the batch and every
 hard negative, cosines divided by a temperature; the loss is the cross-entropy of its own positive. A row whose
 query or positive is the same text as row i's is not a negative of query i (a false negative: two people asking
-the same question, one answer to two questions): its score is masked out, as is a hard negative equal to row
-i's positive. Scored pairs: the cosine of the two texts regressed onto score / score_max (squared error).
+the same question, one answer to two questions), nor is a text equal to query i itself: their scores are masked
+out, as are hard negatives equal to row i's positive or query. Scored pairs: the cosine of the two texts regressed onto score / score_max (squared error).
 """
 
 from __future__ import annotations
@@ -21,14 +21,17 @@ from lmforge.tasks.embed import sentence_vectors
 
 def false_negative_mask(query_key: torch.Tensor, positive_key: torch.Tensor,
                         negative_key: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """(rows, rows [+ negatives]) True where column j is the same text as row i's answer but not row i itself:
-    positive j equals positive i, or query j equals query i (its positive then answers query i too), or hard
-    negative j equals positive i."""
-    same = (positive_key[:, None] == positive_key[None, :]) | (query_key[:, None] == query_key[None, :])
+    """(rows, rows [+ negatives]) True where column j is no true negative of query i, row i's own positive aside:
+    positive j is the same text as positive i, or query j the same as query i (its positive then answers query i
+    too), or positive j is query i itself (consecutive-sentence pairs: a cosine of 1 no training can lower); and
+    where a hard negative is positive i or query i. Keys are shared by all sides: equal texts, equal keys."""
+    same = (positive_key[:, None] == positive_key[None, :]) | (query_key[:, None] == query_key[None, :]) | \
+           (query_key[:, None] == positive_key[None, :])
     same &= ~torch.eye(len(query_key), dtype=torch.bool, device=query_key.device)
     if negative_key is None:
         return same
-    return torch.cat([same, positive_key[:, None] == negative_key[None, :]], dim=1)
+    hard = (positive_key[:, None] == negative_key[None, :]) | (query_key[:, None] == negative_key[None, :])
+    return torch.cat([same, hard], dim=1)
 
 
 def in_batch_negatives_loss(queries: torch.Tensor, positives: torch.Tensor, negatives: Optional[torch.Tensor],

@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Optional
 
@@ -70,7 +71,9 @@ class SentenceEncoder:
             out[idx] = sentence_vectors(self.model, batch, self.pooling, self.normalize).cpu().numpy()
         return out
 
+    @cached_property
     def fingerprint(self) -> str:
+        """The model folder's fingerprint (hashed once)."""
         return model_fingerprint(self.folder) if self.folder else ""
 
 

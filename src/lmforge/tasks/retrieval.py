@@ -3,6 +3,8 @@ MRR), or the cosines of scored pairs are ranked against their scores (Spearman).
 
 from __future__ import annotations
 
+from typing import Optional
+
 import numpy as np
 from scipy.stats import pearsonr, spearmanr
 
@@ -10,9 +12,14 @@ from lmforge.tasks.embed import SentenceEncoder
 from lmforge.tasks.pairs import Pair
 
 
-def gold_ranks(query_vectors: np.ndarray, corpus_vectors: np.ndarray, gold: np.ndarray) -> np.ndarray:
-    """1-based rank of each query's gold row among all corpus rows by dot product (ties count against it)."""
+def gold_ranks(query_vectors: np.ndarray, corpus_vectors: np.ndarray, gold: np.ndarray,
+               itself: Optional[np.ndarray] = None) -> np.ndarray:
+    """1-based rank of each query's gold row among all corpus rows by dot product (ties count against it);
+    `itself[i]` >= 0 is a corpus row holding query i's own text, left out of its ranking."""
     scores = query_vectors @ corpus_vectors.T
+    if itself is not None:
+        own = itself >= 0
+        scores[np.flatnonzero(own), itself[own]] = -np.inf
     gold_scores = scores[np.arange(len(gold)), gold]
     return (scores > gold_scores[:, None]).sum(1) + 1
 
@@ -25,7 +32,7 @@ def ranking_metrics(ranks: np.ndarray, ks: list[int]) -> dict:
 
 def pair_metrics(encoder: SentenceEncoder, pairs: list[Pair], ks: list[int], batch_size: int = 128) -> dict:
     """Scored pairs: Spearman and Pearson of cosine vs score; other pairs: recall@k and MRR of each query's
-    positive among the split's distinct positives and negatives."""
+    positive among the split's distinct positives and negatives (a document that is the query's own text left out)."""
     if pairs[0].score is not None:
         a = encoder.encode([p.query for p in pairs], batch_size)
         b = encoder.encode([p.positive for p in pairs], batch_size)
@@ -37,5 +44,6 @@ def pair_metrics(encoder: SentenceEncoder, pairs: list[Pair], ks: list[int], bat
     row = {text: i for i, text in enumerate(corpus)}
     queries = encoder.encode([p.query for p in pairs], batch_size)
     docs = encoder.encode(corpus, batch_size)
-    ranks = gold_ranks(queries, docs, np.array([row[p.positive] for p in pairs]))
+    itself = np.array([row.get(p.query, -1) for p in pairs])  # consecutive sentences: a query is a positive too
+    ranks = gold_ranks(queries, docs, np.array([row[p.positive] for p in pairs]), itself)
     return {**ranking_metrics(ranks, ks), "queries": len(pairs), "corpus": len(corpus)}
