@@ -1,4 +1,5 @@
-"""The HTTP server: OpenAI-compatible completions and chat completions, classify / NER, health, metrics.
+"""The HTTP server: OpenAI-compatible completions and chat completions, classify / NER, embeddings and search
+(`serve.embeddings`), health, metrics.
 
 Limits: at most `max_concurrent` requests are worked on at once and `max_queue` more wait for a slot;
 beyond that a request gets 429. A request that is not done within `timeout_s` (waiting included) gets
@@ -21,6 +22,7 @@ from fastapi import FastAPI, Request, Response
 from lmforge.errors import LmforgeError
 from lmforge.generate import Completion, Decoding, context_limit, encode_prompt
 from lmforge.serve.batching import Batcher, Job
+from lmforge.serve.embeddings import embedding_routes
 from lmforge.serve.errors import APIError, Gate, install_error_handlers
 from lmforge.serve.metrics import Metrics, prometheus_text
 from lmforge.serve.models import ServedModel
@@ -96,7 +98,8 @@ class Server:
             raise APIError(404, f"the model {name!r} does not exist (this server has: {', '.join(self.models)})",
                            param="model", code="model_not_found")
         if served.kind != kind:
-            route = {"generate": "/v1/completions", "classification": "/v1/classify", "ner": "/v1/ner"}[served.kind]
+            route = {"generate": "/v1/completions", "classification": "/v1/classify", "ner": "/v1/ner",
+                     "embedding": "/v1/embeddings"}[served.kind]
             raise APIError(400, f"the model {name!r} is a {served.kind} model; use {route}", param="model",
                            code="wrong_model_kind")
         return served
@@ -217,6 +220,7 @@ def create_app(models: dict, api_key: Optional[str] = None, *, max_batch: int = 
     app = FastAPI(title="lmforge", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.server = server
     install_error_handlers(app)
+    app.include_router(embedding_routes(server))
     app.add_middleware(Gate, api_key=api_key, metrics=server.metrics)
 
     @app.get("/health")

@@ -53,6 +53,10 @@ class SentenceEncoder:
     max_length: int = 128
     folder: Optional[Path] = None
 
+    def to(self, device) -> "SentenceEncoder":
+        self.model.to(device)
+        return self
+
     @property
     def dim(self) -> int:
         return int(self.model.config.hidden_size)
