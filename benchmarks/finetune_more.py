@@ -5,8 +5,8 @@ The pairs are recipes/pairs-minilm-embed.yaml's: each WikiText-2 sentence and th
 training pairs from valid.txt, held-out pairs from test.txt (other articles). The untuned figures are the run's
 evaluation at step 0 (`train.eval_at_start`), on the same 1,000 held-out pairs as the tuned ones.
 
-    python benchmarks/finetune_more.py                       # the recipe as shipped (150 steps)
-    python benchmarks/finetune_more.py --steps 60 --threads 2
+    python benchmarks/finetune_more.py                       # the recipe as shipped
+    python benchmarks/finetune_more.py --steps 60 --eval-pairs 500 --threads 2
 """
 import argparse
 import json
@@ -39,11 +39,13 @@ def sentence_transformers_gap(run_dir: Path, texts: list[str]) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=None, help="Training steps (default: the recipe's).")
+    ap.add_argument("--eval-pairs", type=int, default=None, help="Held-out pairs (default: the recipe's).")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores).")
     args = ap.parse_args()
     out = Path(tempfile.mkdtemp(prefix="embed-bench-"))
     overrides = [f"output.dir={out / 'run'}", "output.plots=false", "output.tensorboard=false"]
-    overrides += [f"train.max_steps={args.steps}"] if args.steps else []
+    overrides += [f"train.max_steps={args.steps}", f"train.eval_every={args.steps}"] if args.steps else []
+    overrides += [f"data.max_eval_examples={args.eval_pairs}"] if args.eval_pairs else []
     overrides += [f"train.threads={args.threads}"] if args.threads else []
     recipe = load_finetune_recipe(RECIPE, overrides)
     started = time.perf_counter()
@@ -54,7 +56,7 @@ def main() -> None:
     held = read_pair_splits(recipe)["validation"]
     gap = sentence_transformers_gap(run.run_dir, [p.query for p in held[:200]] + [p.positive for p in held[:200]])
     print(f"held-out pairs: {after['queries']} queries ranking {after['corpus']} next sentences "
-          f"({recipe.train.max_steps if not args.steps else args.steps} steps, {seconds:.0f} s)")
+          f"({recipe.train.max_steps} steps of {recipe.train.batch_size} pairs, {seconds:.0f} s)")
     print(f"{'model':<28}{'recall@1':>10}{'recall@10':>11}{'MRR':>8}")
     for name, m in (("all-MiniLM-L6-v2 (untuned)", before), ("fine-tuned (in-batch)", after)):
         print(f"{name:<28}{m['recall@1']:>10.4f}{m['recall@10']:>11.4f}{m['mrr']:>8.4f}")

@@ -100,9 +100,14 @@ def finetune_embedding(recipe: FinetuneRecipe, *, resume: bool = False, force: b
         train_cfg = train_settings(recipe, loader)
         encoder = SentenceEncoder(model, tokenizer, emb.pooling, True, recipe.data.max_length)
 
+        scored_at = {}  # validation scores by step: the final report reuses those of the weights it reports on
+
         def evaluate(_model) -> dict:
-            held = splits.get("validation")
-            return pair_metrics(encoder, held, emb.recall_at, cfg.eval_batch_size) if held else {}
+            if "validation" not in splits:
+                return {}
+            scored_at[engine.state.step] = pair_metrics(encoder, splits["validation"], emb.recall_at,
+                                                        cfg.eval_batch_size)
+            return scored_at[engine.state.step]
 
         engine = Engine(model, tokenizer, EmbeddingObjective(emb), loader, train_cfg, run_dir, evaluate=evaluate,
                         started=t0, on_eval=on_eval, batch_flops=task_batch_flops(model, "embedding", False),
@@ -118,12 +123,15 @@ def finetune_embedding(recipe: FinetuneRecipe, *, resume: bool = False, force: b
     state = engine.fit()
     results = {}
     if dist.is_main():
+        reported_step = state.step
         if (run_dir / "best").is_dir():  # the dev metric's best step, not the last one
             load_weights(model, run_dir / "best", engine.device)
+            reported_step = state.best_step
         model.eval()
         for split in ("validation", "test"):
             if split in splits:
-                results[split] = write_pair_report(run_dir, recipe, split, pair_metrics(
+                known = scored_at.get(reported_step) if split == "validation" else None
+                results[split] = write_pair_report(run_dir, recipe, split, known or pair_metrics(
                     encoder, splits[split], emb.recall_at, cfg.eval_batch_size))
         export_encoder(run_dir, model, tokenizer, recipe)
         seconds = engine.wall_seconds()
