@@ -118,7 +118,7 @@ def embed_recipe(base, tmp_path: Path) -> dict:
             "data": {"train": {"path": str(train)}, "validation": {"path": str(dev)}, "max_length": 16},
             "model": {"path": str(base)},
             "train": {"max_steps": 30, "batch_size": 16, "lr": 3e-3, "log_every": 1, "eval_every": 30,
-                      "eval_at_start": True, "seed": 0},
+                      "eval_at_start": True, "seed": 0, "threads": 1},
             "output": {"dir": str(tmp_path / "run"), "tensorboard": False, "plots": False}}
     return tree
 

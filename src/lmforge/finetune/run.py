@@ -21,6 +21,7 @@ import torch
 
 from lmforge.engine import checkpoint as ckpt
 from lmforge.engine import distributed as dist
+from lmforge.engine.adversarial import FGM
 from lmforge.engine.checkpoint import load_weights
 from lmforge.engine.hardware import threads_note
 from lmforge.engine.logging import console
@@ -57,6 +58,16 @@ def class_weights(recipe: FinetuneRecipe, data: TaskData) -> Optional[torch.Tens
     if unknown:
         raise LmforgeError(f"train.class_weights: {sorted(unknown)} not in the label set {names}")
     return torch.tensor([float(spec.get(n, 1.0)) for n in names])
+
+
+def adversarial_method(cfg, model) -> Optional[FGM]:
+    """FGM on the word embeddings when the recipe asks for it; the embeddings must train (they get a gradient)."""
+    if cfg.adversarial == "none":
+        return None
+    if not FGM.embedding_weight(model).requires_grad:
+        raise LmforgeError("train.adversarial: fgm perturbs the word embeddings along their gradient, but the "
+                           "strategy freezes them (freeze_embeddings, head_only, frozen layers or peft)")
+    return FGM(cfg.adversarial_epsilon)
 
 
 def finetune(recipe: Union[FinetuneRecipe, str, Path, dict], *, overrides: Union[list[str], tuple] = (),
@@ -106,13 +117,15 @@ def finetune(recipe: Union[FinetuneRecipe, str, Path, dict], *, overrides: Union
             scored_at[engine.state.step] = scored["metrics"]
             return scored["metrics_flat"]
 
+        adversarial = adversarial_method(cfg, model)
         # Throughput counts the non-padding input tokens read; MFU the FLOPs of the padded shapes run.
         trained_by = train_objective(objective, model, tokenizer) if train_objective else objective
         engine = Engine(model, tokenizer, trained_by, loader, train_cfg, run_dir, evaluate=evaluate, started=t0,
                         on_eval=on_eval,
                         batch_flops=task_batch_flops(model, recipe.task, first_position),
                         tensorboard=recipe.output.tensorboard, plots=recipe.output.plots, show_progress=show_progress,
-                        param_groups=tm.param_groups(model, cfg.weight_decay, strategy, cfg.lr))
+                        param_groups=tm.param_groups(model, cfg.weight_decay, strategy, cfg.lr),
+                        adversarial=adversarial)
         if resume:
             engine.resume()
         if dist.is_main():
@@ -168,7 +181,9 @@ def write_model_card(run_dir, recipe, data, results, state, seconds, trainable, 
               "## Training", "",
               f"- strategy: {recipe.strategy.method}; {trainable:,} of {total:,} parameters trained",
               f"- {state.step} steps, batch {recipe.train.batch_size} x {recipe.train.grad_accum}, lr {recipe.train.lr}, "
-              f"{recipe.train.schedule} schedule, {seconds:.0f} s wall time; stopped: "
+              f"{recipe.train.schedule} schedule, {seconds:.0f} s wall time"
+              + (f", FGM adversarial training (epsilon {recipe.train.adversarial_epsilon})"
+                 if recipe.train.adversarial == "fgm" else "") + "; stopped: "
               f"{next((h['stop_reason'] for h in reversed(state.history) if 'stop_reason' in h), 'max_steps')}",
               f"- best {recipe.metric} on validation at step {state.best_step}: {state.best_metric}", "",
               "## Scores", ""]
