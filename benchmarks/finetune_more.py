@@ -24,7 +24,7 @@ import numpy as np
 
 from lmforge.engine.logging import read_metrics
 from lmforge.finetune import finetune
-from lmforge.finetune.embedding import read_pair_splits
+from lmforge.tasks.pairs import read_pair_splits
 from lmforge.tasks.config import load_finetune_recipe
 from lmforge.tasks.embed import open_encoder
 

@@ -132,6 +132,9 @@ def test_contrastive_run_learns_and_loads_in_sentence_transformers(tmp_path, bas
     assert evals[-1]["mrr"] > evals[0]["mrr"] + 0.1 and losses[-1] < losses[0]
     result = json.loads((run / "results.json").read_text())
     assert result["validation"]["corpus"] == len({r["positive"] for r in pair_rows(40, 1)})
+    again = CliRunner().invoke(app, ["eval", str(run), "--json"])  # the exported final/ scores as reported
+    assert again.exit_code == 0 and json.loads((run / "eval-validation.json").read_text())["mrr"] == \
+        pytest.approx(result["validation"]["mrr"], abs=1e-6)
     texts = ["john flew to paris", "Mary met Rome", "anna"]
     ours = open_encoder(run.run_dir).encode(texts)
     theirs = st.SentenceTransformer(str(run / "final"), device="cpu", local_files_only=True).encode(texts)
@@ -214,7 +217,7 @@ def test_recipe_refuses_a_loss_that_does_not_fit_the_data(tmp_path):
 def test_shipped_recipe_builds_pairs_from_the_shared_data():
     if not (SHARED / "wikitext2" / "valid.txt").is_file():
         pytest.skip("shared data not found")
-    from lmforge.finetune.embedding import read_pair_splits
+    from lmforge.tasks.pairs import read_pair_splits
     from lmforge.tasks.config import load_finetune_recipe
     recipe = load_finetune_recipe(ROOT / "recipes" / "pairs-minilm-embed.yaml")
     splits = read_pair_splits(recipe)

@@ -36,25 +36,12 @@ from lmforge.stage import RunResult
 from lmforge.tasks import model as tm
 from lmforge.tasks.config import FinetuneRecipe
 from lmforge.tasks.embed import SentenceEncoder, write_sentence_transformers_files
-from lmforge.tasks.pairs import PairLoader, encode_pairs, read_pairs
-from lmforge.tasks.report import SPLITS, source_of, split_rows, write_text_atomic
-from lmforge.tasks.retrieval import pair_metrics
+from lmforge.tasks.pairs import PairLoader, encode_pairs, read_pair_splits
+from lmforge.tasks.report import source_of, write_text_atomic
+from lmforge.tasks.retrieval import pair_metrics, write_pair_report
 
 DROPOUTS = ("hidden_dropout_prob", "attention_probs_dropout_prob", "resid_pdrop", "embd_pdrop", "attn_pdrop",
             "attention_dropout")
-
-
-def read_pair_splits(recipe: FinetuneRecipe) -> dict[str, list]:
-    """Each split's pairs: its file, or a seeded share of the training file; capped by max_examples (train) and
-    max_eval_examples (validation, test)."""
-    d = recipe.data
-    splits = {name: read_pairs(getattr(d, name), d) for name in SPLITS if getattr(d, name) is not None}
-    if d.split is not None:
-        splits.update(split_rows(splits["train"], d.split, by_label=False))
-    for name in splits:
-        cap = d.max_examples if name == "train" else d.max_eval_examples
-        splits[name] = splits[name][:cap] if cap else splits[name]
-    return splits
 
 
 def build_encoder(folder: Path, tokenizer, dropout: Optional[float], seed: int):
@@ -154,16 +141,6 @@ def export_encoder(run_dir: Path, model, tokenizer, recipe: FinetuneRecipe) -> N
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
-
-
-def write_pair_report(run_dir: Path, recipe: FinetuneRecipe, split: str, metrics: dict) -> dict:
-    title = f"{recipe.name}: {split} ({source_of(recipe.data, split)})"
-    lines = [title, "=" * len(title)] + [f"{k:>15}: {v:.4f}" if isinstance(v, float) else f"{k:>15}: {v}"
-                                         for k, v in metrics.items()]
-    write_text_atomic(run_dir / f"report-{split}.txt", "\n".join(lines) + "\n")
-    write_text_atomic(run_dir / f"eval-{split}.json", json.dumps(metrics, indent=2))
-    console.print("\n".join(lines))
-    return metrics
 
 
 def write_embedding_card(run_dir: Path, recipe: FinetuneRecipe, splits: dict, results: dict, state,

@@ -3,13 +3,19 @@ MRR), or the cosines of scored pairs are ranked against their scores (Spearman).
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Optional
 
 import numpy as np
 from scipy.stats import pearsonr, spearmanr
 
-from lmforge.tasks.embed import SentenceEncoder
-from lmforge.tasks.pairs import Pair
+from lmforge.engine.logging import console
+from lmforge.errors import LmforgeError
+from lmforge.tasks.config import FinetuneRecipe, SplitFile, load_finetune_recipe
+from lmforge.tasks.embed import SentenceEncoder, open_encoder
+from lmforge.tasks.pairs import Pair, read_pair_splits
+from lmforge.tasks.report import source_of, write_text_atomic
 
 
 def gold_ranks(query_vectors: np.ndarray, corpus_vectors: np.ndarray, gold: np.ndarray,
@@ -47,3 +53,28 @@ def pair_metrics(encoder: SentenceEncoder, pairs: list[Pair], ks: list[int], bat
     itself = np.array([row.get(p.query, -1) for p in pairs])  # consecutive sentences: a query is a positive too
     ranks = gold_ranks(queries, docs, np.array([row[p.positive] for p in pairs]), itself)
     return {**ranking_metrics(ranks, ks), "queries": len(pairs), "corpus": len(corpus)}
+
+
+def write_pair_report(run_dir: Path, recipe: FinetuneRecipe, split: str, metrics: dict) -> dict:
+    title = f"{recipe.name}: {split} ({source_of(recipe.data, split)})"
+    lines = [title, "=" * len(title)] + [f"{k:>15}: {v:.4f}" if isinstance(v, float) else f"{k:>15}: {v}"
+                                         for k, v in metrics.items()]
+    write_text_atomic(run_dir / f"report-{split}.txt", "\n".join(lines) + "\n")
+    write_text_atomic(run_dir / f"eval-{split}.json", json.dumps(metrics, indent=2))
+    console.print("\n".join(lines))
+    return metrics
+
+
+def evaluate_embedding_run(run_dir: Path, split: str = "validation", file: Optional[Path] = None) -> dict:
+    """Score an embedding run's final model on a split of its recipe (or on `file`); writes report-SPLIT.txt and
+    eval-SPLIT.json."""
+    run_dir = Path(run_dir)
+    recipe = load_finetune_recipe(run_dir / "recipe.yaml")
+    if file is not None:
+        setattr(recipe.data, split, SplitFile(path=str(file)))
+    splits = read_pair_splits(recipe)
+    if split not in splits:
+        raise LmforgeError(f"{run_dir}: the recipe has no {split} pairs; pass --file")
+    encoder = open_encoder(run_dir)
+    metrics = pair_metrics(encoder, splits[split], recipe.embedding.recall_at, recipe.train.eval_batch_size)
+    return write_pair_report(run_dir, recipe, split, metrics)
