@@ -72,6 +72,7 @@ def fgm_comparison(examples: int, seeds: list[int], threads) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=None, help="Training steps (default: the recipe's).")
+    ap.add_argument("--lr", type=float, default=None, help="Peak learning rate (default: the recipe's).")
     ap.add_argument("--eval-pairs", type=int, default=None, help="Held-out pairs (default: the recipe's).")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores).")
     ap.add_argument("--fgm", action="store_true", help="Measure FGM adversarial training on SST-2 instead.")
@@ -85,6 +86,7 @@ def main() -> None:
     overrides = [f"output.dir={out / 'run'}", "output.plots=false", "output.tensorboard=false"]
     overrides += [f"train.max_steps={args.steps}", f"train.eval_every={args.steps}"] if args.steps else []
     overrides += [f"data.max_eval_examples={args.eval_pairs}"] if args.eval_pairs else []
+    overrides += [f"train.lr={args.lr}"] if args.lr else []
     overrides += [f"train.threads={args.threads}"] if args.threads else []
     recipe = load_finetune_recipe(RECIPE, overrides)
     started = time.perf_counter()
@@ -95,7 +97,8 @@ def main() -> None:
     held = read_pair_splits(recipe)["validation"]
     gap = sentence_transformers_gap(run.run_dir, [p.query for p in held[:200]] + [p.positive for p in held[:200]])
     print(f"held-out pairs: {after['queries']} queries ranking {after['corpus']} next sentences "
-          f"({recipe.train.max_steps} steps of {recipe.train.batch_size} pairs, {seconds:.0f} s)")
+          f"({recipe.train.max_steps} steps of {recipe.train.batch_size} pairs, lr {recipe.train.lr:g}, "
+          f"{seconds:.0f} s)")
     print(f"{'model':<28}{'recall@1':>10}{'recall@10':>11}{'MRR':>8}")
     for name, m in (("all-MiniLM-L6-v2 (untuned)", before), ("fine-tuned (in-batch)", after)):
         print(f"{name:<28}{m['recall@1']:>10.4f}{m['recall@10']:>11.4f}{m['mrr']:>8.4f}")
