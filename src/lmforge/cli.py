@@ -142,6 +142,51 @@ def predict(run_dir: Path = typer.Argument(..., help="Fine-tuning run folder (or
         _fail(LmforgeError(f"{output}: cannot write ({err.strerror})"))
 
 
+@app.command()
+def index(run_dir: Path = typer.Argument(..., help="Embedding run folder (task: embedding), or a "
+                                                   "sentence-transformers folder."),
+          input: Path = typer.Option(..., "--input", help="Documents: a .txt file (one per line, id = line number) "
+                                                          "or JSONL/CSV/TSV/Parquet records."),
+          out: Path = typer.Option(..., "--out", help="Index folder to write."),
+          text_field: str = typer.Option("text", help="Field or column holding each document's text."),
+          id_field: str = typer.Option("id", help="Field or column holding each document's id (default: its line)."),
+          batch_size: int = typer.Option(64, min=1, help="Documents per batch."),
+          force: bool = typer.Option(False, help="Replace --out if it exists.")):
+    """Embed a corpus into an exact vector index on disk (memory-mapped float32 vectors, ids, texts and the
+    fingerprint of the model that made them)."""
+    from lmforge.index import index as run
+    try:
+        result = run(run_dir, input, out, text_field=text_field, id_field=id_field, batch_size=batch_size,
+                     force=force)
+        m = result.metrics
+        typer.echo(f"indexed {m['documents']} documents ({m['dim']} dimensions, {m['documents_per_s']:.0f} "
+                   f"documents/s) into {result}")
+    except LmforgeError as err:
+        _fail(err)
+
+
+@app.command()
+def retrieve(index_dir: Path = typer.Argument(..., help="Index folder written by `lmforge index`."),
+             query: List[str] = typer.Option(..., "--query", help="Query text (repeatable)."),
+             k: int = typer.Option(5, "-k", help="Documents per query."),
+             model: Optional[Path] = typer.Option(None, help="Embed the queries with this model folder (refused "
+                                                             "unless it built the index; default: the one that did)."),
+             as_json: bool = typer.Option(False, "--json", help="One JSON line per query instead of a table.")):
+    """Semantic search: the k documents nearest to each query, best first, with their cosine scores."""
+    from lmforge.index import retrieve as run
+    try:
+        hits = run(index_dir, query, k=k, model=model)
+    except LmforgeError as err:
+        _fail(err)
+    for q, found in zip(query, hits):
+        if as_json:
+            typer.echo(json.dumps({"query": q, "hits": [vars(h) for h in found]}, ensure_ascii=False))
+            continue
+        typer.echo(f"query: {q}")
+        for rank, h in enumerate(found, 1):
+            typer.echo(f"  {rank:>2}. {h.score:.4f}  [{h.id}]  {h.text[:100]}")
+
+
 @app.command("eval")
 def eval_(run_dir: Path = typer.Argument(..., help="Run folder (or a checkpoint folder inside one)."),
           split: str = typer.Option("validation", help="'validation' or 'train' ('test' for fine-tuning runs)."),

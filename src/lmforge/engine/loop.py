@@ -111,7 +111,7 @@ class Engine:
                  tensorboard: bool = True, plots: bool = True, show_progress: bool = True,
                  param_groups: Optional[list[dict]] = None, started: Optional[float] = None,
                  on_eval: Optional[Callable[[int, dict], Optional[str]]] = None,
-                 dist_cfg: Optional[DistConfig] = None):
+                 dist_cfg: Optional[DistConfig] = None, adversarial=None):
         self.cfg, self.run_dir = cfg, Path(run_dir)
         self.dist_cfg = dist_cfg or DistConfig()
         # Wall time counts from `started` (the stage's start, perf_counter) plus the time of the processes before
@@ -119,6 +119,8 @@ class Engine:
         self.started, self.earlier_seconds = started if started is not None else time.perf_counter(), 0.0
         # `on_eval(step, metrics)` sees every evaluation; a reason it returns stops the run there (a tuner's pruner).
         self.on_eval = on_eval
+        # `adversarial` (an `engine.adversarial.FGM`): a second pass on perturbed embeddings after each backward.
+        self.adversarial, self.step_adversarial_s = adversarial, 0.0
         self.tokenizer, self.objective, self.loader, self.evaluate = tokenizer, objective, loader, evaluate
         self.device_type = pick_device(cfg.device)
         self.device = dist.setup(self.device_type, self.dist_cfg.timeout_s)
@@ -236,6 +238,7 @@ class Engine:
         """One optimizer step over `grad_accum` micro-batches. Returns (loss, grad norm, loss tokens); the
         input tokens read and the FLOPs run (all processes) are left in `self.step_inputs` and `self.step_flops`."""
         cfg, step = self.cfg, self.state.step
+        self.step_adversarial_s = 0.0
         micro = []
         for m in range(cfg.grad_accum):
             ids, positions, domains = self.loader.micro_batch(step, m)
@@ -253,8 +256,9 @@ class Engine:
             with gradient_sync(self.module, sync):
                 with autocast(self.device_type, self.precision):
                     loss_sum, _, _ = self.module(batch)
-                scaled = loss_sum.float() * scale
-                (self.scaler.scale(scaled) if self.scaler else scaled).backward()
+                self._backward(loss_sum, scale)
+                if self.adversarial is not None:
+                    self._adversarial_pass(batch, scale)
             total += loss_sum.detach().float()
         loss = dist.all_reduce_sum(total).item() / max(global_tokens, 1.0)
         if self.scaler:
@@ -277,6 +281,21 @@ class Engine:
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return loss, norm, int(global_tokens)
+
+    def _backward(self, loss_sum: torch.Tensor, scale: float) -> None:
+        scaled = loss_sum.float() * scale
+        (self.scaler.scale(scaled) if self.scaler else scaled).backward()
+
+    def _adversarial_pass(self, batch: dict, scale: float) -> None:
+        """The batch again on embeddings perturbed along their gradient; its gradient adds to the clean one and
+        the embeddings are restored. Its seconds are counted apart (the cost of adversarial training)."""
+        started = time.perf_counter()
+        with self.adversarial.perturbed(self.model) as moved:
+            if moved:
+                with autocast(self.device_type, self.precision):
+                    loss_sum, _, _ = self.module(batch)
+                self._backward(loss_sum, scale)
+        self.step_adversarial_s += time.perf_counter() - started
 
     def run_eval(self) -> dict:
         if self.evaluate is None:
@@ -357,6 +376,7 @@ class Engine:
         peak = matmul_roof(self.device_type, self.precision) * (dist.world_size())
         meter = Throughput(peak)
         window_loss, window_n, stop_reason = 0.0, 0, "max_steps"
+        window_s, window_adversarial_s = 0.0, 0.0
         signals = StopSignals(announce=self.main)
         with signals, progress_bar(self.main and self.show_progress) as bar:
             task = bar.add_task("train", total=cfg.max_steps, completed=self.state.step, status="")
@@ -367,7 +387,10 @@ class Engine:
                         f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float) and "/" not in k))
             while self.state.step < cfg.max_steps:
                 lr = self._set_lr()
+                started = time.perf_counter()
                 loss, norm, _ = self.train_step()
+                window_s += time.perf_counter() - started
+                window_adversarial_s += self.step_adversarial_s
                 self.state.step += 1
                 self.state.tokens += self.step_inputs
                 self.state.flops += self.step_flops
@@ -389,6 +412,9 @@ class Engine:
                               "tokens": self.state.tokens, "tokens_per_s": round(tps, 1), "mfu": round(mfu, 4),
                               "elapsed_s": round(self.wall_seconds(), 2)}
                     record.update({k: round(v, 5) for k, v in ratios(self._training_tallies()).items()})
+                    if self.adversarial is not None:  # what adversarial training costs: its share of step time
+                        record["adversarial_share"] = round(window_adversarial_s / max(window_s, 1e-9), 4)
+                    window_s, window_adversarial_s = 0.0, 0.0
                     self.log.write(record)
                     bar.update(task, completed=self.state.step,
                                status=f"loss {record['loss']:.4f}  {tps:,.0f} tok/s  mfu {mfu:.0%}")
