@@ -97,7 +97,7 @@ def test_the_dense_baseline_counts_every_experts_tokens_including_added_ones(tmp
     train(run, show_progress=False)
     assert cli("experts", "add", run, "--domain", "numbers").exit_code == 0
     train(run, ["numbers"], show_progress=False)
-    done = cli("experts", "train", run, "--dense", "--no-progress")
+    done = cli("experts", "train", run, "--dense", "--launch", "inline", "--no-progress")
     assert done.exit_code == 0, done.output
     per_expert = 6 * 8 * 32  # steps x batch x block of each of the three experts
     assert (f"dense baseline: 18 steps x batch 8 on 3 domains = {3 * per_expert:,} tokens; the 3 experts together: "
