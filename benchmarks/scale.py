@@ -11,8 +11,10 @@ here. Each strategy runs as `torchrun --standalone --nproc_per_node 2 -m lmforge
 - state MB: parameters + gradients + AdamW state that the process holds (the local shard of each DTensor
   under FSDP), counted from the tensors themselves; DDP's gradient buckets (one more gradient copy) are
   not counted, so DDP's figure is a lower bound;
-- peak RSS growth MB: the kernel's high-water mark (VmHWM) minus the resident size before the run began
-  (model, state, activations, buffers; not the Python and torch libraries loaded before);
+- peak RSS growth MB: the kernel's high-water mark (VmHWM) at the end of the last training step minus the
+  resident size before the run began: data, the model as built (whole, before sharding), state,
+  activations, communication buffers; not the Python and torch libraries loaded before, nor the final
+  evaluation and export that follow the last step;
 - tokens/s: the median over steps 3.. of the logged rate (input tokens of both processes per second).
 
 The bar: FSDP's state per process <= 0.6x DDP's.
@@ -66,19 +68,23 @@ def state_bytes(engine) -> int:
 def worker(args) -> None:
     """Under torchrun: one pretraining run; write this process's memory figures to --report."""
     measured = {}
+    peers.reset_peak_rss()
+    before = rss_mb()
 
     class MeasuredEngine(pretrain_stage.Engine):
+        def train_step(self):
+            step = super().train_step()  # the high-water mark up to here: training, not the final eval/export
+            measured["peak_rss_growth_mb"] = peers.peak_rss_mb() - before
+            return step
+
         def fit(self):
             state = super().fit()
             measured["state_mb"] = state_bytes(self) / 2**20
             return state
 
     pretrain_stage.Engine = MeasuredEngine  # the stage builds this engine; nothing else changes
-    peers.reset_peak_rss()
-    before = rss_mb()
     pretrain_stage.pretrain(args.recipe, overrides=[f"dist.strategy={args.strategy}",
                                                     f"output.dir={args.report}-run"], show_progress=False)
-    measured["peak_rss_growth_mb"] = peers.peak_rss_mb() - before
     rank = int(os.environ.get("RANK", 0))
     Path(f"{args.report}.rank{rank}.json").write_text(json.dumps(measured))
 
@@ -95,7 +101,7 @@ def write_recipe(args, out: Path) -> Path:
             "model": {"family": "gpt2", "n_layers": args.layers, "d_model": args.d_model,
                       "n_heads": args.d_model // 64, "dropout": 0.0},
             "objective": {"name": "clm", "block_size": 128},
-            "train": {"batch_size": 4, "max_steps": args.steps, "eval_every": 0, "eval_batches": 1,
+            "train": {"batch_size": args.batch, "max_steps": args.steps, "eval_every": 0, "eval_batches": 1,
                       "log_every": 1, "threads": 1, "save_every": 10**6},
             "output": {"tensorboard": False, "plots": False}}
     recipe = out / "scale.yaml"
@@ -119,8 +125,9 @@ def measure(strategy: str, recipe: Path, out: Path) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--layers", type=int, default=8)
-    ap.add_argument("--d-model", type=int, default=512)
-    ap.add_argument("--steps", type=int, default=8)
+    ap.add_argument("--d-model", type=int, default=1024)
+    ap.add_argument("--batch", type=int, default=2, help="Sequences of 128 tokens per process per step.")
+    ap.add_argument("--steps", type=int, default=6)
     ap.add_argument("--out", type=Path, default=Path("runs/bench-scale"))
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--strategy", default="ddp", help=argparse.SUPPRESS)
