@@ -126,7 +126,9 @@ class Engine:
         self.device = dist.setup(self.device_type, self.dist_cfg.timeout_s)
         self.precision = pick_precision(cfg.precision, self.device_type)
         self.model = model.to(self.device)
-        if self.device_type == "cpu":
+        # FSDP on CPU: freed memory goes back to the system, since the many sizes of the gathered weights and
+        # gradients would otherwise grow the heap past what sharding saves
+        if self.device_type == "cpu" and not (self.dist_cfg.strategy == "fsdp" and dist.world_size() > 1):
             keep_freed_memory()  # no page faults for the activations every step
         if self.device_type == "cpu" and not cfg.compile:
             use_fast_dropout(self.model)  # torch's CPU dropout mask is the slow part of dropout
