@@ -103,6 +103,29 @@ def test_ray_engine_with_the_minhash_estimate_and_a_fraction_split(tmp_path, loc
     assert not duplicates["verified"] and 10 <= duplicates["near_pairs"] <= 20
 
 
+@pytest.mark.slow
+def test_ray_engine_streams_under_a_memory_limit_ten_times_below_the_corpus(tmp_path, local_ray):
+    """Ray Data's object-store budget at a tenth of the input and blocks of 64 KB: the stages stream (and spill)
+    instead of holding the corpus, and the answer does not change."""
+    rng = random.Random(27)
+    docs = [prose(rng, 150) for _ in range(1500)]
+    docs += [edit(d, 0.03, rng) for d in docs[:150]]
+    sources = [{"path": write_jsonl(tmp_path / f"s{i}.jsonl", docs[i::4])} for i in range(4)]
+    size = sum((tmp_path / f"s{i}.jsonl").stat().st_size for i in range(4))
+    local = prep(recipe(tmp_path, sources), show_progress=False)
+    data = ray.data.DataContext.get_current()
+    saved = data.execution_options.resource_limits, data.target_max_block_size
+    data.execution_options.resource_limits = ray.data.ExecutionResources(object_store_memory=size // 10)
+    data.target_max_block_size = 64 * 1024
+    try:
+        on_ray = prep(recipe(tmp_path, sources, output={"dir": str(tmp_path / "ray"), "plots": False}),
+                      show_progress=False, engine="ray")
+    finally:
+        data.execution_options.resource_limits, data.target_max_block_size = saved
+    assert_same_dataset(local, on_ray)
+    assert size > 1.5 * 2**20 and json.loads((on_ray / "stats.json").read_text())["removed_by_reason"]["near_duplicate"] > 100
+
+
 def test_a_run_interrupted_on_the_local_engine_resumes_on_the_ray_engine(tmp_path, local_ray, monkeypatch):
     rng = random.Random(26)
     sources = [{"path": write_jsonl(tmp_path / f"s{i}.jsonl", [prose(rng) for _ in range(15)])} for i in range(4)]
