@@ -1,17 +1,24 @@
-"""Serving under load: `lmforge serve` (micro-batching) vs a one-request-at-a-time server with plain
-`model.generate`, both measured in the same run; plus one-sequence generation speed of our wrapper vs
-plain `transformers` generate.
+"""Serving under load, each peer measured in the same run.
+
+Default mode: `lmforge serve` (continuous batching) vs a one-request-at-a-time server with plain
+`model.generate`; plus one-sequence generation speed of our wrapper vs plain `transformers` generate.
+`--stream`: streaming clients with mixed prompt and output lengths against three servers up at once —
+continuous batching, micro-batching (`lmforge serve --batching micro`) and one-at-a-time `generate` —
+for generated tokens/s and time to first token (bars, issue 25: continuous >= 1.5x micro's tokens/s and
+<= 0.5x its p99 TTFT at 8/32/64 clients); medians over `--rounds`, ratios of the same round.
 
     python benchmarks/serve_load.py                      # GPT-2 4x256 (random weights), 1/8/32 clients
+    python benchmarks/serve_load.py --stream --requests 4 --max-tokens 96
     python benchmarks/serve_load.py --run runs/quickstart/clm --device cuda
     python benchmarks/serve_load.py --quick              # seconds: a smoke test of the script itself
 
-Each level starts C concurrent clients (loopback only); each sends R greedy completion requests of
-`--max-tokens` tokens one after another, for at most `--time-limit` seconds. Reported per server and level:
-requests/s, generated tokens/s, p50/p99 latency. Bars (issue 5): at 32 clients our generated tokens/s
->= 4x the one-at-a-time server; one-sequence tokens/s of `lmforge.generate` >= 1.0x plain generate.
-Both servers answer the same greedy prompts, so their texts and token counts agree (the run checks it).
-Both servers run as subprocesses on the same machine as the clients, and get 4 warm-up requests first.
+Each level starts C concurrent clients (loopback only); each sends R greedy completion requests one after
+another, for at most `--time-limit` seconds. Default mode reports per server and level requests/s,
+generated tokens/s, p50/p99 latency (bars, issue 5: at 32 clients our generated tokens/s >= 4x the
+one-at-a-time server; one-sequence tokens/s of `lmforge.generate` >= 1.0x plain generate). The servers
+answer the same greedy prompts, so their texts agree (the run checks it). Servers run as subprocesses on
+the same machine as the clients, with OMP_WAIT_POLICY=PASSIVE (and `--server-threads`) alike, and get
+warm-up requests first.
 """
 
 from __future__ import annotations
@@ -40,6 +47,7 @@ HERE = Path(__file__).resolve()
 def baseline_app(folder: str, device: str):
     """One request at a time: a lock around plain `model.generate` (greedy), OpenAI-shaped answers."""
     from fastapi import FastAPI
+    from fastapi.responses import StreamingResponse
     from transformers import AutoModelForCausalLM, AutoTokenizer
     model = AutoModelForCausalLM.from_pretrained(folder).to(device).eval()
     tok = AutoTokenizer.from_pretrained(folder)
@@ -50,18 +58,55 @@ def baseline_app(folder: str, device: str):
     def health():
         return {"status": "ok"}
 
+    def run(ids, max_tokens: int, streamer=None):
+        with lock, torch.inference_mode():
+            return model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_tokens,
+                                  do_sample=False, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
+                                  streamer=streamer)
+
     @app.post("/v1/completions")
     def complete(body: dict):  # a sync route: runs in the threadpool, serialised by the lock
         ids = tok(body["prompt"], add_special_tokens=False, return_tensors="pt")["input_ids"].to(device)
-        with lock, torch.inference_mode():
-            out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=body["max_tokens"],
-                                 do_sample=False, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
-        new = out[0, ids.shape[1]:].tolist()
+        if body.get("stream"):
+            return StreamingResponse(stream_pieces(run, ids, body["max_tokens"], tok), media_type="text/event-stream")
+        new = run(ids, body["max_tokens"])[0, ids.shape[1]:].tolist()
         n = new.index(tok.eos_token_id) + 1 if tok.eos_token_id in new else len(new)
         text = tok.decode(new[:n], skip_special_tokens=True)
         return {"choices": [{"text": text, "index": 0, "finish_reason": "length"}],
                 "usage": {"prompt_tokens": ids.shape[1], "completion_tokens": n, "total_tokens": ids.shape[1] + n}}
     return app
+
+
+def stream_pieces(run, ids, max_tokens: int, tok):
+    """Server-sent events of one plain `generate` call: one event per token as generate makes it (its streamer
+    hook), then the usage, as lmforge's stream sends them."""
+    import queue
+    from transformers.generation.streamers import BaseStreamer
+
+    pieces: queue.Queue = queue.Queue()
+
+    class Tokens(BaseStreamer):
+        def __init__(self):
+            self.prompt_seen = False
+
+        def put(self, value):
+            if self.prompt_seen:
+                pieces.put(int(value.reshape(-1)[0]))
+            self.prompt_seen = True
+
+        def end(self):
+            pieces.put(None)
+
+    threading.Thread(target=run, args=(ids, max_tokens, Tokens()), daemon=True).start()
+    made = []
+    while (token := pieces.get()) is not None:
+        made.append(token)
+        if token == tok.eos_token_id:
+            continue
+        yield f"data: {json.dumps({'choices': [{'text': tok.decode([token]), 'index': 0}]})}\n\n"
+    n = made.index(tok.eos_token_id) + 1 if tok.eos_token_id in made else len(made)
+    yield f"data: {json.dumps({'choices': [], 'usage': {'completion_tokens': n}})}\n\n"
+    yield "data: [DONE]\n\n"
 
 
 # ----------------------------------------------------------------------------- model and prompts
@@ -164,6 +209,130 @@ async def load(port: int, model: str, prompts: list[str], clients: int, per_clie
             "p50_ms": round(1000 * q(0.5), 1), "p99_ms": round(1000 * q(0.99), 1), "texts": texts}
 
 
+def mixed_jobs(prompts: list[str], max_tokens: int) -> list[tuple[str, int]]:
+    """(prompt, max_tokens) pairs of mixed lengths: one-line and six-line prompts, 1/8 to all of `max_tokens`."""
+    lengths = [max(1, max_tokens * k // 8) for k in (1, 8, 2, 4, 1, 6, 3, 8)]
+    jobs = []
+    for i, prompt in enumerate(prompts):
+        if i % 4 == 3:
+            prompt = "\n".join(prompts[(i + k) % len(prompts)] for k in range(6))
+        jobs.append((prompt, lengths[i % len(lengths)]))
+    return jobs
+
+
+async def stream_load(port: int, model: str, jobs: list[tuple[str, int]], clients: int, per_client: int,
+                      time_limit: float) -> dict:
+    """C clients, each streaming R greedy completions one after another: generated tokens/s over the level's wall
+    time, and time to the first text (TTFT) per request."""
+    ttfts, tokens, texts, failures = [], 0, {}, []
+    stop_at = time.monotonic() + time_limit
+
+    async def client(k: int, http: httpx.AsyncClient):
+        nonlocal tokens
+        for j in range(per_client):
+            if time.monotonic() > stop_at:
+                return
+            prompt, max_tokens = jobs[(k * per_client + j) % len(jobs)]
+            body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True,
+                    "stream_options": {"include_usage": True}}
+            t0, first, pieces = time.perf_counter(), None, []
+            try:
+                async with http.stream("POST", "/v1/completions", json=body) as r:
+                    r.raise_for_status()
+                    async for line in r.aiter_lines():
+                        if not line.startswith("data: {"):
+                            continue
+                        event = json.loads(line[6:])
+                        if "error" in event:
+                            raise RuntimeError(f"stream failed: {event['error']}")
+                        if event["choices"] and event["choices"][0]["text"]:
+                            first = first or time.perf_counter() - t0
+                            pieces.append(event["choices"][0]["text"])
+                        tokens += (event.get("usage") or {}).get("completion_tokens", 0)
+            except (httpx.HTTPError, RuntimeError) as err:  # counted and reported, not fatal to the run
+                failures.append(repr(err))
+                continue
+            ttfts.append(first if first is not None else time.perf_counter() - t0)
+            texts[f"{max_tokens}:{prompt}"] = "".join(pieces)
+
+    limits = httpx.Limits(max_connections=clients + 4, max_keepalive_connections=clients + 4)
+    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=900, limits=limits) as http:
+        t0 = time.perf_counter()
+        await asyncio.gather(*(client(k, http) for k in range(clients)))
+        wall = time.perf_counter() - t0
+    ttfts.sort()
+    q = lambda p: ttfts[min(len(ttfts) - 1, int(p * len(ttfts)))]  # noqa: E731
+    return {"clients": clients, "requests": len(ttfts), "seconds": round(wall, 3),
+            "tokens_per_s": round(tokens / wall, 2), "ttft_p50_ms": round(1000 * q(0.5), 1),
+            "ttft_p99_ms": round(1000 * q(0.99), 1), "failed": len(failures), "texts": texts}
+
+
+def streaming_benchmark(args, folder: str, prompts: list[str], device: str, levels: list[int]) -> dict:
+    """Continuous batching vs micro-batching (`lmforge serve --batching micro`) vs one-at-a-time `generate`, all
+    three servers up at once, each round running every level on each server in turn (the order rotates)."""
+    jobs = mixed_jobs(prompts, args.max_tokens)
+    lmforge = lambda mode: lambda port: [sys.executable, "-m", "lmforge.cli", "serve", f"bench={folder}",  # noqa
+                                         "--port", str(port), "--device", device, "--batching", mode,
+                                         "--max-batch", str(max(levels)), "--max-concurrent", str(max(levels) + 8),
+                                         "--max-tokens-cap", str(args.max_tokens), "--timeout", "3600"]
+    servers = {"continuous": lmforge("continuous"), "micro": lmforge("micro"),
+               "one-at-a-time": lambda port: [sys.executable, str(HERE), "--baseline-server", folder, "--port",
+                                              str(port), "--device", device]}
+    ports, procs = {}, []
+    try:
+        for name, command in servers.items():
+            ports[name] = free_port()
+            procs.append(start(command(ports[name]), ports[name]))
+            asyncio.run(stream_load(ports[name], "bench", jobs[-4:], 2, 2, args.time_limit))  # warm-up
+        runs: dict = {}
+        texts: dict = {}
+        for round_ in range(args.rounds):
+            for c in levels:
+                order = list(servers)[round_ % 3:] + list(servers)[:round_ % 3]
+                for name in order:
+                    r = asyncio.run(stream_load(ports[name], "bench", jobs, c, args.requests, args.time_limit))
+                    texts.setdefault(name, {}).update(r.pop("texts"))
+                    runs.setdefault(str(c), {}).setdefault(name, []).append(r)
+                    print(f"  round {round_ + 1} {name:>14} {c:>3} clients: {r['tokens_per_s']:9.1f} tok/s  TTFT p50 "
+                          f"{r['ttft_p50_ms']:8.1f} ms  p99 {r['ttft_p99_ms']:8.1f} ms"
+                          + (f"  ({r['failed']} requests failed)" if r["failed"] else ""), flush=True)
+    finally:
+        for proc in procs:
+            proc.terminate()
+            proc.wait(timeout=60)
+    return {"levels": {c: summarize(by_server) for c, by_server in runs.items()},
+            "same_text": {name: f"{sum(texts[name].get(k) == v for k, v in texts['continuous'].items())}/"
+                                f"{len(texts['continuous'])}" for name in ("micro", "one-at-a-time")}}
+
+
+def summarize(by_server: dict) -> dict:
+    """Medians over rounds per server, and the medians of the per-round ratios against micro-batching."""
+    out = {name: {key: statistics.median(r[key] for r in rs) for key in ("tokens_per_s", "ttft_p50_ms", "ttft_p99_ms")}
+           for name, rs in by_server.items()}
+    pairs = list(zip(by_server["continuous"], by_server["micro"], by_server["one-at-a-time"]))
+    out["continuous_vs_micro"] = {
+        "tokens_per_s": round(statistics.median(c["tokens_per_s"] / m["tokens_per_s"] for c, m, _ in pairs), 2),
+        "ttft_p99": round(statistics.median(c["ttft_p99_ms"] / m["ttft_p99_ms"] for c, m, _ in pairs), 3)}
+    out["continuous_vs_one_at_a_time"] = {
+        "tokens_per_s": round(statistics.median(c["tokens_per_s"] / o["tokens_per_s"] for c, _, o in pairs), 2),
+        "ttft_p99": round(statistics.median(c["ttft_p99_ms"] / o["ttft_p99_ms"] for c, _, o in pairs), 3)}
+    return out
+
+
+def print_streaming(results: dict) -> None:
+    print("\n| clients | server | generated tokens/s | TTFT p50 ms | TTFT p99 ms |")
+    print("|---:|---|---:|---:|---:|")
+    for c, row in results["levels"].items():
+        for name in ("continuous", "micro", "one-at-a-time"):
+            r = row[name]
+            print(f"| {c} | {name} | {r['tokens_per_s']:.1f} | {r['ttft_p50_ms']:.1f} | {r['ttft_p99_ms']:.1f} |")
+    for c, row in results["levels"].items():
+        vm, vo = row["continuous_vs_micro"], row["continuous_vs_one_at_a_time"]
+        print(f"{c} clients: continuous / micro tokens/s = {vm['tokens_per_s']}x, TTFT p99 = {vm['ttft_p99']}x; "
+              f"continuous / one-at-a-time tokens/s = {vo['tokens_per_s']}x, TTFT p99 = {vo['ttft_p99']}x")
+    print(f"greedy texts identical to continuous batching: {results['same_text']}")
+
+
 # ----------------------------------------------------------------------------- one sequence
 
 def single_sequence(folder: str, prompt: str, max_tokens: int, device: str, repeats: int) -> dict:
@@ -228,6 +397,11 @@ def main() -> None:
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--time-limit", type=float, default=300.0, help="seconds per level and server")
     p.add_argument("--repeats", type=int, default=5, help="one-sequence timing repeats")
+    p.add_argument("--stream", action="store_true", help="streaming clients with mixed prompt and output lengths: "
+                   "continuous vs micro-batching vs one-at-a-time generate (default levels 8,32,64)")
+    p.add_argument("--server-threads", type=int, default=0, help="OMP_NUM_THREADS of every server (0: torch's "
+                   "default); --stream defaults to 1")
+    p.add_argument("--rounds", type=int, default=3, help="--stream: rounds of all levels (medians are reported)")
     p.add_argument("--quick", action="store_true", help="tiny model, 1 and 4 clients, 2 requests of 8 tokens")
     p.add_argument("--out", help="also write the results as JSON here")
     p.add_argument("--baseline-server", help=argparse.SUPPRESS)   # internal: run the peer server on this folder
@@ -239,8 +413,15 @@ def main() -> None:
         uvicorn.run(baseline_app(args.baseline_server, device), host="127.0.0.1", port=args.port,
                     log_level="warning")
         return
+    if args.stream and args.clients == "1,8,32":
+        args.clients = "8,32,64"
+    if args.stream and not args.server_threads:
+        args.server_threads = 1
     if args.quick:
-        args.clients, args.requests, args.max_tokens, args.repeats = "1,4", 2, 8, 2
+        args.clients, args.requests, args.max_tokens, args.repeats, args.rounds = "1,4", 2, 8, 2, 1
+    os.environ["OMP_WAIT_POLICY"] = "PASSIVE"  # every server alike (lmforge serve sets it for itself)
+    if args.server_threads:  # every server alike: on a CPU shared with other work, one thread per server is fastest
+        os.environ["OMP_NUM_THREADS"] = str(args.server_threads)
 
     with tempfile.TemporaryDirectory() as tmp:
         if args.run:
@@ -256,6 +437,12 @@ def main() -> None:
         print(f"model: {folder}; device: {device}; {len(prompts)} prompts; levels {levels}, "
               f"{args.requests} requests x {args.max_tokens} tokens per client", flush=True)
         results = {"device": device, "model": folder, "levels": {}, "torch": torch.__version__}
+        if args.stream:
+            results.update(streaming_benchmark(args, folder, prompts, device, levels))
+            print_streaming(results)
+            if args.out:
+                Path(args.out).write_text(json.dumps(results, indent=2))
+            return
 
         servers = {
             "lmforge": lambda port: [sys.executable, "-m", "lmforge.cli", "serve", f"bench={folder}", "--port",

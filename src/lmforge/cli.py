@@ -7,6 +7,7 @@ of a second instead of loading torch and transformers first."""
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 from typing import List, Optional
@@ -141,6 +142,51 @@ def predict(run_dir: Path = typer.Argument(..., help="Fine-tuning run folder (or
         _fail(LmforgeError(f"{output}: cannot write ({err.strerror})"))
 
 
+@app.command()
+def index(run_dir: Path = typer.Argument(..., help="Embedding run folder (task: embedding), or a "
+                                                   "sentence-transformers folder."),
+          input: Path = typer.Option(..., "--input", help="Documents: a .txt file (one per line, id = line number) "
+                                                          "or JSONL/CSV/TSV/Parquet records."),
+          out: Path = typer.Option(..., "--out", help="Index folder to write."),
+          text_field: str = typer.Option("text", help="Field or column holding each document's text."),
+          id_field: str = typer.Option("id", help="Field or column holding each document's id (default: its line)."),
+          batch_size: int = typer.Option(64, min=1, help="Documents per batch."),
+          force: bool = typer.Option(False, help="Replace --out if it exists.")):
+    """Embed a corpus into an exact vector index on disk (memory-mapped float32 vectors, ids, texts and the
+    fingerprint of the model that made them)."""
+    from lmforge.index import index as run
+    try:
+        result = run(run_dir, input, out, text_field=text_field, id_field=id_field, batch_size=batch_size,
+                     force=force)
+        m = result.metrics
+        typer.echo(f"indexed {m['documents']} documents ({m['dim']} dimensions, {m['documents_per_s']:.0f} "
+                   f"documents/s) into {result}")
+    except LmforgeError as err:
+        _fail(err)
+
+
+@app.command()
+def retrieve(index_dir: Path = typer.Argument(..., help="Index folder written by `lmforge index`."),
+             query: List[str] = typer.Option(..., "--query", help="Query text (repeatable)."),
+             k: int = typer.Option(5, "-k", help="Documents per query."),
+             model: Optional[Path] = typer.Option(None, help="Embed the queries with this model folder (refused "
+                                                             "unless it built the index; default: the one that did)."),
+             as_json: bool = typer.Option(False, "--json", help="One JSON line per query instead of a table.")):
+    """Semantic search: the k documents nearest to each query, best first, with their cosine scores."""
+    from lmforge.index import retrieve as run
+    try:
+        hits = run(index_dir, query, k=k, model=model)
+    except LmforgeError as err:
+        _fail(err)
+    for q, found in zip(query, hits):
+        if as_json:
+            typer.echo(json.dumps({"query": q, "hits": [vars(h) for h in found]}, ensure_ascii=False))
+            continue
+        typer.echo(f"query: {q}")
+        for rank, h in enumerate(found, 1):
+            typer.echo(f"  {rank:>2}. {h.score:.4f}  [{h.id}]  {h.text[:100]}")
+
+
 @app.command("eval")
 def eval_(run_dir: Path = typer.Argument(..., help="Run folder (or a checkpoint folder inside one)."),
           split: str = typer.Option("validation", help="'validation' or 'train' ('test' for fine-tuning runs)."),
@@ -233,12 +279,23 @@ def generate(run_dir: Path = typer.Argument(..., help="Causal LM run folder, or 
              stream: bool = typer.Option(False, help="Print text as it is generated."),
              model: Optional[str] = typer.Option(None, help="'final', 'best', 'latest' or a folder; for an experts "
                                                  "run: ensemble, moe, demix, average, dense or seed (default: the "
-                                                 "first of these that exists).")):
+                                                 "first of these that exists)."),
+             draft: Optional[Path] = typer.Option(None, help="A smaller causal LM with the same tokenizer: "
+                                                             "speculative decoding (prints the acceptance rate)."),
+             json_schema: Optional[Path] = typer.Option(None, help="A JSON Schema file: the text is JSON that "
+                                                                   "follows it (enforced token by token).")):
     """Continue a prompt with a causal LM (or an encoder-decoder model): greedy, sampling or beam search."""
     from lmforge.generate import Decoding, context_limit, encode_prompt, open_generator
     from lmforge.generate import generate as run
     from lmforge.generate import stream as run_stream
     try:
+        if json_schema is not None:
+            return _generate_structured(run_dir, model, json_schema, prompt, Decoding(
+                max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
+                repetition_penalty=repetition_penalty, stop=_stops(stop)), stream)
+        if draft is not None:
+            return _generate_with_draft(run_dir, model, draft, prompt, max_new_tokens, temperature, top_k, top_p,
+                                        stop, seed, stream)
         lm, tokenizer = open_generator(run_dir, model)
         limit = context_limit(lm)
         used = len(encode_prompt(tokenizer, lm, prompt))
@@ -248,7 +305,7 @@ def generate(run_dir: Path = typer.Argument(..., help="Causal LM run folder, or 
         settings = Decoding(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                             num_beams=num_beams, length_penalty=length_penalty, early_stopping=early_stopping,
                             repetition_penalty=repetition_penalty, seed=seed,
-                            stop=tuple(s.replace("\\n", "\n").replace("\\t", "\t") for s in stop))
+                            stop=_stops(stop))
         if stream:
             typer.echo(prompt, nl=False)
             for piece in run_stream(lm, tokenizer, prompt, settings, clamp=True):
@@ -261,6 +318,63 @@ def generate(run_dir: Path = typer.Argument(..., help="Causal LM run folder, or 
         _fail(err)
 
 
+def _stops(stop: List[str]) -> tuple[str, ...]:
+    """--stop values, with \\n and \\t meaning newline and tab."""
+    return tuple(s.replace("\\n", "\n").replace("\\t", "\t") for s in stop)
+
+
+def _generate_structured(run_dir: Path, which: Optional[str], schema_file: Path, prompt: str, settings,
+                         stream: bool) -> None:
+    import dataclasses
+
+    from lmforge.generate import context_limit, encode_prompt, open_generator
+    from lmforge.generate.running import Row, RunningBatch, continuous_batchable, run_rows
+    from lmforge.generate.structured import check_grammar, json_grammar
+    try:
+        schema = json.loads(schema_file.read_text())
+    except (OSError, ValueError) as err:
+        raise LmforgeError(f"--json-schema {schema_file}: {err}") from None
+    lm, tokenizer = open_generator(run_dir, which)
+    if not continuous_batchable(lm):
+        raise LmforgeError(f"--json-schema: {type(lm).__name__} is not a decoder the structured decoder can run")
+    grammar = json_grammar(schema)
+    try:
+        check_grammar(grammar, tokenizer, lm.get_output_embeddings().weight.shape[0])
+    except LmforgeError as err:
+        raise LmforgeError(f"--json-schema {schema_file}: {err}") from None
+    ids = encode_prompt(tokenizer, lm, prompt)
+    limit = context_limit(lm)
+    room = settings.max_new_tokens if limit is None else min(settings.max_new_tokens, limit - len(ids))
+    if room < 1:
+        raise LmforgeError(f"prompt: {len(ids)} tokens fill the model's {limit} positions")
+    typer.echo(prompt, nl=False)
+    row = Row(ids, dataclasses.replace(settings, grammar=grammar), room,
+              emit=(lambda piece: (typer.echo(piece, nl=False), sys.stdout.flush())) if stream else None)
+    completion = run_rows(RunningBatch(lm.eval(), tokenizer), [row])[0]
+    typer.echo("" if stream else completion.text)
+    if completion.finish_reason == "length":
+        typer.echo(f"note: the text was cut at {room} tokens before the JSON was complete", err=True)
+
+
+def _generate_with_draft(run_dir: Path, which: Optional[str], draft: Path, prompt: str, max_new_tokens: int,
+                         temperature: float, top_k: Optional[int], top_p: Optional[float], stop: List[str], seed: int,
+                         stream: bool) -> None:
+    from lmforge.generate import Decoding, open_generator
+    from lmforge.generate.speculative import check_draft, speculative_generate
+    lm, tokenizer = open_generator(run_dir, which)
+    if not draft.exists():
+        raise LmforgeError(f"--draft {draft}: no such run folder")
+    small, small_tokenizer = open_generator(draft)
+    check_draft(lm, tokenizer, small, small_tokenizer)
+    settings = Decoding(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
+                        stop=_stops(stop))
+    typer.echo(prompt, nl=False)
+    completion, rate = speculative_generate(lm, tokenizer, small, prompt, settings, clamp=True, emit=(
+        lambda piece: (typer.echo(piece, nl=False), sys.stdout.flush())) if stream else None)
+    typer.echo("" if stream else completion.text)
+    typer.echo(f"note: the draft's tokens were accepted at a rate of {rate:.1%}", err=True)
+
+
 @app.command()
 def serve(models: List[str] = typer.Argument(..., help="Run folders or HF folders to serve; NAME=PATH names one "
                                                        "(default name: the folder's name)."),
@@ -268,29 +382,46 @@ def serve(models: List[str] = typer.Argument(..., help="Run folders or HF folder
           port: int = typer.Option(8000, min=1, max=65535, help="TCP port."),
           api_key: Optional[str] = typer.Option(None, envvar="LMFORGE_API_KEY",
                                                 help="Require 'Authorization: Bearer KEY' (all routes but /health)."),
-          max_batch: int = typer.Option(16, min=1, help="Most completion rows run in one batched generate call."),
-          max_wait_ms: float = typer.Option(10.0, min=0.0, help="How long a batch waits for more requests."),
+          batching: str = typer.Option("continuous", help="'continuous': one decode loop per model that rows join "
+                                       "and leave at every step; 'micro': requests that arrive together run as one "
+                                       "generate call."),
+          max_batch: int = typer.Option(64, min=1, help="Most completion rows decoding together."),
+          max_wait_ms: float = typer.Option(10.0, min=0.0, help="--batching micro: how long a batch waits for more "
+                                                                "requests."),
+          max_cache_tokens: int = typer.Option(65536, min=1, help="Most KV-cache tokens a decode loop reserves "
+                                                                  "(prompt + max_tokens per row); rows beyond wait."),
           max_concurrent: int = typer.Option(64, min=1, help="Requests worked on at once."),
           max_queue: int = typer.Option(256, min=0, help="Requests waiting beyond those; more get 429."),
           timeout: float = typer.Option(120.0, min=0.001, help="Seconds before a request gets 408 and is stopped."),
           max_tokens_cap: int = typer.Option(512, min=1, help="Largest max_tokens a request may ask for."),
+          draft: Optional[Path] = typer.Option(None, help="A smaller causal LM with the same tokenizer (e.g. a "
+                                                          "distilled student): speculative decoding, one row at a "
+                                                          "time."),
           device: str = typer.Option("auto", help="'auto' (CUDA when available), 'cpu' or 'cuda[:N]'.")):
     """Serve models over HTTP: OpenAI-compatible /v1/completions and /v1/chat/completions, /v1/classify and
     /v1/ner for fine-tuned runs, /v1/models, /health, /metrics."""
+    # Before torch loads OpenMP: its threads sleep instead of spinning between operations, which on a CPU shared
+    # with other work (or with the server's own threads) made each request many times slower.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     import torch
 
     from lmforge.models.onnx import OnnxModel
     from lmforge.serve import create_app, load_served_models, run_server
+    from lmforge.serve.models import attach_draft
     try:
         served = load_served_models(models)
         target = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+        if draft is not None:
+            typer.echo(f"speculative decoding for {attach_draft(served, draft).name!r} with the draft {draft}")
         for m in served.values():
             m.model.to(target)
+            if m.draft is not None:
+                m.draft.to(target)
             where = "ONNX Runtime (cpu)" if isinstance(m.model, OnnxModel) else target
             typer.echo(f"serving {m.name!r} ({m.kind}) from {m.source} on {where}")
-        app_ = create_app(served, api_key=api_key, max_batch=max_batch, max_wait_ms=max_wait_ms,
-                          max_concurrent=max_concurrent, max_queue=max_queue, timeout_s=timeout,
-                          max_tokens_cap=max_tokens_cap)
+        app_ = create_app(served, api_key=api_key, batching=batching, max_batch=max_batch, max_wait_ms=max_wait_ms,
+                          max_cache_tokens=max_cache_tokens, max_concurrent=max_concurrent, max_queue=max_queue,
+                          timeout_s=timeout, max_tokens_cap=max_tokens_cap)
     except LmforgeError as err:
         _fail(err)
     except RuntimeError as err:  # e.g. an unknown --device
@@ -476,23 +607,62 @@ def experts_branch(recipe: Path = typer.Argument(..., help="Pretraining recipe w
 
 @experts_app.command("train")
 def experts_train(target: Path = typer.Argument(..., help="The experts recipe or its run folder."),
-                  domain: List[str] = typer.Option([], "--domain", help="Train only this expert (repeatable); "
-                                                   "run one process per domain to train them in parallel."),
+                  domain: List[str] = typer.Option([], "--domain", help="Train only this expert (repeatable)."),
                   dense: bool = typer.Option(False, help="Also train the dense baseline (the seed on the mixture "
                                              "on as many tokens as the experts together)."),
                   demix: bool = typer.Option(False, help="Also train the DEMix model (RUN/demix/): the seed with one "
                                              "FFN expert per domain in every layer, as many tokens as the "
                                              "experts together, each row through its domain's expert."),
+                  launch: str = typer.Option("local", help="How the jobs run: 'local' (one process per expert, "
+                                             "--jobs at a time, logs in RUN/experts/<name>.log), 'inline' (one after "
+                                             "another in this process), 'print' (one torchrun command per expert, "
+                                             "for any scheduler) or 'slurm' (write RUN/experts/train.sbatch, a job "
+                                             "array)."),
+                  jobs: Optional[int] = typer.Option(None, min=1, help="local: experts trained at once (default: "
+                                                     "one per two cores)."),
+                  nproc: int = typer.Option(1, min=1, help="print/slurm: processes (GPUs) per expert's torchrun."),
+                  missing: bool = typer.Option(False, help="Only the experts whose final model is not there yet."),
                   set_: List[str] = typer.Option([], "--set", help=SET_HELP),
                   progress: bool = typer.Option(True, help="Show progress bars.")):
-    """Train experts, each on its own domain only, as independent pretraining runs."""
+    """Train experts, each on its own domain only, as independent jobs (no expert waits for another)."""
     from lmforge.experts import train
+    from lmforge.experts.launch import DEMIX, DENSE, LAUNCHERS, jobs_for, run_local, torchrun_commands, write_slurm
+    if launch not in LAUNCHERS:
+        _fail(LmforgeError(f"--launch: expected one of {', '.join(LAUNCHERS)}, got {launch!r}"))
     try:
+        run = _experts_run(target, set_)
         # --dense / --demix alone train only those; no --domain, --dense or --demix trains every expert.
-        train(_experts_run(target, set_), domain or ([] if dense or demix else None), dense, demix=demix,
-              show_progress=progress)
+        wanted = domain or ([] if dense or demix else None)
+        todo = jobs_for(run, wanted, dense, demix, missing_only=missing)
+        names = [job.name for job in todo]
+        if launch == "inline":
+            train(run, [n for n in names if n not in (DENSE, DEMIX)], DENSE in names, demix=DEMIX in names,
+                  show_progress=progress)
+        elif not todo:
+            typer.echo("every expert asked for is trained already")
+        elif launch == "print":
+            typer.echo("\n".join(torchrun_commands(run, todo, set_, nproc)))
+        elif launch == "slurm":
+            script = write_slurm(run, todo, set_, nproc)
+            typer.echo(f"wrote {script} ({len(todo)} array tasks); submit it with: sbatch {script}")
+        else:
+            run_local(run, todo, set_, jobs)
     except LmforgeError as err:
         _fail(err)
+
+
+@experts_app.command("status")
+def experts_status(target: Path = typer.Argument(..., help="The experts run folder (or its recipe)."),
+                   set_: List[str] = typer.Option([], "--set", help=SET_HELP)):
+    """Which experts are trained, which stopped part-way (and at what step), which are missing."""
+    from lmforge.experts.launch import status
+    try:
+        rows = status(_experts_run(target, set_))
+    except LmforgeError as err:
+        _fail(err)
+    width = max(len(r["name"]) for r in rows)
+    for r in rows:
+        typer.echo(f"{r['name']:<{width}}  {r['state']:<8} {r['detail']}")
 
 
 @experts_app.command("merge")

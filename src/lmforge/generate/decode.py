@@ -36,6 +36,7 @@ class Decoding:
     stop: tuple[str, ...] = ()
     seed: Optional[int] = None      # None: a fresh random seed per call
     logprobs: Optional[int] = None  # record each token's log-probability and this many alternatives
+    grammar: Optional[str] = None   # an llguidance grammar the text must follow (`lmforge.generate.structured`)
 
     def __post_init__(self):
         object.__setattr__(self, "stop", tuple(s for s in self.stop if s))
@@ -147,6 +148,9 @@ def encode_prompt(tokenizer, model, prompt: str) -> list[int]:
 def prepare(model, tokenizer, prompts: Sequence[str], settings: Sequence[Decoding], clamp: bool = False) -> Batch:
     """Token ids of every prompt, left-padded (right-padded for an encoder), checked against the position limit."""
     check_generative(model)
+    if any(s.grammar for s in settings):
+        raise LmforgeError("a grammar (structured output) needs the continuous-batching decoder "
+                           "(`lmforge.generate.running`)")
     if len({s.batch_key() for s in settings}) > 1:
         raise ValueError("rows of one generate call must share num_beams, length_penalty, early_stopping, "
                          "repetition_penalty and logprobs")
@@ -231,10 +235,16 @@ def _generate_kwargs(model, s0: Decoding, max_new_tokens: int, eos: Optional[int
 def lean_decodable(model, settings: Decoding) -> bool:
     """Whether `lean_decode` can stand in for `generate`: one token per step (no beams, no repetition penalty)
     from a transformers decoder-only model with a KV cache (expert ensembles and DEMix models use generate)."""
-    return (settings.num_beams == 1 and settings.repetition_penalty == 1.0 and not model.config.is_encoder_decoder
-            and type(model).__module__.startswith("transformers.models.") and getattr(model, "kv_cache", True)
-            and model.config.use_cache is not False and _forward_takes(type(model))
-            and set(model.generation_config.to_diff_dict()) <= _INERT_GENERATION_KEYS)
+    return settings.num_beams == 1 and settings.repetition_penalty == 1.0 and steps_by_hand(model)
+
+
+def steps_by_hand(model) -> bool:
+    """Whether a loop of our own may run this model's forwards step by step with its KV cache: a transformers
+    decoder-only model whose forward takes positions and a cache, and whose generation_config asks for nothing
+    that would make generate add processors."""
+    return (not model.config.is_encoder_decoder and type(model).__module__.startswith("transformers.models.")
+            and getattr(model, "kv_cache", True) and model.config.use_cache is not False
+            and _forward_takes(type(model)) and set(model.generation_config.to_diff_dict()) <= _INERT_GENERATION_KEYS)
 
 
 # generation_config entries that change nothing in greedy decoding with explicit eos/pad and max_new_tokens; any
@@ -292,18 +302,24 @@ def lean_decode(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, ma
 
 
 def _completion(tokenizer, new: list[int], batch: Batch, r: int, eos: Optional[int], ends: set, record) -> Completion:
-    s = batch.settings[r]
     n = next((k for k, t in enumerate(new) if t in ends), len(new))
     n = min(n, batch.limits[r])
-    ids = new[:n]
+    # ended by EOS (not by its limit, a stop string or cancellation, after which generate pads the row)
+    by_eos = n < min(len(new), batch.limits[r]) and new[n] == eos
+    return row_completion(tokenizer, new[:n], batch.prompt_tokens[r], batch.settings[r], by_eos, record)
+
+
+def row_completion(tokenizer, ids: list[int], prompt_tokens: int, settings: Decoding, by_eos: bool,
+                   record: Optional[list]) -> Completion:
+    """A finished row: `ids` are its new tokens without the EOS that ended it (`by_eos`); its text is cut at the
+    first stop string; `record` holds (logprob, top ids, top logprobs) per token when logprobs were asked for."""
     text = tokenizer.decode(ids, skip_special_tokens=True)
-    cut = cut_at_stop(text, s.stop)
-    # a row ended by EOS (not by its limit, a stop string or cancellation, after which generate pads it)
-    hit_eos = n < min(len(new), batch.limits[r]) and new[n] == eos and cut == len(text)
+    cut = cut_at_stop(text, settings.stop)
+    hit_eos = by_eos and cut == len(text)
     completion = Completion(text[:cut], "stop" if hit_eos or cut < len(text) else "length",
-                            batch.prompt_tokens[r], n + int(hit_eos), ids)
+                            prompt_tokens, len(ids) + int(hit_eos), ids)
     if record is not None:
-        completion.logprobs = _token_logprobs(tokenizer, ids, record, s.logprobs, cut)
+        completion.logprobs = _token_logprobs(tokenizer, ids, record, settings.logprobs, cut)
     return completion
 
 

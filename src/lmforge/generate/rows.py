@@ -12,6 +12,26 @@ from transformers import (LogitsProcessor, LogitsProcessorList, StoppingCriteria
                           TopKLogitsWarper, TopPLogitsWarper)
 
 
+def warpers(settings) -> LogitsProcessorList:
+    """HF's temperature → top-k → top-p warpers for one row's settings (only those that change anything)."""
+    warp = LogitsProcessorList()
+    if settings.temperature != 1.0:
+        warp.append(TemperatureLogitsWarper(settings.temperature))
+    if settings.top_k:
+        warp.append(TopKLogitsWarper(settings.top_k))
+    if settings.top_p is not None and settings.top_p < 1.0:
+        warp.append(TopPLogitsWarper(settings.top_p))
+    return warp
+
+
+def row_generator(settings, device: torch.device) -> Optional[torch.Generator]:
+    """A sampling row's own generator, seeded with its seed (a fresh random one without); None when greedy."""
+    if not settings.sampling:
+        return None
+    seed = settings.seed if settings.seed is not None else secrets.randbits(63)
+    return torch.Generator(device=device).manual_seed(seed)
+
+
 class RowSelector(LogitsProcessor):
     """Chooses every row's next token itself (argmax for greedy rows, a draw from the row's own generator
     for sampling rows, after HF's temperature/top-k/top-p warpers) and returns a one-hot score, so
@@ -22,22 +42,11 @@ class RowSelector(LogitsProcessor):
         groups: dict[tuple, list[int]] = {}
         self.generators: list[Optional[torch.Generator]] = []
         for i, s in enumerate(settings):
-            gen = None
             if s.sampling:
                 groups.setdefault((s.temperature, s.top_k, s.top_p), []).append(i)
-                seed = s.seed if s.seed is not None else secrets.randbits(63)
-                gen = torch.Generator(device=device).manual_seed(seed)
-            self.generators.append(gen)
-        self.groups = []
-        for (temperature, top_k, top_p), rows in groups.items():
-            warp = LogitsProcessorList()
-            if temperature != 1.0:
-                warp.append(TemperatureLogitsWarper(temperature))
-            if top_k:
-                warp.append(TopKLogitsWarper(top_k))
-            if top_p is not None and top_p < 1.0:
-                warp.append(TopPLogitsWarper(top_p))
-            self.groups.append((warp, rows, torch.tensor(rows, device=device)))
+            self.generators.append(row_generator(s, device))
+        self.groups = [(warpers(settings[rows[0]]), rows, torch.tensor(rows, device=device))
+                       for rows in groups.values()]
         self.top = max((s.logprobs for s in settings if s.logprobs is not None), default=None)
         self.record: list[list] = [[] for _ in settings]   # per row, per step: (logprob, top ids, top logprobs)
 
@@ -53,15 +62,20 @@ class RowSelector(LogitsProcessor):
                 for k, i in enumerate(rows):
                     chosen[i] = torch.multinomial(probs[k:k + 1], 1, generator=self.generators[i])[0, 0]
         if self.top is not None:
-            logp = scores.float().log_softmax(-1)
-            picked = logp.gather(1, chosen[:, None])[:, 0].tolist()
-            alt = logp.topk(self.top, -1) if self.top else None
-            for i in range(scores.shape[0]):
-                self.record[i].append((picked[i], alt.indices[i].tolist() if alt else [],
-                                       alt.values[i].tolist() if alt else []))
+            for i, entry in enumerate(step_logprobs(scores, chosen, self.top)):
+                self.record[i].append(entry)
         out = torch.full_like(scores, float("-inf"))
         out.scatter_(1, chosen[:, None], 0.0)
         return out
+
+
+def step_logprobs(scores: torch.Tensor, chosen: torch.Tensor, top: int) -> list[tuple]:
+    """Per row: (log-probability of the chosen token, ids of the `top` likeliest tokens, their log-probabilities)."""
+    logp = scores.float().log_softmax(-1)
+    picked = logp.gather(1, chosen[:, None])[:, 0].tolist()
+    alt = logp.topk(top, -1) if top else None
+    return [(picked[i], alt.indices[i].tolist() if alt else [], alt.values[i].tolist() if alt else [])
+            for i in range(scores.shape[0])]
 
 
 class RowStop(StoppingCriteria):

@@ -29,9 +29,12 @@ class PieceStreamer(BaseStreamer):
         if not self.prompt_seen:  # generate hands over the prompt first
             self.prompt_seen = True
             return
+        self.add(int(value.reshape(-1)[0]))
+
+    def add(self, token: int) -> None:
+        """One new token of the row (the prompt excluded)."""
         if self.finished.is_set():
             return
-        token = int(value.reshape(-1)[0])
         if token == self.eos:
             self.finished.set()
             return self._flush(final=True)

@@ -26,8 +26,8 @@ from typing import Callable, Iterator, Optional, Union
 import numpy as np
 import pyarrow.parquet as pq
 
-from lmforge.data.sources import PREPARED_MARKER as MARKER
 from lmforge.errors import LmforgeError
+from lmforge.paths import PREPARED_MARKER as MARKER
 from lmforge.prep import mix
 from lmforge.prep.config import PrepRecipe, load_prep_recipe
 from lmforge.prep.dedup import ShingleSets, near_pairs

@@ -1,7 +1,13 @@
-"""The HTTP server: OpenAI-compatible completions and chat completions, classify / NER, health, metrics.
+"""The HTTP server: OpenAI-compatible completions and chat completions, classify / NER, embeddings and search
+(`serve.embeddings`), health, metrics.
+
+Completion requests, streamed or not, go to their model's decode loop (`batching="continuous"`, the
+default: `lmforge.serve.scheduler`) or micro-batcher (`"micro"`: `lmforge.serve.batching`; also what
+models the decode loop cannot run use, such as encoder-decoders and expert ensembles).
 
 Limits: at most `max_concurrent` requests are worked on at once and `max_queue` more wait for a slot;
-beyond that a request gets 429. A request that is not done within `timeout_s` (waiting included) gets
+beyond that a request gets 429 with `Retry-After`. A decode loop holds at most `max_batch` rows and
+`max_cache_tokens` reserved cache tokens (prompt + max_tokens per row); rows beyond wait their turn. A request that is not done within `timeout_s` (waiting included) gets
 408 and its rows stop; a client that goes away stops its rows too. `max_tokens` above `max_tokens_cap`,
 and prompt + max_tokens above the model's position limit, are 400s.
 """
@@ -20,15 +26,20 @@ from fastapi import FastAPI, Request, Response
 
 from lmforge.errors import LmforgeError
 from lmforge.generate import Completion, Decoding, context_limit, encode_prompt
+from lmforge.generate.running import continuous_batchable
+from lmforge.generate.structured import check_grammar, json_grammar, regex_grammar
 from lmforge.serve.batching import Batcher, Job
+from lmforge.serve.embeddings import embedding_routes
 from lmforge.serve.errors import APIError, Gate, install_error_handlers
 from lmforge.serve.metrics import Metrics, prometheus_text
 from lmforge.serve.models import ServedModel
+from lmforge.serve.scheduler import Scheduler
 from lmforge.serve.schemas import ChatRequest, ClassifyRequest, CompletionRequest, NerRequest, Sampling
 from lmforge.serve.streaming import EventStream, sse, stream_rows
 from lmforge.tasks.predict import classify_texts, tag_texts
 
 MAX_ROWS = 64  # prompts × n per request
+BATCHING = ("continuous", "micro")
 
 
 class Admission:
@@ -43,7 +54,8 @@ class Admission:
         m = self.metrics
         if m.in_flight + m.waiting >= self.max_concurrent + self.max_queue:
             raise APIError(429, f"the server is busy ({m.in_flight} requests at work, {m.waiting} waiting); "
-                                "retry later", type="rate_limit_error", code="server_busy")
+                                "retry later", type="rate_limit_error", code="server_busy",
+                           headers={"Retry-After": "1"})
         self.slots = self.slots or asyncio.Semaphore(self.max_concurrent)
         m.waiting += 1
         try:
@@ -65,26 +77,30 @@ class Admission:
 
 
 class Server:
-    def __init__(self, models: dict[str, ServedModel], *, max_batch: int, max_wait_ms: float, max_concurrent: int,
-                 max_queue: int, timeout_s: float, max_tokens_cap: int):
+    def __init__(self, models: dict[str, ServedModel], *, batching: str, max_batch: int, max_wait_ms: float,
+                 max_cache_tokens: int, max_concurrent: int, max_queue: int, timeout_s: float, max_tokens_cap: int):
         self.models = models
-        self.max_batch, self.max_wait_s = max_batch, max_wait_ms / 1000
+        self.batching, self.max_batch, self.max_wait_s = batching, max_batch, max_wait_ms / 1000
+        self.max_cache_tokens = max_cache_tokens
         self.timeout_s, self.max_tokens_cap = timeout_s, max_tokens_cap
         self.metrics = Metrics()
         self.admission = Admission(max_concurrent, max_queue, self.metrics)
-        self.batchers: dict[str, Batcher] = {}
+        self.engines: dict[str, Batcher | Scheduler] = {}
         self.executors: dict[str, ThreadPoolExecutor] = {}
 
     def start(self) -> None:
         for name, served in self.models.items():
-            if served.kind == "generate":
-                self.batchers[name] = Batcher(served, self.max_batch, self.max_wait_s, self.metrics)
+            if served.kind == "generate" and (served.draft is not None or self.batching == "continuous"
+                                              and continuous_batchable(served.model)):
+                self.engines[name] = Scheduler(served, self.max_batch, self.max_cache_tokens, self.metrics)
+            elif served.kind == "generate":
+                self.engines[name] = Batcher(served, self.max_batch, self.max_wait_s, self.metrics)
             else:
                 self.executors[name] = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"lmforge-{name}")
 
     def stop(self) -> None:
-        for batcher in self.batchers.values():
-            batcher.close()
+        for engine in self.engines.values():
+            engine.close()
         for executor in self.executors.values():
             executor.shutdown(wait=False, cancel_futures=True)
 
@@ -96,7 +112,8 @@ class Server:
             raise APIError(404, f"the model {name!r} does not exist (this server has: {', '.join(self.models)})",
                            param="model", code="model_not_found")
         if served.kind != kind:
-            route = {"generate": "/v1/completions", "classification": "/v1/classify", "ner": "/v1/ner"}[served.kind]
+            route = {"generate": "/v1/completions", "classification": "/v1/classify", "ner": "/v1/ner",
+                     "embedding": "/v1/embeddings"}[served.kind]
             raise APIError(400, f"the model {name!r} is a {served.kind} model; use {route}", param="model",
                            code="wrong_model_kind")
         return served
@@ -110,6 +127,7 @@ class Server:
             raise APIError(400, f"max_tokens: {max_tokens} is above this server's cap of {self.max_tokens_cap}",
                            param="max_tokens", code="invalid_value")
         limit = context_limit(served.model)
+        grammar = self.grammar(served, body.response_format)
         counts = [len(encode_prompt(served.tokenizer, served.model, p)) for p in prompts]
         rows = []
         for prompt, count in zip(prompts, counts):
@@ -121,14 +139,39 @@ class Server:
                                     f"{count + wanted} ({count} in the prompt, {wanted} for the completion); "
                                     "shorten the prompt or lower max_tokens",
                                param="prompt" if count >= limit else "max_tokens", code="context_length_exceeded")
+            if (count + wanted) * body.n > self.max_cache_tokens:
+                raise APIError(400, f"the request needs {(count + wanted) * body.n} cache tokens ((prompt {count} + "
+                                    f"max_tokens {wanted}) x n {body.n}); this server holds at most "
+                                    f"{self.max_cache_tokens}", param="max_tokens", code="context_length_exceeded")
             for j in range(body.n):
                 rows.append((prompt, Decoding(
                     max_new_tokens=wanted, temperature=body.temperature,
                     top_p=body.top_p if body.top_p < 1.0 else None, top_k=body.top_k,
                     repetition_penalty=body.repetition_penalty, stop=tuple(body.stop or ()),
-                    seed=body.seed + j if body.seed is not None else None, logprobs=logprobs)))
+                    seed=body.seed + j if body.seed is not None else None, logprobs=logprobs, grammar=grammar)))
         self.metrics.tokens(sum(counts), 0)
         return rows, counts
+
+    def grammar(self, served: ServedModel, response_format) -> Optional[str]:
+        """The llguidance grammar of a `response_format` (None for text); 400 when it cannot be compiled or this
+        model's decoder cannot enforce it."""
+        if response_format is None or response_format.type == "text":
+            return None
+        engine = self.engines[served.name]
+        if not isinstance(engine, Scheduler) or served.draft is not None:
+            raise APIError(400, f"response_format: the model {served.name!r} is served without continuous batching "
+                                "(--batching micro, a draft, or a model the decode loop cannot run)",
+                           param="response_format")
+        try:
+            if response_format.type == "regex":
+                grammar = regex_grammar(response_format.regex)
+            else:
+                schema = response_format.json_schema.schema_ if response_format.type == "json_schema" else None
+                grammar = json_grammar(schema)
+            check_grammar(grammar, served.tokenizer, served.model.get_output_embeddings().weight.shape[0])
+        except LmforgeError as err:
+            raise APIError(400, f"response_format: {err}", param="response_format") from None
+        return grammar
 
     # ------------------------------------------------------------------ running work
 
@@ -139,7 +182,7 @@ class Server:
         loop = asyncio.get_running_loop()
         job = Job(rows, loop, loop.create_future())
         try:
-            self.batchers[served.name].submit(job)
+            self.engines[served.name].submit(job)
             return await self._wait(job.future, job.cancel, request, deadline)
         finally:
             release()
@@ -170,6 +213,10 @@ class Server:
                 raise APIError(408, f"the request took longer than {self.timeout_s:g} s", type="timeout",
                                code="timeout")
 
+    def stream(self, served: ServedModel, rows, cancel: threading.Event, deadline: float):
+        """The rows' text pieces and completions as they are made (see `stream_rows`)."""
+        return stream_rows(served, self.engines[served.name], rows, cancel, deadline, self.metrics)
+
     async def open_stream(self) -> tuple[Callable, float, threading.Event]:
         """A slot for a stream: (release, deadline, cancel event); the stream's clean-up releases it."""
         deadline = time.monotonic() + self.timeout_s
@@ -190,21 +237,24 @@ def _logprobs(c: Completion) -> Optional[dict]:
             "top_logprobs": [alts for _, _, _, alts in c.logprobs], "text_offset": [o for _, o, _, _ in c.logprobs]}
 
 
-def create_app(models: dict, api_key: Optional[str] = None, *, max_batch: int = 16, max_wait_ms: float = 10.0,
-               max_concurrent: int = 64, max_queue: int = 256, timeout_s: float = 120.0,
-               max_tokens_cap: int = 512) -> FastAPI:
+def create_app(models: dict, api_key: Optional[str] = None, *, batching: str = "continuous", max_batch: int = 64,
+               max_wait_ms: float = 10.0, max_cache_tokens: int = 65536, max_concurrent: int = 64,
+               max_queue: int = 256, timeout_s: float = 120.0, max_tokens_cap: int = 512) -> FastAPI:
     """The server app for `models` ({name: ServedModel, or (model, tokenizer)}); run it with uvicorn."""
     if not models:
         raise LmforgeError("serve: no models to serve")
+    if batching not in BATCHING:
+        raise LmforgeError(f"batching: expected one of {', '.join(BATCHING)}, got {batching!r}")
     for name, value in (("max_batch", max_batch), ("max_concurrent", max_concurrent),
-                        ("max_tokens_cap", max_tokens_cap)):
+                        ("max_tokens_cap", max_tokens_cap), ("max_cache_tokens", max_cache_tokens)):
         if value < 1:
             raise LmforgeError(f"{name}: expected at least 1, got {value}")
     if max_queue < 0 or max_wait_ms < 0 or timeout_s <= 0:
         raise LmforgeError("max_queue and max_wait_ms must be 0 or more, timeout_s above 0")
     served = {name: m if isinstance(m, ServedModel) else ServedModel.of(name, *m) for name, m in models.items()}
-    server = Server(served, max_batch=max_batch, max_wait_ms=max_wait_ms, max_concurrent=max_concurrent,
-                    max_queue=max_queue, timeout_s=timeout_s, max_tokens_cap=max_tokens_cap)
+    server = Server(served, batching=batching, max_batch=max_batch, max_wait_ms=max_wait_ms,
+                    max_cache_tokens=max_cache_tokens, max_concurrent=max_concurrent, max_queue=max_queue,
+                    timeout_s=timeout_s, max_tokens_cap=max_tokens_cap)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -217,6 +267,7 @@ def create_app(models: dict, api_key: Optional[str] = None, *, max_batch: int = 
     app = FastAPI(title="lmforge", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.server = server
     install_error_handlers(app)
+    app.include_router(embedding_routes(server))
     app.add_middleware(Gate, api_key=api_key, metrics=server.metrics)
 
     @app.get("/health")
@@ -226,8 +277,11 @@ def create_app(models: dict, api_key: Optional[str] = None, *, max_batch: int = 
     @app.get("/metrics")
     async def metrics(format: str = "json"):
         snap = server.metrics.snapshot()
-        snap["models"] = {name: {"kind": m.kind, "queued": server.batchers[name].jobs.qsize()
-                                 if name in server.batchers else 0} for name, m in served.items()}
+        snap["models"] = {name: {"kind": m.kind, "queued": server.engines[name].queued()
+                                 if name in server.engines else 0} for name, m in served.items()}
+        for name, engine in server.engines.items():
+            if isinstance(engine, Scheduler) and engine.acceptance_rate() is not None:
+                snap["models"][name]["draft_acceptance_rate"] = engine.acceptance_rate()
         if format == "prometheus":
             # prometheus_client loads when /metrics is first read
             from prometheus_client import CONTENT_TYPE_LATEST
@@ -270,7 +324,7 @@ def create_app(models: dict, api_key: Optional[str] = None, *, max_batch: int = 
                     for i, (prompt, _) in enumerate(rows):
                         yield sse(piece(i, prompt))
                 done = []
-                async for i, text, completion in stream_rows(m, rows, cancel, deadline, server.metrics):
+                async for i, text, completion in server.stream(m, rows, cancel, deadline):
                     if completion is None:
                         yield sse(piece(i, text))
                     else:
@@ -312,7 +366,7 @@ def create_app(models: dict, api_key: Optional[str] = None, *, max_batch: int = 
                 for i in range(len(rows)):
                     yield sse(delta(i, None, role=True))
                 done = []
-                async for i, text, completion in stream_rows(m, rows, cancel, deadline, server.metrics):
+                async for i, text, completion in server.stream(m, rows, cancel, deadline):
                     if completion is None:
                         yield sse(delta(i, text))
                     else:

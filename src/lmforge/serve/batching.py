@@ -1,4 +1,5 @@
-"""Micro-batching: concurrent completion requests for one model run as one left-padded `generate` call.
+"""Micro-batching (`lmforge serve --batching micro`; continuous batching, `lmforge.serve.scheduler`, is the
+default): concurrent completion requests for one model run as one left-padded `generate` call.
 
 One worker thread per model takes the first waiting request, then keeps collecting requests for at most
 `max_wait_s` or until `max_batch` rows are gathered, and runs them together (it does not wait when no
@@ -17,7 +18,7 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Callable, Optional
 
 from lmforge.generate import Completion, Decoding, generate
 from lmforge.serve.metrics import Metrics
@@ -25,11 +26,14 @@ from lmforge.serve.metrics import Metrics
 
 @dataclass
 class Job:
-    """One request: rows of (prompt, settings); resolved with one Completion per row, in order."""
+    """One request: rows of (prompt, settings); resolved with one Completion per row, in order. A `listener`
+    (streams, continuous batching only) hears (row, piece, None) as text is made, (row, "", Completion) when a
+    row ends and (-1, None, error) when the job fails; it is called from the decoding thread."""
     rows: list[tuple[str, Decoding]]
     loop: asyncio.AbstractEventLoop
     future: asyncio.Future
     cancel: threading.Event = field(default_factory=threading.Event)
+    listener: Optional[Callable[[int, Optional[str], object], None]] = None
     results: list = field(default_factory=list)
     left: int = 0
 
@@ -46,9 +50,15 @@ class Job:
         except RuntimeError:  # the event loop has closed (server shutting down)
             pass
 
+    def dropped(self) -> bool:
+        """Nobody waits for the rows any more: cancelled, or failed."""
+        return self.cancel.is_set() or self.left == 0
+
     def done_row(self, k: int, completion: Completion) -> None:
         self.results[k] = completion
         self.left -= 1
+        if self.listener:
+            self.listener(k, "", completion)
         if self.left == 0:
             self._settle(self.results)
 
@@ -56,6 +66,8 @@ class Job:
         if self.left > 0:
             self.left = 0
             self._settle(error=error)
+            if self.listener:
+                self.listener(-1, None, error)
 
 
 class Batcher:
@@ -68,6 +80,9 @@ class Batcher:
 
     def submit(self, job: Job) -> None:
         self.jobs.put(job)
+
+    def queued(self) -> int:
+        return self.jobs.qsize()
 
     def close(self) -> None:
         self.jobs.put(None)

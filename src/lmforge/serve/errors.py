@@ -24,12 +24,13 @@ class APIError(Exception):
     """An error returned as {"error": {"message", "type", "param", "code"}} with an HTTP status."""
 
     def __init__(self, status: int, message: str, type: str = "invalid_request_error", param: Optional[str] = None,
-                 code: Optional[str] = None):
+                 code: Optional[str] = None, headers: Optional[dict] = None):
         super().__init__(message)
         self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+        self.headers = headers
 
     def response(self) -> JSONResponse:
-        return error_response(self.status, self.message, self.type, self.param, self.code)
+        return error_response(self.status, self.message, self.type, self.param, self.code, self.headers)
 
 
 def error_response(status: int, message: str, type: str = "invalid_request_error", param: Optional[str] = None,

@@ -41,6 +41,36 @@ class StreamOptions(Strict):
     include_usage: bool = False
 
 
+class JsonSchemaFormat(Strict):
+    name: str = Field(..., min_length=1, max_length=64)
+    description: Optional[str] = None
+    schema_: Optional[dict] = Field(None, alias="schema")
+    strict: Optional[bool] = None
+
+
+class ResponseFormat(Strict):
+    """OpenAI's `response_format` (text, json_object, json_schema), and the extension {"type": "regex",
+    "regex": "..."}."""
+    type: Literal["text", "json_object", "json_schema", "regex"]
+    json_schema: Optional[JsonSchemaFormat] = None
+    regex: Optional[str] = Field(None, min_length=1, max_length=2000)
+
+    @field_validator("regex")
+    @classmethod
+    def _regex(cls, value, info: ValidationInfo):
+        if value is not None and info.data.get("type") != "regex":
+            raise ValueError("only with type 'regex'")
+        return value
+
+    def needs(self) -> Optional[str]:
+        """The field the chosen type requires and lacks, if any."""
+        if self.type == "json_schema" and self.json_schema is None:
+            return "json_schema"
+        if self.type == "regex" and self.regex is None:
+            return "regex"
+        return None
+
+
 class Sampling(Strict):
     """Fields shared by completions and chat completions."""
     model: str = Field(..., min_length=1, max_length=256)
@@ -57,6 +87,14 @@ class Sampling(Strict):
     frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     logit_bias: Optional[dict[str, float]] = None
     user: Optional[str] = Field(None, max_length=256)
+    response_format: Optional[ResponseFormat] = None
+
+    @field_validator("response_format")
+    @classmethod
+    def _format(cls, value):
+        if value is not None and value.needs():
+            raise ValueError(f"type {value.type!r} needs '{value.needs()}'")
+        return value
 
     @field_validator("stop")
     @classmethod
