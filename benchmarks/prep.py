@@ -3,6 +3,7 @@ against a plain single-process Python reference of the same filters, measured in
 
     python benchmarks/prep.py [--recipe RECIPE] [--per-domain 1000] [--copies 300]
     python benchmarks/prep.py --engines [--synthetic-mb 50] [--repeats 3]   # local engine against ray engine
+    python benchmarks/prep.py --nodes [--synthetic-mb 50] [--repeats 3]     # ray engine on 1 and 2 nodes
 
 Quality: base documents (>= 20 words, exact duplicates dropped) are drawn from every source of the
 recipe (the shared corpora); for each edit rate, copies of random base documents get that fraction
@@ -25,6 +26,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import os
 import random
 import sys
 import tempfile
@@ -350,6 +352,39 @@ def engines(args) -> None:
             print(f"{name}, {e} stages: " + ", ".join(f"{k} {v:.1f} s" for k, v in r[e]["stages"].items()))
 
 
+def scaling(args) -> None:
+    """The synthetic corpus on a Ray of 1 and then 2 nodes of one CPU each (started here), time per stage, and a
+    projection to 1 TB of text from the measured per-stage rates."""
+    sys.path.insert(0, str(ROOT / "tests"))
+    from ray_nodes import free_port, node_env, start_node, stop_nodes
+    os.environ.update(node_env())
+    port, nodes, stages = free_port(), [], {}
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / "synthetic").mkdir()
+        synthetic_corpus(Path(tmp) / "synthetic", args.synthetic_mb)
+        recipe = prep_recipe_from_dict({"sources": [{"path": f"{tmp}/synthetic/*.jsonl"}],
+                                        "output": {"dir": f"{tmp}/out", "plots": False}})
+        try:
+            for count in (1, 2):
+                nodes.append(start_node(port, head=not nodes))
+                # the first run starts the new node's workers (each imports lmforge): not counted
+                runs = [json.loads((prep(recipe, force=True, show_progress=False, engine="ray",
+                                         address=f"127.0.0.1:{port}") / "stats.json").read_text())
+                        for _ in range(args.repeats + 1)][1:]
+                assert runs[0]["ray_cpus"] == count
+                stages[count] = {k: float(np.median([r["stage_seconds"][k] for r in runs])) for k in runs[0]["stage_seconds"]}
+                stages[count]["whole run"] = float(np.median([r["seconds"] for r in runs]))
+                mb = runs[0]["input_bytes"] / 2**20
+        finally:
+            stop_nodes(nodes)
+    print(f"synthetic corpus, {mb:.1f} MB; medians of {args.repeats} runs per cluster size after a warm-up run\n")
+    print("| stage | 1 node s | 2 nodes s | speed-up | MB/s per node (2 nodes) | 1 TB on 64 nodes, h |")
+    print("|---|---|---|---|---|---|")
+    for (k, one), two in zip(stages[1].items(), stages[2].values()):
+        per_node = mb / two / 2
+        print(f"| {k} | {one:.1f} | {two:.1f} | {one / two:.2f}x | {per_node:.2f} | {2**20 / (per_node * 64) / 3600:.1f} |")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--recipe", default=str(ROOT / "recipes" / "prep" / "shared-corpora.yaml"))
@@ -358,10 +393,13 @@ def main() -> None:
     ap.add_argument("--skip-reference", action="store_true")
     ap.add_argument("--engines", action="store_true", help="Only the local engine against the ray engine.")
     ap.add_argument("--synthetic-mb", type=float, default=50.0, help="Size of the synthetic corpus (--engines).")
-    ap.add_argument("--repeats", type=int, default=3, help="Runs per engine, alternating (--engines).")
+    ap.add_argument("--repeats", type=int, default=3, help="Runs per engine or cluster size (--engines, --nodes).")
+    ap.add_argument("--nodes", action="store_true", help="Only the ray engine on 1 and 2 local nodes of 1 CPU.")
     args = ap.parse_args()
     if args.engines:
         return engines(args)
+    if args.nodes:
+        return scaling(args)
     recipe = load_prep_recipe(args.recipe)
 
     q = quality(recipe, args.per_domain, args.copies)

@@ -3,15 +3,11 @@ synthetic corpus with planted exact and near copies; the shared corpora), and ba
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
-import os
 import random
-import socket
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import pytest
@@ -19,6 +15,7 @@ from typer.testing import CliRunner
 
 import lmforge.prep.pipeline as pipeline_mod
 from conftest import SHARED
+from ray_nodes import free_port, node_env, start_node, stop_nodes
 from lmforge.cli import app
 from lmforge.prep import load_prep_recipe, prep
 from test_prep import ROOT, edit, prose, recipe, rows, write_jsonl
@@ -103,6 +100,29 @@ def test_ray_engine_with_the_minhash_estimate_and_a_fraction_split(tmp_path, loc
     assert not duplicates["verified"] and 10 <= duplicates["near_pairs"] <= 20
 
 
+@pytest.mark.slow
+def test_ray_engine_streams_under_a_memory_limit_ten_times_below_the_corpus(tmp_path, local_ray):
+    """Ray Data's object-store budget at a tenth of the input and blocks of 64 KB: the stages stream (and spill)
+    instead of holding the corpus, and the answer does not change."""
+    rng = random.Random(27)
+    docs = [prose(rng, 150) for _ in range(1500)]
+    docs += [edit(d, 0.03, rng) for d in docs[:150]]
+    sources = [{"path": write_jsonl(tmp_path / f"s{i}.jsonl", docs[i::4])} for i in range(4)]
+    size = sum((tmp_path / f"s{i}.jsonl").stat().st_size for i in range(4))
+    local = prep(recipe(tmp_path, sources), show_progress=False)
+    data = ray.data.DataContext.get_current()
+    saved = data.execution_options.resource_limits, data.target_max_block_size
+    data.execution_options.resource_limits = ray.data.ExecutionResources(object_store_memory=size // 10)
+    data.target_max_block_size = 64 * 1024
+    try:
+        on_ray = prep(recipe(tmp_path, sources, output={"dir": str(tmp_path / "ray"), "plots": False}),
+                      show_progress=False, engine="ray")
+    finally:
+        data.execution_options.resource_limits, data.target_max_block_size = saved
+    assert_same_dataset(local, on_ray)
+    assert size > 1.5 * 2**20 and json.loads((on_ray / "stats.json").read_text())["removed_by_reason"]["near_duplicate"] > 100
+
+
 def test_a_run_interrupted_on_the_local_engine_resumes_on_the_ray_engine(tmp_path, local_ray, monkeypatch):
     rng = random.Random(26)
     sources = [{"path": write_jsonl(tmp_path / f"s{i}.jsonl", [prose(rng) for _ in range(15)])} for i in range(4)]
@@ -150,30 +170,6 @@ def test_bad_engine_input_exits_2_and_writes_nothing(tmp_path, args, message):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.jsonl", "r.yaml"]
 
 
-def start_node(command: list[str], env: dict) -> subprocess.Popen:
-    """`ray start --block` in a process group of its own, once it says the node runs."""
-    node = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
-    for line in node.stdout:
-        if "Ray runtime started" in line:
-            return node
-    raise AssertionError(f"{' '.join(command)}: the node did not start")
-
-
-def stop_nodes(nodes: list[subprocess.Popen]) -> None:
-    """Every process the nodes started, by id (`ray stop` would end every Ray on the machine)."""
-    import psutil
-    started = [psutil.Process(n.pid) for n in nodes]
-    started += [c for n in started for c in n.children(recursive=True)]
-    for proc in started:
-        with contextlib.suppress(psutil.NoSuchProcess):
-            proc.kill()
-    psutil.wait_procs(started, timeout=30)
-    # `ray start --head` names its cluster there for a later `ray.init()`; `ray stop` would remove it.
-    with contextlib.suppress(FileNotFoundError):
-        (Path(tempfile.gettempdir()) / "ray" / "ray_current_cluster").unlink()
-
-
 @pytest.mark.slow
 def test_two_nodes_on_this_machine_give_the_same_dataset(tmp_path):
     """A head and a second node (one CPU each) started with `ray start`, prep run against the head's address
@@ -183,19 +179,13 @@ def test_two_nodes_on_this_machine_give_the_same_dataset(tmp_path):
             "output": {"dir": str(tmp_path / "two-nodes"), "plots": False}}
     (tmp_path / "r.yaml").write_text(json.dumps(tree))
     local = prep(recipe(tmp_path, sources, shard_mb=0.004, split={"validation_count": 3}), show_progress=False)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")]),
-           "RAY_AUTH_MODE": "token"}  # the head makes a token; the second node and the driver must present it
-    ray_cli = str(Path(sys.executable).parent / "ray")
+    port = free_port()
     nodes = []
     try:
-        for where in (["--head", f"--port={port}", "--include-dashboard=false"], [f"--address=127.0.0.1:{port}"]):
-            nodes.append(start_node([ray_cli, "start", "--block", "--num-cpus=1", *where], env))
+        nodes += [start_node(port, head=True), start_node(port, head=False)]
         result = subprocess.run([sys.executable, "-m", "lmforge.cli", "prep", str(tmp_path / "r.yaml"), "--no-progress",
-                                 "--engine", "ray", "--address", f"127.0.0.1:{port}"], env=env, capture_output=True,
-                                text=True, timeout=300)
+                                 "--engine", "ray", "--address", f"127.0.0.1:{port}"], env=node_env(),
+                                capture_output=True, text=True, timeout=300)
         assert result.returncode == 0, result.stderr[-3000:]
     finally:
         stop_nodes(nodes)
