@@ -2,6 +2,7 @@
 against a plain single-process Python reference of the same filters, measured in the same run.
 
     python benchmarks/prep.py [--recipe RECIPE] [--per-domain 1000] [--copies 300]
+    python benchmarks/prep.py --engines [--synthetic-mb 50] [--repeats 3]   # local engine against ray engine
 
 Quality: base documents (>= 20 words, exact duplicates dropped) are drawn from every source of the
 recipe (the shared corpora); for each edit rate, copies of random base documents get that fraction
@@ -35,7 +36,7 @@ import numpy as np
 import xxhash
 
 from lmforge.data.sources import split_of
-from lmforge.prep import load_prep_recipe, prep
+from lmforge.prep import load_prep_recipe, prep, prep_recipe_from_dict
 from lmforge.prep.dedup import (MinHasher, ShingleSets, dedup_tokens, exact_key, lsh_params, near_pairs,
                                 shingle_sets)
 from lmforge.prep.filters import _line_metrics, alnum_count, code_rules, has_alpha, prose_rules
@@ -266,13 +267,101 @@ def reference(recipe, out_file: Path) -> dict:
             "removed": dict(removed)}
 
 
+# ---------------------------------------------------------------- local engine against the ray engine
+
+
+def synthetic_corpus(folder: Path, mb: float, seed: int = 0) -> dict[str, str]:
+    """JSONL files of random prose, a tenth of the documents near copies (3 % of words edited) or exact copies
+    (upper-cased) of another; returns each copy's id → its original's id."""
+    rng = random.Random(seed)
+    vocab = sorted({"".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(rng.randint(3, 9)))
+                    for _ in range(20000)})
+    planted, written, file_no = {}, 0, 0
+    while written < mb * 2**20:
+        path = folder / f"synthetic-{file_no:03d}.jsonl"
+        lines = []
+        for n in range(1, 5001):
+            if lines and rng.random() < 0.1:
+                k = rng.randrange(len(lines))
+                base = json.loads(lines[k])["text"]
+                text = base.upper() if rng.random() < 0.3 else edit(base, 0.03, vocab, rng)
+                planted[f"{path}:{n}"] = planted.get(f"{path}:{k + 1}", f"{path}:{k + 1}")
+            else:
+                words = [rng.choice(vocab) for _ in range(rng.randint(80, 300))]
+                text = ". ".join(" ".join(words[i:i + 12]).capitalize() for i in range(0, len(words), 12)) + "."
+            lines.append(json.dumps({"text": text}))
+        path.write_text("\n".join(lines) + "\n")
+        written += path.stat().st_size
+        file_no += 1
+    return planted
+
+
+def planted_scores(out: Path, planted: dict[str, str]) -> tuple[float, float]:
+    """Recall: of the planted copies, the share removed with a member of their own group (original and copies);
+    precision: of the documents removed as duplicates, the share removed for a member of their own group."""
+    group = lambda doc: planted.get(doc, doc)  # noqa: E731 - a copy's group is named by its original
+    dups = [r for r in map(json.loads, (out / "removed.jsonl").read_text().splitlines()) if r["duplicate_of"]]
+    right = sum(group(r["id"]) == group(r["duplicate_of"]) for r in dups)
+    return right / max(len(planted), 1), right / max(len(dups), 1)
+
+
+def compare_engines(recipe, repeats: int) -> dict:
+    """Both engines on one recipe, alternating, `repeats` times each: median seconds and MB/s, same output."""
+    from lmforge.prep import ray_engine
+    runs = {"local": [], "ray": []}
+    with ray_engine.connected(None, max(2, recipe.num_proc)):
+        for _ in range(repeats):
+            for engine in runs:
+                recipe.output.dir = str(Path(recipe.output.dir).with_name(engine))
+                out = prep(recipe, show_progress=False, force=True, engine=engine)
+                runs[engine].append(json.loads((out / "stats.json").read_text()))
+    same = all((Path(recipe.output.dir).with_name("local") / f).read_bytes()
+               == (Path(recipe.output.dir).with_name("ray") / f).read_bytes() for f in ("removed.jsonl",))
+    med = {e: {"seconds": float(np.median([r["seconds"] for r in rs])), "mb": rs[0]["input_bytes"] / 2**20,
+               "stages": {k: float(np.median([r["stage_seconds"].get(k, 0) for r in rs])) for k in rs[0]["stage_seconds"]}}
+           for e, rs in runs.items()}
+    for m in med.values():
+        m["mb_per_s"] = m["mb"] / m["seconds"]
+    return {**med, "same_removed": same, "ratio": med["ray"]["mb_per_s"] / med["local"]["mb_per_s"]}
+
+
+def engines(args) -> None:
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        shared = load_prep_recipe(args.recipe, [f"output.dir={tmp}/shared/out", "output.plots=false"])
+        rows.append(("shared corpora", compare_engines(shared, args.repeats), None))
+        (Path(tmp) / "synthetic").mkdir()
+        planted = synthetic_corpus(Path(tmp) / "synthetic", args.synthetic_mb)
+        synthetic = prep_recipe_from_dict({
+            "sources": [{"path": f"{tmp}/synthetic/*.jsonl", "domain": "synthetic"}], "num_proc": shared.num_proc,
+            "output": {"dir": f"{tmp}/synthetic-out/out", "plots": False}})
+        result = compare_engines(synthetic, args.repeats)
+        scores = {e: planted_scores(Path(tmp) / "synthetic-out" / e, planted) for e in ("local", "ray")}
+        rows.append((f"synthetic ({len(planted):,} planted copies)", result, scores))
+    print(f"| corpus | MB | local s | local MB/s | ray s | ray MB/s | ray / local | same removed.jsonl | "
+          f"planted copies: recall, precision (local; ray) |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for name, r, scores in rows:
+        pr = "—" if scores is None else "; ".join(f"{rc:.3f}, {pc:.3f}" for rc, pc in scores.values())
+        print(f"| {name} | {r['local']['mb']:.1f} | {r['local']['seconds']:.1f} | {r['local']['mb_per_s']:.2f} | "
+              f"{r['ray']['seconds']:.1f} | {r['ray']['mb_per_s']:.2f} | {r['ratio']:.2f}x | {r['same_removed']} | {pr} |")
+    for name, r, _ in rows:
+        for e in ("local", "ray"):
+            print(f"{name}, {e} stages: " + ", ".join(f"{k} {v:.1f} s" for k, v in r[e]["stages"].items()))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--recipe", default=str(ROOT / "recipes" / "prep" / "shared-corpora.yaml"))
     ap.add_argument("--per-domain", type=int, default=1000, help="Base documents per domain (quality test).")
     ap.add_argument("--copies", type=int, default=300, help="Injected copies per edit rate.")
     ap.add_argument("--skip-reference", action="store_true")
+    ap.add_argument("--engines", action="store_true", help="Only the local engine against the ray engine.")
+    ap.add_argument("--synthetic-mb", type=float, default=50.0, help="Size of the synthetic corpus (--engines).")
+    ap.add_argument("--repeats", type=int, default=3, help="Runs per engine, alternating (--engines).")
     args = ap.parse_args()
+    if args.engines:
+        return engines(args)
     recipe = load_prep_recipe(args.recipe)
 
     q = quality(recipe, args.per_domain, args.copies)

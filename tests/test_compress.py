@@ -65,7 +65,7 @@ def task_run(tmp_path_factory) -> Path:
                        "validation": {"path": _tsv(root / "dev.tsv", _rows(64, 1))},
                        "text_column": "sentence", "max_length": 32},
               "model": {"path": str(base)},
-              "train": {"epochs": 2, "batch_size": 16, "lr": 5e-3, "seed": 0, "threads": 2},
+              "train": {"epochs": 3, "batch_size": 16, "lr": 2e-3, "seed": 0, "threads": 2},
               "output": {"dir": str(root / "run"), "tensorboard": False, "plots": False}}
     (root / "toy.yaml").write_text(yaml.safe_dump(recipe))
     finetune(recipe, show_progress=False)
@@ -263,3 +263,63 @@ def test_int8_gpt2_keeps_its_tied_head_in_float_and_leaves_the_lean_path(tmp_pat
     again = load_pretrained(AutoModelForCausalLM, tmp_path)
     with torch.no_grad():
         assert torch.equal(again(**inputs).logits, quantized)
+
+
+def test_cubic_schedule_rises_fast_then_slowly_and_holds():
+    from lmforge.compress.gradual import cubic_sparsity
+    at = [cubic_sparsity(t, 0.6, 0.0, 100, 10) for t in (0, 9, 10, 50, 55, 90, 100, 250)]
+    assert at[0] == at[1] == 0.0 and at[3] == at[4] == pytest.approx(0.6 * (1 - 0.5 ** 3))
+    assert at[2] == pytest.approx(0.6 * (1 - 0.9 ** 3)) and at[6] == at[7] == pytest.approx(0.6)
+    assert cubic_sparsity(40, 0.8, 0.5, 80, 10) == pytest.approx(0.8 - 0.3 * 0.5 ** 3)  # from an earlier pruning
+
+
+def test_held_sparsity_prunes_on_schedule_and_zeroes_what_the_optimizer_moves():
+    from lmforge.compress.gradual import HeldSparsity
+    model = _tiny_bert()
+    model.train()
+    hold = HeldSparsity(0.5, steps=4, every=2, grad_accum=1)
+    hold.attach(model)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
+    inputs = _inputs(model.config.vocab_size)
+    seen = []
+    for _ in range(6):
+        model(**inputs).logits.sum().backward()
+        seen.append(round(sparsity_by_layer(model)["all"], 4))  # what this forward ran with
+        optimizer.step()
+        optimizer.zero_grad()
+    assert seen[0] == 0.0 and seen[2] == pytest.approx(0.5 * (1 - 0.5 ** 3), abs=1e-3)
+    assert seen[4] == seen[5] == pytest.approx(0.5, abs=1e-4) and hold.history == [(2, 0.4375), (4, 0.5)]
+    assert sparsity_by_layer(model)["all"] < 0.5  # AdamW's momentum moved pruned weights after the last forward...
+    model.eval()
+    model(**inputs)
+    assert sparsity_by_layer(model)["all"] == pytest.approx(0.5, abs=1e-4)  # ...and the next forward zeroes them
+
+
+def test_gradual_pruning_in_a_finetune_step_reaches_the_sparsity_exactly(task_run, tmp_path):
+    toy = yaml.safe_load((task_run.parent / "toy.yaml").read_text())
+    (tmp_path / "toy.yaml").write_text(yaml.safe_dump(toy))
+    steps = [{"finetune": {"recipe": str(tmp_path / "toy.yaml"), "set": {"train.max_steps": 8},
+                           "sparsity": 0.4, "prune_steps": 6, "prune_every": 2}}]
+    out = Path(compress(_compress_recipe(task_run, tmp_path / "out", steps), show_progress=False))
+    rows = json.loads((out / "compress.json").read_text())
+    assert rows[1]["sparsity"] == pytest.approx(0.4, abs=1e-3)
+    model = AutoModelForSequenceClassification.from_pretrained(out / "1-finetune" / "final")
+    assert sparsity_by_layer(model)["all"] == pytest.approx(0.4, abs=1e-4)
+    assert "gradual magnitude pruning to 40.0% (3 pruning events, the last at step 6)" in rows[1]["note"]
+
+
+def test_a_distill_step_makes_a_smaller_student_the_next_steps_take(task_run, tmp_path):
+    toy = yaml.safe_load((task_run.parent / "toy.yaml").read_text())
+    (tmp_path / "toy.yaml").write_text(yaml.safe_dump(toy))
+    steps = [{"distill": {"recipe": str(tmp_path / "toy.yaml"), "student_layers": 1,
+                          "set": {"train.max_steps": 20}}},
+             {"quantize": {"scheme": "int8-dynamic"}}]
+    out = Path(compress(_compress_recipe(task_run, tmp_path / "out", steps), show_progress=False))
+    rows = json.loads((out / "compress.json").read_text())
+    assert [r["name"] for r in rows] == ["base", "1-distill", "2-quantize"]
+    assert rows[1]["params"] < rows[0]["params"] and rows[1]["metric"] >= 0.9
+    assert json.loads((out / "1-distill" / "distill.json").read_text())["teacher"] == str(task_run)
+    assert "distilled into 1 layers" in rows[1]["note"]
+    bad = _compress_recipe(task_run, tmp_path / "bad", [{"quantize": {"scheme": "int8-dynamic"}}, steps[0]])
+    with pytest.raises(Exception, match="a distill step after quantize"):
+        compress(bad, show_progress=False)

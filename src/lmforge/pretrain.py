@@ -16,7 +16,6 @@ from transformers import PreTrainedTokenizerFast
 from lmforge.data.blocks import build_blocks, default_cache_dir, text_pieces
 from lmforge.data.loader import BlockLoader, StreamLoader
 from lmforge.data.sources import fingerprint_sources, iter_texts, load_documents
-from lmforge.engine import checkpoint as ckpt
 from lmforge.engine import distributed as dist
 from lmforge.engine.hardware import pick_device, threads_note
 from lmforge.engine.logging import console
@@ -129,7 +128,7 @@ def pretrain(recipe: Union[Recipe, str, Path, dict], *, overrides: Union[list[st
 
         trained_by = train_objective(objective, model, tokenizer) if train_objective else objective
         engine = Engine(model, tokenizer, trained_by, loader, cfg, run_dir, evaluate=evaluate, flops_per_token=fpt,
-                        started=t0, on_eval=on_eval,
+                        started=t0, on_eval=on_eval, dist_cfg=recipe.dist,
                         tensorboard=recipe.output.tensorboard, plots=recipe.output.plots, show_progress=show_progress)
         if resume:
             engine.resume()
@@ -143,8 +142,8 @@ def pretrain(recipe: Union[Recipe, str, Path, dict], *, overrides: Union[list[st
                           f"global batch {loader.global_batch}")
     state = engine.fit()
     final = next((h for h in reversed(state.history) if h.get("split") == "validation"), {})
+    engine.save_model(run_dir / "final")  # one consolidated folder, also after sharded training
     if dist.is_main():
-        ckpt.save_model(run_dir / "final", model, tokenizer)
         write_summary(run_dir, recipe, state, final, engine.wall_seconds(), count_parameters(model))
     dist.barrier()
     dist.teardown()
@@ -173,7 +172,7 @@ def head_fraction(objective) -> float:
 
 
 def _join_process_group(recipe: Recipe) -> tuple[int, int]:
-    dist.setup(pick_device(recipe.train.device))
+    dist.setup(pick_device(recipe.train.device), recipe.dist.timeout_s)
     return dist.world_size(), dist.rank()
 
 

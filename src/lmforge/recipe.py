@@ -162,6 +162,26 @@ class TrainConfig(Section):
     threads: Optional[int] = Field(None, ge=1, description="CPU threads (default: torch's choice).")
 
 
+class DistConfig(Section):
+    strategy: Literal["ddp", "fsdp"] = Field(
+        "ddp", description="Under torchrun: 'ddp' (every process holds the whole model) or 'fsdp' (FSDP2: "
+                           "parameters, gradients and optimizer state sharded across processes, checkpoints "
+                           "sharded with torch.distributed.checkpoint). One process trains unsharded either way.")
+    reshard_after_forward: bool = Field(
+        True, description="FSDP: free each block's gathered weights after its forward and gather them again for "
+                          "the backward (less memory, one more all-gather per block).")
+    cpu_offload: bool = Field(False, description="FSDP on CUDA: keep the sharded parameters, gradients and "
+                                                 "optimizer state in CPU memory (ignored on CPU).")
+    activation_checkpointing: bool = Field(
+        False, description="Recompute each block's activations in the backward instead of keeping them "
+                           "(any strategy).")
+    mixed_precision: bool = Field(
+        True, description="FSDP on CUDA: bf16 parameters and compute, fp32 gradient reduction (ignored on CPU, "
+                          "which trains in fp32).")
+    timeout_s: float = Field(600.0, ge=10.0, description="Seconds a collective may wait for the other processes "
+                                                        "before the job ends with an error (a dead or stuck rank).")
+
+
 class OutputConfig(Section):
     dir: str = Field("runs/run", description="Run folder.")
     tensorboard: bool = Field(True, description="Also log to TensorBoard when it is installed.")
@@ -222,6 +242,12 @@ class DistillConfig(Section):
                                                         "scaled by T^2).")
     alpha: float = Field(0.5, ge=0.0, le=1.0, description="Weight of the soft-target (KL) loss; 1 - alpha weighs the "
                                                          "hard labels.")
+    hidden_weight: float = Field(0.0, ge=0.0, description="Weight of hidden-state matching (TinyBERT): the MSE "
+                                                          "between student and teacher block outputs, paired "
+                                                          "uniformly; needs equal widths. 0: off.")
+    cache_teacher: bool = Field(False, description="Fine-tuning: keep the teacher's outputs for each training "
+                                                   "example in memory the first epoch and reuse them after (a few "
+                                                   "floats per example; per word for NER).")
     student_layers: Optional[int] = Field(None, ge=1, description="The student is the teacher with this many layers "
                                                                   "(default: the student is the recipe's model).")
     init_layers: Optional[list[int]] = Field(None, description="Teacher layer each student layer starts from "
@@ -249,6 +275,7 @@ class Recipe(Section):
     model: ModelConfig = Field(default_factory=lambda: ModelConfig(family="gpt2"))
     objective: ObjectiveConfig = Field(default_factory=ObjectiveConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
+    dist: DistConfig = Field(default_factory=DistConfig)
     output: OutputConfig = Field(default_factory=OutputConfig)
     experts: Optional[ExpertsConfig] = Field(None, description="Domain experts (lmforge experts ...).")
     distill: Optional[DistillConfig] = Field(None, description="Knowledge distillation from a teacher "

@@ -386,6 +386,8 @@ def test_every_documented_command_parses():
         words = _without_env(shlex.split(line, comments=True))
         if words[:1] == ["taskset"]:  # taskset -c 0,1 COMMAND
             words = words[3:]
+        if words[:1] == ["srun"] and "torchrun" in words:  # srun [SLURM options] torchrun ...
+            words = words[words.index("torchrun"):]
         try:
             if words[0] == "lmforge":
                 _parse_lmforge(words[1:])

@@ -57,6 +57,31 @@ class FinetuneStep(Section):
     recipe: str = Field(description="The fine-tuning recipe that recovers the model (its model.path and output.dir "
                                     "are set by the step).")
     set: dict[str, Any] = Field(default_factory=dict, description="Overrides of that recipe, {field: value}.")
+    sparsity: Optional[float] = Field(None, description="Prune by magnitude while fine-tuning, gradually up to this "
+                                      "share of the layers' weights (Zhu & Gupta's cubic schedule); pruned weights "
+                                      "are held at zero, those of an earlier prune step too.")
+    scope: Literal["global", "layer"] = Field("global", description="Gradual pruning: rank magnitudes over all "
+                                              "layers together or in each matrix.")
+    prune_steps: int = Field(100, ge=1, description="Gradual pruning: optimizer steps over which the sparsity rises "
+                                                    "to `sparsity`; the steps after it recover at that sparsity.")
+    prune_every: int = Field(10, ge=1, description="Gradual pruning: steps between pruning events.")
+
+    @model_validator(mode="after")
+    def _fraction(self) -> "FinetuneStep":
+        if self.sparsity is not None:
+            _check_fraction(self.sparsity, "sparsity")
+        return self
+
+
+class DistillStep(Section):
+    recipe: str = Field(description="The fine-tuning recipe the student trains with (its data, train settings); the "
+                                    "step sets the teacher (the previous step's model), model.path and output.dir.")
+    set: dict[str, Any] = Field(default_factory=dict, description="Overrides of that recipe, {field: value}.")
+    student_layers: int = Field(ge=1, description="The student: the teacher with this many layers, started from "
+                                                  "evenly spaced teacher layers.")
+    temperature: float = Field(2.0, gt=0.0, description="Softmax temperature of the soft targets.")
+    alpha: float = Field(0.5, ge=0.0, le=1.0, description="Weight of the soft-target loss; 1 - alpha on the labels.")
+    hidden_weight: float = Field(0.0, ge=0.0, description="Weight of hidden-state matching (0: off).")
 
 
 class QuantizeStep(Section):
@@ -67,21 +92,25 @@ class QuantizeStep(Section):
                                                                    "(fbgemm kernels) or ONNX Runtime.")
 
 
+STEP_KINDS = ("distill", "prune", "finetune", "quantize")
+
+
 class Step(Section):
+    distill: Optional[DistillStep] = Field(None, description="Distil the model into a student with fewer layers.")
     prune: Optional[PruneStep] = Field(None, description="Prune heads / FFN neurons, or weights by magnitude.")
     finetune: Optional[FinetuneStep] = Field(None, description="Fine-tune (recover) with a fine-tuning recipe.")
     quantize: Optional[QuantizeStep] = Field(None, description="Quantize the weights for CPU inference.")
 
     @model_validator(mode="after")
     def _one_kind(self) -> "Step":
-        given = [k for k in ("prune", "finetune", "quantize") if getattr(self, k) is not None]
+        given = [k for k in STEP_KINDS if getattr(self, k) is not None]
         if len(given) != 1:
-            raise ValueError(f"a step is one of prune, finetune, quantize; got {given or 'none'}")
+            raise ValueError(f"a step is one of {', '.join(STEP_KINDS)}; got {given or 'none'}")
         return self
 
     @property
     def kind(self) -> str:
-        return next(k for k in ("prune", "finetune", "quantize") if getattr(self, k) is not None)
+        return next(k for k in STEP_KINDS if getattr(self, k) is not None)
 
 
 class CompressEval(Section):
@@ -103,7 +132,8 @@ class CompressOutput(Section):
 class CompressRecipe(Section):
     name: str = Field("compress", description="Name of the run.")
     model: str = Field(description="A fine-tuning run folder or a model folder.")
-    steps: list[Step] = Field(description="Steps in order, each {prune: ...}, {finetune: ...} or {quantize: ...}.")
+    steps: list[Step] = Field(description="Steps in order, each {distill: ...}, {prune: ...}, {finetune: ...} or "
+                                          "{quantize: ...}.")
     eval: CompressEval = Field(default_factory=CompressEval)
     bench: BenchSettings = Field(default_factory=BenchSettings)
     output: CompressOutput = Field(default_factory=CompressOutput)
@@ -113,8 +143,10 @@ class CompressRecipe(Section):
         if not self.steps:
             raise ValueError("steps: give at least one step")
         kinds = [s.kind for s in self.steps]
-        if "quantize" in kinds and "finetune" in kinds[kinds.index("quantize"):]:
-            raise ValueError(f"steps: a finetune step after quantize cannot train int8 weights (order: "
+        trained = [k for k in kinds[kinds.index("quantize"):] if k in ("finetune", "distill")] if "quantize" in kinds \
+            else []
+        if trained:
+            raise ValueError(f"steps: a {trained[0]} step after quantize cannot train int8 weights (order: "
                              f"{' -> '.join(kinds)}); quantize last")
         if kinds.count("quantize") > 1:
             raise ValueError("steps: quantize once")
@@ -131,6 +163,7 @@ def load_compress_recipe(path, overrides=()) -> CompressRecipe:
     base = Path(path).parent
     recipe.model = resolve_path(recipe.model, base)
     for step in recipe.steps:
-        if step.finetune is not None:
-            step.finetune.recipe = resolve_path(step.finetune.recipe, base)
+        for trained in (step.finetune, step.distill):
+            if trained is not None:
+                trained.recipe = resolve_path(trained.recipe, base)
     return recipe

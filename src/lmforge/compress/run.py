@@ -17,7 +17,8 @@ import shutil
 from pathlib import Path
 from typing import Optional, Union
 
-from lmforge.compress.config import CompressRecipe, PruneStep, QuantizeStep, load_compress_recipe
+from lmforge.compress.config import CompressRecipe, DistillStep, FinetuneStep, PruneStep, QuantizeStep, load_compress_recipe
+from lmforge.compress.gradual import HeldSparsity
 from lmforge.compress.magnitude import apply_masks, prune_magnitude, sparsity_by_layer
 from lmforge.compress.measure import describe
 from lmforge.compress.report import write_report
@@ -25,6 +26,7 @@ from lmforge.compress.structured import check_fractions, prune_structured
 from lmforge.engine import checkpoint as ckpt
 from lmforge.engine.logging import console
 from lmforge.errors import LmforgeError
+from lmforge.distill import distill
 from lmforge.export import export
 from lmforge.finetune import finetune
 from lmforge.finetune.objective import TaskObjective
@@ -56,10 +58,12 @@ def compress(recipe: Union[CompressRecipe, str, Path, dict], *, overrides=(), fo
     for k, step in enumerate(recipe.steps, 1):
         step_dir = out / f"{k}-{step.kind}"
         console.print(f"[bold]{recipe.name}[/]: step {k} of {len(recipe.steps)}: {step.kind}")
-        if step.prune is not None:
+        if step.distill is not None:
+            note, masks = distill_step(step.distill, current, step_dir, recipe.eval.split, show_progress), None
+        elif step.prune is not None:
             note, masks = prune_step(step.prune, current, step_dir, task_recipe, recipe.eval.split)
         elif step.finetune is not None:
-            note = finetune_step(step.finetune, current, step_dir, masks, recipe.eval.split, show_progress)
+            note, masks = finetune_step(step.finetune, current, step_dir, masks, recipe.eval.split, show_progress)
         else:
             note = quantize_step(step.quantize, current, step_dir, task_recipe, recipe.eval.split)
         current = step_dir
@@ -87,8 +91,8 @@ def check_plan(recipe: CompressRecipe) -> FinetuneRecipe:
     if "Classification" not in " ".join(config.get("architectures") or []):
         raise LmforgeError(f"model: {recipe.model}: compress works on fine-tuned classifiers and taggers "
                            f"(architectures: {config.get('architectures')})")
-    finetunes = [load_finetune_recipe(s.finetune.recipe, _set_list(s.finetune.set))
-                 for s in recipe.steps if s.finetune is not None]
+    finetunes = [load_finetune_recipe(s.recipe, _set_list(s.set))
+                 for s in [s.finetune or s.distill for s in recipe.steps] if s is not None]
     for step in recipe.steps:
         if step.prune is not None:
             check_prune(step.prune, config)
@@ -168,18 +172,61 @@ def prune_step(step: PruneStep, source: Path, step_dir: Path, task_recipe: Finet
     return "; ".join(notes), masks
 
 
-def finetune_step(step, source: Path, step_dir: Path, masks: Optional[dict], split: str, show_progress: bool) -> str:
+def finetune_step(step: FinetuneStep, source: Path, step_dir: Path, masks: Optional[dict], split: str,
+                  show_progress: bool) -> tuple[str, Optional[dict]]:
+    """Fine-tune from `source`; with `step.sparsity`, prune gradually while training; pruned weights held at zero."""
     overrides = _set_list(step.set) + [f"model.path={model_folder(source)}", f"output.dir={step_dir}"]
-    finetune(step.recipe, overrides=overrides, force=True, show_progress=show_progress)
-    if not masks:
-        return "recovered by fine-tuning"
-    # Recovery moved the pruned weights: zero them again so the saved model holds the sparsity it was pruned to.
+    hold = None
+    if step.sparsity is not None or masks:
+        grad_accum = load_finetune_recipe(step.recipe, overrides).train.grad_accum
+        initial = _share_zero(masks)
+        hold = HeldSparsity(step.sparsity, scope=step.scope, steps=step.prune_steps, every=step.prune_every,
+                            grad_accum=grad_accum, initial=initial, masks=masks)
+
+    def held(objective, model, tokenizer):
+        hold.attach(model)
+        return objective
+
+    finetune(step.recipe, overrides=overrides, force=True, show_progress=show_progress,
+             train_objective=held if hold else None)
+    if hold is None:
+        return "recovered by fine-tuning", None
+    # The last optimizer step moved the pruned weights (the hook zeroes them only before a forward pass): zero them
+    # in the saved model, pruning to the final sparsity exactly where the run ended before the schedule did.
     recipe, model, tokenizer, _ = open_task_model(step_dir)
-    apply_masks(model, masks)
+    masks = hold.masks or masks
+    if masks:
+        apply_masks(model, masks)
+    note = "recovered by fine-tuning, pruned weights held at zero"
+    if step.sparsity is not None:
+        if _share_zero(masks) < step.sparsity - 1e-6:  # the run ended before the schedule did
+            masks = prune_magnitude(model, step.sparsity, step.scope)
+        last = f", the last at step {hold.history[-1][0]}" if hold.history else ""
+        note = f"gradual magnitude pruning to {_share_zero(masks):.1%} ({len(hold.history)} pruning events{last})"
     ckpt.save_model(step_dir / "final", model, tokenizer)
     data = _task_data(recipe, tokenizer, model, split, 1)
     write_split_report(step_dir, model, data, split, recipe)
-    return "recovered by fine-tuning; pruned weights zeroed again after it"
+    return note, masks
+
+
+def _share_zero(masks: Optional[dict]) -> float:
+    """Share of weights a set of keep-masks drops."""
+    if not masks:
+        return 0.0
+    return sum(int((~m).sum()) for m in masks.values()) / sum(m.numel() for m in masks.values())
+
+
+def distill_step(step: DistillStep, source: Path, step_dir: Path, split: str, show_progress: bool) -> str:
+    """Distil the previous step's model into a student of `step.student_layers` layers (see lmforge.distill)."""
+    overrides = _set_list(step.set) + [
+        f"distill.teacher={source}", f"distill.student_layers={step.student_layers}",
+        f"distill.temperature={step.temperature}", f"distill.alpha={step.alpha}",
+        f"distill.hidden_weight={step.hidden_weight}", f"output.dir={step_dir}"]
+    distill(step.recipe, overrides=overrides, force=True, show_progress=show_progress)
+    recipe, model, tokenizer, _ = open_task_model(step_dir)
+    if not (step_dir / f"eval-{split}.json").is_file():
+        write_split_report(step_dir, model, _task_data(recipe, tokenizer, model, split, 1), split, recipe)
+    return f"distilled into {step.student_layers} layers (T {step.temperature}, alpha {step.alpha})"
 
 
 def quantize_step(step: QuantizeStep, source: Path, step_dir: Path, task_recipe: FinetuneRecipe, split: str) -> str:

@@ -2,7 +2,8 @@
 
 Documents are packed within their domain (every block has one domain, so per-domain evaluation is
 exact) and joined by their separators: CLM documents end with EOS, MLM documents are [CLS] … [SEP].
-Under DDP, rank 0 builds the cache while the other ranks wait, then everyone memory-maps it.
+Under torchrun, rank 0 builds the cache while the other ranks wait, then everyone memory-maps it; a node whose
+cache folder is its own disk gets its copy from its first process.
 Sentence-pair objectives (NSP/SOP) store pair rows instead of packed blocks (see `lmforge.data.pairs`).
 """
 
@@ -167,12 +168,15 @@ def build_blocks(data: DataConfig, tokenizer, objective: ObjectiveConfig, progre
     `need_train` False (evaluation), a training split without a full block is None instead of an error."""
     root = Path(data.cache_dir) if data.cache_dir else default_cache_dir()
     target = root / "blocks" / cache_key(data, tokenizer, objective)
-    # Under torchrun the first process builds the cache while the others wait for it.
+    # Under torchrun the first process builds the cache while the others wait for it; then, on a node that does
+    # not see it (a node-local cache folder), the node's first process builds that node's copy.
     together = tdist.is_available() and tdist.is_initialized()
-    if (not together or tdist.get_rank() == 0) and not (target / "meta.json").exists():
-        _build_cache(data, tokenizer, objective, target, progress)
-    if together:
-        tdist.barrier()
+    rank = tdist.get_rank() if together else 0
+    for first in (rank == 0, int(os.environ.get("LOCAL_RANK", rank)) == 0) if together else (True,):
+        if first and not (target / "meta.json").exists():
+            _build_cache(data, tokenizer, objective, target, progress)
+        if together:
+            tdist.barrier()
     meta = json.loads((target / "meta.json").read_text())
     # Checked before loading: `datasets` cannot load back a split saved with zero rows.
     if meta["train_blocks"] == 0 and need_train:

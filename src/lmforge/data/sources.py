@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import glob
 import hashlib
 import contextlib
 import json
@@ -14,36 +13,15 @@ from typing import Iterable, Optional, Union
 import datasets
 
 from lmforge.data.clusters import ClusterLabeler, clustering_fingerprint
+from lmforge.data.files import EXTENSIONS, expand_paths
 from lmforge.errors import LmforgeError
+from lmforge.paths import PREPARED_MARKER
 from lmforge.recipe import DataConfig, SourceConfig
-
-EXTENSIONS = {".txt": "text", ".text": "text", ".md": "text", ".py": "text", ".jsonl": "jsonl",
-              ".json": "jsonl", ".csv": "csv", ".tsv": "tsv", ".parquet": "parquet"}
 
 # Declared so a numeric, null or mixed-type text column becomes strings (else `datasets` keeps e.g. Json/int).
 FEATURES = datasets.Features({"text": datasets.Value("string"), "domain": datasets.Value("string"),
                               "split": datasets.Value("string")})
-
-# Written by `lmforge prep` into its output folder: such a folder is read with each row's own domain and split.
-PREPARED_MARKER = "lmforge-prep.json"
-
 datasets.disable_progress_bars()
-
-
-def expand_paths(spec: str, where: str = "data.sources") -> list[Path]:
-    """A file, a folder (searched recursively for known extensions) or a glob → sorted files."""
-    path = Path(spec).expanduser()
-    if any(ch in spec for ch in "*?["):
-        files = [Path(p) for p in glob.glob(str(path), recursive=True) if Path(p).is_file()]
-    elif path.is_dir():
-        files = [p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in EXTENSIONS]
-    elif path.is_file():
-        files = [path]
-    else:
-        raise LmforgeError(f"{where}: {spec}: no such file or folder")
-    if not files:
-        raise LmforgeError(f"{where}: {spec}: no data files found")
-    return sorted(files)
 
 
 def _format_of(src: SourceConfig, file: Path) -> str:

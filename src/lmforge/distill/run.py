@@ -8,9 +8,10 @@ import json
 from pathlib import Path
 from typing import Union
 
-from lmforge.distill.objective import Distilled
+from lmforge.distill.objective import BlockOutputs, Distilled, TeacherCache, layer_pairs
 from lmforge.distill.student import load_hf_model, make_student
 from lmforge.engine.logging import console
+from lmforge.engine.loop import transformer_blocks
 from lmforge.errors import LmforgeError
 from lmforge.finetune import finetune
 from lmforge.pretrain import pretrain
@@ -83,18 +84,43 @@ def distill(recipe: Union[str, Path, dict, FinetuneRecipe, Recipe], *, overrides
         recipe.model.path = str(make_student(teacher_folder, cfg.init_layers, cfg.student_layers))
     if not task and not recipe.model.path and not recipe.tokenizer.path:
         recipe.tokenizer.path = str(teacher_folder or _tokenizer_folder(Path(cfg.teacher)))
+    if cfg.cache_teacher and not task:
+        raise LmforgeError("distill.cache_teacher: kept for fine-tuning students (a language model's outputs over the "
+                           "vocabulary at every position are too large to keep); computed on the fly here")
+    if cfg.cache_teacher and cfg.hidden_weight > 0:
+        raise LmforgeError("distill.cache_teacher: hidden-state matching needs the teacher's forward pass at every "
+                           "step; use one or the other")
+    cache = cfg.cache_teacher
     wrapped = {}
 
     def train_objective(objective, model, tokenizer):
         _check_pair(teacher, teacher_tok, model, tokenizer, cfg)
         binary = task and recipe.data.multi_label
-        wrapped["objective"] = Distilled(objective, teacher, cfg.temperature, cfg.alpha, binary)
+        hidden = hidden_matching(teacher, model) if cfg.hidden_weight > 0 else {}
+        wrapped["objective"] = Distilled(objective, teacher, cfg.temperature, cfg.alpha, binary,
+                                         hidden_weight=cfg.hidden_weight, cache=TeacherCache() if cache else None,
+                                         **hidden)
         return wrapped["objective"]
 
     run = (finetune if task else pretrain)(recipe, resume=resume, force=force, show_progress=show_progress,
                                            train_objective=train_objective)
     _record(run.run_dir, cfg, wrapped.get("objective"))
     return run
+
+
+def hidden_matching(teacher, student) -> dict:
+    """The taps on both models' blocks and the layer pairs for `distill.hidden_weight`, or a refusal."""
+    blocks = transformer_blocks(teacher), transformer_blocks(student)
+    if blocks[0] is None or blocks[1] is None:
+        raise LmforgeError("distill.hidden_weight: hidden states are matched block to block, and the "
+                           + ("teacher (an experts ensemble?)" if blocks[0] is None else "student")
+                           + " has no stack of transformer blocks lmforge knows")
+    widths = [getattr(m.config, "hidden_size", None) or getattr(m.config, "n_embd", None) for m in (teacher, student)]
+    if widths[0] != widths[1]:
+        raise LmforgeError(f"distill.hidden_weight: the student's width {widths[1]} differs from the teacher's "
+                           f"{widths[0]}; hidden states are compared without a projection, so give equal widths")
+    return {"taps": (BlockOutputs(blocks[1]), BlockOutputs(blocks[0])),
+            "pairs": layer_pairs(len(blocks[1]), len(blocks[0]))}
 
 
 def _is_task(recipe) -> bool:
@@ -111,16 +137,21 @@ def _tokenizer_folder(experts_run: Path) -> Path:
 
 def _record(run_dir: Path, cfg, objective) -> None:
     """distill.json, and the model card's section naming the teacher."""
+    cache = objective.cache if objective else None
     info = {**cfg.model_dump(mode="json"),
-            "teacher_seconds": round(objective.teacher_seconds, 4) if objective else None}
+            "teacher_seconds": round(objective.teacher_seconds, 4) if objective else None,
+            **({"teacher_cache": {"examples": len(cache.rows), "computed": cache.misses, "reused": cache.hits}}
+               if cache else {})}
     write_text_atomic(run_dir / "distill.json", json.dumps(info, indent=2))
     card = next((run_dir / n for n in ("README.md", "summary.md") if (run_dir / n).is_file()), None)
     if card is None:
         return
     layers = (f"; the student is the teacher with {cfg.student_layers} layers, started from teacher layers "
               f"{cfg.init_layers or 'evenly spaced'}") if cfg.student_layers else ""
-    cost = (f" The teacher's forward passes took {objective.teacher_seconds:.0f} s of the training time (computed "
-            f"in the same step as the student's, not cached).") if objective else ""
+    how = (f"computed once for each of {len(cache.rows):,} examples and reused {cache.hits:,} times" if cache else
+           "computed in the same step as the student's, not cached")
+    cost = (f" The teacher's forward passes took {objective.teacher_seconds:.0f} s of the training time ({how}).")\
+        if objective else ""
     section = (f"\n## Distillation\n\nDistilled from `{cfg.teacher}` at temperature {cfg.temperature}, alpha "
                f"{cfg.alpha} on the soft targets{layers}.{cost}\n")
     write_text_atomic(card, card.read_text() + section)

@@ -35,7 +35,7 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
-def _fsync_tree(folder: Path) -> None:
+def fsync_tree(folder: Path) -> None:
     """Flush every file of `folder`, then the folder itself, to the disk (a rename is only as durable as this)."""
     for path in folder.rglob("*"):
         if path.is_file():
@@ -64,7 +64,7 @@ def save_model(folder: Path, model, tokenizer, extra: Optional[dict] = None) -> 
     temporary folder that is flushed to the disk and then renamed into place, and the parent is flushed after
     the rename. A full disk is one error naming the folder, with the temporary folder removed."""
     folder = Path(folder)
-    tmp = folder.with_name(f".{folder.name}.tmp")
+    tmp = temporary_folder(folder)
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         with disk_full_is_an_error(folder, _state_bytes(model, extra)):
@@ -77,10 +77,21 @@ def save_model(folder: Path, model, tokenizer, extra: Optional[dict] = None) -> 
                     (tmp / name).write_text(json.dumps(payload, indent=2))
                 else:
                     torch.save(payload, tmp / name)
-            _fsync_tree(tmp)
+            fsync_tree(tmp)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    move_into_place(tmp, folder)
+
+
+def temporary_folder(folder: Path) -> Path:
+    """Where `folder` is written before it is renamed into place (a hidden sibling)."""
+    return folder.with_name(f".{folder.name}.tmp")
+
+
+def move_into_place(tmp: Path, folder: Path) -> None:
+    """Rename the finished, flushed `tmp` to `folder` (an older `folder` is swapped out first and removed last);
+    the parent is flushed after the rename, so a crash leaves the old folder or the new one."""
     old = folder.with_name(f".{folder.name}.old")
     if folder.exists():
         shutil.rmtree(old, ignore_errors=True)
@@ -104,11 +115,20 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_checkpoint(root: Path, step: int, model, tokenizer, optimizer, train_state: dict,
-                    scaler=None) -> Path:
-    state = {"optimizer": optimizer.state_dict(), "train_state": train_state, "rng": rng_state()}
+def trainer_state(train_state: dict, scaler=None, optimizer=None) -> dict:
+    """What resuming needs beside the weights: the loop's state, the RNG, the loss scaler and, for one-file
+    checkpoints, the optimizer (sharded checkpoints hold it in their shards)."""
+    state = {"train_state": train_state, "rng": rng_state()}
+    if optimizer is not None:
+        state["optimizer"] = optimizer.state_dict()
     if scaler is not None:
         state["scaler"] = scaler.state_dict()
+    return state
+
+
+def save_checkpoint(root: Path, step: int, model, tokenizer, optimizer, train_state: dict,
+                    scaler=None) -> Path:
+    state = trainer_state(train_state, scaler, optimizer)
     target = Path(root) / f"step-{step:06d}"
     save_model(target, model, tokenizer, {STATE_FILE: state})
     return target

@@ -11,17 +11,21 @@ from pathlib import Path
 from typing import Callable, Optional
 
 import torch
+from torch.distributed.tensor import DTensor
 
 from lmforge.engine import checkpoint as ckpt
 from lmforge.engine import distributed as dist
+from lmforge.engine import sharded_checkpoint as sharded_ckpt
 from lmforge.engine.checkpoint import load_weights
 from lmforge.engine.dropout import use_fast_dropout
 from lmforge.engine.hardware import autocast, keep_freed_memory, matmul_roof, pick_device, pick_precision
 from lmforge.engine.logging import MetricsLog, Throughput, console, plot_losses, progress_bar
 from lmforge.engine.schedule import lr_at, warmup_steps
+from lmforge.engine.sharding import (checkpoint_activations, full_state_dict, gathered, gradient_sync,
+                                     ignored_settings, parameterless_copy, renamed_groups, shard, unsharded)
 from lmforge.engine.signals import StopSignals
 from lmforge.errors import LmforgeError, RunInterrupted
-from lmforge.recipe import TrainConfig
+from lmforge.recipe import DistConfig, TrainConfig
 
 
 @dataclass
@@ -106,16 +110,20 @@ class Engine:
                  batch_flops: Optional[Callable[[dict], float]] = None,
                  tensorboard: bool = True, plots: bool = True, show_progress: bool = True,
                  param_groups: Optional[list[dict]] = None, started: Optional[float] = None,
-                 on_eval: Optional[Callable[[int, dict], Optional[str]]] = None):
+                 on_eval: Optional[Callable[[int, dict], Optional[str]]] = None,
+                 dist_cfg: Optional[DistConfig] = None, adversarial=None):
         self.cfg, self.run_dir = cfg, Path(run_dir)
+        self.dist_cfg = dist_cfg or DistConfig()
         # Wall time counts from `started` (the stage's start, perf_counter) plus the time of the processes before
         # a resume, as recorded in the checkpoint resumed from.
         self.started, self.earlier_seconds = started if started is not None else time.perf_counter(), 0.0
         # `on_eval(step, metrics)` sees every evaluation; a reason it returns stops the run there (a tuner's pruner).
         self.on_eval = on_eval
+        # `adversarial` (an `engine.adversarial.FGM`): a second pass on perturbed embeddings after each backward.
+        self.adversarial, self.step_adversarial_s = adversarial, 0.0
         self.tokenizer, self.objective, self.loader, self.evaluate = tokenizer, objective, loader, evaluate
         self.device_type = pick_device(cfg.device)
-        self.device = dist.setup(self.device_type)
+        self.device = dist.setup(self.device_type, self.dist_cfg.timeout_s)
         self.precision = pick_precision(cfg.precision, self.device_type)
         self.model = model.to(self.device)
         if self.device_type == "cpu":
@@ -128,18 +136,49 @@ class Engine:
         self.plots, self.show_progress = plots, show_progress
         self.main = dist.is_main()
         self.log = MetricsLog(self.run_dir, tensorboard=tensorboard, enabled=self.main)
-        self.optimizer = make_optimizer(self.model, cfg, self.device_type, param_groups)
         self.scaler = torch.amp.GradScaler("cuda") if self.precision == "fp16" else None
         self.state = TrainState()
-        module = LossModule(self.model, objective)
-        if cfg.compile:
-            module = compile_model(module, self.model)
-        if dist.world_size() > 1:
-            ids = [self.device.index] if self.device_type == "cuda" else None
-            module = torch.nn.parallel.DistributedDataParallel(module, device_ids=ids)
-        self.module = module
+        # FSDP when asked and there is more than one process to shard across
+        self.sharded = self.dist_cfg.strategy == "fsdp" and dist.world_size() > 1
+        self.module = self._wrap(LossModule(self.model, objective))
+        if self.sharded:  # fully_shard replaced every parameter: groups made before name the new ones
+            param_groups = renamed_groups(param_groups, self.parameter_names, self.model)
+        self.optimizer = make_optimizer(self.model, cfg, self.device_type, param_groups)
         self.warmup = warmup_steps(cfg.warmup_steps, cfg.max_steps)
         self.min_lr = cfg.min_lr if cfg.min_lr is not None else cfg.lr / 10
+
+    def _wrap(self, module: torch.nn.Module) -> torch.nn.Module:
+        """Activation checkpointing, compilation, then DDP or FSDP, as the recipe asks."""
+        if self.main:
+            for note in ignored_settings(self.dist_cfg, self.device_type, dist.world_size()):
+                console.print(f"[yellow]{note}")
+        self.parameter_names = {id(p): n for n, p in self.model.named_parameters()}
+        # where the weights are gathered after training: the model's structure, without its parameters
+        self.skeleton = parameterless_copy(self.model) if self.sharded else None
+        if self.dist_cfg.activation_checkpointing:
+            checkpoint_activations(self.model)
+        if self.cfg.compile:
+            module = compile_model(module, self.model)
+        if self.sharded:
+            return shard(module, self.model, self.dist_cfg, self.device_type)
+        if dist.world_size() > 1:
+            ids = [self.device.index] if self.device_type == "cuda" else None
+            return torch.nn.parallel.DistributedDataParallel(module, device_ids=ids)
+        return module
+
+    def export_model(self) -> Optional[torch.nn.Module]:
+        """The trained model as one plain module (every process must call this). Under FSDP the shards are
+        gathered into a fresh CPU copy on process 0 and the others get None; otherwise the model itself."""
+        if not self.sharded:
+            return self.model
+        state = full_state_dict(self.model)
+        return unsharded(self.skeleton, state) if self.main else None
+
+    def save_model(self, folder: Path, extra: Optional[dict] = None) -> None:
+        """Every process: write the model, consolidated, with the tokenizer as one Hugging Face folder."""
+        model = self.export_model()
+        if self.main:
+            ckpt.save_model(folder, model, self.tokenizer, extra)
 
     # ----------------------------------------------------------------- checkpoints
     @property
@@ -150,9 +189,15 @@ class Engine:
         folder = folder or ckpt.latest_checkpoint(self.checkpoint_dir)
         if folder is None:
             return False
-        load_weights(self.model, folder, self.device)
         state = ckpt.load_state(folder)
-        self.optimizer.load_state_dict(state["optimizer"])
+        if sharded_ckpt.is_sharded(folder):  # written under FSDP by any number of processes
+            sharded_ckpt.load_sharded(folder, self.model, self.optimizer)
+        elif self.sharded:
+            raise LmforgeError(f"{folder}: a one-file checkpoint (dist.strategy ddp); resume it with dist.strategy "
+                               "ddp, or start the FSDP run afresh")
+        else:
+            load_weights(self.model, folder, self.device)
+            self.optimizer.load_state_dict(state["optimizer"])
         if self.scaler is not None and "scaler" in state:
             self.scaler.load_state_dict(state["scaler"])
         self.state = TrainState(**state["train_state"])
@@ -168,11 +213,16 @@ class Engine:
         return self.earlier_seconds + time.perf_counter() - self.started
 
     def save(self) -> Optional[Path]:
+        """Every process: write a checkpoint (sharded under dist.strategy fsdp); its folder on process 0."""
+        self.state.seconds = self.wall_seconds()
+        if self.dist_cfg.strategy == "fsdp":
+            state = ckpt.trainer_state(asdict(self.state), self.scaler)
+            path = sharded_ckpt.save_sharded(self.checkpoint_dir, self.state.step, self.model, self.optimizer, state)
+        elif self.main:
+            path = ckpt.save_checkpoint(self.checkpoint_dir, self.state.step, self.model, self.tokenizer,
+                                        self.optimizer, asdict(self.state), self.scaler)
         if not self.main:
             return None
-        self.state.seconds = self.wall_seconds()
-        path = ckpt.save_checkpoint(self.checkpoint_dir, self.state.step, self.model, self.tokenizer,
-                                    self.optimizer, asdict(self.state), self.scaler)
         ckpt.prune_checkpoints(self.checkpoint_dir, self.cfg.keep_last)
         return path
 
@@ -188,6 +238,7 @@ class Engine:
         """One optimizer step over `grad_accum` micro-batches. Returns (loss, grad norm, loss tokens); the
         input tokens read and the FLOPs run (all processes) are left in `self.step_inputs` and `self.step_flops`."""
         cfg, step = self.cfg, self.state.step
+        self.step_adversarial_s = 0.0
         micro = []
         for m in range(cfg.grad_accum):
             ids, positions, domains = self.loader.micro_batch(step, m)
@@ -202,19 +253,19 @@ class Engine:
         total = torch.zeros((), device=self.device)
         for m, batch in enumerate(micro):
             sync = m == len(micro) - 1 or dist.world_size() == 1
-            ctx = self.module.no_sync() if not sync else contextlib.nullcontext()
-            with ctx:
+            with gradient_sync(self.module, sync):
                 with autocast(self.device_type, self.precision):
                     loss_sum, _, _ = self.module(batch)
-                scaled = loss_sum.float() * scale
-                (self.scaler.scale(scaled) if self.scaler else scaled).backward()
+                self._backward(loss_sum, scale)
+                if self.adversarial is not None:
+                    self._adversarial_pass(batch, scale)
             total += loss_sum.detach().float()
         loss = dist.all_reduce_sum(total).item() / max(global_tokens, 1.0)
         if self.scaler:
             self.scaler.unscale_(self.optimizer)
         params = [p for p in self.model.parameters() if p.grad is not None]
         total = torch.nn.utils.get_total_norm([p.grad for p in params])
-        norm = float(total)
+        norm = float(total.full_tensor() if isinstance(total, DTensor) else total)  # FSDP: a norm of shards
         # clip_grad_norm_ multiplies every gradient by min(1, clip / (norm + 1e-6)) even when that is 1
         if cfg.grad_clip and norm + 1e-6 > cfg.grad_clip:
             torch.nn.utils.clip_grads_with_norm_(params, cfg.grad_clip, total)
@@ -231,11 +282,27 @@ class Engine:
         self.optimizer.zero_grad(set_to_none=True)
         return loss, norm, int(global_tokens)
 
+    def _backward(self, loss_sum: torch.Tensor, scale: float) -> None:
+        scaled = loss_sum.float() * scale
+        (self.scaler.scale(scaled) if self.scaler else scaled).backward()
+
+    def _adversarial_pass(self, batch: dict, scale: float) -> None:
+        """The batch again on embeddings perturbed along their gradient; its gradient adds to the clean one and
+        the embeddings are restored. Its seconds are counted apart (the cost of adversarial training)."""
+        started = time.perf_counter()
+        with self.adversarial.perturbed(self.model) as moved:
+            if moved:
+                with autocast(self.device_type, self.precision):
+                    loss_sum, _, _ = self.module(batch)
+                self._backward(loss_sum, scale)
+        self.step_adversarial_s += time.perf_counter() - started
+
     def run_eval(self) -> dict:
         if self.evaluate is None:
             return {}
         self.model.eval()
-        with torch.no_grad(), autocast(self.device_type, self.precision):
+        whole = gathered(self.module, self.dist_cfg.reshard_after_forward) if self.sharded else contextlib.nullcontext()
+        with torch.no_grad(), autocast(self.device_type, self.precision), whole:
             metrics = self.evaluate(self.model)
         self.model.train()
         if not metrics:
@@ -255,9 +322,7 @@ class Engine:
         if better:
             self.state.best_metric, self.state.best_step = value, self.state.step
             self.state.evals_without_improvement = 0
-            if self.main:
-                ckpt.save_model(self.run_dir / "best", self.model, self.tokenizer,
-                                {"best.json": {"step": self.state.step, self.cfg.metric: value}})
+            self.save_model(self.run_dir / "best", {"best.json": {"step": self.state.step, self.cfg.metric: value}})
         else:
             self.state.evals_without_improvement += 1
         patience = self.cfg.early_stopping_patience
@@ -291,11 +356,27 @@ class Engine:
         return {n: (flat[2 * i], flat[2 * i + 1]) for i, n in enumerate(names)}
 
     def fit(self) -> TrainState:
+        """Train to `max_steps` (or an early stop). A collective that fails because another process died or
+        stalled past `dist.timeout_s` ends the run with one error line, not a hang or a C++ trace."""
+        try:
+            return self._fit()
+        except RuntimeError as err:
+            if not dist.lost_peer(err):
+                raise
+            where = ckpt.latest_checkpoint(self.checkpoint_dir)
+            first = str(err).strip().splitlines()[0][:300] if str(err).strip() else type(err).__name__
+            raise LmforgeError(
+                f"process {dist.rank()} lost the other processes at step {self.state.step + 1}: one died or stalled "
+                f"longer than dist.timeout_s={self.dist_cfg.timeout_s:g} s ({first}); last checkpoint: "
+                f"{where or 'none yet'}; run the same command with --resume to continue") from None
+
+    def _fit(self) -> TrainState:
         cfg = self.cfg
         self.model.train()
         peak = matmul_roof(self.device_type, self.precision) * (dist.world_size())
         meter = Throughput(peak)
         window_loss, window_n, stop_reason = 0.0, 0, "max_steps"
+        window_s, window_adversarial_s = 0.0, 0.0
         signals = StopSignals(announce=self.main)
         with signals, progress_bar(self.main and self.show_progress) as bar:
             task = bar.add_task("train", total=cfg.max_steps, completed=self.state.step, status="")
@@ -306,7 +387,10 @@ class Engine:
                         f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float) and "/" not in k))
             while self.state.step < cfg.max_steps:
                 lr = self._set_lr()
+                started = time.perf_counter()
                 loss, norm, _ = self.train_step()
+                window_s += time.perf_counter() - started
+                window_adversarial_s += self.step_adversarial_s
                 self.state.step += 1
                 self.state.tokens += self.step_inputs
                 self.state.flops += self.step_flops
@@ -328,6 +412,9 @@ class Engine:
                               "tokens": self.state.tokens, "tokens_per_s": round(tps, 1), "mfu": round(mfu, 4),
                               "elapsed_s": round(self.wall_seconds(), 2)}
                     record.update({k: round(v, 5) for k, v in ratios(self._training_tallies()).items()})
+                    if self.adversarial is not None:  # what adversarial training costs: its share of step time
+                        record["adversarial_share"] = round(window_adversarial_s / max(window_s, 1e-9), 4)
+                    window_s, window_adversarial_s = 0.0, 0.0
                     self.log.write(record)
                     bar.update(task, completed=self.state.step,
                                status=f"loss {record['loss']:.4f}  {tps:,.0f} tok/s  mfu {mfu:.0%}")
@@ -369,4 +456,11 @@ class Engine:
         if self.main and self.plots:
             plot_losses(self.run_dir)
         self.log.close()
+        self._release_process_group()
         return self.state
+
+    def _release_process_group(self) -> None:
+        """Drop the DDP wrapper once training is over: its reducer holds the process group, and a gloo group
+        destroyed only when the reducer is freed, after the other ranks have exited, can hang in its destructor."""
+        if isinstance(self.module, torch.nn.parallel.DistributedDataParallel):
+            self.module = self.module.module

@@ -40,7 +40,7 @@ import torch
 
 from lmforge.data.blocks import build_blocks
 from lmforge.data.clusters import cluster_name
-from lmforge.data.sources import PREPARED_MARKER, expand_paths
+from lmforge.data.files import expand_paths
 from lmforge.engine import checkpoint as ckpt
 from lmforge.engine.logging import console
 from lmforge.errors import LmforgeError
@@ -48,6 +48,7 @@ from lmforge.evaluate import evaluate_blocks
 from lmforge.experts.budget import expert_budget, mixture_steps
 from lmforge.experts.cluster import cluster_recipe_documents
 from lmforge.experts.demix import train_demix
+from lmforge.experts.launch import finished_domains
 from lmforge.experts.fisher import diagonal_fisher, domain_blocks, fisher_average
 from lmforge.experts.moe import load_moe, merge_moe
 from lmforge.experts.prior import estimate_prior
@@ -55,6 +56,7 @@ from lmforge.models import load_model
 from lmforge.models.ensemble import ExpertEnsemble, average_state_dicts
 from lmforge.models.onnx import refuse_inference_only
 from lmforge.objectives import build_objective
+from lmforge.paths import PREPARED_MARKER
 from lmforge.pretrain import pretrain
 from lmforge.recipe import DataConfig, ExpertsConfig, Recipe, SourceConfig, load_recipe
 from lmforge.runs import MANIFEST, load_ensemble, manifest, model_folder
@@ -330,9 +332,9 @@ def dense_budget(run: Path, info: dict, dense: Recipe) -> str:
             f"{sum(experts.values()):,} (" + ", ".join(f"{d} {n:,}" for d, n in experts.items()) + ")")
 
 
-def _expert_models(run: Path, info: dict) -> list:
+def _expert_models(run: Path, info: dict, domains: list[str]) -> list:
     models = []
-    for domain in info["domains"]:
+    for domain in domains:
         folder = run / info["experts"][domain] / "final"
         if not (folder / "config.json").is_file():
             raise LmforgeError(f"{folder.parent}: expert '{domain}' is not trained yet "
@@ -354,24 +356,30 @@ def merge(run: Path, method: str, *, weights: str = "uniform", top_k: Optional[i
                            f"for --method {method}")
     if router_init not in ("random", "centroids"):
         raise LmforgeError(f"--router-init: expected 'random' or 'centroids', got {router_init!r}")
-    experts = _expert_models(run, info)
+    domains, missing = finished_domains(run)
+    if not domains:
+        raise LmforgeError(f"{run}: no expert is trained yet (lmforge experts train {run})")
+    if missing:
+        console.print(f"[yellow]merging the {len(domains)} trained experts ({', '.join(domains)}); not trained yet: "
+                      f"{', '.join(missing)}[/] (lmforge experts status {run})")
+    experts = _expert_models(run, info, domains)
     tokenizer = load_tokenizer(run / info["seed"])
     fishers, router_blocks = None, None
     if (weights == "fisher" and method in ("average", "moe")) or (method == "moe" and router_init == "centroids"):
         data = build_blocks(recipe.data, tokenizer, recipe.objective)
         if weights == "fisher":
             fisher_blocks = fisher_blocks or FISHER_BLOCKS
-            fishers = expert_fishers(experts, info["domains"], data, n_blocks=fisher_blocks, seed=recipe.train.seed,
+            fishers = expert_fishers(experts, domains, data, n_blocks=fisher_blocks, seed=recipe.train.seed,
                                      show_progress=show_progress)
         if method == "moe" and router_init == "centroids":
-            router_blocks = [domain_blocks(data, d, ROUTER_BLOCKS, recipe.train.seed) for d in info["domains"]]
+            router_blocks = [domain_blocks(data, d, ROUTER_BLOCKS, recipe.train.seed) for d in domains]
     if method == "moe":
-        return merge_moe(run, recipe, experts, info["domains"], tokenizer, top_k=top_k, steps=steps, train=train,
-                         aux_weight=aux_weight, sources=[f"../{info['experts'][d]}/final" for d in info["domains"]],
+        return merge_moe(run, recipe, experts, domains, tokenizer, top_k=top_k, steps=steps, train=train,
+                         aux_weight=aux_weight, sources=[f"../{info['experts'][d]}/final" for d in domains],
                          fishers=fishers, fisher_blocks=fisher_blocks, router_blocks=router_blocks,
                          show_progress=show_progress)
     cfg = recipe.experts or ExpertsConfig()
-    ensemble = ExpertEnsemble(experts, info["domains"], top_k=top_k or cfg.top_k)
+    ensemble = ExpertEnsemble(experts, domains, top_k=top_k or cfg.top_k)
     prior = None
     if (method == "ensemble" and cfg.prior == "estimated") or (method == "average" and weights == "prior"):
         data = build_blocks(recipe.data, tokenizer, recipe.objective)
@@ -380,8 +388,8 @@ def merge(run: Path, method: str, *, weights: str = "uniform", top_k: Optional[i
         folder = run / "ensemble"
         folder.mkdir(exist_ok=True)
         _write_json(folder / "ensemble.json", {
-            "method": "ensemble", "domains": info["domains"],
-            "experts": [f"../{info['experts'][d]}/final" for d in info["domains"]],
+            "method": "ensemble", "domains": domains,
+            "experts": [f"../{info['experts'][d]}/final" for d in domains],
             "prior": (prior.tolist() if prior is not None else [1.0 / len(experts)] * len(experts)),
             "top_k": top_k or cfg.top_k, "routing": cfg.routing,
             **({"clusters": "../clusters", "routing_temperature": cfg.routing_temperature,
@@ -399,7 +407,7 @@ def merge(run: Path, method: str, *, weights: str = "uniform", top_k: Optional[i
         merged.load_state_dict(average_state_dicts(states, w))
         record = {"weights": w or [1.0 / len(experts)] * len(experts)}
     ckpt.save_model(run / "average", merged, tokenizer,
-                    {"merge.json": {"method": "average", "domains": info["domains"], **record}})
+                    {"merge.json": {"method": "average", "domains": domains, **record}})
     return run / "average"
 
 

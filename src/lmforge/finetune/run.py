@@ -1,4 +1,5 @@
 """The fine-tuning stage: recipe → task data → task model (+ strategy) → engine → evaluated, exported run folder.
+Sentence embeddings (task `embedding`) take the same path in `finetune.embedding`.
 
     RUN/
       recipe.yaml  metrics.jsonl  loss.png
@@ -12,7 +13,6 @@
 from __future__ import annotations
 
 import json
-import time
 from collections import Counter
 from pathlib import Path
 from typing import Callable, Optional, Union
@@ -21,14 +21,17 @@ import torch
 
 from lmforge.engine import checkpoint as ckpt
 from lmforge.engine import distributed as dist
+from lmforge.engine.adversarial import FGM
 from lmforge.engine.checkpoint import load_weights
-from lmforge.engine.hardware import pick_device, threads_note
+from lmforge.engine.hardware import threads_note
 from lmforge.engine.logging import console
 from lmforge.engine.loop import Engine
 from lmforge.errors import LmforgeError
+from lmforge.finetune.embedding import finetune_embedding
 from lmforge.finetune.fast import first_position_only
 from lmforge.finetune.flops import task_batch_flops
 from lmforge.finetune.objective import TaskObjective
+from lmforge.finetune.setup import open_base, train_settings
 from lmforge.recipe import coerce_recipe
 from lmforge.runs import start_run
 from lmforge.stage import RunResult
@@ -57,6 +60,16 @@ def class_weights(recipe: FinetuneRecipe, data: TaskData) -> Optional[torch.Tens
     return torch.tensor([float(spec.get(n, 1.0)) for n in names])
 
 
+def adversarial_method(cfg, model) -> Optional[FGM]:
+    """FGM on the word embeddings when the recipe asks for it; the embeddings must train (they get a gradient)."""
+    if cfg.adversarial == "none":
+        return None
+    if not FGM.embedding_weight(model).requires_grad:
+        raise LmforgeError("train.adversarial: fgm perturbs the word embeddings along their gradient, but the "
+                           "strategy freezes them (freeze_embeddings, head_only, frozen layers or peft)")
+    return FGM(cfg.adversarial_epsilon)
+
+
 def finetune(recipe: Union[FinetuneRecipe, str, Path, dict], *, overrides: Union[list[str], tuple] = (),
              resume: bool = False, force: bool = False, show_progress: bool = True,
              on_eval: Optional[Callable[[int, dict], Optional[str]]] = None,
@@ -68,18 +81,12 @@ def finetune(recipe: Union[FinetuneRecipe, str, Path, dict], *, overrides: Union
     recipe = coerce_recipe(recipe, overrides, FinetuneRecipe, load_finetune_recipe)
     if recipe.distill and train_objective is None:
         raise LmforgeError("distill: this recipe distils from a teacher; run it with `lmforge distill`")
+    if recipe.task == "embedding":
+        if train_objective is not None:
+            raise LmforgeError("distill: task embedding cannot be distilled; fine-tune it with `lmforge finetune`")
+        return finetune_embedding(recipe, resume=resume, force=force, show_progress=show_progress, on_eval=on_eval)
     cfg = recipe.train
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    t0 = time.perf_counter()
-    dist.setup(pick_device(cfg.device))
-    folder = tm.resolve_base(recipe.model.path)
-    tokenizer = tm.load_task_tokenizer(recipe.model, folder)
-    limit = tm.position_limit(json.loads((folder / "config.json").read_text()))
-    if recipe.data.max_length is None:
-        recipe.data.max_length = min(128, limit)
-    elif recipe.data.max_length > limit:
-        raise LmforgeError(f"data.max_length: {recipe.data.max_length} is above the model's position limit {limit}")
+    folder, tokenizer, t0 = open_base(recipe)
     data = TaskData(recipe, tokenizer)
     if "train" not in data.encoded or not len(data.encoded["train"]):
         raise LmforgeError(f"{recipe.data.train.path}: the training split is empty")
@@ -98,11 +105,7 @@ def finetune(recipe: Union[FinetuneRecipe, str, Path, dict], *, overrides: Union
 
         loader = TaskLoader(data.encoded["train"], cfg.batch_size, cfg.grad_accum, cfg.seed, tokenizer.pad_token_id,
                             recipe.data.multi_label, cfg.group_by_length, dist.world_size(), dist.rank())
-        train_cfg = cfg.model_copy(update={
-            "max_steps": cfg.max_steps or max(1, round(cfg.epochs * loader.batches_per_epoch
-                                                       / (cfg.grad_accum * dist.world_size()))),
-            "eval_every": cfg.eval_every if cfg.eval_every is not None else loader.steps_per_epoch,
-            "metric": recipe.metric})
+        train_cfg = train_settings(recipe, loader)
         objective = TaskObjective(recipe.task, recipe.data.multi_label, class_weights(recipe, data))
 
         scored_at = {}  # validation scores by step: the final report reuses those of the weights it reports on
@@ -114,13 +117,15 @@ def finetune(recipe: Union[FinetuneRecipe, str, Path, dict], *, overrides: Union
             scored_at[engine.state.step] = scored["metrics"]
             return scored["metrics_flat"]
 
+        adversarial = adversarial_method(cfg, model)
         # Throughput counts the non-padding input tokens read; MFU the FLOPs of the padded shapes run.
         trained_by = train_objective(objective, model, tokenizer) if train_objective else objective
         engine = Engine(model, tokenizer, trained_by, loader, train_cfg, run_dir, evaluate=evaluate, started=t0,
-                        on_eval=on_eval,
+                        on_eval=on_eval, dist_cfg=recipe.dist,
                         batch_flops=task_batch_flops(model, recipe.task, first_position),
                         tensorboard=recipe.output.tensorboard, plots=recipe.output.plots, show_progress=show_progress,
-                        param_groups=tm.param_groups(model, cfg.weight_decay, strategy, cfg.lr))
+                        param_groups=tm.param_groups(model, cfg.weight_decay, strategy, cfg.lr),
+                        adversarial=adversarial)
         if resume:
             engine.resume()
         if dist.is_main():
@@ -130,8 +135,10 @@ def finetune(recipe: Union[FinetuneRecipe, str, Path, dict], *, overrides: Union
                           f"({loader.steps_per_epoch} per epoch) on {engine.device_type}"
                           f"{threads_note(cfg.threads, engine.device_type)}")
     state = engine.fit()
+    model = engine.export_model()  # every process; under FSDP the gathered, plain model on process 0 only
     results = {}
     if dist.is_main():
+        model = model.to(engine.device)
         reported_step = state.step
         if (run_dir / "best").is_dir():  # the dev metric's best step, not the last one
             load_weights(model, run_dir / "best", engine.device)
@@ -176,7 +183,9 @@ def write_model_card(run_dir, recipe, data, results, state, seconds, trainable, 
               "## Training", "",
               f"- strategy: {recipe.strategy.method}; {trainable:,} of {total:,} parameters trained",
               f"- {state.step} steps, batch {recipe.train.batch_size} x {recipe.train.grad_accum}, lr {recipe.train.lr}, "
-              f"{recipe.train.schedule} schedule, {seconds:.0f} s wall time; stopped: "
+              f"{recipe.train.schedule} schedule, {seconds:.0f} s wall time"
+              + (f", FGM adversarial training (epsilon {recipe.train.adversarial_epsilon})"
+                 if recipe.train.adversarial == "fgm" else "") + "; stopped: "
               f"{next((h['stop_reason'] for h in reversed(state.history) if 'stop_reason' in h), 'max_steps')}",
               f"- best {recipe.metric} on validation at step {state.best_step}: {state.best_metric}", "",
               "## Scores", ""]

@@ -103,7 +103,10 @@ class OutputConfig(Section):
 class PrepRecipe(Section):
     name: str = Field("prep", description="Name of the dataset.")
     sources: list[PrepSourceConfig] = Field(default_factory=list, description="Raw inputs, each with a domain tag.")
-    num_proc: int = Field(1, ge=1, description="Worker processes.")
+    engine: Literal["local", "ray"] = Field(
+        "local", description="Who runs the stages: local processes, or Ray Data (a local Ray, or a cluster with "
+                             "--address); both give the same dataset.")
+    num_proc: int = Field(1, ge=1, description="Worker processes (local engine; the ray engine uses the cluster's CPUs).")
     shard_mb: float = Field(16.0, gt=0, description="Input megabytes per work unit (units are resumable).")
     normalize: NormalizeConfig = Field(default_factory=NormalizeConfig)
     filters: FilterConfig = Field(default_factory=FilterConfig)

@@ -108,7 +108,8 @@ def lsh_params(threshold: float, num_perm: int) -> tuple[int, int]:
     return num_perm, 1
 
 
-def _band_keys(sig: np.ndarray, bands: int, rows: int) -> np.ndarray:
+def band_keys(sig: np.ndarray, bands: int, rows: int) -> np.ndarray:
+    """Each document's key in each band (documents × bands): equal keys, equal band."""
     rng = np.random.default_rng(12345)
     mult = rng.integers(0, 2**63, rows, np.uint64) * np.uint64(2) + np.uint64(1)
     keys = np.empty((len(sig), bands), np.uint64)
@@ -120,32 +121,38 @@ def _band_keys(sig: np.ndarray, bands: int, rows: int) -> np.ndarray:
     return keys
 
 
+def band_layout(threshold: float, num_perm: int, bands: Optional[int]) -> tuple[int, int]:
+    """Bands and rows per band: the recipe's bands, or those `lsh_params` picks for the threshold."""
+    return (bands, num_perm // bands) if bands else lsh_params(threshold, num_perm)
+
+
 def candidate_pairs(sig: np.ndarray, valid: np.ndarray, bands: int, rows: int) -> np.ndarray:
-    """Pairs (i < j) that share at least one LSH band: each bucket member is paired with the
-    bucket's first member and with its predecessor (enough to connect the bucket's cluster)."""
+    """Pairs (i < j) that share at least one LSH band (see `run_pairs` for which pairs of a bucket)."""
     idx = np.flatnonzero(valid)
     if len(idx) < 2:
         return np.zeros((0, 2), np.int64)
-    keys = _band_keys(sig[idx], bands, rows)
+    keys = band_keys(sig[idx], bands, rows)
     found = []
     for b in range(bands):
         order = np.argsort(keys[:, b], kind="stable")
         k = keys[order, b]
-        same = np.concatenate([[False], k[1:] == k[:-1]])
-        if not same.any():
-            continue
-        head = np.maximum.accumulate(np.where(~same, np.arange(len(k)), 0))
-        members = np.flatnonzero(same)
-        found.append(np.stack([order[head[members]], order[members]], 1))
-        found.append(np.stack([order[members - 1], order[members]], 1))
-    if not found:
-        return np.zeros((0, 2), np.int64)
+        found.append(run_pairs(order, np.concatenate([[False], k[1:] == k[:-1]])))
     pairs = idx[np.concatenate(found)]
     pairs = np.sort(pairs, axis=1)
     pairs = pairs[pairs[:, 0] != pairs[:, 1]]
     n = np.int64(len(sig))
     code = np.unique(pairs[:, 0] * n + pairs[:, 1])  # one int64 per pair: a 1-D unique is far faster
     return np.stack([code // n, code % n], 1)
+
+
+def run_pairs(members: np.ndarray, same: np.ndarray) -> np.ndarray:
+    """Pairs inside runs of equal keys (`same[k]`: member k has the key of member k - 1): each member with the
+    first of its run and with its predecessor, enough to connect the run without all its pairs."""
+    if not same.any():
+        return np.zeros((0, 2), np.int64)
+    head = np.maximum.accumulate(np.where(~same, np.arange(len(same)), 0))
+    at = np.flatnonzero(same)
+    return np.concatenate([np.stack([members[head[at]], members[at]], 1), np.stack([members[at - 1], members[at]], 1)])
 
 
 def similarity(sig: np.ndarray, pairs: np.ndarray) -> np.ndarray:
@@ -200,9 +207,7 @@ def near_pairs(sig: np.ndarray, valid: np.ndarray, threshold: float, bands: Opti
     `sets`) or else MinHash estimate reaches the threshold."""
     if len(sig) < 2:
         return np.zeros((0, 2), np.int64), np.zeros(0)
-    num_perm = sig.shape[1]
-    b, r = (bands, num_perm // bands) if bands else lsh_params(threshold, num_perm)
-    cand = candidate_pairs(sig, valid, b, r)
+    cand = candidate_pairs(sig, valid, *band_layout(threshold, sig.shape[1], bands))
     sim = true_similarity(sets, cand) if sets is not None else similarity(sig, cand)
     keep = sim >= threshold
     return cand[keep], sim[keep]

@@ -115,22 +115,32 @@ def _cluster_heads(rep: np.ndarray, near: np.ndarray, rank: np.ndarray) -> np.nd
 
 
 def assign_split(kept: np.ndarray, domain: np.ndarray, fixed: np.ndarray, u: np.ndarray,
-                 fraction: float, count: Optional[int]) -> np.ndarray:
+                 fraction: float, count: Optional[int], held_out: Optional[np.ndarray] = None) -> np.ndarray:
     """TRAIN / VALIDATION / REMOVED per document. `fixed` holds -1 (free) or the split a source forces.
 
     With `count`, each domain's `count` free documents with the smallest `u` are held out; else those
     with u < fraction. Either way a document's split depends only on its own text and the seed.
+    `held_out` (a mask) gives the `count` choice when it was made over more documents than these.
     """
     split = np.where(kept, TRAIN, REMOVED)
     free = kept & (fixed < 0)
     split[kept & (fixed >= 0)] = fixed[kept & (fixed >= 0)]
     if count is None:
         split[free & (u < fraction)] = VALIDATION
-        return split
-    for d in np.unique(domain[free]):
-        members = np.flatnonzero(free & (domain == d))
-        split[members[np.argsort(u[members], kind="stable")[:count]]] = VALIDATION
+    elif held_out is not None:
+        split[free & held_out] = VALIDATION
+    else:
+        split[smallest_per_domain(np.flatnonzero(free), domain, u, count)] = VALIDATION
     return split
+
+
+def smallest_per_domain(candidates: np.ndarray, domain: np.ndarray, u: np.ndarray, count: int) -> np.ndarray:
+    """Of the `candidates` (indices, ascending), each domain's `count` with the smallest `u` (ties: the first)."""
+    chosen = []
+    for d in np.unique(domain[candidates]):
+        members = candidates[domain[candidates] == d]
+        chosen.append(members[np.argsort(u[members], kind="stable")[:count]])
+    return np.concatenate(chosen) if chosen else np.zeros(0, np.int64)
 
 
 def domain_weights(sizes: dict[str, float], temperature: float, weights: Optional[dict[str, float]]

@@ -19,18 +19,19 @@ import sys
 import time
 from collections import Counter
 from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Optional, Union
+from typing import Callable, Iterator, Optional, Union
 
 import numpy as np
 import pyarrow.parquet as pq
 
-from lmforge.data.sources import PREPARED_MARKER as MARKER
 from lmforge.errors import LmforgeError
+from lmforge.paths import PREPARED_MARKER as MARKER
 from lmforge.prep import mix
 from lmforge.prep.config import PrepRecipe, load_prep_recipe
 from lmforge.prep.dedup import ShingleSets, near_pairs
-from lmforge.prep.read import Unit, plan_units
+from lmforge.prep.read import Unit, part_bytes, plan_units
 from lmforge.prep.report import write_report
 from lmforge.prep.worker import FILTERED_SCHEMA, HIST_EDGES, count_unit_lines, process_unit, unit_paths
 from lmforge.recipe import coerce_recipe
@@ -104,7 +105,7 @@ def _load_rows(work: Path, units: list[Unit], num_perm: int) -> tuple[dict, np.n
 
 
 @contextlib.contextmanager
-def _discarded_on_bad_input(work: Path):
+def discarded_on_bad_input(work: Path):
     """Bad input (an id missing or repeated) removes the work folder: resuming would meet it again."""
     try:
         yield
@@ -133,10 +134,14 @@ def _check_unique_ids(recipe: PrepRecipe, ids: np.ndarray, src: np.ndarray) -> N
     if not len(same):
         return
     first = order[same[0] + 1]
-    i = int(src[first])
+    raise duplicate_id_error(recipe, ids[first], int(src[first]))
+
+
+def duplicate_id_error(recipe: PrepRecipe, doc_id: str, i: int) -> LmforgeError:
+    """The error for an id that names two documents (the second of them read from `sources[i]`)."""
     where = (f"sources[{i}].id_column: '{recipe.sources[i].id_column}' is not unique"
              if recipe.sources[i].id_column else f"sources[{i}]: a file is read twice")
-    raise LmforgeError(f"{where}: id {ids[first]!r} names more than one document")
+    return LmforgeError(f"{where}: id {doc_id!r} names more than one document")
 
 
 def _sum_by(codes: np.ndarray, values: np.ndarray, mask: np.ndarray, names: list[str]) -> dict[str, int]:
@@ -144,11 +149,21 @@ def _sum_by(codes: np.ndarray, values: np.ndarray, mask: np.ndarray, names: list
     return {d: int(sums[i]) for i, d in enumerate(names)}
 
 
-def prep(recipe: Union[PrepRecipe, str, Path], *, force: bool = False, show_progress: bool = True,
-         overrides: Union[list[str], tuple] = ()) -> RunResult:
-    """Run the whole preparation (recipe object, YAML file or dict, plus `--set` style overrides); returns the
-    dataset folder (train/ and validation/ Parquet shards) and its statistics (stats.json)."""
-    recipe = coerce_recipe(recipe, overrides, PrepRecipe, load_prep_recipe)
+@dataclass
+class Job:
+    """One run's fixed inputs, whichever engine runs it: the recipe, output and work folders, work units."""
+    recipe: PrepRecipe
+    out: Path
+    work: Path
+    units: list[Unit]
+    plan_events: Counter
+    t0: float = field(default_factory=time.perf_counter)
+    times: dict = field(default_factory=dict)  # stage → seconds, in the order the stages ran
+
+
+def start(recipe: PrepRecipe, force: bool = False) -> Job:
+    """Check the output folder and tokenizer, plan the work units and open the work folder (kept from an
+    interrupted run with the same inputs and stage-1 settings, so its finished units are reused)."""
     t0 = time.perf_counter()
     out = Path(recipe.output.dir)
     _check_output(out, force)
@@ -163,8 +178,40 @@ def prep(recipe: Union[PrepRecipe, str, Path], *, force: bool = False, show_prog
         shutil.rmtree(work)  # left by a run with other inputs or settings: its units do not apply
     (work / "units").mkdir(parents=True, exist_ok=True)
     (work / f"key-{key}").touch()
-    times: dict[str, float] = {}
+    return Job(recipe, out, work, units, plan_events, t0)
 
+
+def finished_units(job: Job) -> tuple[dict[int, dict], list[Unit]]:
+    """The counts of the units an earlier run finished, and the units still to do (biggest first: the last
+    unit to finish is a small one)."""
+    results: dict[int, dict] = {}
+    todo = []
+    for u in job.units:
+        done = unit_paths(job.work, u.index)["stats"]
+        if done.exists():
+            results[u.index] = json.loads(done.read_text())
+        else:
+            todo.append(u)
+    return results, sorted(todo, key=lambda u: -u.bytes)
+
+
+def domains_of(results: dict[int, dict]) -> list[str]:
+    """Every domain read, sorted: documents are coded by their position in this list."""
+    return sorted({d for r in results.values() for d in r["before"]})
+
+
+def fresh_output(work: Path) -> Path:
+    """The temporary output folder, inside the work folder (moved into place by `finish`)."""
+    tmp = work / "output"
+    shutil.rmtree(tmp, ignore_errors=True)
+    (tmp / "train").mkdir(parents=True)
+    (tmp / "validation").mkdir()
+    return tmp
+
+
+def run_local(job: Job, show_progress: bool = True) -> RunResult:
+    """Stage 1 in `num_proc` processes, stages 2 and 3 in this one (signatures in a memory-mapped file)."""
+    recipe, work, units, times = job.recipe, job.work, job.units, job.times
     tick = time.perf_counter()
     boilerplate = _boilerplate(recipe, units) if recipe.normalize.boilerplate_min_docs else {}
     if boilerplate:
@@ -172,21 +219,13 @@ def prep(recipe: Union[PrepRecipe, str, Path], *, force: bool = False, show_prog
 
     # Stage 1: per unit, resumable.
     tick = time.perf_counter()
-    results: dict[int, dict] = {}
-    todo = []
-    for u in units:
-        done = unit_paths(work, u.index)["stats"]
-        if done.exists():
-            results[u.index] = json.loads(done.read_text())
-        else:
-            todo.append(u)
+    results, todo = finished_units(job)
     resumed = len(results)
-    with _progress(show_progress, len(units), resumed) as advance:
+    with progress(show_progress, len(units), resumed) as advance:
         def collect(stats):
             results[stats["unit"]] = stats
             advance()
-        todo.sort(key=lambda u: -u.bytes)  # biggest first: the last unit to finish is a small one
-        with _discarded_on_bad_input(work):
+        with discarded_on_bad_input(work):
             _map(process_unit, [(recipe, u, work, boilerplate) for u in todo], recipe.num_proc, collect)
     times["read, normalise, filter, sign"] = time.perf_counter() - tick
 
@@ -194,46 +233,57 @@ def prep(recipe: Union[PrepRecipe, str, Path], *, force: bool = False, show_prog
     tick = time.perf_counter()
     cols, sig, sizes = _load_rows(work, units, recipe.dedup.num_perm)
     filtered = _filtered(work, units)
-    with _discarded_on_bad_input(work):
+    with discarded_on_bad_input(work):
         _check_unique_ids(recipe, np.concatenate([cols["id"], filtered.column("id").to_numpy(zero_copy_only=False)]),
                           np.concatenate([cols["src"], filtered.column("src").to_numpy()]))
-    domains = sorted({d for r in results.values() for d in r["before"]} | set(cols["domain"].tolist()))
+    domains = domains_of(results)
     sets = _shingle_sets(work, units, cols["shingles"]) if recipe.dedup.verify else None
     plan = _decide(recipe, cols, sig, domains, sets)
     times["deduplicate, split, mix"] = time.perf_counter() - tick
 
     # Stage 3: write everything into a temporary folder, then swap it in.
     tick = time.perf_counter()
-    tmp = work / "output"
-    shutil.rmtree(tmp, ignore_errors=True)
-    (tmp / "train").mkdir(parents=True)
-    (tmp / "validation").mkdir()
+    tmp = fresh_output(work)
     offsets = np.concatenate([[0], np.cumsum(sizes)])
     examples = _duplicate_examples(plan, work, units, offsets, recipe.output.examples)
     _write_removed(tmp / "removed.jsonl", plan, cols, work, units, filtered)
     for u, lo, hi in zip(units, offsets[:-1], offsets[1:]):
-        if hi == lo:
-            continue
-        table = pq.read_table(unit_paths(work, u.index)["rows"], columns=COLUMNS)
-        take_train = np.repeat(np.arange(hi - lo), plan["repeats"][lo:hi])
-        take_val = np.flatnonzero(plan["split"][lo:hi] == mix.VALIDATION)
-        for name, take in (("train", take_train), ("validation", take_val)):
-            if len(take):
-                pq.write_table(table.take(take), tmp / name / f"part-{u.index:05d}.parquet")
+        if hi > lo:
+            write_unit_shards(tmp, work, u.index, plan["repeats"][lo:hi], plan["split"][lo:hi])
     times["write"] = time.perf_counter() - tick
+    totals = doc_totals(domains, plan["dom"], plan["words"], plan["tokens"], plan["kept"], plan["reasons"],
+                        plan["split"], plan["repeats"])
+    sizes_of = Counter(np.bincount(plan["cluster"], minlength=len(plan["cluster"])).tolist())
+    duplicates = duplicate_stats(sizes_of, plan["near_pairs"], plan["candidate_pairs_verified"])
+    mixing = {k: plan[k] for k in ("weights", "sizes", "ratios")}
+    stats = stats_of(recipe, results, job.plan_events, domains, totals, duplicates, mixing, resumed)
+    return finish(job, tmp, stats, examples, show_progress)
 
-    stats = _stats(recipe, results, plan_events, domains, plan, resumed)
-    stats["input_bytes"] = int(sum(r["bytes"] for r in results.values()))
-    stats["seconds"] = time.perf_counter() - t0
+
+def write_unit_shards(tmp: Path, work: Path, index: int, repeats: np.ndarray, split: np.ndarray) -> None:
+    """One unit's kept documents into train/ (each repeated as the mixing says) and validation/."""
+    table = pq.read_table(unit_paths(work, index)["rows"], columns=COLUMNS)
+    take_train = np.repeat(np.arange(len(repeats)), repeats)
+    take_val = np.flatnonzero(split == mix.VALIDATION)
+    for name, take in (("train", take_train), ("validation", take_val)):
+        if len(take):
+            pq.write_table(table.take(take), tmp / name / f"part-{index:05d}.parquet")
+
+
+def finish(job: Job, tmp: Path, stats: dict, examples: list[dict], show_progress: bool) -> RunResult:
+    """stats.json, the report and the marker into the temporary folder, which then replaces the output."""
+    recipe = job.recipe
+    stats["input_bytes"] = int(sum(part_bytes(p) for u in job.units for p in u.parts))
+    stats["seconds"] = time.perf_counter() - job.t0
     stats["mb_per_s"] = stats["input_bytes"] / 2**20 / max(stats["seconds"], 1e-9)
-    stats["stage_seconds"] = times
+    stats["stage_seconds"] = job.times
     (tmp / "stats.json").write_text(json.dumps(stats, indent=1))
     write_report(tmp, stats, examples, plots=recipe.output.plots)
     (tmp / MARKER).write_text(json.dumps({
-        "format": FORMAT_VERSION, "name": recipe.name, "domains": domains, "splits": ["train", "validation"],
-        "columns": COLUMNS, "recipe": recipe.model_dump(mode="json")}, indent=1))
-    _swap_in(tmp, out)
-    shutil.rmtree(work, ignore_errors=True)
+        "format": FORMAT_VERSION, "name": recipe.name, "domains": list(stats["domains"]),
+        "splits": ["train", "validation"], "columns": COLUMNS, "recipe": recipe.model_dump(mode="json")}, indent=1))
+    _swap_in(tmp, job.out)
+    shutil.rmtree(job.work, ignore_errors=True)
     if show_progress:
         # rich loads only when there is something to show
         from rich.console import Console
@@ -243,7 +293,7 @@ def prep(recipe: Union[PrepRecipe, str, Path], *, force: bool = False, show_prog
         Console(stderr=True).print(
             f"[bold]{recipe.name}[/]: kept {train + val:,} of {read:,} documents ({train:,} train, "
             f"{val:,} validation); {stats['input_bytes'] / 2**20:,.1f} MB at {stats['mb_per_s']:.2f} MB/s")
-    return RunResult(out, stats)
+    return RunResult(job.out, stats)
 
 
 def _decide(recipe: PrepRecipe, cols: dict, sig: np.ndarray, domains: list[str],
@@ -267,21 +317,36 @@ def _decide(recipe: PrepRecipe, cols: dict, sig: np.ndarray, domains: list[str],
     tokens = cols["tokens"].astype(np.int64)
     train = split == mix.TRAIN
     measure = {"tokens": tokens, "words": words, "documents": np.ones(n, np.int64)}[recipe.mix.by]
-    active = {dm: v for dm, v in _sum_by(dom, measure, train, domains).items() if v > 0}
-    if not active:
-        raise LmforgeError("no training documents survive the filters and deduplication; "
-                           "relax the filters or add data")
-    weights = mix.domain_weights(active, recipe.mix.temperature, recipe.mix.weights)
-    total = sum(active.values())
-    ratio_by_domain = {dm: weights[dm] * total / active[dm] for dm in active}
-    ratio = np.array([ratio_by_domain.get(dm, 0.0) for dm in domains])[dom]
-    draw = mix.uniform(np.arange(n, dtype=np.uint64), recipe.mix.seed + 7919)
-    repeats = np.where(train, mix.repeat_counts(ratio, draw), 0) if recipe.mix.resample else train.astype(np.int64)
+    active, weights, ratio_by_domain = mixing_plan(recipe, _sum_by(dom, measure, train, domains))
+    repeats = training_repeats(recipe, domains, ratio_by_domain, dom, train, np.arange(n))
     return {"dom": dom, "words": words, "tokens": tokens, "kept": kept, "reasons": survivors.reasons,
             "duplicate_of": survivors.duplicate_of, "similarity": survivors.similarity,
             "cluster": survivors.cluster, "candidate_pairs_verified": bool(d.near and sets is not None),
             "near_pairs": int(len(pairs)), "split": split, "repeats": repeats,
             "weights": weights, "sizes": active, "ratios": ratio_by_domain}
+
+
+def mixing_plan(recipe: PrepRecipe, train_sizes: dict[str, int]) -> tuple[dict, dict, dict]:
+    """From each domain's training size (in `mix.by` units): the domains with data, their weights, and how many
+    copies of each of its training documents the stream gets on average."""
+    active = {dm: v for dm, v in train_sizes.items() if v > 0}
+    if not active:
+        raise LmforgeError("no training documents survive the filters and deduplication; "
+                           "relax the filters or add data")
+    weights = mix.domain_weights(active, recipe.mix.temperature, recipe.mix.weights)
+    total = sum(active.values())
+    return active, weights, {dm: weights[dm] * total / active[dm] for dm in active}
+
+
+def training_repeats(recipe: PrepRecipe, domains: list[str], ratio_by_domain: dict, dom: np.ndarray,
+                     train: np.ndarray, index: np.ndarray) -> np.ndarray:
+    """Copies of each document in the training stream: seeded by its position in the input (`index`), so any
+    slice of the documents gets the counts the whole would."""
+    if not recipe.mix.resample:
+        return train.astype(np.int64)
+    ratio = np.array([ratio_by_domain.get(dm, 0.0) for dm in domains])[dom]
+    draw = mix.uniform(index.astype(np.uint64), recipe.mix.seed + 7919)
+    return np.where(train, mix.repeat_counts(ratio, draw), 0)
 
 
 def _swap_in(tmp: Path, out: Path) -> None:
@@ -311,36 +376,88 @@ def _duplicate_examples(plan: dict, work: Path, units: list[Unit], offsets: np.n
         return []
     sizes = np.bincount(cluster, minlength=len(cluster))
     big = [c for c in np.argsort(-sizes, kind="stable")[:limit] if sizes[c] > 1]
-    wanted = {}
-    for c in big:
-        others = [m for m in np.flatnonzero(cluster == c) if m != c and not kept[m]][:2]
-        wanted[int(c)] = [int(c)] + [int(m) for m in others]
-    texts = _texts(work, units, offsets, sorted({m for ms in wanted.values() for m in ms}))
-    return [{"size": int(sizes[c]), "members": [
-        {"kept": bool(kept[m]), "reason": plan["reasons"][m], "text": texts[m],
-         "similarity": float(plan["similarity"][m])} for m in ms]} for c, ms in wanted.items()]
+    shown = [(int(sizes[c]), [int(c)] + [int(m) for m in np.flatnonzero(cluster == c) if m != c and not kept[m]][:2])
+             for c in big]
+    members = {m: (bool(kept[m]), plan["reasons"][m], float(plan["similarity"][m])) for _, ms in shown for m in ms}
+    return duplicate_examples(work, units, offsets, shown, members)
+
+
+def duplicate_examples(work: Path, units: list[Unit], offsets: np.ndarray, shown: list[tuple[int, list[int]]],
+                       members: dict[int, tuple]) -> list[dict]:
+    """The report's cluster examples: (size, member documents) per cluster, each member's (kept, reason,
+    similarity), and the members' text read from the work units."""
+    texts = _texts(work, units, offsets, sorted(members))
+    return [{"size": size, "members": [
+        {"kept": members[m][0], "reason": members[m][1], "text": texts[m], "similarity": members[m][2]}
+        for m in ms]} for size, ms in shown]
+
+
+def filtered_lines(filtered) -> Iterator[str]:
+    """removed.jsonl's lines for the documents the filters removed (a table: id, source, domain, reason)."""
+    for row in filtered.select(["id", "source", "domain", "reason"]).to_pylist():
+        yield json.dumps({**row, "duplicate_of": None, "similarity": None}, ensure_ascii=False) + "\n"
+
+
+def duplicate_line(doc_id: str, source: str, domain: str, reason: str, duplicate_of: str, sim: float) -> str:
+    """removed.jsonl's line for a duplicate: the kept document it copies and their similarity."""
+    return json.dumps({"id": doc_id, "source": source, "domain": domain, "reason": reason,
+                       "duplicate_of": duplicate_of, "similarity": round(float(sim), 4)}, ensure_ascii=False) + "\n"
 
 
 def _write_removed(path: Path, plan: dict, cols: dict, work: Path, units: list[Unit], filtered) -> None:
-    """One JSON line per removed document: its id, source file, domain, reason, the kept document it
-    duplicated and their similarity (null for filter removals)."""
+    """One JSON line per removed document: filter removals first, then duplicates in input order."""
     sources = np.concatenate([pq.read_table(unit_paths(work, u.index)["rows"], columns=["source"])
                               .column("source").to_numpy(zero_copy_only=False) for u in units])
     ids, dup_of, sim = cols["id"], plan["duplicate_of"], plan["similarity"]
     with open(path, "w", encoding="utf-8") as fh:
-        for row in filtered.select(["id", "source", "domain", "reason"]).to_pylist():
-            fh.write(json.dumps({**row, "duplicate_of": None, "similarity": None}, ensure_ascii=False) + "\n")
+        fh.writelines(filtered_lines(filtered))
         for i in np.flatnonzero(~plan["kept"]).tolist():
-            fh.write(json.dumps({"id": ids[i], "source": sources[i], "domain": cols["domain"][i],
-                                 "reason": plan["reasons"][i], "duplicate_of": ids[dup_of[i]],
-                                 "similarity": round(float(sim[i]), 4)}, ensure_ascii=False) + "\n")
+            fh.write(duplicate_line(ids[i], sources[i], cols["domain"][i], plan["reasons"][i], ids[dup_of[i]],
+                                    sim[i]))
 
 
-def _stats(recipe: PrepRecipe, results: dict, plan_events: Counter, domains: list[str], plan: dict,
-           resumed: int) -> dict:
-    dom, words, tokens, kept = plan["dom"], plan["words"], plan["tokens"], plan["kept"]
-    split, repeats, dup_reasons, cluster = plan["split"], plan["repeats"], plan["reasons"], plan["cluster"]
-    weights, active, ratio_by_domain = plan["weights"], plan["sizes"], plan["ratios"]
+def doc_totals(domains: list[str], dom: np.ndarray, words: np.ndarray, tokens: np.ndarray, kept: np.ndarray,
+               reasons: list, split: np.ndarray, repeats: np.ndarray) -> dict:
+    """The per-document sums of stats.json over some of the documents: the totals of slices add up
+    (`add_totals`) to the totals of the whole."""
+    removed: dict = {d: Counter() for d in domains}
+    for i in np.flatnonzero(~kept):
+        removed[domains[dom[i]]][reasons[i]] += 1
+    parts, hist = {}, {}
+    for i, d in enumerate(domains):
+        mine = dom == i
+        parts[d] = {}
+        for name, weight in (("train", split == mix.TRAIN), ("validation", split == mix.VALIDATION),
+                             ("train_mixed", repeats)):
+            w = np.where(mine, weight, 0).astype(np.int64)
+            parts[d][name] = {"docs": int(w.sum()), "words": int(w @ words), "tokens": int(w @ tokens)}
+        hist[d] = np.histogram(np.maximum(words[mine & kept], 1), HIST_EDGES)[0]
+    return {"removed": removed, "parts": parts, "hist_after": hist}
+
+
+def add_totals(total: dict, more: dict) -> dict:
+    for d, c in more["removed"].items():
+        total["removed"][d].update(c)
+    for d, part in more["parts"].items():
+        for name, sums in part.items():
+            for key, v in sums.items():
+                total["parts"][d][name][key] += v
+    for d, h in more["hist_after"].items():
+        total["hist_after"][d] = total["hist_after"][d] + h
+    return total
+
+
+def duplicate_stats(cluster_sizes: Counter, near_pairs: int, verified: bool) -> dict:
+    """stats.json's duplicates section from how many clusters have each size."""
+    sizes = {int(k): int(v) for k, v in sorted(cluster_sizes.items()) if k > 1}
+    return {"clusters": sum(sizes.values()), "documents_in_clusters": sum(k * v for k, v in sizes.items()),
+            "near_pairs": int(near_pairs), "verified": bool(verified), "largest": max(sizes, default=0),
+            "size_counts": sizes}
+
+
+def stats_of(recipe: PrepRecipe, results: dict, plan_events: Counter, domains: list[str], totals: dict,
+           duplicates: dict, mixing: dict, resumed: int) -> dict:
+    weights, active, ratio_by_domain = mixing["weights"], mixing["sizes"], mixing["ratios"]
     before: dict = {d: Counter() for d in domains}
     removed: dict = {d: Counter() for d in domains}
     events: Counter = Counter(plan_events)
@@ -357,24 +474,14 @@ def _stats(recipe: PrepRecipe, results: dict, plan_events: Counter, domains: lis
         events.update(r["events"])
         for d, h in r["hist"].items():
             hist_before[d] += np.asarray(h, np.int64)
-    for i in np.flatnonzero(~kept):
-        removed[domains[dom[i]]][dup_reasons[i]] += 1
-    per_domain = {}
-    for i, d in enumerate(domains):
-        mine = dom == i
-        part = {}
-        for name, weight in (("train", split == mix.TRAIN), ("validation", split == mix.VALIDATION),
-                             ("train_mixed", repeats)):
-            w = np.where(mine, weight, 0).astype(np.int64)
-            part[name] = {"docs": int(w.sum()), "words": int(w @ words), "tokens": int(w @ tokens)}
-        per_domain[d] = {"before": {k: int(v) for k, v in before[d].items()}, **part,
-                         "hist_before": hist_before[d].tolist(),
-                         "hist_after": np.histogram(np.maximum(words[mine & kept], 1), HIST_EDGES)[0].tolist()}
-    sizes = np.bincount(cluster, minlength=len(cluster))
-    clusters = sizes[sizes > 1]
+    for d, c in totals["removed"].items():
+        removed[d].update(c)
+    per_domain = {d: {"before": {k: int(v) for k, v in before[d].items()}, **totals["parts"][d],
+                      "hist_before": hist_before[d].tolist(), "hist_after": totals["hist_after"][d].tolist()}
+                  for d in domains}
     natural = {d: v / sum(active.values()) for d, v in active.items()}
     return {
-        "name": recipe.name, "num_proc": recipe.num_proc, "resumed_units": resumed,
+        "name": recipe.name, "engine": recipe.engine, "num_proc": recipe.num_proc, "resumed_units": resumed,
         "tokens_counted_with": recipe.output.tokenizer or "regex \\w+|[^\\w\\s]",
         "domains": per_domain,
         "removed": {d: dict(c) for d, c in removed.items() if c},
@@ -382,10 +489,7 @@ def _stats(recipe: PrepRecipe, results: dict, plan_events: Counter, domains: lis
         "input_events": dict(events),
         "removed_documents": int(sum(sum(c.values()) for c in removed.values())),
         "removed_by_reason": dict(sum(removed.values(), Counter())),
-        "duplicates": {"clusters": int(len(clusters)), "documents_in_clusters": int(clusters.sum()),
-                       "near_pairs": plan["near_pairs"], "verified": plan["candidate_pairs_verified"],
-                       "largest": int(clusters.max()) if len(clusters) else 0,
-                       "size_counts": {int(k): int(v) for k, v in zip(*np.unique(clusters, return_counts=True))}},
+        "duplicates": duplicates,
         "mix": {d: {"size": int(active[d]), "natural": natural[d], "weight": weights[d],
                     "ratio": ratio_by_domain[d]} for d in active},
         "mix_by": recipe.mix.by,
@@ -393,7 +497,7 @@ def _stats(recipe: PrepRecipe, results: dict, plan_events: Counter, domains: lis
     }
 
 
-class _progress:
+class progress:
     """A rich progress bar over work units (a no-op when disabled)."""
 
     def __init__(self, enabled: bool, total: int, done: int):

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Optional
 
-from lmforge.data.sources import EXTENSIONS, expand_paths
+from lmforge.data.files import EXTENSIONS, expand_paths
 from lmforge.errors import LmforgeError
 from lmforge.prep.config import PrepSourceConfig as SourceConfig
 

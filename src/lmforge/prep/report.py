@@ -88,12 +88,18 @@ def _plots(out: Path, stats: dict) -> list[str]:
     return figs
 
 
+def _workers(stats: dict) -> str:
+    if stats.get("engine") == "ray":
+        return f"the ray engine on {stats['ray_cpus']} CPU(s)"
+    return f"{stats['num_proc']} process(es)"
+
+
 def write_report(out: Path, stats: dict, examples: list[dict], plots: bool = True) -> Path:
     figs = _plots(out, stats) if plots else []
     doms = stats["domains"]
     lines = [f"# Data preparation: {stats['name']}", ""]
     lines.append(f"{stats['input_bytes'] / 2**20:,.1f} MB read in {stats['seconds']:.1f} s "
-                 f"({stats['mb_per_s']:.2f} MB/s, {stats['num_proc']} process(es); "
+                 f"({stats['mb_per_s']:.2f} MB/s, {_workers(stats)}; "
                  f"{stats['resumed_units']} work unit(s) resumed from an earlier run).")
     lines.append(f"Tokens are counted with {stats['tokens_counted_with']}.")
     lines.append("")

@@ -1,4 +1,5 @@
-"""The HTTP server: OpenAI-compatible completions and chat completions, classify / NER, health, metrics.
+"""The HTTP server: OpenAI-compatible completions and chat completions, classify / NER, embeddings and search
+(`serve.embeddings`), health, metrics.
 
 Completion requests, streamed or not, go to their model's decode loop (`batching="continuous"`, the
 default: `lmforge.serve.scheduler`) or micro-batcher (`"micro"`: `lmforge.serve.batching`; also what
@@ -28,6 +29,7 @@ from lmforge.generate import Completion, Decoding, context_limit, encode_prompt
 from lmforge.generate.running import continuous_batchable
 from lmforge.generate.structured import check_grammar, json_grammar, regex_grammar
 from lmforge.serve.batching import Batcher, Job
+from lmforge.serve.embeddings import embedding_routes
 from lmforge.serve.errors import APIError, Gate, install_error_handlers
 from lmforge.serve.metrics import Metrics, prometheus_text
 from lmforge.serve.models import ServedModel
@@ -110,7 +112,8 @@ class Server:
             raise APIError(404, f"the model {name!r} does not exist (this server has: {', '.join(self.models)})",
                            param="model", code="model_not_found")
         if served.kind != kind:
-            route = {"generate": "/v1/completions", "classification": "/v1/classify", "ner": "/v1/ner"}[served.kind]
+            route = {"generate": "/v1/completions", "classification": "/v1/classify", "ner": "/v1/ner",
+                     "embedding": "/v1/embeddings"}[served.kind]
             raise APIError(400, f"the model {name!r} is a {served.kind} model; use {route}", param="model",
                            code="wrong_model_kind")
         return served
@@ -264,6 +267,7 @@ def create_app(models: dict, api_key: Optional[str] = None, *, batching: str = "
     app = FastAPI(title="lmforge", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.server = server
     install_error_handlers(app)
+    app.include_router(embedding_routes(server))
     app.add_middleware(Gate, api_key=api_key, metrics=server.metrics)
 
     @app.get("/health")

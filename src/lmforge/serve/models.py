@@ -1,4 +1,4 @@
-"""The models a server holds: what each one is for (text generation, classification, NER) and its limits.
+"""The models a server holds: what each one is for (text generation, classification, NER, embeddings) and its limits.
 
 Models are loaded once, at start-up, from the paths given on the command line; no request can name a
 path or load anything.
@@ -16,16 +16,18 @@ from typing import Optional
 from lmforge.errors import LmforgeError
 from lmforge.generate import check_generative, open_generator
 from lmforge.generate.speculative import check_draft
+from lmforge.serve.embeddings import open_embedding_model
+from lmforge.tasks.embed import is_embedding_folder
 from lmforge.tasks.predict import is_task_run, open_task_model
 
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
-KINDS = ("generate", "classification", "ner")
+KINDS = ("generate", "classification", "ner", "embedding")
 
 
 @dataclass
 class ServedModel:
     name: str
-    kind: str                       # "generate", "classification" or "ner"
+    kind: str                       # "generate", "classification", "ner" or "embedding"
     model: object
     tokenizer: object
     source: str = ""
@@ -68,6 +70,9 @@ def load_served_model(spec: str) -> ServedModel:
     name, path = parse_spec(spec)
     if not path.exists():
         raise LmforgeError(f"{path}: no such run folder")
+    if is_embedding_folder(path):
+        served = open_embedding_model(path)
+        return ServedModel(name, "embedding", served, served.encoder.tokenizer, str(path), served.encoder.max_length)
     if is_task_run(path) or _is_classifier(path):
         recipe, model, tokenizer, _ = open_task_model(path)
         max_length = recipe.data.max_length if recipe else None

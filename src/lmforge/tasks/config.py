@@ -1,4 +1,4 @@
-"""The fine-tuning recipe: a task (classification or NER), its data files and columns, the base model,
+"""The fine-tuning recipe: a task (classification, NER or sentence embeddings), its data files and columns, the base model,
 the training strategy (full, frozen layers, layer-wise LR decay, LoRA/peft) and the usual train/output sections."""
 
 from __future__ import annotations
@@ -9,8 +9,8 @@ from typing import Literal, Optional, Union
 import yaml
 from pydantic import Field, model_validator
 
-from lmforge.recipe import (DistillConfig, OutputConfig, Section, TrainConfig, read_yaml_mapping, resolve_path,
-                            validate_tree)
+from lmforge.recipe import (DistConfig, DistillConfig, OutputConfig, Section, TrainConfig, read_yaml_mapping,
+                            resolve_path, validate_tree)
 
 TABLE_FORMATS = Literal["auto", "csv", "tsv", "jsonl", "parquet", "conll"]
 
@@ -54,6 +54,21 @@ class TaskData(Section):
     max_length: Optional[int] = Field(
         None, ge=8, description="Sub-word tokens per example (default: 128 or the model's limit if lower).")
     max_examples: Optional[int] = Field(None, ge=1, description="Use at most this many training examples.")
+    # sentence embeddings
+    pairs: Literal["columns", "next_sentence"] = Field(
+        "columns", description="Embedding pairs: 'columns' reads them from the columns below (CSV/TSV/JSONL/Parquet); "
+                               "'next_sentence' makes them from a plain text file: each sentence and the next "
+                               "sentence of its paragraph (one paragraph per line).")
+    query_column: Union[str, int] = Field("query", description="Column of the query (embedding pairs).")
+    positive_column: Union[str, int] = Field(
+        "positive", description="Column of the text that answers the query (embedding pairs), or the second text "
+                                "of a scored pair.")
+    negative_column: Optional[Union[str, int]] = Field(
+        None, description="Column of a hard negative: a text that looks like an answer but is not (embedding pairs).")
+    score_column: Optional[Union[str, int]] = Field(
+        None, description="Column of a similarity score of the two texts (scored pairs, loss 'cosine').")
+    max_eval_examples: Optional[int] = Field(
+        None, ge=1, description="Use at most this many validation / test examples (the first ones).")
     split: Optional[SplitShares] = Field(
         None, description="Split data.train itself into train / validation / test, seeded (stratified by label for "
                           "classification, by sentence for NER), when there is no validation or test file.")
@@ -87,6 +102,23 @@ class StrategyConfig(Section):
     peft: PeftSpec = Field(default_factory=PeftSpec, description="Adapter settings for method 'peft'.")
 
 
+class EmbeddingConfig(Section):
+    pooling: Literal["mean", "cls"] = Field("mean", description="Sentence vector: the mean of the token vectors, "
+                                                                "or the first ([CLS]) token's vector.")
+    loss: Literal["in_batch", "cosine"] = Field(
+        "in_batch", description="'in_batch': multiple-negatives ranking (InfoNCE): each query's positive against "
+                                "the other positives and hard negatives of the batch; 'cosine': the cosine of a "
+                                "scored pair regressed onto its score.")
+    temperature: float = Field(0.05, gt=0.0, description="Softmax temperature of the in-batch loss "
+                                                         "(0.05: cosines scaled by 20).")
+    mask_duplicates: bool = Field(True, description="In-batch loss: an other row's text equal to this row's query or "
+                                                    "positive is not counted as a negative (it is a false negative).")
+    score_max: float = Field(1.0, gt=0.0, description="Scored pairs: the score that means 'same meaning' "
+                                                      "(5 for STS); scores are divided by it to match cosines.")
+    recall_at: list[int] = Field([1, 5, 10], description="Evaluation: recall@k for each k (and MRR) when each "
+                                                        "held-out query ranks every held-out positive.")
+
+
 class FinetuneTrain(TrainConfig):
     max_steps: Optional[int] = Field(None, ge=1, description="Optimizer steps (default: from epochs).")
     epochs: float = Field(3.0, gt=0.0, description="Passes over the training data.")
@@ -102,15 +134,25 @@ class FinetuneTrain(TrainConfig):
         None, description="Loss weights per label: 'balanced' (inverse frequency) or a mapping label → weight.")
     group_by_length: bool = Field(True, description="Batch examples of similar length together (less padding).")
     eval_batch_size: int = Field(128, ge=1, description="Examples per evaluation batch.")
+    adversarial: Literal["none", "fgm"] = Field(
+        "none", description="Adversarial training (classification, NER): 'fgm' runs each batch again on word "
+                            "embeddings moved by adversarial_epsilon along their gradient (about one more forward "
+                            "and backward per step; its share of step time is logged as adversarial_share).")
+    adversarial_epsilon: float = Field(1.0, gt=0.0, description="FGM step: the L2 norm of the perturbation of the "
+                                                                "embedding matrix.")
 
 
 class FinetuneRecipe(Section):
     name: str = Field("finetune", description="Name of the run.")
-    task: Literal["classification", "ner"] = Field(description="Sequence classification or token classification.")
+    task: Literal["classification", "ner", "embedding"] = Field(
+        description="Sequence classification, token classification or sentence embeddings.")
     data: TaskData = Field(default_factory=TaskData)
     model: BaseModelSpec
     strategy: StrategyConfig = Field(default_factory=StrategyConfig)
     train: FinetuneTrain = Field(default_factory=FinetuneTrain)
+    dist: DistConfig = Field(default_factory=DistConfig)
+    embedding: EmbeddingConfig = Field(default_factory=EmbeddingConfig, description="Sentence embeddings "
+                                                                                     "(task: embedding).")
     output: OutputConfig = Field(default_factory=lambda: OutputConfig(dir="runs/finetune"))
     distill: Optional[DistillConfig] = Field(None, description="Knowledge distillation from a fine-tuned teacher "
                                                                "(lmforge distill).")
@@ -127,10 +169,22 @@ class FinetuneRecipe(Section):
                 if getattr(shares, name) > 0 and getattr(self.data, name) is not None:
                     raise ValueError(f"data.split.{name}: data.{name} is a file already; set data.split.{name}: 0 "
                                      f"or leave data.{name} out")
+        if self.task == "embedding":
+            scored = self.data.score_column is not None
+            if scored != (self.embedding.loss == "cosine"):
+                raise ValueError("embedding.loss: 'cosine' trains on scored pairs (set data.score_column), "
+                                 "'in_batch' on (query, positive[, negative]) pairs (no data.score_column)")
+            if self.strategy.method == "peft":
+                raise ValueError("strategy.method: peft is for classification and NER; embeddings train fully "
+                                 "or with frozen layers")
+            if self.train.adversarial != "none":
+                raise ValueError("train.adversarial: adversarial training is for classification and NER")
         return self
 
     @property
     def metric(self) -> str:
+        if self.task == "embedding":
+            return self.train.metric or ("spearman" if self.embedding.loss == "cosine" else "mrr")
         return self.train.metric or ("accuracy" if self.task == "classification" else "f1")
 
     def to_yaml(self) -> str:

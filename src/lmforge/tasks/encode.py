@@ -208,8 +208,10 @@ class TaskLoader:
             self._epoch = epoch
         return self._batches
 
-    def micro_batch(self, step: int, micro: int):
+    def batch_indices(self, step: int, micro: int) -> list[int]:
         index = (step * self.grad_accum + micro) * self.world + self.rank
         epoch, k = divmod(index, self.batches_per_epoch)
-        batch = collate(self.data, self.epoch_batches(epoch)[k], self.pad_id, self.multi_label)
-        return batch, None, None
+        return self.epoch_batches(epoch)[k]
+
+    def micro_batch(self, step: int, micro: int):
+        return collate(self.data, self.batch_indices(step, micro), self.pad_id, self.multi_label), None, None
