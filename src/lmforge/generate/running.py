@@ -26,7 +26,7 @@ from lmforge.errors import LmforgeError
 from lmforge.generate.decode import Completion, Decoding, row_completion, special_token, steps_by_hand
 from lmforge.generate.rows import row_generator, step_logprobs, warpers
 from lmforge.generate.stream import PieceStreamer
-from lmforge.generate.structured import Constraint
+from lmforge.generate.structured import Constraint, mask_rows
 
 
 @dataclass(eq=False)
@@ -188,8 +188,9 @@ class RunningBatch:
         for i, r in enumerate(rows):
             if r.settings.repetition_penalty != 1.0:
                 scores[i] = _penalized(scores[i], r.prompt_ids + r.tokens, r.settings.repetition_penalty)
-            if r.constraint is not None:
-                r.constraint.mask(scores[i])
+        constrained = [i for i, r in enumerate(rows) if r.constraint is not None]
+        if constrained:
+            mask_rows(scores, constrained, [rows[i].constraint for i in constrained])
         chosen = scores.argmax(-1)
         for i, r in enumerate(rows):
             if r.warp is not None:
