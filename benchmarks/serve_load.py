@@ -177,6 +177,14 @@ def start(command: list[str], port: int) -> subprocess.Popen:
     raise SystemExit("server did not start within 300 s")
 
 
+async def _run_clients(port: int, clients: int, client, timeout: float) -> float:
+    """Run `client(k, http)` for k in range(clients) at once on one connection pool; the wall seconds."""
+    limits = httpx.Limits(max_connections=clients + 4, max_keepalive_connections=clients + 4)
+    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=timeout, limits=limits) as http:
+        t0 = time.perf_counter()
+        await asyncio.gather(*(client(k, http) for k in range(clients)))
+        return time.perf_counter() - t0
+
 async def load(port: int, model: str, prompts: list[str], clients: int, per_client: int, max_tokens: int,
                time_limit: float) -> dict:
     latencies, tokens, texts = [], 0, {}
@@ -197,11 +205,7 @@ async def load(port: int, model: str, prompts: list[str], clients: int, per_clie
             tokens += body["usage"]["completion_tokens"]
             texts[prompt] = body["choices"][0]["text"]
 
-    limits = httpx.Limits(max_connections=clients + 4, max_keepalive_connections=clients + 4)
-    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=600, limits=limits) as http:
-        t0 = time.perf_counter()
-        await asyncio.gather(*(client(k, http) for k in range(clients)))
-        wall = time.perf_counter() - t0
+    wall = await _run_clients(port, clients, client, timeout=600)
     latencies.sort()
     q = lambda p: latencies[min(len(latencies) - 1, int(p * len(latencies)))]  # noqa: E731
     return {"clients": clients, "requests": len(latencies), "seconds": round(wall, 3),
@@ -255,11 +259,7 @@ async def stream_load(port: int, model: str, jobs: list[tuple[str, int]], client
             ttfts.append(first if first is not None else time.perf_counter() - t0)
             texts[f"{max_tokens}:{prompt}"] = "".join(pieces)
 
-    limits = httpx.Limits(max_connections=clients + 4, max_keepalive_connections=clients + 4)
-    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=900, limits=limits) as http:
-        t0 = time.perf_counter()
-        await asyncio.gather(*(client(k, http) for k in range(clients)))
-        wall = time.perf_counter() - t0
+    wall = await _run_clients(port, clients, client, timeout=900)
     ttfts.sort()
     q = lambda p: ttfts[min(len(ttfts) - 1, int(p * len(ttfts)))]  # noqa: E731
     return {"clients": clients, "requests": len(ttfts), "seconds": round(wall, 3),

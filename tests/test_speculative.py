@@ -22,17 +22,9 @@ from lmforge.serve import ServedModel, create_app
 from lmforge.tokenizer import load_tokenizer, save_tokenizer, train_tokenizer
 from test_serve import client, serving
 
+from test_serve_continuous import _one_thread, lm  # noqa: F401  (fixtures: one thread, the tiny LM)
+
 PROMPTS = ["def value", "The river walked under", "x", "import os\nimport sys\n"]
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    torch.set_num_threads(1)
-
-
-@pytest.fixture(scope="module")
-def lm(tiny_lm_dir):
-    return open_generator(tiny_lm_dir)
 
 
 @pytest.fixture(scope="module")
