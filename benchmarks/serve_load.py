@@ -2,8 +2,9 @@
 
 Default mode: `lmforge serve` (continuous batching) vs a one-request-at-a-time server with plain
 `model.generate`; plus one-sequence generation speed of our wrapper vs plain `transformers` generate.
-`--stream`: streaming clients with mixed prompt and output lengths against three servers up at once —
-continuous batching, micro-batching (`lmforge serve --batching micro`) and one-at-a-time `generate` —
+`--stream`: streaming clients with mixed prompt and output lengths against four servers up at once —
+continuous batching, micro-batching (`lmforge serve --batching micro`), one-at-a-time `generate`, and the
+peer `transformers serve --continuous-batching` on the same checkpoint —
 for generated tokens/s and time to first token (bars, issue 25: continuous >= 1.5x micro's tokens/s and
 <= 0.5x its p99 TTFT at 8/32/64 clients); medians over `--rounds`, ratios of the same round.
 
@@ -31,6 +32,7 @@ import socket
 import statistics
 import subprocess
 import sys
+import shutil
 import tempfile
 import threading
 import time
@@ -40,6 +42,7 @@ import httpx
 import torch
 
 HERE = Path(__file__).resolve()
+PEER = "transformers serve"
 
 
 # ----------------------------------------------------------------------------- the peer server
@@ -268,8 +271,9 @@ async def stream_load(port: int, model: str, jobs: list[tuple[str, int]], client
 
 
 def streaming_benchmark(args, folder: str, prompts: list[str], device: str, levels: list[int]) -> dict:
-    """Continuous batching vs micro-batching (`lmforge serve --batching micro`) vs one-at-a-time `generate`, all
-    three servers up at once, each round running every level on each server in turn (the order rotates)."""
+    """Continuous batching vs micro-batching (`lmforge serve --batching micro`), one-at-a-time `generate` and
+    `transformers serve --continuous-batching`, all up at once, each round running every level on each server in
+    turn (the order rotates)."""
     jobs = mixed_jobs(prompts, args.max_tokens)
     lmforge = lambda mode: lambda port: [sys.executable, "-m", "lmforge.cli", "serve", f"bench={folder}",  # noqa
                                          "--port", str(port), "--device", device, "--batching", mode,
@@ -278,19 +282,27 @@ def streaming_benchmark(args, folder: str, prompts: list[str], device: str, leve
     servers = {"continuous": lmforge("continuous"), "micro": lmforge("micro"),
                "one-at-a-time": lambda port: [sys.executable, str(HERE), "--baseline-server", folder, "--port",
                                               str(port), "--device", device]}
+    peer = shutil.which("transformers", path=str(Path(sys.executable).parent)) or shutil.which("transformers")
+    if peer and not args.no_peer:  # the named peer: transformers' own continuous-batching server, same checkpoint
+        servers[PEER] = lambda port: [peer, "serve", "--continuous-batching", "--device", device, "--host",
+                                      "127.0.0.1", "--port", str(port), "--log-level", "error", folder]
+    elif not args.no_peer:
+        print("note: the `transformers` command is not installed: its server is left out", flush=True)
     ports, procs = {}, []
     try:
         for name, command in servers.items():
             ports[name] = free_port()
             procs.append(start(command(ports[name]), ports[name]))
-            asyncio.run(stream_load(ports[name], "bench", jobs[-4:], 2, 2, args.time_limit))  # warm-up
+            asyncio.run(stream_load(ports[name], model_name(name, folder), jobs[-4:], 2, 2, args.time_limit))  # warm-up
         runs: dict = {}
         texts: dict = {}
         for round_ in range(args.rounds):
             for c in levels:
-                order = list(servers)[round_ % 3:] + list(servers)[:round_ % 3]
+                k = round_ % len(servers)
+                order = list(servers)[k:] + list(servers)[:k]
                 for name in order:
-                    r = asyncio.run(stream_load(ports[name], "bench", jobs, c, args.requests, args.time_limit))
+                    r = asyncio.run(stream_load(ports[name], model_name(name, folder), jobs, c, args.requests,
+                                                args.time_limit))
                     texts.setdefault(name, {}).update(r.pop("texts"))
                     runs.setdefault(str(c), {}).setdefault(name, []).append(r)
                     print(f"  round {round_ + 1} {name:>14} {c:>3} clients: {r['tokens_per_s']:9.1f} tok/s  TTFT p50 "
@@ -300,22 +312,29 @@ def streaming_benchmark(args, folder: str, prompts: list[str], device: str, leve
         for proc in procs:
             proc.terminate()
             proc.wait(timeout=60)
-    return {"levels": {c: summarize(by_server) for c, by_server in runs.items()},
+    others = [name for name in servers if name != "continuous"]
+    return {"servers": list(servers), "levels": {c: summarize(by_server) for c, by_server in runs.items()},
             "same_text": {name: f"{sum(texts[name].get(k) == v for k, v in texts['continuous'].items())}/"
-                                f"{len(texts['continuous'])}" for name in ("micro", "one-at-a-time")}}
+                                f"{len(texts['continuous'])}" for name in others}}
+
+
+def model_name(server: str, folder: str) -> str:
+    """What a request names as its model: lmforge serves the folder as `bench`; transformers serve by its path."""
+    return folder if server == PEER else "bench"
 
 
 def summarize(by_server: dict) -> dict:
-    """Medians over rounds per server, and the medians of the per-round ratios against micro-batching."""
+    """Medians over rounds per server, and the medians of the per-round ratios of continuous batching against each
+    other server (`continuous_vs_<name>`)."""
     out = {name: {key: statistics.median(r[key] for r in rs) for key in ("tokens_per_s", "ttft_p50_ms", "ttft_p99_ms")}
            for name, rs in by_server.items()}
-    pairs = list(zip(by_server["continuous"], by_server["micro"], by_server["one-at-a-time"]))
-    out["continuous_vs_micro"] = {
-        "tokens_per_s": round(statistics.median(c["tokens_per_s"] / m["tokens_per_s"] for c, m, _ in pairs), 2),
-        "ttft_p99": round(statistics.median(c["ttft_p99_ms"] / m["ttft_p99_ms"] for c, m, _ in pairs), 3)}
-    out["continuous_vs_one_at_a_time"] = {
-        "tokens_per_s": round(statistics.median(c["tokens_per_s"] / o["tokens_per_s"] for c, _, o in pairs), 2),
-        "ttft_p99": round(statistics.median(c["ttft_p99_ms"] / o["ttft_p99_ms"] for c, _, o in pairs), 3)}
+    for name, rs in by_server.items():
+        if name == "continuous":
+            continue
+        pairs = list(zip(by_server["continuous"], rs))
+        out[f"continuous_vs_{name}"] = {
+            "tokens_per_s": round(statistics.median(c["tokens_per_s"] / o["tokens_per_s"] for c, o in pairs), 2),
+            "ttft_p99": round(statistics.median(c["ttft_p99_ms"] / o["ttft_p99_ms"] for c, o in pairs), 3)}
     return out
 
 
@@ -323,13 +342,13 @@ def print_streaming(results: dict) -> None:
     print("\n| clients | server | generated tokens/s | TTFT p50 ms | TTFT p99 ms |")
     print("|---:|---|---:|---:|---:|")
     for c, row in results["levels"].items():
-        for name in ("continuous", "micro", "one-at-a-time"):
+        for name in results["servers"]:
             r = row[name]
             print(f"| {c} | {name} | {r['tokens_per_s']:.1f} | {r['ttft_p50_ms']:.1f} | {r['ttft_p99_ms']:.1f} |")
     for c, row in results["levels"].items():
-        vm, vo = row["continuous_vs_micro"], row["continuous_vs_one_at_a_time"]
-        print(f"{c} clients: continuous / micro tokens/s = {vm['tokens_per_s']}x, TTFT p99 = {vm['ttft_p99']}x; "
-              f"continuous / one-at-a-time tokens/s = {vo['tokens_per_s']}x, TTFT p99 = {vo['ttft_p99']}x")
+        print(f"{c} clients: continuous / " + "; continuous / ".join(
+            f"{name} tokens/s = {row[f'continuous_vs_{name}']['tokens_per_s']}x, TTFT p99 = "
+            f"{row[f'continuous_vs_{name}']['ttft_p99']}x" for name in results["servers"] if name != "continuous"))
     print(f"greedy texts identical to continuous batching: {results['same_text']}")
 
 
@@ -401,6 +420,8 @@ def main() -> None:
                    "continuous vs micro-batching vs one-at-a-time generate (default levels 8,32,64)")
     p.add_argument("--server-threads", type=int, default=0, help="OMP_NUM_THREADS of every server (0: torch's "
                    "default); --stream defaults to 1")
+    p.add_argument("--no-peer", action="store_true", help="--stream: leave out `transformers serve "
+                   "--continuous-batching`")
     p.add_argument("--rounds", type=int, default=3, help="--stream: rounds of all levels (medians are reported)")
     p.add_argument("--quick", action="store_true", help="tiny model, 1 and 4 clients, 2 requests of 8 tokens")
     p.add_argument("--out", help="also write the results as JSON here")

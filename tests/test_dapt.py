@@ -3,12 +3,11 @@ step, the before/after table, and `package:` checkpoints for continued pretraini
 
 import json
 
-import datasets as hf
 import numpy as np
 import pytest
 
 from conftest import tiny_recipe
-from lmforge.data.blocks import BlockData
+from lmforge.data.blocks import BlockData, Blocks
 from lmforge.data.loader import BlockLoader
 from lmforge.engine.logging import read_metrics
 from lmforge.errors import LmforgeError
@@ -18,7 +17,7 @@ from lmforge.recipe import recipe_from_dict
 
 def _data(sizes=(90, 10)) -> BlockData:
     domains = [d for d, n in enumerate(sizes) for _ in range(n)]
-    train = hf.Dataset.from_dict({"input_ids": [[i] * 8 for i in range(sum(sizes))], "domain": domains})
+    train = Blocks.from_dict({"input_ids": [[i] * 8 for i in range(sum(sizes))], "domain": domains})
     return BlockData(train=train, validation=None, domains=["general", "legal"], block_size=8)
 
 

@@ -2,8 +2,9 @@
 
 Documents are packed within their domain (every block has one domain, so per-domain evaluation is
 exact) and joined by their separators: CLM documents end with EOS, MLM documents are [CLS] … [SEP].
-Under torchrun, rank 0 builds the cache while the other ranks wait, then everyone memory-maps it; a node whose
-cache folder is its own disk gets its copy from its first process.
+The cache holds each split's columns as `.npy` files that every run memory-maps (no `datasets` import and no
+copy of the data on a cached run). Under torchrun, rank 0 builds the cache while the other ranks wait, then
+everyone memory-maps it; a node whose cache folder is its own disk gets its copy from its first process.
 Sentence-pair objectives (NSP/SOP) store pair rows instead of packed blocks (see `lmforge.data.pairs`).
 """
 
@@ -15,9 +16,8 @@ import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Iterator, Optional, Union
 
-import datasets
 import numpy as np
 import torch.distributed as tdist
 
@@ -29,6 +29,8 @@ from lmforge.recipe import DataConfig, ObjectiveConfig
 from lmforge.tokenizer import special_ids
 
 SPLITS = ("train", "validation")
+CACHE_FORMAT = "npy-1"  # part of the cache key: a cache written in another layout is rebuilt, never misread
+SAVE_ROWS = 8192  # rows converted at a time when a split is written (bounds the memory of the conversion)
 
 
 def default_cache_dir() -> Path:
@@ -137,26 +139,63 @@ def _tokenize_and_pack(tokenizer, objective: str, block_size: int, domain_ids: d
     return fn
 
 
+class Blocks:
+    """One split's rows: equal-length numpy columns (`input_ids` (n, block) int32, `domain` (n,) int64), memory-
+    mapped from the cache or held in memory. `blocks["input_ids"]` is a column; `blocks[[3, 1]]` a dict of rows."""
+
+    def __init__(self, columns: dict[str, np.ndarray]):
+        lengths = {len(v) for v in columns.values()}
+        if len(lengths) > 1:
+            raise ValueError(f"columns of unequal length: { {k: len(v) for k, v in columns.items()} }")
+        self.columns = columns
+
+    @classmethod
+    def from_dict(cls, columns: dict) -> "Blocks":
+        return cls({k: np.asarray(v) for k, v in columns.items()})
+
+    @classmethod
+    def load(cls, folder: Path) -> "Blocks":
+        return cls({f.stem: np.load(f, mmap_mode="r") for f in sorted(Path(folder).glob("*.npy"))})
+
+    @property
+    def column_names(self) -> list[str]:
+        return list(self.columns)
+
+    def __len__(self) -> int:
+        return len(next(iter(self.columns.values()))) if self.columns else 0
+
+    def __iter__(self) -> Iterator[dict]:
+        """Each row as a dict of Python values (lists of ids, an int domain)."""
+        for i in range(len(self)):
+            yield {k: v[i].tolist() for k, v in self.columns.items()}
+
+    def __getitem__(self, key: Union[str, int, slice, list, np.ndarray]):
+        if isinstance(key, str):
+            return self.columns[key]
+        return {k: v[key] for k, v in self.columns.items()}
+
+
 @dataclass
 class BlockData:
     """Packed blocks of both splits plus the domain names their integer ids refer to."""
-    train: datasets.Dataset
-    validation: Optional[datasets.Dataset]
+    train: Optional[Blocks]
+    validation: Optional[Blocks]
     domains: list[str]
     block_size: int
     packed: bool = True  # False: independent rows (sentence pairs) that must not be shifted or joined
 
     def batch(self, split: str, indices) -> tuple[np.ndarray, np.ndarray]:
         ds = self.train if split == "train" else self.validation
-        rows = ds[list(map(int, indices))]
-        return np.asarray(rows["input_ids"], dtype=np.int64), np.asarray(rows["domain"], dtype=np.int64)
+        rows = np.asarray(indices, dtype=np.int64)
+        return (np.asarray(ds["input_ids"][rows], dtype=np.int64),
+                np.asarray(ds["domain"][rows], dtype=np.int64))
 
 
 def cache_key(data: DataConfig, tokenizer, objective: ObjectiveConfig) -> str:
     h = hashlib.sha256()
     h.update(fingerprint_sources(data).encode())
     h.update(tokenizer.backend_tokenizer.to_str().encode() if hasattr(tokenizer, "backend_tokenizer") else b"")
-    h.update(f"{objective.name}:{objective.block_size}:{_affixes(tokenizer, objective.kind)}".encode())
+    h.update(f"{CACHE_FORMAT}:{objective.name}:{objective.block_size}:{_affixes(tokenizer, objective.kind)}".encode())
     if objective.pairs:
         h.update(f"{objective.segment_by}:{objective.pair_probability}:{data.split_seed}".encode())
     return h.hexdigest()[:20]
@@ -178,13 +217,12 @@ def build_blocks(data: DataConfig, tokenizer, objective: ObjectiveConfig, progre
         if together:
             tdist.barrier()
     meta = json.loads((target / "meta.json").read_text())
-    # Checked before loading: `datasets` cannot load back a split saved with zero rows.
     if meta["train_blocks"] == 0 and need_train:
         raise LmforgeError(
             f"data: no full block of {objective.block_size} tokens in the training split; "
             "add text or lower objective.block_size")
-    train = datasets.load_from_disk(str(target / "train")) if meta["train_blocks"] else None
-    val = datasets.load_from_disk(str(target / "validation")) if meta["validation_blocks"] else None
+    train = Blocks.load(target / "train") if meta["train_blocks"] else None
+    val = Blocks.load(target / "validation") if meta["validation_blocks"] else None
     return BlockData(train=train, validation=val, domains=meta["domains"], block_size=objective.block_size,
                      packed=meta.get("layout", "packed") == "packed")
 
@@ -211,7 +249,7 @@ def _build_cache(data, tokenizer, objective, target: Path, progress) -> None:
         packed = part.map(fn, batched=True, batch_size=1000, remove_columns=part.column_names,
                           with_indices=objective.pairs,
                           num_proc=data.num_proc if data.num_proc > 1 and len(part) > 1000 else None)
-        packed.save_to_disk(str(tmp / split))
+        _save_rows(packed, tmp / split)
         counts[split] = len(packed)
     (tmp / "meta.json").write_text(json.dumps(
         {"domains": domains, "block_size": objective.block_size, "layout": "pairs" if objective.pairs else "packed",
@@ -222,6 +260,26 @@ def _build_cache(data, tokenizer, objective, target: Path, progress) -> None:
         os.replace(tmp, target)
     except OSError:  # another process finished first
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _save_rows(rows, folder: Path) -> None:
+    """A `datasets.Dataset` of fixed-length rows as one `.npy` file per column, converted `SAVE_ROWS` at a time."""
+    folder.mkdir(parents=True, exist_ok=True)
+    if len(rows) == 0:
+        return
+    rows = rows.with_format("numpy")
+    first = rows[:1]
+    dtypes = {"input_ids": np.int32, "domain": np.int64}
+    files = {k: np.lib.format.open_memmap(folder / f"{k}.npy", mode="w+", dtype=dtypes.get(k, np.asarray(v).dtype),
+                                          shape=(len(rows), *np.asarray(v).shape[1:]))
+             for k, v in first.items()}
+    for start in range(0, len(rows), SAVE_ROWS):
+        chunk = rows[start:start + SAVE_ROWS]
+        for k, out in files.items():
+            out[start:start + len(chunk[k])] = np.asarray(chunk[k])
+    for out in files.values():
+        out.flush()
+    del files
 
 
 def stream_blocks(data: DataConfig, tokenizer, objective: ObjectiveConfig, split: str = "train",

@@ -19,15 +19,14 @@ IN_MEMORY_LIMIT = 2 * 1024**3  # bytes of token ids held as one numpy array for 
 
 
 def _as_array(ds) -> Optional[np.ndarray]:
-    """The blocks as an (n, block) array when they fit comfortably in memory, else None."""
+    """The blocks as an (n, block) int64 array in memory when they fit comfortably, else None (rows are then read
+    from the memory-mapped cache as they are needed)."""
     if ds is None or len(ds) == 0:
         return None
-    column = ds.data.column("input_ids")
-    block = len(ds[0]["input_ids"])
-    if len(ds) * block * 8 > IN_MEMORY_LIMIT:
+    column = ds["input_ids"]
+    if column.size * 8 > IN_MEMORY_LIMIT:
         return None
-    values = np.concatenate([chunk.flatten().to_numpy(zero_copy_only=False) for chunk in column.chunks])
-    return values.astype(np.int64, copy=False).reshape(-1, block)
+    return np.asarray(column, dtype=np.int64)
 
 
 class BlockLoader:
@@ -39,7 +38,7 @@ class BlockLoader:
         self.world, self.rank = world, rank
         self.n = len(data.train)
         self.ids = _as_array(data.train)
-        self.domains = data.train.data.column("domain").to_numpy().astype(np.int64)
+        self.domains = np.asarray(data.train["domain"], dtype=np.int64)
         self._perms: dict[int, np.ndarray] = {}
         self.mixture = self._mixture(domain_weights) if domain_weights else None
 

@@ -8,9 +8,7 @@ import json
 import logging
 import re
 from pathlib import Path
-from typing import Iterable, Optional, Union
-
-import datasets
+from typing import TYPE_CHECKING, Iterable, Optional, Union
 
 from lmforge.data.clusters import ClusterLabeler, clustering_fingerprint
 from lmforge.data.files import EXTENSIONS, expand_paths
@@ -18,10 +16,23 @@ from lmforge.errors import LmforgeError
 from lmforge.paths import PREPARED_MARKER
 from lmforge.recipe import DataConfig, SourceConfig
 
-# Declared so a numeric, null or mixed-type text column becomes strings (else `datasets` keeps e.g. Json/int).
-FEATURES = datasets.Features({"text": datasets.Value("string"), "domain": datasets.Value("string"),
-                              "split": datasets.Value("string")})
-datasets.disable_progress_bars()
+if TYPE_CHECKING:
+    import datasets
+
+
+def _datasets():
+    """The `datasets` library, imported on first use: a run whose token blocks are cached never needs it (it costs
+    about half a second and 80 MB of memory to import)."""
+    import datasets
+
+    datasets.disable_progress_bars()
+    return datasets
+
+
+def _features():
+    """Declared so a numeric, null or mixed-type text column becomes strings (else `datasets` keeps e.g. Json/int)."""
+    v = _datasets().Value
+    return _datasets().Features({"text": v("string"), "domain": v("string"), "split": v("string")})
 
 
 def _format_of(src: SourceConfig, file: Path) -> str:
@@ -68,7 +79,7 @@ def _bad_json_line(files: list[Path]) -> Optional[str]:
 
 @contextlib.contextmanager
 def _datasets_quiet():
-    logger = datasets.utils.logging.get_logger("datasets")
+    logger = _datasets().utils.logging.get_logger("datasets")
     level = logger.level
     logger.setLevel(logging.CRITICAL)
     try:
@@ -81,20 +92,20 @@ def _load_files(src: SourceConfig, files: list[Path], fmt: str, streaming: bool,
     names = [str(f) for f in files]
     kwargs = dict(data_files=names, split="train", streaming=streaming, cache_dir=cache_dir)
     if fmt == "text":
-        ds = datasets.load_dataset("text", sample_by=src.sample_by, **kwargs)
+        ds = _datasets().load_dataset("text", sample_by=src.sample_by, **kwargs)
         column = "text"
         if src.sample_by == "paragraph":
             # `datasets` splits on an exact blank line; a line of spaces (as in WikiText) also ends a paragraph.
             ds = ds.map(_split_paragraphs, batched=True)
     elif fmt == "jsonl":
         with _datasets_quiet():  # a parse error is reported by the caller, with its line; no log line before it
-            ds = datasets.load_dataset("json", **kwargs)
+            ds = _datasets().load_dataset("json", **kwargs)
         column = src.text_column
     elif fmt in ("csv", "tsv"):
-        ds = datasets.load_dataset("csv", delimiter="\t" if fmt == "tsv" else ",", **kwargs)
+        ds = _datasets().load_dataset("csv", delimiter="\t" if fmt == "tsv" else ",", **kwargs)
         column = src.text_column
     else:
-        ds = datasets.load_dataset("parquet", **kwargs)
+        ds = _datasets().load_dataset("parquet", **kwargs)
         column = src.text_column
     columns = ds.column_names if not streaming else list(next(iter(ds)).keys())
     if column not in columns:
@@ -125,10 +136,10 @@ def _load_prepared(src: SourceConfig, streaming: bool, cache_dir: Optional[str])
         files = sorted(str(f) for f in (Path(src.path) / split).glob("*.parquet"))
         if not files:
             continue
-        ds = datasets.load_dataset("parquet", data_files=files, split="train", streaming=streaming,
+        ds = _datasets().load_dataset("parquet", data_files=files, split="train", streaming=streaming,
                                    cache_dir=cache_dir).select_columns(["text", "domain"])
         fixed = src.split or split
-        parts.append(ds.map(lambda b, s=fixed: {"split": [s] * len(b["text"])}, batched=True, features=FEATURES))
+        parts.append(ds.map(lambda b, s=fixed: {"split": [s] * len(b["text"])}, batched=True, features=_features()))
     if not parts:
         raise LmforgeError(f"{src.path}: prepared folder holds no Parquet shards")
     return parts
@@ -174,14 +185,14 @@ def load_documents(config: DataConfig, streaming: Optional[bool] = None):
                         "split": [fixed or split_of(t, seed, frac) for t in texts]}
 
             kw = {} if streaming else {"num_proc": config.num_proc if config.num_proc > 1 else None}
-            ds = ds.map(tag, batched=True, features=FEATURES, **kw)
+            ds = ds.map(tag, batched=True, features=_features(), **kw)
             ds = ds.filter(lambda b: [bool(t.strip()) for t in b["text"]], batched=True, **kw)
             if not streaming and len(ds) == 0:
                 raise LmforgeError(f"{src.path}: no non-empty documents")
             parts.append(ds)
     if config.domain_clusters:  # unsupervised domains (c-BTM): a document's domain is its nearest cluster
         labeler = ClusterLabeler(config.domain_clusters)
-        parts = [p.map(labeler, batched=True, features=FEATURES) for p in parts]
+        parts = [p.map(labeler, batched=True, features=_features()) for p in parts]
     if config.only_domains:
         keep = set(config.only_domains)
         parts = [p.filter(lambda b: [d in keep for d in b["domain"]], batched=True) for p in parts]
@@ -192,9 +203,9 @@ def load_documents(config: DataConfig, streaming: Optional[bool] = None):
     if streaming:
         # Mix the sources, but keep going until every one is exhausted: the default strategy
         # ('first_exhausted') silently dropped the rest of the longer sources.
-        return (datasets.interleave_datasets(parts, stopping_strategy="all_exhausted_without_replacement")
+        return (_datasets().interleave_datasets(parts, stopping_strategy="all_exhausted_without_replacement")
                 if len(parts) > 1 else parts[0])
-    return datasets.concatenate_datasets(parts) if len(parts) > 1 else parts[0]
+    return _datasets().concatenate_datasets(parts) if len(parts) > 1 else parts[0]
 
 
 def iter_texts(docs, split: str = "train", limit: Optional[int] = None) -> Iterable[str]:
@@ -221,4 +232,4 @@ def fingerprint_sources(config: DataConfig) -> str:
     return h.hexdigest()[:16]
 
 
-Documents = Union[datasets.Dataset, datasets.IterableDataset]
+Documents = Union["datasets.Dataset", "datasets.IterableDataset"]

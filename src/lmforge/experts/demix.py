@@ -9,6 +9,7 @@ import json
 from pathlib import Path
 from typing import Optional
 
+import numpy as np
 import torch
 
 from lmforge.data.blocks import build_blocks
@@ -69,7 +70,7 @@ def _train(model, tokenizer, recipe, run_dir, *, domains: list[str], steps: int,
     cfg = r.train
     data = _domain_blocks(r.data, tokenizer, r.objective, domains)
     prepare_run_dir(r, resume=False, force=True)
-    present = set(data.train.data.column("domain").to_numpy().tolist())
+    present = set(np.asarray(data.train["domain"]).tolist())
     missing = [d for d in domains if d not in data.domains or data.domains.index(d) not in present]
     if missing:
         raise LmforgeError(f"data.sources: no training text of domain(s) {missing} in this run's data")
