@@ -1,7 +1,10 @@
 """Pretraining runs end to end on CPU: losses fall, folders are readable, bad input fails clearly."""
 
 import json
+import subprocess
+import sys
 
+import numpy as np
 import pytest
 import torch
 from typer.testing import CliRunner
@@ -233,3 +236,26 @@ def test_a_second_run_reuses_the_trained_tokenizer_and_the_measured_roof(tmp_pat
     hardware.matmul_roof("cpu", "fp32")
     assert measured == [1, 1]
     hardware.matmul_roof.cache_clear()
+
+
+def test_a_run_on_cached_blocks_does_not_import_datasets(corpus, tmp_path):
+    """The token blocks are memory-mapped `.npy` files: once cached, a run needs neither `datasets` nor a copy of
+    the data (start-up time and memory); the second run trains on the same blocks."""
+    tree = tiny_recipe(corpus, tmp_path / "first", max_steps=2, eval_every=0)
+    tree["data"]["cache_dir"] = str(tmp_path / "cache")
+    first = pretrain(tree, show_progress=False)
+    blocks = next((tmp_path / "cache" / "blocks").iterdir())
+    assert sorted(f.name for f in (blocks / "train").iterdir()) == ["domain.npy", "input_ids.npy"]
+    assert np.load(blocks / "train" / "input_ids.npy", mmap_mode="r").dtype == np.int32
+    tree["output"]["dir"] = str(tmp_path / "second")
+    script = f"""
+import json, sys
+from lmforge.pretrain import pretrain
+run = pretrain(json.loads({json.dumps(json.dumps(tree))}), show_progress=False)
+print("datasets imported:", "datasets" in sys.modules)
+"""
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "datasets imported: False" in result.stdout
+    losses = lambda run: [json.loads(l)["loss"] for l in open(run / "metrics.jsonl") if '"split"' not in l]  # noqa
+    assert losses(tmp_path / "second") == losses(first.run_dir)
