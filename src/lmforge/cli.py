@@ -327,7 +327,7 @@ def _generate_structured(run_dir: Path, which: Optional[str], schema_file: Path,
                          stream: bool) -> None:
     import dataclasses
 
-    from lmforge.generate import context_limit, encode_prompt, open_generator
+    from lmforge.generate import context_limit, encode_prompt, open_generator, refuse_option_on_onnx
     from lmforge.generate.running import Row, RunningBatch, continuous_batchable, run_rows
     from lmforge.generate.structured import check_grammar, json_grammar
     try:
@@ -335,6 +335,7 @@ def _generate_structured(run_dir: Path, which: Optional[str], schema_file: Path,
     except (OSError, ValueError) as err:
         raise LmforgeError(f"--json-schema {schema_file}: {err}") from None
     lm, tokenizer = open_generator(run_dir, which)
+    refuse_option_on_onnx(lm, "--json-schema (structured output)")
     if not continuous_batchable(lm):
         raise LmforgeError(f"--json-schema: {type(lm).__name__} is not a decoder the structured decoder can run")
     grammar = json_grammar(schema)
