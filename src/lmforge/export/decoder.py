@@ -75,8 +75,9 @@ def check_decoder(model) -> None:
     odd = [name for name, on in (("reorder_and_upcast_attn", config.reorder_and_upcast_attn),
                                  ("add_cross_attention", config.add_cross_attention)) if on]
     if type(model) is not GPT2LMHeadModel or odd:
-        raise LmforgeError(f"no ONNX export rule for {type(model).__name__}" + (f" with {', '.join(odd)}" if odd else "")
-                           + "; lmforge exports GPT-2 causal LMs with a KV cache")
+        with_ = f" with {', '.join(odd)}" if odd else ""
+        raise LmforgeError(f"no ONNX export rule for {type(model).__name__}{with_}; lmforge exports GPT-2 causal LMs "
+                           "with a KV cache")
     for block in model.transformer.h:
         if not all(isinstance(m, Conv1D) for m in (block.attn.c_attn, block.attn.c_proj, block.mlp.c_fc,
                                                   block.mlp.c_proj)):

@@ -138,8 +138,8 @@ class OnnxForCausalLM(OnnxModel):
         missing = [n for n in ("input_ids", "attention_mask", "position_ids", *self.past_names)
                    if n not in self.input_names]
         if missing:
-            raise LmforgeError(f"{folder / ONNX_FILE}: not a causal LM graph with a KV cache (no input {missing[0]!r}); "
-                               "export it again")
+            raise LmforgeError(f"{folder / ONNX_FILE}: not a causal LM graph with a KV cache (no input "
+                               f"{missing[0]!r}); export it again")
         self.output_names = ["logits", *self.present_names]
         self.cache_shape = (config.n_head, 0, config.n_embd // config.n_head)
         try:
