@@ -12,7 +12,8 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 import torch
-from transformers import AutoModelForSeq2SeqLM, LogitsProcessorList, StoppingCriteriaList
+from transformers import (AutoModelForSeq2SeqLM, LogitsProcessorList, RepetitionPenaltyLogitsProcessor,
+                          StoppingCriteriaList)
 from transformers.generation.streamers import BaseStreamer
 
 from lmforge.errors import LmforgeError
@@ -195,6 +196,9 @@ def run_batch(model, tokenizer, batch: Batch, cancels: Optional[Sequence[Sequenc
     eos, pad = special_token(tokenizer, model, "eos"), special_token(tokenizer, model, "pad")
     pad = pad if pad is not None else eos
     processors = LogitsProcessorList()
+    if isinstance(model, OnnxForCausalLM) and s0.repetition_penalty != 1.0:
+        # what generate does with it, first in its list: on ONNX Runtime the lean loop runs it through the logits
+        processors.append(RepetitionPenaltyLogitsProcessor(s0.repetition_penalty))
     selector = None
     if s0.num_beams == 1 and (s0.logprobs is not None or any(s.sampling for s in batch.settings)):
         selector = RowSelector(batch.settings, model.device)
@@ -241,20 +245,20 @@ def _generate_kwargs(model, s0: Decoding, max_new_tokens: int, eos: Optional[int
 def lean_decodable(model, settings: Decoding) -> bool:
     """Whether `lean_decode` can stand in for `generate`: one token per step (no beams, no repetition penalty)
     from a transformers decoder-only model with a KV cache (expert ensembles and DEMix models use generate), or
-    from a causal LM on ONNX Runtime, which only this loop runs."""
-    return (settings.num_beams == 1 and settings.repetition_penalty == 1.0
-            and (steps_by_hand(model) or isinstance(model, OnnxForCausalLM)))
+    from a causal LM on ONNX Runtime, which only this loop runs (with a repetition penalty too)."""
+    if isinstance(model, OnnxForCausalLM):  # (its repetition penalty is a processor: see run_batch)
+        return settings.num_beams == 1
+    return settings.num_beams == 1 and settings.repetition_penalty == 1.0 and steps_by_hand(model)
 
 
 def refuse_on_onnx(model, settings: Decoding) -> None:
-    """A causal LM on ONNX Runtime decodes greedily or by sampling, one token per step (`lean_decode`); what
-    needs transformers' `generate` is one line naming the option."""
+    """A causal LM on ONNX Runtime decodes greedily or by sampling, one token per step (`lean_decode`, with a
+    repetition penalty as generate applies it); what needs transformers' `generate` is one line naming the
+    option."""
     if not isinstance(model, OnnxForCausalLM):
         return
     if settings.num_beams > 1:
         refuse_option_on_onnx(model, f"num_beams {settings.num_beams} (beam search)")
-    if settings.repetition_penalty != 1.0:
-        refuse_option_on_onnx(model, f"repetition_penalty {settings.repetition_penalty}")
     extra = sorted(set(model.generation_config.to_diff_dict()) - _INERT_GENERATION_KEYS)
     if extra:
         refuse_option_on_onnx(model, f"generation_config.json ({', '.join(extra)})")
