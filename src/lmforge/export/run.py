@@ -106,6 +106,8 @@ def write_card(work: Path, model_dir: Path, folder: Path, facts: dict, quantize:
     (work / EXPORT_CARD).write_text(json.dumps(card, indent=2) + "\n")
     fused = ", ".join(f"{n}×{k}" for k, n in facts["fused"].items()) or "none"
     cache = "yes: past_key_values.N.key / .value in, present.N.key / .value out" if card["kv_cache"] else "no"
+    check = ("over logits and cache at three (batch, step, past) shapes, an empty cache among them"
+             if card["kv_cache"] else "over logits on a check batch")
     gaps = "; ".join(f"{k.split('_')[0]} {v:.2g}" for k, v in card.items() if k.endswith("logit_diff"))
     if card["kv_cache"]:
         what = (f"A causal LM exported by `lmforge export` from `{model_dir}`, with a KV cache: one graph prefills "
@@ -123,5 +125,5 @@ def write_card(work: Path, model_dir: Path, folder: Path, facts: dict, quantize:
              f"| fusion | {card['fusion']}: {fused} |", f"| quantization | {card['quantization'] or 'none (fp32)'} |",
              f"| KV cache | {cache} |",
              f"| size | {size / 2**20:,.2f} MB ({size / max(source_size, 1):.2f}× the PyTorch weights) |",
-             f"| max \\|Δ logits\\| vs PyTorch on a check batch | {gaps} |", ""]
+             f"| max \\|Δ\\| vs PyTorch {check} | {gaps} |", ""]
     (work / "README.md").write_text("\n".join(lines))
