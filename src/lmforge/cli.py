@@ -262,7 +262,8 @@ def _eval_experts(run_dir: Path, model: Optional[str], domains: List[str], max_b
 
 
 @app.command()
-def generate(run_dir: Path = typer.Argument(..., help="Causal LM run folder, or an HF causal LM or seq2seq folder."),
+def generate(run_dir: Path = typer.Argument(..., help="Causal LM run folder, an HF causal LM or seq2seq folder, or "
+                                                       "a causal LM's `lmforge export` folder (ONNX Runtime)."),
              prompt: str = typer.Option("", help="Text to continue."),
              max_new_tokens: int = typer.Option(64, min=1, help="Tokens to generate (lowered to fit the model)."),
              temperature: float = typer.Option(0.8, min=0.0, help="0 means greedy."),
@@ -327,7 +328,7 @@ def _generate_structured(run_dir: Path, which: Optional[str], schema_file: Path,
                          stream: bool) -> None:
     import dataclasses
 
-    from lmforge.generate import context_limit, encode_prompt, open_generator
+    from lmforge.generate import context_limit, encode_prompt, open_generator, refuse_option_on_onnx
     from lmforge.generate.running import Row, RunningBatch, continuous_batchable, run_rows
     from lmforge.generate.structured import check_grammar, json_grammar
     try:
@@ -335,6 +336,7 @@ def _generate_structured(run_dir: Path, which: Optional[str], schema_file: Path,
     except (OSError, ValueError) as err:
         raise LmforgeError(f"--json-schema {schema_file}: {err}") from None
     lm, tokenizer = open_generator(run_dir, which)
+    refuse_option_on_onnx(lm, "--json-schema (structured output)")
     if not continuous_batchable(lm):
         raise LmforgeError(f"--json-schema: {type(lm).__name__} is not a decoder the structured decoder can run")
     grammar = json_grammar(schema)
@@ -433,14 +435,16 @@ def serve(models: List[str] = typer.Argument(..., help="Run folders or HF folder
 
 
 @app.command()
-def export(model_dir: Path = typer.Argument(..., help="Fine-tuning run folder (or an HF classifier folder)."),
+def export(model_dir: Path = typer.Argument(..., help="Fine-tuning run folder, GPT-2 pretraining run, or an HF "
+                                                      "classifier or GPT-2 folder."),
            out: Path = typer.Option(..., "--out", help="Folder to write: model.onnx, config, tokenizer, model card."),
            format: str = typer.Option("onnx", "--format", help="Export format: onnx."),
            quantize: Optional[str] = typer.Option(None, help="int8: dynamic int8 weights (about 4× smaller, "
                                                              "faster on CPU)."),
            model: Optional[str] = typer.Option(None, help="'final' (default), 'best', 'latest' or a folder."),
            force: bool = typer.Option(False, help="Replace --out if it exists.")):
-    """Export a model to ONNX Runtime (fused graph, optional int8); predict, eval and serve take the folder."""
+    """Export a model to ONNX Runtime (fused graph, optional int8; a causal LM with its KV cache); predict, eval,
+    generate and serve take the folder."""
     from lmforge.export import export as run
     try:
         run(model_dir, out, fmt=format, quantize=quantize, which=model, force=force)

@@ -19,7 +19,7 @@ import onnx
 import torch
 from onnxruntime.quantization import QuantType, quantize_dynamic
 from onnxruntime.transformers.optimizer import optimize_model
-from transformers import AutoModelForSequenceClassification, AutoModelForTokenClassification
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoModelForTokenClassification
 
 from lmforge.errors import LmforgeError
 from lmforge.models.compressed import compression_of, load_pretrained
@@ -48,6 +48,9 @@ RULES = {  # (model_type, head) -> rule; the head is the part of the architectur
 } | {
     (family, "TokenClassification"): ExportRule(AutoModelForTokenClassification, inputs, "bert", "ner")
     for family, inputs in (("bert", ENCODER_INPUTS), ("roberta", ENCODER_INPUTS[:2]))
+} | {  # a causal LM with its KV cache (`lmforge.export.decoder`); GPT2LMHeadModel's name has no 'For'
+    ("gpt2", "LMHeadModel"): ExportRule(AutoModelForCausalLM, ("input_ids", "attention_mask", "position_ids"),
+                                        "gpt2", "generate"),
 }
 
 
@@ -56,7 +59,7 @@ def export_rule(folder: Path) -> tuple[ExportRule, dict]:
     config = json.loads((folder / "config.json").read_text())
     model_type = config.get("model_type", "?")
     archs = config.get("architectures") or ["?"]
-    head = archs[0].partition("For")[2]
+    head = archs[0].partition("For")[2] or ("LMHeadModel" if archs[0].endswith("LMHeadModel") else "")
     rule = RULES.get((model_type, head))
     if rule is None:
         known = ", ".join(f"{t} {h}" for t, h in RULES)
@@ -106,7 +109,7 @@ def fuse(raw: Path, out: Path, rule: ExportRule, config) -> dict:
     quiet = _quiet_logs()
     try:
         optimized = optimize_model(str(raw), model_type=rule.fusion, num_heads=config.num_attention_heads,
-                                   hidden_size=config.hidden_size)
+                                   hidden_size=config.hidden_size)  # (GPT2Config maps these to n_head, n_embd)
         fused = {name: n for name, n in optimized.get_fused_operator_statistics().items() if n}
         optimized.save_model_to_file(str(out))
     finally:

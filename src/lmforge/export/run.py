@@ -16,6 +16,7 @@ import torch
 
 from lmforge.engine.logging import console
 from lmforge.errors import LmforgeError, disk_full_is_an_error
+from lmforge.export.decoder import write_decoder_graph
 from lmforge.export.onnx import OPSET, QUANTIZE, export_rule, write_graph
 from lmforge.models.onnx import EXPORT_CARD, ONNX_FILE, is_onnx_folder
 from lmforge.runs import model_folder
@@ -42,7 +43,8 @@ def export(model_dir, out, fmt: str = "onnx", quantize: Optional[str] = None, wh
     try:
         work.mkdir(parents=True)
         with disk_full_is_an_error(work):
-            facts = write_graph(folder, work, rule, quantize)
+            write = write_decoder_graph if rule.task == "generate" else write_graph
+            facts = write(folder, work, rule, quantize)
             copy_companions(model_dir, folder, work)
             write_card(work, model_dir, folder, facts, quantize)
         if out.exists():
@@ -96,21 +98,32 @@ def write_card(work: Path, model_dir: Path, folder: Path, facts: dict, quantize:
         "fusion": f"onnxruntime.transformers optimizer, model_type {facts['fusion']}", "fused_operators": facts["fused"],
         "quantization": ("dynamic int8: QInt8 weights, activations quantized at run time" if quantize == "int8"
                          else None),
-        "task": facts["task"], "inputs": facts["inputs"], "source": str(model_dir), "source_model": str(folder),
+        "task": facts["task"], "inputs": facts["inputs"], "outputs": facts.get("outputs", ["logits"]),
+        "kv_cache": facts.get("kv_cache", False), "source": str(model_dir), "source_model": str(folder),
         "bytes": size, "source_bytes": source_size,
         **{k: v for k, v in facts.items() if k.endswith("logit_diff")},
     }
     (work / EXPORT_CARD).write_text(json.dumps(card, indent=2) + "\n")
     fused = ", ".join(f"{n}×{k}" for k, n in facts["fused"].items()) or "none"
+    cache = "yes: past_key_values.N.key / .value in, present.N.key / .value out" if card["kv_cache"] else "no"
+    check = ("over logits and cache at three (batch, step, past) shapes, an empty cache among them"
+             if card["kv_cache"] else "over logits on a check batch")
     gaps = "; ".join(f"{k.split('_')[0]} {v:.2g}" for k, v in card.items() if k.endswith("logit_diff"))
-    lines = [f"# {model_dir.name} (ONNX)", "",
-             f"A {facts['task']} model exported by `lmforge export` from `{model_dir}`. It runs on ONNX Runtime: "
-             "`lmforge predict`, `lmforge eval` and `lmforge serve` take this folder, and `model.onnx` opens in a "
-             "plain `onnxruntime.InferenceSession` (inputs: " + ", ".join(facts["inputs"]) + "; output: logits). "
-             "It is inference-only: train from the source run.", "",
+    if card["kv_cache"]:
+        what = (f"A causal LM exported by `lmforge export` from `{model_dir}`, with a KV cache: one graph prefills "
+                "a prompt (past length 0) and decodes token by token. It runs on ONNX Runtime: `lmforge generate` "
+                "and `lmforge serve` take this folder, and `model.onnx` opens in a plain "
+                "`onnxruntime.InferenceSession` (inputs: input_ids, attention_mask, position_ids, "
+                "past_key_values.N.key / .value; outputs: logits, present.N.key / .value).")
+    else:
+        what = (f"A {facts['task']} model exported by `lmforge export` from `{model_dir}`. It runs on ONNX Runtime: "
+                "`lmforge predict`, `lmforge eval` and `lmforge serve` take this folder, and `model.onnx` opens in a "
+                "plain `onnxruntime.InferenceSession` (inputs: " + ", ".join(facts["inputs"]) + "; output: logits).")
+    lines = [f"# {model_dir.name} (ONNX)", "", what + " It is inference-only: train from the source run.", "",
              "| | |", "|---|---|",
              f"| runtime | {card['runtime']} |", f"| opset | {OPSET} |", f"| exporter | {card['exporter']} |",
              f"| fusion | {card['fusion']}: {fused} |", f"| quantization | {card['quantization'] or 'none (fp32)'} |",
+             f"| KV cache | {cache} |",
              f"| size | {size / 2**20:,.2f} MB ({size / max(source_size, 1):.2f}× the PyTorch weights) |",
-             f"| max \\|Δ logits\\| vs PyTorch on a check batch | {gaps} |", ""]
+             f"| max \\|Δ\\| vs PyTorch {check} | {gaps} |", ""]
     (work / "README.md").write_text("\n".join(lines))

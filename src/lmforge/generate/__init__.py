@@ -14,12 +14,13 @@ Prompts are never truncated: a prompt longer than the model's position limit is 
 """
 
 from lmforge.generate.decode import (Completion, Decoding, check_generative, context_limit, encode_prompt, generate,
-                                     generate_text, open_generator, prepare, run_batch)
+                                     generate_text, open_generator, prepare, refuse_option_on_onnx, run_batch)
 from lmforge.generate.rows import cut_at_stop
 from lmforge.generate.stream import stream, stream_generate
 from lmforge.stage import callable_stage
 
 __all__ = ["Decoding", "Completion", "generate", "stream", "stream_generate", "generate_text", "open_generator",
-           "check_generative", "context_limit", "encode_prompt", "prepare", "run_batch", "cut_at_stop"]
+           "check_generative", "context_limit", "encode_prompt", "prepare", "run_batch", "cut_at_stop",
+           "refuse_option_on_onnx"]
 
 callable_stage(__name__)  # `from lmforge import generate` can be called: generate(...)

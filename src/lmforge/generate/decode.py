@@ -12,11 +12,13 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 import torch
-from transformers import AutoModelForSeq2SeqLM, LogitsProcessorList, StoppingCriteriaList
+from transformers import (AutoModelForSeq2SeqLM, LogitsProcessorList, RepetitionPenaltyLogitsProcessor,
+                          StoppingCriteriaList)
 from transformers.generation.streamers import BaseStreamer
 
 from lmforge.errors import LmforgeError
 from lmforge.generate.rows import RowSelector, RowStop, cut_at_stop
+from lmforge.models.onnx import OnnxForCausalLM, is_onnx_folder, load_onnx_model
 from lmforge.runs import model_folder, open_experts_model, open_run
 from lmforge.tasks.predict import is_task_run
 from lmforge.tokenizer import load_tokenizer
@@ -105,6 +107,10 @@ def open_generator(run_dir: Path, which: Optional[str] = None):
         return open_experts_model(run_dir, which)
     if run_dir.is_dir():
         folder = model_folder(run_dir, which)
+        if is_onnx_folder(folder):  # `lmforge export` of a causal LM: decoding runs on ONNX Runtime
+            model = load_onnx_model(folder)
+            check_generative(model)
+            return model, load_tokenizer(folder)
         config = json.loads((folder / "config.json").read_text())
         if config.get("is_encoder_decoder"):
             model = AutoModelForSeq2SeqLM.from_pretrained(str(folder), local_files_only=True, trust_remote_code=False)
@@ -190,6 +196,9 @@ def run_batch(model, tokenizer, batch: Batch, cancels: Optional[Sequence[Sequenc
     eos, pad = special_token(tokenizer, model, "eos"), special_token(tokenizer, model, "pad")
     pad = pad if pad is not None else eos
     processors = LogitsProcessorList()
+    if isinstance(model, OnnxForCausalLM) and s0.repetition_penalty != 1.0:
+        # what generate does with it, first in its list: on ONNX Runtime the lean loop runs it through the logits
+        processors.append(RepetitionPenaltyLogitsProcessor(s0.repetition_penalty))
     selector = None
     if s0.num_beams == 1 and (s0.logprobs is not None or any(s.sampling for s in batch.settings)):
         selector = RowSelector(batch.settings, model.device)
@@ -198,6 +207,7 @@ def run_batch(model, tokenizer, batch: Batch, cancels: Optional[Sequence[Sequenc
     if any(s.stop for s in batch.settings) or any(cancels) or len(set(batch.limits)) > 1:
         # (otherwise generate's own max_new_tokens and EOS checks are all a row needs: no per-step work here)
         criteria.append(RowStop(tokenizer, batch.width, batch.limits, [s.stop for s in batch.settings], cancels))
+    refuse_on_onnx(model, s0)
     with torch.inference_mode():
         if lean_decodable(model, s0):
             out = lean_decode(model, batch.input_ids, batch.attention_mask, max(batch.limits), eos, pad,
@@ -234,8 +244,31 @@ def _generate_kwargs(model, s0: Decoding, max_new_tokens: int, eos: Optional[int
 
 def lean_decodable(model, settings: Decoding) -> bool:
     """Whether `lean_decode` can stand in for `generate`: one token per step (no beams, no repetition penalty)
-    from a transformers decoder-only model with a KV cache (expert ensembles and DEMix models use generate)."""
+    from a transformers decoder-only model with a KV cache (expert ensembles and DEMix models use generate), or
+    from a causal LM on ONNX Runtime, which only this loop runs (with a repetition penalty too)."""
+    if isinstance(model, OnnxForCausalLM):  # (its repetition penalty is a processor: see run_batch)
+        return settings.num_beams == 1
     return settings.num_beams == 1 and settings.repetition_penalty == 1.0 and steps_by_hand(model)
+
+
+def refuse_on_onnx(model, settings: Decoding) -> None:
+    """A causal LM on ONNX Runtime decodes greedily or by sampling, one token per step (`lean_decode`, with a
+    repetition penalty as generate applies it); what needs transformers' `generate` is one line naming the
+    option."""
+    if not isinstance(model, OnnxForCausalLM):
+        return
+    if settings.num_beams > 1:
+        refuse_option_on_onnx(model, f"num_beams {settings.num_beams} (beam search)")
+    extra = sorted(set(model.generation_config.to_diff_dict()) - _INERT_GENERATION_KEYS)
+    if extra:
+        refuse_option_on_onnx(model, f"generation_config.json ({', '.join(extra)})")
+
+
+def refuse_option_on_onnx(model, option: str) -> None:
+    """One line when `option` (beam search, a draft, a schema, ...) is asked of a causal LM on ONNX Runtime."""
+    if isinstance(model, OnnxForCausalLM):
+        raise LmforgeError(f"{option}: not available on an ONNX Runtime export, which decodes greedily or by "
+                           "sampling; use the PyTorch run it was exported from")
 
 
 def steps_by_hand(model) -> bool:

@@ -17,7 +17,8 @@ from typing import Callable, Optional
 import torch
 
 from lmforge.errors import LmforgeError
-from lmforge.generate.decode import Completion, Decoding, context_limit, encode_prompt, prepare, steps_by_hand
+from lmforge.generate.decode import (Completion, Decoding, context_limit, encode_prompt, prepare,
+                                     refuse_option_on_onnx, steps_by_hand)
 from lmforge.generate.running import Row, RunningBatch, run_rows
 
 DRAFT_TOKENS = 4
@@ -26,6 +27,7 @@ DRAFT_TOKENS = 4
 def check_draft(target, target_tokenizer, draft, draft_tokenizer) -> None:
     """One clear error when `draft` cannot draft for `target`."""
     for name, model in (("the target", target), ("the draft", draft)):
+        refuse_option_on_onnx(model, f"--draft (speculative decoding; {name})")
         if not steps_by_hand(model):
             raise LmforgeError(f"--draft: {name} ({type(model).__name__}) must be a transformers decoder-only model "
                                "with a KV cache")

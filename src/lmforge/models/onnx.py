@@ -13,12 +13,19 @@ from typing import Optional
 import numpy as np
 import onnxruntime as ort
 import torch
-from transformers import AutoConfig
+from transformers import AutoConfig, GenerationConfig
 
 from lmforge.errors import LmforgeError
 
 ONNX_FILE = "model.onnx"
 EXPORT_CARD = "export.json"  # what the export holds: runtime, opset, fusion, quantization, source
+
+
+def cache_names(layers: int) -> tuple[list[str], list[str]]:
+    """Names of a causal LM graph's cache inputs (`past_key_values.N.key` / `.value`) and outputs
+    (`present.N.key` / `.value`), layer by layer."""
+    past = [f"past_key_values.{i}.{kind}" for i in range(layers) for kind in ("key", "value")]
+    return past, [name.replace("past_key_values", "present") for name in past]
 
 
 def is_onnx_folder(folder) -> bool:
@@ -102,6 +109,67 @@ class OnnxForTokenClassification(OnnxModel):
     """A token classifier on ONNX Runtime."""
 
 
+class OnnxCache:
+    """The KV cache between steps of an ONNX causal LM: the graph's `present.*` outputs, fed back as its
+    `past_key_values.*` inputs."""
+
+    def __init__(self, arrays: list):
+        self.arrays = arrays
+
+    def get_seq_length(self) -> int:
+        return int(self.arrays[0].shape[2])
+
+
+@dataclass
+class OnnxCausalOutput:
+    logits: torch.Tensor
+    past_key_values: OnnxCache
+
+
+class OnnxForCausalLM(OnnxModel):
+    """A GPT-2-family causal LM on ONNX Runtime, one step per call with its KV cache: it answers the forward
+    call lmforge's decoding loop makes (`input_ids`, `attention_mask`, `position_ids`, `past_key_values`,
+    `logits_to_keep`), so greedy and sampled decoding take it as they take the transformers model. Beam search
+    and the other paths that need transformers' `generate` do not run on it."""
+
+    def __init__(self, session: ort.InferenceSession, config, folder: Path):
+        super().__init__(session, config, folder)
+        self.past_names, self.present_names = cache_names(config.n_layer)
+        missing = [n for n in ("input_ids", "attention_mask", "position_ids", *self.past_names)
+                   if n not in self.input_names]
+        if missing:
+            raise LmforgeError(f"{folder / ONNX_FILE}: not a causal LM graph with a KV cache (no input "
+                               f"{missing[0]!r}); export it again")
+        self.output_names = ["logits", *self.present_names]
+        self.cache_shape = (config.n_head, 0, config.n_embd // config.n_head)
+        try:
+            self.generation_config = GenerationConfig.from_pretrained(str(folder), local_files_only=True)
+        except OSError:  # no generation_config.json: the model config's tokens, as transformers does
+            self.generation_config = GenerationConfig.from_model_config(config)
+
+    def can_generate(self) -> bool:
+        return True
+
+    def __call__(self, input_ids, attention_mask=None, position_ids=None, past_key_values: Optional[OnnxCache] = None,
+                 use_cache: bool = True, logits_to_keep: int = 0, **_ignored) -> OnnxCausalOutput:
+        ids = input_ids.cpu().numpy().astype(np.int64)
+        batch, step = ids.shape
+        past = past_key_values.arrays if past_key_values is not None else \
+            [np.zeros((batch, *self.cache_shape), np.float32)] * len(self.past_names)
+        seen = past[0].shape[2]
+        mask = (np.ones((batch, seen + step), np.int64) if attention_mask is None
+                else attention_mask.cpu().numpy().astype(np.int64))
+        positions = (np.broadcast_to(np.arange(seen, seen + step, dtype=np.int64), (batch, step))
+                     if position_ids is None else position_ids.cpu().numpy().astype(np.int64))
+        feeds = {"input_ids": ids, "attention_mask": mask, "position_ids": np.ascontiguousarray(positions),
+                 **dict(zip(self.past_names, past))}
+        logits, *present = self.session.run(self.output_names, feeds)
+        if logits_to_keep:
+            logits = logits[:, -logits_to_keep:]
+        return OnnxCausalOutput(logits=torch.from_numpy(np.ascontiguousarray(logits)),
+                                past_key_values=OnnxCache(present))
+
+
 def load_onnx_model(folder, threads: Optional[int] = None) -> OnnxModel:
     """The model of an exported folder, its class chosen by the architecture config.json names."""
     folder = Path(folder)
@@ -111,6 +179,9 @@ def load_onnx_model(folder, threads: Optional[int] = None) -> OnnxModel:
         cls = OnnxForTokenClassification
     elif any("SequenceClassification" in a for a in archs):
         cls = OnnxForSequenceClassification
+    elif any(a.endswith(("LMHeadModel", "ForCausalLM")) for a in archs):
+        cls = OnnxForCausalLM
     else:
-        raise LmforgeError(f"{folder}: the ONNX runtime runs classifiers and taggers; this export holds {archs}")
+        raise LmforgeError(f"{folder}: the ONNX runtime runs classifiers, taggers and causal LMs; this export "
+                           f"holds {archs}")
     return cls(open_session(folder / ONNX_FILE, threads), config, folder)
