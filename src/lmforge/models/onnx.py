@@ -8,14 +8,16 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import numpy as np
-import onnxruntime as ort
 import torch
 from transformers import AutoConfig, GenerationConfig
 
 from lmforge.errors import LmforgeError
+
+if TYPE_CHECKING:
+    import onnxruntime as ort
 
 ONNX_FILE = "model.onnx"
 EXPORT_CARD = "export.json"  # what the export holds: runtime, opset, fusion, quantization, source
@@ -43,9 +45,18 @@ def refuse_inference_only(folder, field: str) -> None:
     raise LmforgeError(f"{field}: {folder} is an ONNX export (model.onnx), which is inference-only; {hint}")
 
 
-def session_options(threads: Optional[int] = None) -> ort.SessionOptions:
+def _ort():
+    """onnxruntime, imported when a session is opened: every other command (training above all) is spared its
+    import (about 30 MB of memory)."""
+    import onnxruntime
+
+    return onnxruntime
+
+
+def session_options(threads: Optional[int] = None) -> "ort.SessionOptions":
     """Threads as PyTorch's (`torch.get_num_threads()`, which the CLI and recipes set), all graph
     optimisations on."""
+    ort = _ort()
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads or torch.get_num_threads()
     options.inter_op_num_threads = 1
@@ -54,9 +65,9 @@ def session_options(threads: Optional[int] = None) -> ort.SessionOptions:
     return options
 
 
-def open_session(path: Path, threads: Optional[int] = None) -> ort.InferenceSession:
+def open_session(path: Path, threads: Optional[int] = None) -> "ort.InferenceSession":
     try:
-        return ort.InferenceSession(str(path), session_options(threads), providers=["CPUExecutionProvider"])
+        return _ort().InferenceSession(str(path), session_options(threads), providers=["CPUExecutionProvider"])
     except Exception as err:  # onnxruntime raises its own Fail/InvalidGraph/... types, all of them plain Exceptions
         reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise LmforgeError(f"{path}: not a valid ONNX model ({reason[:200]}); export it again") from None
@@ -73,7 +84,7 @@ class OnnxModel:
     device = torch.device("cpu")
     training = False
 
-    def __init__(self, session: ort.InferenceSession, config, folder: Path):
+    def __init__(self, session: "ort.InferenceSession", config, folder: Path):
         self.session, self.config, self.folder = session, config, Path(folder)
         self.input_names = [i.name for i in session.get_inputs()]
 
@@ -132,7 +143,7 @@ class OnnxForCausalLM(OnnxModel):
     `logits_to_keep`), so greedy and sampled decoding take it as they take the transformers model. Beam search
     and the other paths that need transformers' `generate` do not run on it."""
 
-    def __init__(self, session: ort.InferenceSession, config, folder: Path):
+    def __init__(self, session: "ort.InferenceSession", config, folder: Path):
         super().__init__(session, config, folder)
         self.past_names, self.present_names = cache_names(config.n_layer)
         missing = [n for n in ("input_ids", "attention_mask", "position_ids", *self.past_names)
