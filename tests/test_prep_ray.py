@@ -144,6 +144,51 @@ def test_a_run_interrupted_on_the_local_engine_resumes_on_the_ray_engine(tmp_pat
     assert_same_dataset(fresh, resumed)
 
 
+KILLED_WORKER = r"""
+import json, os, sys
+from pathlib import Path
+import ray
+from lmforge.prep import prep, prep_recipe_from_dict
+
+marker = Path(sys.argv[1])
+
+
+def die_once():  # each Ray worker runs this at its start: the first unit processed anywhere kills its worker
+    import lmforge.prep.ray_engine as engine
+    real = engine.process_unit
+
+    def dying(*args):
+        try:
+            os.close(os.open(marker, os.O_CREAT | os.O_EXCL))
+        except FileExistsError:
+            return real(*args)
+        os._exit(1)  # no exception, no cleanup: as when the worker is killed
+    engine.process_unit = dying
+
+
+ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR",
+         runtime_env={"worker_process_setup_hook": die_once})
+print("OUT", prep(prep_recipe_from_dict(json.loads(sys.argv[2])), show_progress=False, engine="ray"))
+"""
+
+
+def test_a_killed_ray_worker_is_replaced_and_the_answer_does_not_change(tmp_path):
+    """A worker dies in the middle of a work unit (os._exit, as under the OOM killer or a lost node): Ray runs
+    the unit again on another worker, and the dataset is the local engine's."""
+    rng = random.Random(28)
+    docs = [prose(rng) for _ in range(40)]
+    docs += [edit(d, 0.03, rng) for d in docs[:6]]
+    sources = [{"path": write_jsonl(tmp_path / f"s{i}.jsonl", docs[i::3])} for i in range(3)]
+    local = prep(recipe(tmp_path, sources), show_progress=False)
+    tree = {"sources": sources, "output": {"dir": str(tmp_path / "ray"), "plots": False}}
+    marker = tmp_path / "died"
+    result = subprocess.run([sys.executable, "-c", KILLED_WORKER, str(marker), json.dumps(tree)],
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert marker.exists()  # a worker did die
+    assert_same_dataset(local, tmp_path / "ray")
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(not (SHARED / "domains").is_dir(), reason="the shared corpora are not beside the checkout")
 def test_ray_engine_on_the_shared_corpora(tmp_path, local_ray):
