@@ -11,6 +11,7 @@ for generated tokens/s and time to first token (bars, issue 25: continuous >= 1.
     python benchmarks/serve_load.py                      # GPT-2 4x256 (random weights), 1/8/32 clients
     python benchmarks/serve_load.py --stream --requests 4 --max-tokens 96
     python benchmarks/serve_load.py --run runs/quickstart/clm --device cuda
+    python benchmarks/serve_load.py --stream --size base --clients 8,32   # GPT-2 base's 12x768 body
     python benchmarks/serve_load.py --quick              # seconds: a smoke test of the script itself
 
 Each level starts C concurrent clients (loopback only); each sends R greedy completion requests one after
@@ -114,7 +115,11 @@ def stream_pieces(run, ids, max_tokens: int, tok):
 
 # ----------------------------------------------------------------------------- model and prompts
 
-def build_model(folder: Path, quick: bool) -> list[str]:
+SIZES = {"quick": dict(n_layer=2, n_embd=64, n_head=2), "small": dict(n_layer=4, n_embd=256, n_head=4),
+         "base": dict(n_layer=12, n_embd=768, n_head=12)}  # base: GPT-2 base's body (124M with its vocabulary)
+
+
+def build_model(folder: Path, quick: bool, size: str = "small") -> list[str]:
     """A GPT-2 (random weights) with a BPE tokenizer trained on the Python standard library; returns prompts."""
     from transformers import GPT2Config, GPT2LMHeadModel
     from lmforge.quickstart import stdlib_documents
@@ -123,7 +128,7 @@ def build_model(folder: Path, quick: bool) -> list[str]:
     docs = [text for _, text in stdlib_documents(200_000 if quick else 1_000_000)]
     tok = train_tokenizer(iter(docs), TokenizerConfig(kind="bpe", vocab_size=1000 if quick else 8000))
     save_tokenizer(tok, folder)
-    dims = dict(n_layer=2, n_embd=64, n_head=2) if quick else dict(n_layer=4, n_embd=256, n_head=4)
+    dims = SIZES["quick" if quick else size]
     torch.manual_seed(0)
     GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_positions=512, bos_token_id=tok.bos_token_id,
                                eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, **dims)
@@ -411,6 +416,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--run", help="serve this causal LM run / HF folder instead of building one")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    p.add_argument("--size", choices=["small", "base"], default="small", help="the GPT-2 built when no --run is "
+                   "given: small (4x256) or base (GPT-2 base's 12x768 body)")
     p.add_argument("--clients", default="1,8,32", help="comma-separated concurrency levels")
     p.add_argument("--requests", type=int, default=4, help="requests per client per level")
     p.add_argument("--max-tokens", type=int, default=64)
@@ -452,7 +459,7 @@ def main() -> None:
             prompts = prompts_from([t for _, t in stdlib_documents(200_000)])
         else:
             folder = str(Path(tmp) / "model")
-            prompts = build_model(Path(folder), args.quick)
+            prompts = build_model(Path(folder), args.quick, args.size)
         args.max_tokens = clamp_max_tokens(folder, prompts, args.max_tokens)
         levels = [int(c) for c in args.clients.split(",")]
         print(f"model: {folder}; device: {device}; {len(prompts)} prompts; levels {levels}, "

@@ -8,6 +8,7 @@ import math
 
 import pytest
 import torch
+from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 from typer.testing import CliRunner
 
@@ -174,7 +175,6 @@ def test_a_distilled_classifier_is_an_ordinary_run_naming_its_teacher(tmp_path, 
     ({"student_layers": 5}, "more than the teacher's 2 layers"),
     ({"init_layers": [0, 0], "student_layers": 2}, "distinct layer indices"),
     ({"teacher": "no/such/run"}, "no such run or model folder"),
-    ({"hidden_weight": 1.0, "student_width": 16}, "the student's width 16 differs from the teacher's 32"),
     ({"cache_teacher": True}, "distill.cache_teacher: kept for fine-tuning students"),
 ])
 def test_bad_distillation_recipes_exit_2_with_one_line(tmp_path, corpus, change, message):
@@ -183,14 +183,36 @@ def test_bad_distillation_recipes_exit_2_with_one_line(tmp_path, corpus, change,
         pretrain(recipe_from_dict(tiny_recipe(corpus, teacher, "clm", max_steps=1, eval_every=0)),
                  show_progress=False)
     tree = tiny_recipe(corpus, tmp_path / "student", "clm", max_steps=2)
-    if "student_width" in change:
-        tree["model"]["d_model"] = change.pop("student_width")
-        tree["tokenizer"] = {"path": str(teacher / "final")}
     tree["distill"] = {"teacher": str(teacher), **change}
     (tmp_path / "r.yaml").write_text(json.dumps(tree))
     result = runner.invoke(app, ["distill", str(tmp_path / "r.yaml")])
     assert result.exit_code == 2 and message in result.output, result.output
     assert len(result.output.strip().splitlines()) == 1 and not (tmp_path / "student").exists()
+
+
+def test_a_narrower_student_matches_hidden_states_through_a_learned_projection(tmp_path, corpus):
+    """Widths 32 → 16: a linear map per layer pair takes the student's states to the teacher's width; it trains
+    with the student, is kept in the checkpoints (resume continues the same run) and stays out of the model."""
+    teacher = tmp_path / "teacher"
+    pretrain(recipe_from_dict(tiny_recipe(corpus, teacher, "clm", max_steps=2, eval_every=0)), show_progress=False)
+    tree = tiny_recipe(corpus, tmp_path / "student", "clm", max_steps=4, eval_every=0, save_every=2)
+    tree["model"]["d_model"], tree["tokenizer"] = 16, {"path": str(teacher / "final")}
+    tree["distill"] = {"teacher": str(teacher), "hidden_weight": 1.0}
+    run = distill(tree, show_progress=False)
+    logged = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    hidden = [r["hidden_loss"] for r in logged if "hidden_loss" in r]
+    assert len(hidden) == 4 and all(h > 0 for h in hidden)
+    states = [torch.load(c / "trainer_state.pt", weights_only=True)["objective"]
+              for c in sorted((run / "checkpoints").iterdir())]
+    assert set(states[0]) == {f"{k}.{w}" for k in range(2) for w in ("weight", "bias")}
+    assert states[0]["0.weight"].shape == (32, 16)
+    assert not torch.equal(states[0]["0.weight"], states[1]["0.weight"])  # it learns
+    assert AutoModelForCausalLM.from_pretrained(run / "final").config.n_embd == 16
+    assert all("project" not in k for k in load_file(str(run / "final" / "model.safetensors")))
+    tree["train"]["max_steps"] = 6
+    resumed = distill(tree, resume=True, show_progress=False)
+    again = [json.loads(line) for line in (resumed / "metrics.jsonl").read_text().splitlines()]
+    assert [r["hidden_loss"] for r in again if "hidden_loss" in r][:4] == hidden
 
 
 def test_a_recipe_with_a_distill_section_is_refused_by_pretrain(tmp_path, corpus):

@@ -244,7 +244,8 @@ class DistillConfig(Section):
                                                          "hard labels.")
     hidden_weight: float = Field(0.0, ge=0.0, description="Weight of hidden-state matching (TinyBERT): the MSE "
                                                           "between student and teacher block outputs, paired "
-                                                          "uniformly; needs equal widths. 0: off.")
+                                                          "uniformly, through a learned projection when the "
+                                                          "student is narrower. 0: off.")
     cache_teacher: bool = Field(False, description="Fine-tuning: keep the teacher's outputs for each training "
                                                    "example in memory the first epoch and reuse them after (a few "
                                                    "floats per example; per word for NER).")

@@ -7,9 +7,11 @@ examples (classification), labelled words (NER), every next-token position (caus
 
 T² keeps the soft term's gradients the size of the hard term's as T changes. The hidden term (TinyBERT's hidden-
 state matching, off by default) pairs student block i with teacher block (i + 1)·L_t / L_s − 1, so the last
-blocks meet, and compares their outputs on the real (non-padding) positions; it needs equal widths. Multi-label classification uses the
+blocks meet, and compares their outputs on the real (non-padding) positions. Multi-label classification uses the
 KL between the tempered Bernoulli distributions of each label. Training only: evaluation scores the hard loss, so
-a distilled run's validation figures compare with any other run's.
+a distilled run's validation figures compare with any other run's. When the student is narrower than the
+teacher, each pair's student states go through a learned linear map to the teacher's width first (TinyBERT's W_h),
+trained with the student and kept in its checkpoints, but not in the saved model.
 """
 
 from __future__ import annotations
@@ -60,15 +62,24 @@ class BlockOutputs:
         return states
 
 
+def projections(student_width: int, teacher_width: int, pairs: int) -> Optional[torch.nn.ModuleList]:
+    """TinyBERT's learned maps from the student's width to the teacher's, one per layer pair (None: equal widths)."""
+    if student_width == teacher_width:
+        return None
+    return torch.nn.ModuleList(torch.nn.Linear(student_width, teacher_width) for _ in range(pairs))
+
+
 def hidden_mse(student: list[torch.Tensor], teacher: list[torch.Tensor], pairs: list[tuple[int, int]],
-               mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+               mask: Optional[torch.Tensor] = None, project: Optional[torch.nn.ModuleList] = None) -> torch.Tensor:
     """Mean over the layer pairs of the mean squared difference of the hidden states, on the positions `mask`
-    keeps (B, T; None: all). A classifier's last block may run on the first position only: a pair is compared on
-    the positions both of its states hold."""
+    keeps (B, T; None: all), the student's states mapped to the teacher's width by `project` when widths differ.
+    A classifier's last block may run on the first position only: a pair is compared on the positions both of its
+    states hold."""
     total = 0.0
-    for i, j in pairs:
+    for k, (i, j) in enumerate(pairs):
         n = min(student[i].size(1), teacher[j].size(1))
-        s, t = student[i][:, :n].float(), teacher[j][:, :n].float()
+        s, t = student[i][:, :n], teacher[j][:, :n].float()
+        s = (project[k](s) if project is not None else s).float()
         if mask is not None:
             s, t = s[mask[:, :n].bool()], t[mask[:, :n].bool()]
         total = total + F.mse_loss(s, t)
@@ -116,10 +127,12 @@ class Distilled:
 
     def __init__(self, base, teacher: torch.nn.Module, temperature: float, alpha: float, binary: bool = False, *,
                  hidden_weight: float = 0.0, taps: Optional[tuple["BlockOutputs", "BlockOutputs"]] = None,
-                 pairs: Optional[list[tuple[int, int]]] = None, cache: Optional[TeacherCache] = None):
+                 pairs: Optional[list[tuple[int, int]]] = None, cache: Optional[TeacherCache] = None,
+                 project: Optional[torch.nn.ModuleList] = None):
         self.base, self.teacher, self.temperature, self.alpha, self.binary = base, teacher, temperature, alpha, binary
         self.cache = cache
         self.hidden_weight, self.taps, self.pairs = hidden_weight, taps, pairs
+        self.trainable = project  # trained with the student (the engine's optimizer and checkpoints), never saved in it
         self.tally_names = tuple(getattr(base, "tally_names", ())) + ("kd_loss",) + (("hidden_loss",) if taps else ())
         self.teacher_seconds = 0.0  # the teacher's forward passes, computed in the same step as the student's
         self.teacher.eval().requires_grad_(False)
@@ -152,7 +165,7 @@ class Distilled:
         if self.taps is not None:
             student_taps, teacher_taps = self.taps
             mask = batch.get("attention_mask")
-            hidden = hidden_mse(student_taps.take(), teacher_taps.take(), self.pairs, mask)
+            hidden = hidden_mse(student_taps.take(), teacher_taps.take(), self.pairs, mask, self.trainable)
             self.base.tally(model, "hidden_loss", hidden.detach() * count, count)
             total = total + self.hidden_weight * hidden * count
         return total, count, per_example

@@ -8,7 +8,7 @@ import json
 from pathlib import Path
 from typing import Union
 
-from lmforge.distill.objective import BlockOutputs, Distilled, TeacherCache, layer_pairs
+from lmforge.distill.objective import BlockOutputs, Distilled, TeacherCache, layer_pairs, projections
 from lmforge.distill.student import load_hf_model, make_student
 from lmforge.engine.logging import console
 from lmforge.engine.loop import transformer_blocks
@@ -116,11 +116,9 @@ def hidden_matching(teacher, student) -> dict:
                            + ("teacher (an experts ensemble?)" if blocks[0] is None else "student")
                            + " has no stack of transformer blocks lmforge knows")
     widths = [getattr(m.config, "hidden_size", None) or getattr(m.config, "n_embd", None) for m in (teacher, student)]
-    if widths[0] != widths[1]:
-        raise LmforgeError(f"distill.hidden_weight: the student's width {widths[1]} differs from the teacher's "
-                           f"{widths[0]}; hidden states are compared without a projection, so give equal widths")
-    return {"taps": (BlockOutputs(blocks[1]), BlockOutputs(blocks[0])),
-            "pairs": layer_pairs(len(blocks[1]), len(blocks[0]))}
+    pairs = layer_pairs(len(blocks[1]), len(blocks[0]))
+    return {"taps": (BlockOutputs(blocks[1]), BlockOutputs(blocks[0])), "pairs": pairs,
+            "project": projections(widths[1], widths[0], len(pairs))}
 
 
 def _is_task(recipe) -> bool:

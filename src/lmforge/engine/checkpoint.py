@@ -115,10 +115,13 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def trainer_state(train_state: dict, scaler=None, optimizer=None) -> dict:
-    """What resuming needs beside the weights: the loop's state, the RNG, the loss scaler and, for one-file
-    checkpoints, the optimizer (sharded checkpoints hold it in their shards)."""
+def trainer_state(train_state: dict, scaler=None, optimizer=None, objective: Optional[dict] = None) -> dict:
+    """What resuming needs beside the weights: the loop's state, the RNG, the loss scaler, the objective's own
+    weights if it has any and, for one-file checkpoints, the optimizer (sharded checkpoints hold it in their
+    shards)."""
     state = {"train_state": train_state, "rng": rng_state()}
+    if objective is not None:
+        state["objective"] = objective
     if optimizer is not None:
         state["optimizer"] = optimizer.state_dict()
     if scaler is not None:
@@ -127,8 +130,8 @@ def trainer_state(train_state: dict, scaler=None, optimizer=None) -> dict:
 
 
 def save_checkpoint(root: Path, step: int, model, tokenizer, optimizer, train_state: dict,
-                    scaler=None) -> Path:
-    state = trainer_state(train_state, scaler, optimizer)
+                    scaler=None, objective: Optional[dict] = None) -> Path:
+    state = trainer_state(train_state, scaler, optimizer, objective)
     target = Path(root) / f"step-{step:06d}"
     save_model(target, model, tokenizer, {STATE_FILE: state})
     return target

@@ -42,14 +42,23 @@ class TrainState:
 
 
 class LossModule(torch.nn.Module):
-    """Model + objective as one module, so DDP and torch.compile wrap the whole loss computation."""
+    """Model + objective as one module, so DDP and torch.compile wrap the whole loss computation. An objective with
+    weights of its own (`objective.trainable`, a module: e.g. a distillation projection) has them registered here,
+    so DDP averages their gradients too."""
 
     def __init__(self, model, objective):
         super().__init__()
         self.model, self.objective = model, objective
+        self.trainable = objective_weights(objective)
 
     def forward(self, batch: dict):
         return self.objective.loss(self.model, batch)
+
+
+def objective_weights(objective) -> Optional[torch.nn.Module]:
+    """The objective's own trainable weights (trained and checkpointed with the model, never saved in it), if any."""
+    module = getattr(objective, "trainable", None)
+    return module if isinstance(module, torch.nn.Module) and any(True for _ in module.parameters()) else None
 
 
 def transformer_blocks(model) -> Optional[torch.nn.ModuleList]:
@@ -84,10 +93,14 @@ def param_groups(model, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def make_optimizer(model, cfg: TrainConfig, device: str, groups: Optional[list[dict]] = None) -> torch.optim.Optimizer:
-    """AdamW over `groups` (default: decay on 2-D weights); a group's `lr_scale` multiplies the schedule's lr."""
+def make_optimizer(model, cfg: TrainConfig, device: str, groups: Optional[list[dict]] = None,
+                   extra: Optional[list] = None) -> torch.optim.Optimizer:
+    """AdamW over `groups` (default: decay on 2-D weights) and the objective's own weights `extra` (no decay); a
+    group's `lr_scale` multiplies the schedule's lr."""
     kwargs = dict(lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps)
     groups = groups or param_groups(model, cfg.weight_decay)
+    if extra:
+        groups = groups + [{"params": extra, "weight_decay": 0.0}]
     try:
         return torch.optim.AdamW(groups, fused=True, **kwargs)
     except (RuntimeError, ValueError):  # fused kernel unavailable for this device/dtype
@@ -142,10 +155,17 @@ class Engine:
         self.state = TrainState()
         # FSDP when asked and there is more than one process to shard across
         self.sharded = self.dist_cfg.strategy == "fsdp" and dist.world_size() > 1
+        self.extra = objective_weights(objective)
+        if self.extra is not None:
+            if self.dist_cfg.strategy == "fsdp":
+                raise LmforgeError("dist.strategy fsdp: this objective trains weights of its own (a projection), "
+                                   "which sharded checkpoints do not hold; use dist.strategy ddp")
+            self.extra.to(self.device)
         self.module = self._wrap(LossModule(self.model, objective))
         if self.sharded:  # fully_shard replaced every parameter: groups made before name the new ones
             param_groups = renamed_groups(param_groups, self.parameter_names, self.model)
-        self.optimizer = make_optimizer(self.model, cfg, self.device_type, param_groups)
+        self.optimizer = make_optimizer(self.model, cfg, self.device_type, param_groups,
+                                        list(self.extra.parameters()) if self.extra is not None else None)
         self.warmup = warmup_steps(cfg.warmup_steps, cfg.max_steps)
         self.min_lr = cfg.min_lr if cfg.min_lr is not None else cfg.lr / 10
 
@@ -199,6 +219,8 @@ class Engine:
                                "ddp, or start the FSDP run afresh")
         else:
             load_weights(self.model, folder, self.device)
+            if self.extra is not None and "objective" in state:
+                self.extra.load_state_dict(state["objective"])
             self.optimizer.load_state_dict(state["optimizer"])
         if self.scaler is not None and "scaler" in state:
             self.scaler.load_state_dict(state["scaler"])
@@ -222,7 +244,8 @@ class Engine:
             path = sharded_ckpt.save_sharded(self.checkpoint_dir, self.state.step, self.model, self.optimizer, state)
         elif self.main:
             path = ckpt.save_checkpoint(self.checkpoint_dir, self.state.step, self.model, self.tokenizer,
-                                        self.optimizer, asdict(self.state), self.scaler)
+                                        self.optimizer, asdict(self.state), self.scaler,
+                                        self.extra.state_dict() if self.extra is not None else None)
         if not self.main:
             return None
         ckpt.prune_checkpoints(self.checkpoint_dir, self.cfg.keep_last)
@@ -266,6 +289,8 @@ class Engine:
         if self.scaler:
             self.scaler.unscale_(self.optimizer)
         params = [p for p in self.model.parameters() if p.grad is not None]
+        if self.extra is not None:
+            params += [p for p in self.extra.parameters() if p.grad is not None]
         total = torch.nn.utils.get_total_norm([p.grad for p in params])
         norm = float(total.full_tensor() if isinstance(total, DTensor) else total)  # FSDP: a norm of shards
         # clip_grad_norm_ multiplies every gradient by min(1, clip / (norm + 1e-6)) even when that is 1
