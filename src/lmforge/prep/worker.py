@@ -119,9 +119,8 @@ class _Unit:
             counts = np.histogram(np.maximum(words[mask], 1), HIST_EDGES)[0]
             self.hist[domain] = self.hist.get(domain, 0) + counts
         token_lists = [dedup_tokens(texts[i]) for i in kept]
-        g, d = self.hasher.shingles(token_lists)
-        sig, valid = self.hasher.signatures(token_lists, (g, d))
-        sets, counts = shingle_sets(g, d, len(kept))
+        sets, counts = shingle_sets(*self.hasher.shingles(token_lists), len(kept))
+        sig, valid = self.hasher.sign(sets, counts), counts > 0
         self.sigs.append(sig)
         self.sets.append(sets)
         c = self.columns
