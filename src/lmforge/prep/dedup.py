@@ -46,10 +46,17 @@ def _finalize(h: np.ndarray) -> np.ndarray:
     return h
 
 
+_WORDS_PER_PASS = 16384  # words hashed per numpy pass: bounds the per-byte temporaries (~40 bytes a byte)
+
+
 def word_hashes(words: list[str]) -> np.ndarray:
     """A 64-bit hash of each word, from its UTF-8 bytes, for a whole batch in a few numpy passes (no Python
-    call per word): the words joined by spaces, a polynomial hash of each word's bytes mod 2^64
-    (Σ byte_k · P^k), then splitmix64's finaliser. It depends on the word alone, so processes agree."""
+    call per word): the words joined by spaces, a polynomial hash of each word's bytes and its trailing
+    space mod 2^64 (Σ byte_k · P^k), then splitmix64's finaliser. It depends on the word alone, so processes
+    agree."""
+    if len(words) > _WORDS_PER_PASS:
+        return np.concatenate([word_hashes(words[lo:lo + _WORDS_PER_PASS])
+                               for lo in range(0, len(words), _WORDS_PER_PASS)])
     if not words:
         return np.zeros(0, np.uint64)
     data = np.frombuffer((" ".join(words) + " ").encode("utf-8", "surrogatepass"), np.uint8)
@@ -57,10 +64,10 @@ def word_hashes(words: list[str]) -> np.ndarray:
     starts = np.empty_like(ends)
     starts[0] = 0
     starts[1:] = ends[:-1] + 1
-    size = ends - starts + 1  # each word with its trailing space
+    size = ends - starts + 1
     powers = np.ones(int(size.max()), np.uint64)  # P^0, P^1, ... (wrapping mod 2^64)
     powers[1:] = np.cumprod(np.full(len(powers) - 1, _P, np.uint64))
-    at = np.arange(len(data)) - np.repeat(starts, size)
+    at = np.arange(len(data)) - np.repeat(starts, size)  # each byte's place in its word
     h = np.add.reduceat(data * powers[at], starts)
     return _finalize(h)
 
