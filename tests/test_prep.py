@@ -7,6 +7,8 @@ import json
 import os
 import random
 import string
+import subprocess
+import sys
 from collections import Counter
 from pathlib import Path
 
@@ -26,6 +28,7 @@ from lmforge.prep.dedup import MinHasher, dedup_tokens, lsh_params, near_pairs, 
 from lmforge.prep.filters import WordTable, first_failure, prose_metrics, prose_rules, quality_reasons
 from lmforge.prep.mix import choose_survivors, domain_weights, repeat_counts
 from lmforge.prep.normalize import normalize
+from lmforge.prep.worker import UNIT_SCHEMA, arrow_table, column_numpy
 from lmforge.pretrain import pretrain
 from lmforge.recipe import DataConfig, recipe_from_dict
 
@@ -676,3 +679,39 @@ def test_bad_id_column_exit_2_and_nothing_written(tmp_path, records, message):
     result = CliRunner().invoke(app, ["prep", str(tmp_path / "r.yaml"), "--no-progress"])
     assert result.exit_code == 2 and result.output.startswith("error:") and message in result.output, result.output
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.jsonl", "r.yaml"]  # no output, no work folder
+
+
+# ---------------------------------------------------------------- Arrow without pandas
+
+
+def test_unit_tables_round_trip_through_their_buffers(tmp_path):
+    n = 5
+    columns = {"text": ["plain", "", "naïve — 日本語", "x" * 1000, "last"], "domain": ["a"] * n,
+               "id": [f"d{i}" for i in range(n)], "source": ["f.jsonl"] * n, "src": [0, 1, 2, 3, 4],
+               "fixed": ["", "train", "", "validation", ""], "words": [1, 0, 3, 1, 1], "tokens": [1, 0, 5, 1, 1],
+               "exact": [0, 2**64 - 1, 2**63, 7, 1], "valid": [True, False, True, True, False],
+               "shingles": [1, 0, 2, 1, 1]}
+    table = arrow_table(columns, UNIT_SCHEMA)
+    assert table.schema == UNIT_SCHEMA and table.to_pydict() == columns
+    pq.write_table(table, tmp_path / "t.parquet")
+    back = pq.read_table(tmp_path / "t.parquet")
+    for name, values in columns.items():
+        got = column_numpy(back.column(name))
+        assert got.tolist() == values, name
+        got = column_numpy(back.slice(2, 2).column(name))  # a slice: its buffers start before its rows
+        assert got.tolist() == values[2:4], name
+
+
+def test_prep_does_not_load_pandas(tmp_path):
+    rng = random.Random(17)
+    docs = [prose(rng) for _ in range(10)]
+    docs.append(edit(docs[0], 0.02, rng))
+    corpus = write_jsonl(tmp_path / "a.jsonl", docs)
+    code = ("import json, sys; from lmforge.prep import prep, prep_recipe_from_dict; "
+            f"prep(prep_recipe_from_dict({{'sources': [{{'path': {corpus!r}}}], "
+            f"'output': {{'dir': {str(tmp_path / 'out')!r}, 'plots': False}}}}), show_progress=False); "
+            "print(json.dumps(sorted(m for m in sys.modules if m.split('.')[0] == 'pandas')))")
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
+    assert json.loads(done.stdout.splitlines()[-1]) == []
+    assert len((tmp_path / "out" / "removed.jsonl").read_text().splitlines()) == 1
