@@ -17,7 +17,8 @@ set, so no pair is missed) and checked by brute force against every document for
 
 Scores: precision = the fraction of removed documents that have a true twin (Jaccard >= threshold)
 among the kept ones; recall = the fraction of true pairs of which at most one document is kept.
-MB/s: corpus bytes over each tool's own seconds (median of --repeats runs, each in a fresh process);
+MB/s: corpus bytes over each tool's own wall-clock seconds, and over its CPU seconds (steadier on a shared
+machine); medians of --repeats runs, each in a fresh process, the tools taking turns;
 peak RSS: the process's maximum resident memory, what it held after its imports, and the difference;
 lmforge's fixed cost is measured by the same run on the first 20 documents.
 
@@ -281,25 +282,29 @@ def child(args) -> None:
     else:
         import lmforge.prep  # noqa: F401
     before = rss_mb()
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), time.process_time()
     if args.tool in PEERS:
         removed = (run_datasketch if args.tool == "datasketch" else run_datatrove)(corpus, args)
     else:
         removed = run_lmforge(corpus, args, verify=args.tool == "lmforge")
-    seconds = time.perf_counter() - t0
-    print(json.dumps({"seconds": seconds, "removed": removed, "rss_mb": rss_mb(), "rss_before_mb": before,
+    seconds, cpu = time.perf_counter() - t0, time.process_time() - cpu0
+    print(json.dumps({"seconds": seconds, "cpu_seconds": cpu, "removed": removed, "rss_mb": rss_mb(), "rss_before_mb": before,
                       "file_mb": file_backed_mb()}))
 
 
-def measure(tool: str, corpus: Path, args) -> dict:
-    cmd = [sys.executable, __file__, "--child", tool, "--corpus", str(corpus), "--ngram", str(args.ngram),
-           "--threshold", str(args.threshold)]
+def measure(tools: list[str], corpus: Path, args) -> dict[str, dict]:
+    """Each tool --repeats times, each run in a fresh process, the tools taking turns (so a change in the
+    machine's load falls on all of them): medians of the seconds, the largest memory figures."""
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
-    runs = [json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True, env=env).stdout.splitlines()[-1])
-            for _ in range(args.repeats)]
-    return {**runs[0], "seconds": statistics.median(r["seconds"] for r in runs),
-            "rss_mb": max(r["rss_mb"] for r in runs), "rss_before_mb": max(r["rss_before_mb"] for r in runs),
-            "file_mb": max(r["file_mb"] for r in runs)}
+    runs: dict[str, list] = {t: [] for t in tools}
+    for _ in range(args.repeats):
+        for tool in tools:
+            cmd = [sys.executable, __file__, "--child", tool, "--corpus", str(corpus), "--ngram", str(args.ngram),
+                   "--threshold", str(args.threshold)]
+            out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env).stdout
+            runs[tool].append(json.loads(out.splitlines()[-1]))
+    return {t: {**r[0], **{k: statistics.median(x[k] for x in r) for k in ("seconds", "cpu_seconds")},
+                **{k: max(x[k] for x in r) for k in ("rss_mb", "rss_before_mb", "file_mb")}} for t, r in runs.items()}
 
 
 def score(removed: list[str], ids: list[str], pairs: set) -> tuple[float, float]:
@@ -350,25 +355,27 @@ def main() -> None:
             print(f"{package} is not installed: skipping the {tool} peer (pip install {package})")
         else:
             tools.append(tool)
-    results = {t: measure(t, path, args) for t in tools}
+    results = measure(tools, path, args)
     # lmforge's fixed memory: the same run on the first 20 documents (imports, pyarrow's first conversion, the
     # Parquet writer), so what the corpus itself costs can be told apart from it.
     tiny = folder / "tiny.jsonl"
     tiny.write_text("".join(path.read_text(encoding="utf-8").splitlines(keepends=True)[:20]), encoding="utf-8")
-    fixed = measure("lmforge", tiny, argparse.Namespace(**{**vars(args), "repeats": 1}))
+    fixed = measure(["lmforge"], tiny, argparse.Namespace(**{**vars(args), "repeats": 1}))["lmforge"]
     lean = min(r["rss_mb"] for t, r in results.items() if t in PEERS) if set(results) & set(PEERS) else None
-    print("| tool | removed | precision | recall | MB/s | peak RSS (MB) | after imports (MB) | above imports (MB) "
-          "| file-backed at the end (MB) |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| tool | removed | precision | recall | MB/s | MB per CPU-second | peak RSS (MB) | after imports (MB) "
+          "| above imports (MB) | file-backed at the end (MB) |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for t, r in results.items():
         precision, recall = score(r["removed"], ids, pairs)
-        print(f"| {t} | {len(r['removed']):,} | {precision:.4f} | {recall:.4f} | {mb / r['seconds']:.2f} | "
+        print(f"| {t} | {len(r['removed']):,} | {precision:.4f} | {recall:.4f} | {mb / r['seconds']:.2f} | {mb / r['cpu_seconds']:.2f} | "
               f"{r['rss_mb']:.0f} | {r['rss_before_mb']:.0f} | {r['rss_mb'] - r['rss_before_mb']:.0f} | {r['file_mb']:.0f} |")
     for peer in PEERS:
         if peer in results:
             ratio = results[peer]["seconds"] / results["lmforge"]["seconds"]
+            cpu = results[peer]["cpu_seconds"] / results["lmforge"]["cpu_seconds"]
             memory = results["lmforge"]["rss_mb"] / results[peer]["rss_mb"]
-            print(f"lmforge (verified) / {peer}: MB/s {ratio:.2f}x, peak RSS {memory:.2f}x")
+            print(f"lmforge (verified) / {peer}: MB/s {ratio:.2f}x, MB per CPU-second {cpu:.2f}x, "
+                  f"peak RSS {memory:.2f}x")
     if lean:
         print(f"lmforge (verified) peak RSS / the leanest peer's: {results['lmforge']['rss_mb'] / lean:.2f}x "
               f"(bar: <= 1.2x)")
