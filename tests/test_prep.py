@@ -13,6 +13,7 @@ from collections import Counter
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from typer.testing import CliRunner
@@ -715,3 +716,12 @@ def test_prep_does_not_load_pandas(tmp_path):
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
     assert json.loads(done.stdout.splitlines()[-1]) == []
     assert len((tmp_path / "out" / "removed.jsonl").read_text().splitlines()) == 1
+
+
+def test_prep_restores_the_arrow_memory_pool(tmp_path):
+    before = pa.default_memory_pool().backend_name
+    rng = random.Random(18)
+    out, stats = run(tmp_path, [{"path": write_jsonl(tmp_path / "a.jsonl", [prose(rng) for _ in range(5)])}],
+                     split={"validation_fraction": 0.0})
+    assert stats["domains"]["default"]["train"]["docs"] == 5
+    assert pa.default_memory_pool().backend_name == before

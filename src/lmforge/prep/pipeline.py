@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Callable, Iterator, Optional, Union
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from lmforge.errors import LmforgeError
@@ -121,7 +122,6 @@ def _shingle_sets(work: Path, units: list[Unit], counts: np.ndarray) -> ShingleS
 
 def _filtered(work: Path, units: list[Unit]):
     """The documents the filters removed (id, source, src, domain, reason), over all units."""
-    import pyarrow as pa  # only the filtered table needs the concatenation
     tables = [read_columns(unit_paths(work, u.index)["filtered"]) for u in units]
     return pa.concat_tables(tables) if tables else FILTERED_SCHEMA.empty_table()
 
@@ -210,8 +210,26 @@ def fresh_output(work: Path) -> Path:
     return tmp
 
 
+@contextlib.contextmanager
+def system_arrow_pool():
+    """Arrow allocates from the C library's allocator for the duration: pyarrow's default mimalloc pool keeps
+    the pages of the unit tables read and written (about 30 MB more peak memory on a 7 MB corpus). Buffers
+    keep the pool they came from, so switching back afterwards is safe."""
+    before = pa.default_memory_pool()
+    pa.set_memory_pool(pa.system_memory_pool())
+    try:
+        yield
+    finally:
+        pa.set_memory_pool(before)
+
+
 def run_local(job: Job, show_progress: bool = True) -> RunResult:
     """Stage 1 in `num_proc` processes, stages 2 and 3 in this one (signatures in a memory-mapped file)."""
+    with system_arrow_pool():
+        return _run_local(job, show_progress)
+
+
+def _run_local(job: Job, show_progress: bool = True) -> RunResult:
     recipe, work, units, times = job.recipe, job.work, job.units, job.times
     tick = time.perf_counter()
     boilerplate = _boilerplate(recipe, units) if recipe.normalize.boilerplate_min_docs else {}
