@@ -229,8 +229,8 @@ def run_datasketch(corpus: Path, args) -> list[str]:
 def run_datatrove(corpus: Path, args) -> list[str]:
     """datatrove's four MinHash stages in one process, one task each, on a temporary folder: signatures,
     buckets (one task per bucket), clusters, filter. FineWeb's defaults (14 buckets × 8 hashes, 64-bit) with
-    its sha1 shingle hash (its xxhash option hands str to the installed xxhash, which takes only bytes); its text normalisation off and a whitespace tokenizer, so it hashes the same word n-grams as
-    the others (the documents it is given are the benchmark's tokens, computed inside its timed run)."""
+    its sha1 shingle hash (its xxhash option hands str to the installed xxhash, which takes only bytes); its
+    text normalisation off and a whitespace tokenizer, so it hashes the same word n-grams as the others (the documents it is given are the benchmark's tokens, computed inside its timed run)."""
     from datatrove.data import Document
     from datatrove.pipeline.dedup.minhash import (MinhashConfig, MinhashDedupBuckets, MinhashDedupCluster,
                                                   MinhashDedupFilter, MinhashDedupSignature)
@@ -288,8 +288,8 @@ def child(args) -> None:
     else:
         removed = run_lmforge(corpus, args, verify=args.tool == "lmforge")
     seconds, cpu = time.perf_counter() - t0, time.process_time() - cpu0
-    print(json.dumps({"seconds": seconds, "cpu_seconds": cpu, "removed": removed, "rss_mb": rss_mb(), "rss_before_mb": before,
-                      "file_mb": file_backed_mb()}))
+    print(json.dumps({"seconds": seconds, "cpu_seconds": cpu, "removed": removed, "rss_mb": rss_mb(),
+                      "rss_before_mb": before, "file_mb": file_backed_mb()}))
 
 
 def measure(tools: list[str], corpus: Path, args) -> dict[str, dict]:
@@ -367,8 +367,9 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|---|---|---|")
     for t, r in results.items():
         precision, recall = score(r["removed"], ids, pairs)
-        print(f"| {t} | {len(r['removed']):,} | {precision:.4f} | {recall:.4f} | {mb / r['seconds']:.2f} | {mb / r['cpu_seconds']:.2f} | "
-              f"{r['rss_mb']:.0f} | {r['rss_before_mb']:.0f} | {r['rss_mb'] - r['rss_before_mb']:.0f} | {r['file_mb']:.0f} |")
+        print(f"| {t} | {len(r['removed']):,} | {precision:.4f} | {recall:.4f} | {mb / r['seconds']:.2f} | "
+              f"{mb / r['cpu_seconds']:.2f} | {r['rss_mb']:.0f} | {r['rss_before_mb']:.0f} | "
+              f"{r['rss_mb'] - r['rss_before_mb']:.0f} | {r['file_mb']:.0f} |")
     for peer in PEERS:
         if peer in results:
             ratio = results[peer]["seconds"] / results["lmforge"]["seconds"]

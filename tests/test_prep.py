@@ -186,7 +186,8 @@ def test_batched_ngram_metrics_match_a_plain_implementation():
 def test_filters_compute_only_the_metrics_of_enabled_rules_with_the_same_results():
     rng = random.Random(14)
     docs = [prose(rng, rng.randint(5, 90)) for _ in range(30)] + [bad for _, bad in RULE_CASES.values()]
-    configs = [FilterConfig(), FilterConfig(**OFF)] + [FilterConfig(**{**OFF, **only}) for only, _ in RULE_CASES.values()]
+    configs = [FilterConfig(), FilterConfig(**OFF)]
+    configs += [FilterConfig(**{**OFF, **only}) for only, _ in RULE_CASES.values()]
     for cfg in configs:
         rules = prose_rules(cfg)
         full = prose_metrics(docs, WordTable(), cfg)  # every metric
