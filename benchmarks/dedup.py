@@ -230,7 +230,8 @@ def run_datatrove(corpus: Path, args) -> list[str]:
     """datatrove's four MinHash stages in one process, one task each, on a temporary folder: signatures,
     buckets (one task per bucket), clusters, filter. FineWeb's defaults (14 buckets × 8 hashes, 64-bit) with
     its sha1 shingle hash (its xxhash option hands str to the installed xxhash, which takes only bytes); its
-    text normalisation off and a whitespace tokenizer, so it hashes the same word n-grams as the others (the documents it is given are the benchmark's tokens, computed inside its timed run)."""
+    text normalisation off and a whitespace tokenizer, so it hashes the same word n-grams as the others (the
+    documents it is given are the benchmark's tokens, computed inside its timed run)."""
     from datatrove.data import Document
     from datatrove.pipeline.dedup.minhash import (MinhashConfig, MinhashDedupBuckets, MinhashDedupCluster,
                                                   MinhashDedupFilter, MinhashDedupSignature)
