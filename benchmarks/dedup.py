@@ -271,7 +271,7 @@ def run_datatrove(corpus: Path, args) -> list[str]:
         return [row["id"] for row in map(json.loads, fh) if row["id"] not in kept]
 
 
-PEERS = {"datasketch": "datasketch", "datatrove": "datatrove"}  # tool → the package it needs
+PEERS = {"datasketch": "datasketch==2.0.0", "datatrove": "datatrove==0.10.1"}  # tool → its package (dev extras)
 
 
 def child(args) -> None:
@@ -352,8 +352,8 @@ def main() -> None:
           f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
     tools = ["lmforge", "lmforge-estimate"]
     for tool, package in PEERS.items():
-        if importlib.util.find_spec(package) is None:
-            print(f"{package} is not installed: skipping the {tool} peer (pip install {package})")
+        if importlib.util.find_spec(package.split("==")[0]) is None:
+            print(f"{tool} is not installed: skipping the {tool} peer (pip install {package})")
         else:
             tools.append(tool)
     results = measure(tools, path, args)
