@@ -381,7 +381,8 @@ def main() -> None:
     if lean:
         print(f"lmforge (verified) peak RSS / the leanest peer's: {results['lmforge']['rss_mb'] / lean:.2f}x "
               f"(bar: <= 1.2x)")
-    print(f"lmforge's fixed cost (the same run on 20 documents): peak RSS {fixed['rss_mb']:.0f} MB, "
+    print(f"lmforge's fixed cost (the same run on 20 documents): {fixed['seconds']:.2f} s, "
+          f"peak RSS {fixed['rss_mb']:.0f} MB, "
           f"{fixed['rss_before_mb']:.0f} MB of it after imports; this corpus adds "
           f"{results['lmforge']['rss_mb'] - fixed['rss_mb']:.0f} MB to it")
     print(f"load average after: {os.getloadavg()[0]:.1f}")
