@@ -279,6 +279,9 @@ def test_word_hashes_depend_on_the_word_alone():
     shuffled = random.Random(15).sample(words, len(words))
     assert word_hashes(shuffled).tolist() == [_plain_word_hash(w) for w in shuffled]
     assert len(word_hashes([])) == 0
+    assert word_hashes(VOCAB * 10).tolist() == [_plain_word_hash(w) for w in VOCAB] * 10  # several passes
+    with pytest.raises(ValueError, match="contains a space"):
+        word_hashes(["two words"])
 
 
 def test_shingle_sets_and_signatures_match_a_plain_computation():

@@ -61,6 +61,8 @@ def word_hashes(words: list[str]) -> np.ndarray:
         return np.zeros(0, np.uint64)
     data = np.frombuffer((" ".join(words) + " ").encode("utf-8", "surrogatepass"), np.uint8)
     ends = np.flatnonzero(data == 32)  # a word is \w+: no space in it, and no UTF-8 byte of a letter is 32
+    if len(ends) != len(words):
+        raise ValueError("word_hashes: a word contains a space")
     starts = np.empty_like(ends)
     starts[0] = 0
     starts[1:] = ends[:-1] + 1
