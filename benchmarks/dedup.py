@@ -1,5 +1,6 @@
-"""Near-duplicate removal against exact ground truth: `lmforge prep` (verified and estimate-only) and
-datasketch's MinHashLSH, on one corpus with seeded injected near-duplicates, in the same run.
+"""Near-duplicate removal against exact ground truth: `lmforge prep` (verified and estimate-only),
+datasketch's MinHashLSH and datatrove's MinHash pipeline, on one corpus with seeded injected near-duplicates,
+in the same run.
 
     python benchmarks/dedup.py [--base 4000] [--inject 0.35] [--threshold 0.8] [--ngram 5] [--repeats 3]
 
@@ -16,14 +17,20 @@ set, so no pair is missed) and checked by brute force against every document for
 
 Scores: precision = the fraction of removed documents that have a true twin (Jaccard >= threshold)
 among the kept ones; recall = the fraction of true pairs of which at most one document is kept.
-MB/s: corpus bytes over each tool's own seconds (median of --repeats runs, each in a fresh process);
-peak RSS: the process's maximum resident memory, and above what it held after its imports (lmforge's
-imports include torch). datatrove is not run: its MinHash pipeline needs four executor stages on disk.
+MB/s: corpus bytes over each tool's own wall-clock seconds, and over its CPU seconds (steadier on a shared
+machine); medians of --repeats runs, each in a fresh process, the tools taking turns;
+peak RSS: the process's maximum resident memory, what it held after its imports, and the difference;
+lmforge's fixed cost is measured by the same run on the first 20 documents.
+
+Peers, each skipped (with a line saying so) when its package is missing: datasketch's MinHashLSH in a
+plain one-process script (query, then insert when nothing is found; 128 permutations), and datatrove's
+MinHash pipeline (its four stages run in one process on a temporary folder; FineWeb's 14 × 8 hashes).
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import math
 import os
@@ -178,6 +185,15 @@ def rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def file_backed_mb() -> float:
+    """Resident pages mapped from files (RssFile): mostly the code of the libraries loaded, shared between
+    processes and dropped by the kernel first, unlike the heap."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("RssFile:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
 def run_lmforge(corpus: Path, args, verify: bool) -> list[str]:
     from lmforge.prep import prep, prep_recipe_from_dict
     off = dict(min_words=None, max_words=None, min_mean_word_length=None, max_mean_word_length=None,
@@ -210,28 +226,86 @@ def run_datasketch(corpus: Path, args) -> list[str]:
     return removed
 
 
+def run_datatrove(corpus: Path, args) -> list[str]:
+    """datatrove's four MinHash stages in one process, one task each, on a temporary folder: signatures,
+    buckets (one task per bucket), clusters, filter. FineWeb's defaults (14 buckets × 8 hashes, 64-bit) with
+    its sha1 shingle hash (its xxhash option hands str to the installed xxhash, which takes only bytes); its
+    text normalisation off and a whitespace tokenizer, so it hashes the same word n-grams as the others (the
+    documents it is given are the benchmark's tokens, computed inside its timed run)."""
+    from datatrove.data import Document
+    from datatrove.pipeline.dedup.minhash import (MinhashConfig, MinhashDedupBuckets, MinhashDedupCluster,
+                                                  MinhashDedupFilter, MinhashDedupSignature)
+    from datatrove.utils.hashing import HashConfig
+    from datatrove.utils.text import TextNormConfig
+    from datatrove.utils.word_tokenizers import WordTokenizer
+
+    class Whitespace(WordTokenizer):
+        def word_tokenize(self, text):
+            return text.split()
+
+        def sent_tokenize(self, text):
+            return [text]
+
+        def span_tokenize(self, text):
+            return [(0, len(text))]
+
+    config = MinhashConfig(n_grams=args.ngram, num_buckets=14, hashes_per_bucket=8,
+                           hash_config=HashConfig(precision=64, hash_fc="sha1"),
+                           norm_config=TextNormConfig(lowercase=False, norm_whitespace=False, remove_punctuation=False,
+                                                      norm_unicode_diacritics=False, norm_numbers=False))
+    work = tempfile.mkdtemp()  # datatrove takes folders as str
+
+    def documents():
+        with open(corpus, encoding="utf-8") as fh:
+            for line in fh:
+                row = json.loads(line)
+                yield Document(text=" ".join(WORD.findall(row["text"].lower())), id=row["id"])
+    sigs, buckets, remove = (f"{work}/{name}" for name in ("sigs", "buckets", "remove"))
+    MinhashDedupSignature(output_folder=sigs, config=config, language=Whitespace()).run(documents())
+    for bucket in range(config.num_buckets):
+        MinhashDedupBuckets(input_folder=sigs, output_folder=buckets, config=config).run(
+            rank=bucket, world_size=config.num_buckets)
+    MinhashDedupCluster(input_folder=buckets, output_folder=remove, config=config).run()
+    kept = {doc.id for doc in MinhashDedupFilter(input_folder=remove).run(documents())}
+    with open(corpus, encoding="utf-8") as fh:
+        return [row["id"] for row in map(json.loads, fh) if row["id"] not in kept]
+
+
+PEERS = {"datasketch": "datasketch==2.0.0", "datatrove": "datatrove==0.10.1"}  # tool → its package (dev extras)
+
+
 def child(args) -> None:
     corpus = Path(args.corpus)
     if args.tool == "datasketch":
         import datasketch  # noqa: F401  imports first: the baseline memory
+    elif args.tool == "datatrove":
+        import datatrove.pipeline.dedup.minhash  # noqa: F401
     else:
         import lmforge.prep  # noqa: F401
     before = rss_mb()
-    t0 = time.perf_counter()
-    removed = (run_datasketch(corpus, args) if args.tool == "datasketch"
-               else run_lmforge(corpus, args, verify=args.tool == "lmforge"))
-    seconds = time.perf_counter() - t0
-    print(json.dumps({"seconds": seconds, "removed": removed, "rss_mb": rss_mb(), "rss_before_mb": before}))
+    t0, cpu0 = time.perf_counter(), time.process_time()
+    if args.tool in PEERS:
+        removed = (run_datasketch if args.tool == "datasketch" else run_datatrove)(corpus, args)
+    else:
+        removed = run_lmforge(corpus, args, verify=args.tool == "lmforge")
+    seconds, cpu = time.perf_counter() - t0, time.process_time() - cpu0
+    print(json.dumps({"seconds": seconds, "cpu_seconds": cpu, "removed": removed, "rss_mb": rss_mb(),
+                      "rss_before_mb": before, "file_mb": file_backed_mb()}))
 
 
-def measure(tool: str, corpus: Path, args) -> dict:
-    cmd = [sys.executable, __file__, "--child", tool, "--corpus", str(corpus), "--ngram", str(args.ngram),
-           "--threshold", str(args.threshold)]
+def measure(tools: list[str], corpus: Path, args) -> dict[str, dict]:
+    """Each tool --repeats times, each run in a fresh process, the tools taking turns (so a change in the
+    machine's load falls on all of them): medians of the seconds, the largest memory figures."""
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
-    runs = [json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True, env=env).stdout.splitlines()[-1])
-            for _ in range(args.repeats)]
-    return {**runs[0], "seconds": statistics.median(r["seconds"] for r in runs),
-            "rss_mb": max(r["rss_mb"] for r in runs), "rss_before_mb": max(r["rss_before_mb"] for r in runs)}
+    runs: dict[str, list] = {t: [] for t in tools}
+    for _ in range(args.repeats):
+        for tool in tools:
+            cmd = [sys.executable, __file__, "--child", tool, "--corpus", str(corpus), "--ngram", str(args.ngram),
+                   "--threshold", str(args.threshold)]
+            out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env).stdout
+            runs[tool].append(json.loads(out.splitlines()[-1]))
+    return {t: {**r[0], **{k: statistics.median(x[k] for x in r) for k in ("seconds", "cpu_seconds")},
+                **{k: max(x[k] for x in r) for k in ("rss_mb", "rss_before_mb", "file_mb")}} for t, r in runs.items()}
 
 
 def score(removed: list[str], ids: list[str], pairs: set) -> tuple[float, float]:
@@ -255,7 +329,7 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--sample", type=int, default=100, help="Documents checked against all others by brute force.")
-    p.add_argument("--child", choices=["lmforge", "lmforge-estimate", "datasketch"], dest="tool")
+    p.add_argument("--child", choices=["lmforge", "lmforge-estimate", *PEERS], dest="tool")
     p.add_argument("--corpus")
     args = p.parse_args()
     if args.tool:
@@ -276,22 +350,41 @@ def main() -> None:
           f"{mb:.1f} MB; {len(pairs):,} true pairs at Jaccard >= {args.threshold} on word {args.ngram}-grams "
           f"(all-pairs {truth_s:.1f} s; brute force on {args.sample} documents agrees: {checked} pairs); "
           f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
-    try:
-        import datasketch  # noqa: F401
-        tools = ["lmforge", "lmforge-estimate", "datasketch"]
-    except ImportError:
-        print("datasketch is not installed: skipping it (pip install datasketch)")
-        tools = ["lmforge", "lmforge-estimate"]
-    results = {t: measure(t, path, args) for t in tools}
-    print("| tool | removed | precision | recall | MB/s | peak RSS (MB) | above imports (MB) |")
-    print("|---|---|---|---|---|---|---|")
+    tools = ["lmforge", "lmforge-estimate"]
+    for tool, package in PEERS.items():
+        if importlib.util.find_spec(package.split("==")[0]) is None:
+            print(f"{tool} is not installed: skipping the {tool} peer (pip install {package})")
+        else:
+            tools.append(tool)
+    results = measure(tools, path, args)
+    # lmforge's fixed memory: the same run on the first 20 documents (imports, pyarrow's first conversion, the
+    # Parquet writer), so what the corpus itself costs can be told apart from it.
+    tiny = folder / "tiny.jsonl"
+    tiny.write_text("".join(path.read_text(encoding="utf-8").splitlines(keepends=True)[:20]), encoding="utf-8")
+    fixed = measure(["lmforge"], tiny, argparse.Namespace(**{**vars(args), "repeats": 1}))["lmforge"]
+    lean = min(r["rss_mb"] for t, r in results.items() if t in PEERS) if set(results) & set(PEERS) else None
+    print("| tool | removed | precision | recall | MB/s | MB per CPU-second | peak RSS (MB) | after imports (MB) "
+          "| above imports (MB) | file-backed at the end (MB) |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for t, r in results.items():
         precision, recall = score(r["removed"], ids, pairs)
         print(f"| {t} | {len(r['removed']):,} | {precision:.4f} | {recall:.4f} | {mb / r['seconds']:.2f} | "
-              f"{r['rss_mb']:.0f} | {r['rss_mb'] - r['rss_before_mb']:.0f} |")
-    if "datasketch" in results:
-        ratio = results["datasketch"]["seconds"] / results["lmforge"]["seconds"]
-        print(f"lmforge (verified) MB/s / datasketch MB/s: {ratio:.2f}")
+              f"{mb / r['cpu_seconds']:.2f} | {r['rss_mb']:.0f} | {r['rss_before_mb']:.0f} | "
+              f"{r['rss_mb'] - r['rss_before_mb']:.0f} | {r['file_mb']:.0f} |")
+    for peer in PEERS:
+        if peer in results:
+            ratio = results[peer]["seconds"] / results["lmforge"]["seconds"]
+            cpu = results[peer]["cpu_seconds"] / results["lmforge"]["cpu_seconds"]
+            memory = results["lmforge"]["rss_mb"] / results[peer]["rss_mb"]
+            print(f"lmforge (verified) / {peer}: MB/s {ratio:.2f}x, MB per CPU-second {cpu:.2f}x, "
+                  f"peak RSS {memory:.2f}x")
+    if lean:
+        print(f"lmforge (verified) peak RSS / the leanest peer's: {results['lmforge']['rss_mb'] / lean:.2f}x "
+              f"(bar: <= 1.2x)")
+    print(f"lmforge's fixed cost (the same run on 20 documents): {fixed['seconds']:.2f} s, "
+          f"peak RSS {fixed['rss_mb']:.0f} MB, "
+          f"{fixed['rss_before_mb']:.0f} MB of it after imports; this corpus adds "
+          f"{results['lmforge']['rss_mb'] - fixed['rss_mb']:.0f} MB to it")
     print(f"load average after: {os.getloadavg()[0]:.1f}")
 
 

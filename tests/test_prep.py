@@ -7,10 +7,13 @@ import json
 import os
 import random
 import string
+import subprocess
+import sys
 from collections import Counter
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from typer.testing import CliRunner
@@ -22,10 +25,11 @@ from lmforge.data.sources import load_documents
 from lmforge.errors import LmforgeError
 from lmforge.prep import load_prep_recipe, prep, prep_recipe_from_dict
 from lmforge.prep.config import CodeFilterConfig, FilterConfig, NormalizeConfig
-from lmforge.prep.dedup import MinHasher, dedup_tokens, lsh_params, near_pairs
-from lmforge.prep.filters import WordTable, prose_metrics, quality_reasons
+from lmforge.prep.dedup import MinHasher, dedup_tokens, lsh_params, near_pairs, shingle_sets, word_hashes
+from lmforge.prep.filters import WordTable, first_failure, prose_metrics, prose_rules, quality_reasons
 from lmforge.prep.mix import choose_survivors, domain_weights, repeat_counts
 from lmforge.prep.normalize import normalize
+from lmforge.prep.worker import UNIT_SCHEMA, arrow_table, column_numpy
 from lmforge.pretrain import pretrain
 from lmforge.recipe import DataConfig, recipe_from_dict
 
@@ -179,6 +183,29 @@ def test_batched_ngram_metrics_match_a_plain_implementation():
         assert np.allclose(m[f"top_{n}gram"], expected[:, 0]) and np.allclose(m[f"dup_{n}gram"], expected[:, 1])
 
 
+def test_filters_compute_only_the_metrics_of_enabled_rules_with_the_same_results():
+    rng = random.Random(14)
+    docs = [prose(rng, rng.randint(5, 90)) for _ in range(30)] + [bad for _, bad in RULE_CASES.values()]
+    configs = [FilterConfig(), FilterConfig(**OFF)]
+    configs += [FilterConfig(**{**OFF, **only}) for only, _ in RULE_CASES.values()]
+    for cfg in configs:
+        rules = prose_rules(cfg)
+        full = prose_metrics(docs, WordTable(), cfg)  # every metric
+        table = WordTable()
+        got, words = quality_reasons(docs, False, table, cfg, CodeFilterConfig())
+        assert got == first_failure(full, rules)
+        assert words.tolist() == [len(d.split()) for d in docs]
+        lean = prose_metrics(docs, WordTable(), cfg, only={r[1] for r in rules})
+        assert {"words"} | {r[1] for r in rules} <= set(lean)
+        if all(r[1] == "words" for r in rules):
+            assert set(lean) == {"words"}
+        for name in lean:
+            assert np.allclose(lean[name], full[name]), name
+        needs_words = any(r[1] in ("mean_word_length", "non_alpha") or "gram" in r[1] for r in rules)
+        assert bool(table.index) == needs_words  # no per-word table lookups unless a rule needs them
+    assert sorted(prose_metrics(docs, WordTable(), FilterConfig(**OFF), only=set())) == ["words"]
+
+
 def test_code_rules_replace_prose_rules_in_code_domains():
     code = CodeFilterConfig(min_chars=20, max_line_length=100, max_mean_line_length=60, min_alnum_fraction=0.25)
     docs = ["def f(x):\n    return x + 1\n",                # kept although it has 6 words
@@ -229,6 +256,53 @@ def test_minhash_estimates_jaccard():
         assert abs((sig[0] == sig[1]).mean() - jaccard(a, b)) < 0.08
     b, r = lsh_params(0.5, 128)
     assert b * r <= 128 and 1 - (1 - 0.5 ** r) ** b > 0.4  # the S-curve is centred near the threshold
+
+
+def _plain_word_hash(word: str) -> int:
+    """The definition `word_hashes` computes with numpy: Σ byte_k · P^k mod 2^64 over the word's UTF-8 bytes and
+    a trailing space, then splitmix64's finaliser."""
+    m, h = 2**64, 0
+    for k, byte in enumerate(word.encode("utf-8") + b" "):
+        h = (h + byte * pow(0x100000001B3, k, m)) % m
+    h ^= h >> 30
+    h = h * 0xBF58476D1CE4E5B9 % m
+    h ^= h >> 27
+    h = h * 0x94D049BB133111EB % m
+    return h ^ (h >> 31)
+
+
+def test_word_hashes_depend_on_the_word_alone():
+    words = VOCAB[:500] + ["a", "é", "naïve", "日本語", "x" * 300, "a"]
+    h = word_hashes(words)
+    assert h.dtype == np.uint64 and h.tolist() == [_plain_word_hash(w) for w in words]
+    assert len(set(h[:-1].tolist())) == len(words) - 1 and h[-1] == h[500]  # "a" twice
+    shuffled = random.Random(15).sample(words, len(words))
+    assert word_hashes(shuffled).tolist() == [_plain_word_hash(w) for w in shuffled]
+    assert len(word_hashes([])) == 0
+    assert word_hashes(VOCAB * 10).tolist() == [_plain_word_hash(w) for w in VOCAB] * 10  # several passes
+    with pytest.raises(ValueError, match="contains a space"):
+        word_hashes(["two words"])
+
+
+def test_shingle_sets_and_signatures_match_a_plain_computation():
+    rng = np.random.default_rng(16)
+    # Empty documents, one-word ones, and two longer than a signature chunk (4096 shingles).
+    sizes = [0, 1, 3, 5000, 0, 40, 9000, 2]
+    tokens = [[str(x) for x in rng.integers(0, 200 if n > 100 else 5, n)] for n in sizes]
+    hasher = MinHasher(num_perm=64, ngram=2)
+    g, d = hasher.shingles(tokens)
+    sets, counts = shingle_sets(g, d, len(tokens))
+    sig, valid = hasher.signatures(tokens)
+    assert valid.tolist() == [n > 0 for n in sizes]
+    at = 0
+    for i, n in enumerate(sizes):
+        mine = np.unique(g[d == i])
+        assert counts[i] == len(mine) and (sets[at:at + counts[i]] == mine).all()
+        at += counts[i]
+        expected = (((mine[:, None] * hasher.a[None, :] + hasher.b[None, :]) >> np.uint64(32)).astype(np.uint32).min(0)
+                    if n else np.full(64, 2**32 - 1))
+        assert (sig[i] == expected).all()
+    assert counts[1] == 1 and counts[2] == 2  # shorter than n: one shingle; else one per n-gram position
 
 
 def test_near_duplicates_within_and_across_sources(tmp_path):
@@ -610,3 +684,48 @@ def test_bad_id_column_exit_2_and_nothing_written(tmp_path, records, message):
     result = CliRunner().invoke(app, ["prep", str(tmp_path / "r.yaml"), "--no-progress"])
     assert result.exit_code == 2 and result.output.startswith("error:") and message in result.output, result.output
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.jsonl", "r.yaml"]  # no output, no work folder
+
+
+# ---------------------------------------------------------------- Arrow without pandas
+
+
+def test_unit_tables_round_trip_through_their_buffers(tmp_path):
+    n = 5
+    columns = {"text": ["plain", "", "naïve — 日本語", "x" * 1000, "last"], "domain": ["a"] * n,
+               "id": [f"d{i}" for i in range(n)], "source": ["f.jsonl"] * n, "src": [0, 1, 2, 3, 4],
+               "fixed": ["", "train", "", "validation", ""], "words": [1, 0, 3, 1, 1], "tokens": [1, 0, 5, 1, 1],
+               "exact": [0, 2**64 - 1, 2**63, 7, 1], "valid": [True, False, True, True, False],
+               "shingles": [1, 0, 2, 1, 1]}
+    table = arrow_table(columns, UNIT_SCHEMA)
+    assert table.schema == UNIT_SCHEMA and table.to_pydict() == columns
+    pq.write_table(table, tmp_path / "t.parquet")
+    back = pq.read_table(tmp_path / "t.parquet")
+    for name, values in columns.items():
+        got = column_numpy(back.column(name))
+        assert got.tolist() == values, name
+        got = column_numpy(back.slice(2, 2).column(name))  # a slice: its buffers start before its rows
+        assert got.tolist() == values[2:4], name
+
+
+def test_prep_does_not_load_pandas(tmp_path):
+    rng = random.Random(17)
+    docs = [prose(rng) for _ in range(10)]
+    docs.append(edit(docs[0], 0.02, rng))
+    corpus = write_jsonl(tmp_path / "a.jsonl", docs)
+    code = ("import json, sys; from lmforge.prep import prep, prep_recipe_from_dict; "
+            f"prep(prep_recipe_from_dict({{'sources': [{{'path': {corpus!r}}}], "
+            f"'output': {{'dir': {str(tmp_path / 'out')!r}, 'plots': False}}}}), show_progress=False); "
+            "print(json.dumps(sorted(m for m in sys.modules if m.split('.')[0] == 'pandas')))")
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
+    assert json.loads(done.stdout.splitlines()[-1]) == []
+    assert len((tmp_path / "out" / "removed.jsonl").read_text().splitlines()) == 1
+
+
+def test_prep_restores_the_arrow_memory_pool(tmp_path):
+    before = pa.default_memory_pool().backend_name
+    rng = random.Random(18)
+    out, stats = run(tmp_path, [{"path": write_jsonl(tmp_path / "a.jsonl", [prose(rng) for _ in range(5)])}],
+                     split={"validation_fraction": 0.0})
+    assert stats["domains"]["default"]["train"]["docs"] == 5
+    assert pa.default_memory_pool().backend_name == before

@@ -1,8 +1,10 @@
 """Exact and near-duplicate detection: normalised hashes, MinHash signatures, LSH banding, clusters.
 
-Signatures are computed per batch with numpy: word hashes → word n-gram (shingle) hashes by a
-rolling combination → `(a·x + b) >> 32` for every permutation → the minimum per document. Word
-hashes are xxhash of the word itself (cached per distinct word), so different processes agree.
+Signatures are computed per batch with numpy: word hashes (a polynomial hash of each word's bytes,
+computed for the whole batch at once) → word n-gram (shingle) hashes by a rolling combination → each
+document's distinct shingles, sorted once (also what exact verification compares) → `(a·x + b) >> 32`
+for every permutation → the minimum per document. A word's hash depends on the word alone, so
+different processes agree.
 """
 
 from __future__ import annotations
@@ -14,11 +16,8 @@ from typing import Optional
 import numpy as np
 import xxhash
 
-from lmforge.prep.filters import WordTable
-
 _TOKEN = re.compile(r"\w+")
 _MULT = np.uint64(0xBF58476D1CE4E5B9)
-_CHUNK = 8192  # shingles per (chunk × permutations) matrix: bounds the temporary memory
 
 
 def dedup_tokens(text: str) -> list[str]:
@@ -32,20 +31,63 @@ def exact_key(tokens: list[str], text: str) -> int:
     return xxhash.xxh64_intdigest(joined.encode("utf-8", "surrogatepass"))
 
 
+_P = np.uint64(0x100000001B3)  # the multiplier of the words' polynomial byte hash (odd)
+_MIX1, _MIX2 = np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB)
+_CHUNK = 4096  # shingles per (permutations × chunk) block of the signature math: 4 MB at 128 permutations
+
+
+def _finalize(h: np.ndarray) -> np.ndarray:
+    """splitmix64's finaliser, in place: every input bit reaches every output bit."""
+    h ^= h >> np.uint64(30)
+    h *= _MIX1
+    h ^= h >> np.uint64(27)
+    h *= _MIX2
+    h ^= h >> np.uint64(31)
+    return h
+
+
+_WORDS_PER_PASS = 16384  # words hashed per numpy pass: bounds the per-byte temporaries (~40 bytes a byte)
+
+
+def word_hashes(words: list[str]) -> np.ndarray:
+    """A 64-bit hash of each word, from its UTF-8 bytes, for a whole batch in a few numpy passes (no Python
+    call per word): the words joined by spaces, a polynomial hash of each word's bytes and its trailing
+    space mod 2^64 (Σ byte_k · P^k), then splitmix64's finaliser. It depends on the word alone, so processes
+    agree."""
+    if len(words) > _WORDS_PER_PASS:
+        return np.concatenate([word_hashes(words[lo:lo + _WORDS_PER_PASS])
+                               for lo in range(0, len(words), _WORDS_PER_PASS)])
+    if not words:
+        return np.zeros(0, np.uint64)
+    data = np.frombuffer((" ".join(words) + " ").encode("utf-8", "surrogatepass"), np.uint8)
+    ends = np.flatnonzero(data == 32)  # a word is \w+: no space in it, and no UTF-8 byte of a letter is 32
+    if len(ends) != len(words):
+        raise ValueError("word_hashes: a word contains a space")
+    starts = np.empty_like(ends)
+    starts[0] = 0
+    starts[1:] = ends[:-1] + 1
+    size = ends - starts + 1
+    powers = np.ones(int(size.max()), np.uint64)  # P^0, P^1, ... (wrapping mod 2^64)
+    powers[1:] = np.cumprod(np.full(len(powers) - 1, _P, np.uint64))
+    at = np.arange(len(data)) - np.repeat(starts, size)  # each byte's place in its word
+    h = np.add.reduceat(data * powers[at], starts)
+    return _finalize(h)
+
+
 class MinHasher:
     def __init__(self, num_perm: int = 128, ngram: int = 2, seed: int = 1):
         rng = np.random.default_rng(seed)
         self.a = rng.integers(0, 2**63, num_perm, np.uint64) * np.uint64(2) + np.uint64(1)
         self.b = rng.integers(0, 2**63, num_perm, np.uint64)
         self.num_perm, self.ngram = num_perm, ngram
-        self.table = WordTable()
+        self._a, self._b = self.a[:, None], self.b[:, None]
+        self._buffer = np.empty((num_perm, _CHUNK), np.uint64)  # reused by every chunk of every batch
 
     def shingles(self, token_lists: list[list[str]]) -> tuple[np.ndarray, np.ndarray]:
         """Shingle hashes of all documents, in document order, and the document of each."""
         n = self.ngram
         counts = np.fromiter(map(len, token_lists), np.int64, len(token_lists))
-        ids = self.table.ids([t for ts in token_lists for t in ts])  # first: it may grow the table
-        h = self.table.code[ids]
+        h = word_hashes([t for ts in token_lists for t in ts])
         doc = np.repeat(np.arange(len(token_lists)), counts)
         ends = np.cumsum(counts)
         # A document shorter than n words gets one shingle made of all its words.
@@ -64,25 +106,47 @@ class MinHasher:
     def signatures(self, token_lists: list[list[str]], shingles: Optional[tuple] = None
                    ) -> tuple[np.ndarray, np.ndarray]:
         """(documents × num_perm) uint32 signatures, and which documents had any token."""
-        sig = np.full((len(token_lists), self.num_perm), np.iinfo(np.uint32).max, np.uint32)
         g, d = shingles if shingles is not None else self.shingles(token_lists)
-        for lo in range(0, len(g), _CHUNK):
-            gs, ds = g[lo:lo + _CHUNK], d[lo:lo + _CHUNK]
-            values = ((gs[:, None] * self.a[None, :] + self.b[None, :]) >> np.uint64(32)).astype(np.uint32)
+        sets, counts = shingle_sets(g, d, len(token_lists))
+        return self.sign(sets, counts), counts > 0
+
+    def sign(self, sets: np.ndarray, counts: np.ndarray) -> np.ndarray:
+        """Signatures from each document's distinct shingle hashes (`shingle_sets`' output): per permutation,
+        the least of `(a·x + b) >> 32` over the document's shingles x. The math runs on (permutations × chunk)
+        blocks of one preallocated buffer, so no temporary is allocated per block, and the per-document minimum
+        is a reduction along contiguous memory."""
+        sig = np.full((len(counts), self.num_perm), np.iinfo(np.uint32).max, np.uint32)
+        doc = np.repeat(np.arange(len(counts)), counts)
+        for lo in range(0, len(sets), _CHUNK):
+            x, ds = sets[lo:lo + _CHUNK], doc[lo:lo + _CHUNK]
+            v = self._buffer[:, :len(x)]
+            np.multiply(self._a, x[None, :], out=v)
+            v += self._b
+            v >>= np.uint64(32)
             first = np.flatnonzero(np.concatenate([[True], ds[1:] != ds[:-1]]))
-            mins = np.minimum.reduceat(values, first, axis=0)
+            mins = np.minimum.reduceat(v, first, axis=1).T.astype(np.uint32)
             rows = ds[first]
-            sig[rows] = np.minimum(sig[rows], mins)
-        valid = np.zeros(len(token_lists), bool)
-        valid[d] = True
-        return sig, valid
+            if lo and rows[0] == doc[lo - 1]:  # a document that began in the last chunk
+                mins[0] = np.minimum(mins[0], sig[rows[0]])
+            sig[rows] = mins
+        return sig
 
 
 def shingle_sets(g: np.ndarray, d: np.ndarray, n_docs: int) -> tuple[np.ndarray, np.ndarray]:
-    """Each document's distinct shingle hashes, sorted, one after another, and how many each has."""
-    order = np.lexsort((g, d))
-    g, d = g[order], d[order]
-    new = np.concatenate([[True], (g[1:] != g[:-1]) | (d[1:] != d[:-1])]) if len(g) else np.zeros(0, bool)
+    """Each document's distinct shingle hashes, sorted, one after another, and how many each has (`d`, the
+    document of each hash, is non-decreasing, as `MinHasher.shingles` gives it). Each document's run is
+    sorted in place: many small contiguous sorts are far faster than one two-key sort of the batch."""
+    counts = np.bincount(d, minlength=n_docs)
+    if not len(g):
+        return g.copy(), counts.astype(np.int64)
+    g = g.copy()
+    ends = np.cumsum(counts)
+    for lo, hi in zip((ends - counts).tolist(), ends.tolist()):
+        if hi - lo > 1:
+            g[lo:hi].sort()
+    new = np.empty(len(g), bool)
+    new[0] = True
+    new[1:] = (g[1:] != g[:-1]) | (d[1:] != d[:-1])
     return g[new], np.bincount(d[new], minlength=n_docs).astype(np.int64)
 
 

@@ -138,32 +138,42 @@ def _repetition(code: np.ndarray, lengths: np.ndarray, doc: np.ndarray, ends: np
     return out
 
 
-def prose_metrics(texts: list[str], table: WordTable, cfg: FilterConfig,
-                  skip_decided: bool = False) -> dict[str, np.ndarray]:
-    """Every prose metric per document. With `skip_decided`, the n-gram repetition metrics (the last
-    rules, and the costly ones) are left at 0 for documents that already break a cheaper rule."""
+LINE_METRICS = ("bullet_lines", "ellipsis_lines", "punct_lines", "dup_lines", "dup_line_chars")
+
+
+def prose_metrics(texts: list[str], table: WordTable, cfg: FilterConfig, skip_decided: bool = False,
+                  only: Optional[set] = None) -> dict[str, np.ndarray]:
+    """The prose metrics per document: every one, or with `only` the word count and those named there (the
+    metrics of the enabled rules: the others, the per-word table lookups and per-line passes they need, are
+    not computed). With `skip_decided`, the n-gram repetition metrics (the last rules, and the costly ones)
+    are left at 0 for documents that already break a cheaper rule."""
+    want = (lambda name: True) if only is None else only.__contains__
     words = [t.split() for t in texts]
     counts = np.fromiter(map(len, words), np.int64, len(words))
-    ids = table.ids([w for ws in words for w in ws])
-    doc = np.repeat(np.arange(len(texts)), counts)
-    lengths = table.length[ids]
-    chars = np.bincount(doc, weights=lengths, minlength=len(texts))
     safe = np.maximum(counts, 1)
-    out = {
-        "words": counts,
-        "mean_word_length": chars / safe,
-        "symbol_ratio": np.array([t.count("#") + t.count("...") + t.count("…") for t in texts]) / safe,
-        "non_alpha": 1.0 - np.bincount(doc, weights=table.alpha[ids], minlength=len(texts)) / safe,
-    }
-    lines = np.array([_line_metrics(t) for t in texts]).reshape(len(texts), 5)
-    for j, name in enumerate(("bullet_lines", "ellipsis_lines", "punct_lines", "dup_lines", "dup_line_chars")):
-        out[name] = lines[:, j]
+    out = {"words": counts}
     ns = sorted(set(cfg.max_top_ngram_char_fraction) | set(cfg.max_dup_ngram_char_fraction))
+    ns = [n for n in ns if want(f"top_{n}gram") or want(f"dup_{n}gram")]
+    if ns or want("mean_word_length") or want("non_alpha"):
+        ids = table.ids([w for ws in words for w in ws])
+        doc = np.repeat(np.arange(len(texts)), counts)
+        lengths = table.length[ids]
+        chars = np.bincount(doc, weights=lengths, minlength=len(texts))
+        if want("mean_word_length"):
+            out["mean_word_length"] = chars / safe
+        if want("non_alpha"):
+            out["non_alpha"] = 1.0 - np.bincount(doc, weights=table.alpha[ids], minlength=len(texts)) / safe
+    if want("symbol_ratio"):
+        out["symbol_ratio"] = np.array([t.count("#") + t.count("...") + t.count("…") for t in texts]) / safe
+    if any(want(name) for name in LINE_METRICS):
+        lines = np.array([_line_metrics(t) for t in texts]).reshape(len(texts), 5)
+        for j, name in enumerate(LINE_METRICS):
+            out[name] = lines[:, j]
     if not ns:
         return out
     sub = np.ones(len(texts), bool)
     if skip_decided:
-        cheap = [r for r in prose_rules(cfg) if "gram" not in r[1]]
+        cheap = [r for r in prose_rules(cfg) if "gram" not in r[1] and r[1] in out]
         sub = np.array([r is None for r in first_failure(out, cheap)], bool)
     keep = sub[doc]
     sub_counts = counts[sub]
@@ -239,5 +249,6 @@ def quality_reasons(texts: list[str], is_code: bool, table: WordTable, prose: Fi
     if is_code:
         metrics = code_metrics(texts)
         return first_failure(metrics, code_rules(code)), metrics["words"]
-    metrics = prose_metrics(texts, table, prose, skip_decided=True)
-    return first_failure(metrics, prose_rules(prose)), metrics["words"]
+    rules = prose_rules(prose)
+    metrics = prose_metrics(texts, table, prose, skip_decided=True, only={r[1] for r in rules})
+    return first_failure(metrics, rules), metrics["words"]

@@ -119,9 +119,8 @@ class _Unit:
             counts = np.histogram(np.maximum(words[mask], 1), HIST_EDGES)[0]
             self.hist[domain] = self.hist.get(domain, 0) + counts
         token_lists = [dedup_tokens(texts[i]) for i in kept]
-        g, d = self.hasher.shingles(token_lists)
-        sig, valid = self.hasher.signatures(token_lists, (g, d))
-        sets, counts = shingle_sets(g, d, len(kept))
+        sets, counts = shingle_sets(*self.hasher.shingles(token_lists), len(kept))
+        sig, valid = self.hasher.sign(sets, counts), counts > 0
         self.sigs.append(sig)
         self.sets.append(sets)
         c = self.columns
@@ -153,6 +152,62 @@ def _batches(recipe: PrepRecipe, unit: Unit, events: Counter):
         yield batch
 
 
+def arrow_table(columns: dict[str, list], schema: pa.Schema) -> pa.Table:
+    """A table from Python lists, each column built from its buffers: `pa.table(dict)` and `pa.array` check
+    whether their input is a pandas object, which imports pandas (a quarter of a second and ~45 MB in each
+    process); this never loads it. Columns are strings, booleans or 64-bit integers."""
+    arrays = []
+    for field in schema:
+        values, n = columns[field.name], len(columns[field.name])
+        if pa.types.is_string(field.type):
+            data = [v.encode("utf-8") for v in values]
+            offsets = np.zeros(n + 1, np.int64)
+            np.cumsum(np.fromiter(map(len, data), np.int64, n), out=offsets[1:])
+            if offsets[-1] >= 2**31:
+                raise ValueError(f"column {field.name}: over 2 GB of text in one work unit")
+            buffers = [None, pa.py_buffer(offsets.astype(np.int32)), pa.py_buffer(b"".join(data))]
+        elif pa.types.is_boolean(field.type):
+            buffers = [None, pa.py_buffer(np.packbits(np.asarray(values, bool), bitorder="little"))]
+        else:
+            buffers = [None, pa.py_buffer(np.asarray(values, field.type.to_pandas_dtype()))]
+        arrays.append(pa.Array.from_buffers(field.type, n, buffers))
+    return pa.Table.from_arrays(arrays, schema=schema)
+
+
+def arrow_indices(index: np.ndarray) -> pa.Array:
+    """Row numbers for `Table.take`, built from their buffer (`pa.array` would import pandas; see `arrow_table`)."""
+    index = np.ascontiguousarray(index, np.int64)
+    return pa.Array.from_buffers(pa.int64(), len(index), [None, pa.py_buffer(index)])
+
+
+def column_numpy(column) -> np.ndarray:
+    """A column of a table read back (no nulls) as numpy: strings as objects, numbers and booleans from their
+    buffers. pyarrow's `to_numpy` would import pandas (see `arrow_table`)."""
+    parts = []
+    for chunk in column.chunks:
+        lo, hi = chunk.offset, chunk.offset + len(chunk)
+        if chunk.null_count:
+            parts.append(chunk.to_numpy(zero_copy_only=False))
+        elif pa.types.is_string(chunk.type) or pa.types.is_large_string(chunk.type):
+            array = np.empty(len(chunk), object)
+            array[:] = chunk.to_pylist()
+            parts.append(array)
+        elif pa.types.is_boolean(chunk.type):
+            bits = np.unpackbits(np.frombuffer(chunk.buffers()[1], np.uint8), bitorder="little")
+            parts.append(bits[lo:hi].astype(bool))
+        else:
+            parts.append(np.frombuffer(chunk.buffers()[1], chunk.type.to_pandas_dtype())[lo:hi])
+    if not parts:
+        return np.zeros(0, object if pa.types.is_string(column.type) else column.type.to_pandas_dtype())
+    return np.concatenate(parts)
+
+
+def read_columns(path: Path, columns: Optional[list[str]] = None) -> pa.Table:
+    """One Parquet file's columns, read as a single file: `pq.read_table` goes through pyarrow's dataset layer,
+    whose filter expressions import pandas."""
+    return pq.ParquetFile(path).read(columns=columns)
+
+
 def _atomic(path: Path, write) -> None:
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
     write(tmp)
@@ -172,9 +227,9 @@ def process_unit(recipe: PrepRecipe, unit: Unit, work: Path, boilerplate: dict) 
         state.process(batch, events)
     paths = unit_paths(work, unit.index)
     paths["rows"].parent.mkdir(parents=True, exist_ok=True)
-    table = pa.table(state.columns, schema=UNIT_SCHEMA)
+    table = arrow_table(state.columns, UNIT_SCHEMA)
     _atomic(paths["rows"], lambda p: pq.write_table(table, p))
-    filtered = pa.table(state.filtered, schema=FILTERED_SCHEMA)
+    filtered = arrow_table(state.filtered, FILTERED_SCHEMA)
     _atomic(paths["filtered"], lambda p: pq.write_table(filtered, p))
     sig = np.concatenate(state.sigs) if state.sigs else np.zeros((0, recipe.dedup.num_perm), np.uint32)
     _atomic(paths["sig"], lambda p: _save_npy(p, sig))
