@@ -18,6 +18,7 @@ from lmforge.generate import Decoding, encode_prompt, generate, open_generator
 from lmforge.generate.mixtures import (DEMixBatch, EnsembleBatch, batch_invariant, decode_loop_runs,
                                        running_batch)
 from lmforge.generate.running import Row, run_rows
+from lmforge.errors import LmforgeError
 from lmforge.models.compressed import COMPRESSION_KEY
 from lmforge.models.demix import demix_from_dense
 from lmforge.models.moe import GPT2MoEConfig, GPT2MoEForCausalLM
@@ -171,3 +172,16 @@ def test_pruned_and_int8_folders_serve(tiny_lm_dir, tmp_path, scheme):
         r = client(base, key="unused").completions.create(model="small", prompt=PROMPTS[:2], max_tokens=16,
                                                           temperature=0)
     assert [ch.text for ch in r.choices] == alone and "lmforge" not in r.model_dump()
+
+
+def test_folders_the_loop_cannot_run_are_refused_in_one_line(tiny_lm_dir, tmp_path):
+    model, tok = open_generator(tiny_lm_dir)
+    setattr(model.config, COMPRESSION_KEY, {"quantization": {"scheme": "int4-weight", "modules": {}}})
+    ckpt.save_model(tmp_path / "int4", model, tok)
+    with pytest.raises(LmforgeError, match=r"quantization.scheme 'int4-weight' cannot be loaded here"):
+        load_served_model(str(tmp_path / "int4"))
+    (tmp_path / "onnx").mkdir()
+    (tmp_path / "onnx" / "config.json").write_text((tiny_lm_dir / "config.json").read_text())
+    (tmp_path / "onnx" / "model.onnx").write_bytes(b"")
+    with pytest.raises(LmforgeError, match="is an ONNX export"):
+        load_served_model(str(tmp_path / "onnx"))

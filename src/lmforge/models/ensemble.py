@@ -112,6 +112,10 @@ class EnsembleForCausalLM(PreTrainedModel, GenerationMixin):
     def domains(self) -> list[str]:
         return self.ensemble.domains
 
+    def get_output_embeddings(self):
+        """The first expert's output matrix: its shape is the vocabulary the mixture scores (grammars read it)."""
+        return self.ensemble.experts[0].get_output_embeddings()
+
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, **kwargs) -> CausalLMOutputWithPast:
         extra = {k: v for k, v in (("attention_mask", attention_mask), ("position_ids", position_ids))
                  if v is not None}
