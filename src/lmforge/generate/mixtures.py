@@ -106,15 +106,18 @@ class EnsembleBatch(_DomainsReported):
 
     def _prefill_forward(self, ids, mask, positions):
         attention = None if bool(mask.all()) else mask
-        outs = [e(input_ids=ids, attention_mask=attention, position_ids=positions, use_cache=True)
-                for e in self.experts]
-        logprobs = torch.stack([torch.log_softmax(o.logits.float(), -1) for o in outs])  # (D, B, T, V)
-        # each expert's likelihood of the prompt's tokens; a prediction from or of padding is no evidence
-        seen = logprobs[:, :, :-1].gather(-1, ids[None, :, 1:, None].expand(len(outs), -1, -1, 1)).squeeze(-1)
-        seen = seen * (mask[:, :-1] * mask[:, 1:]).to(seen.dtype)
-        scores = self.log_prior.to(seen.device)[:, None] + seen.sum(-1)  # (D, B)
-        self.step_logprobs = logprobs[:, :, -1]
-        return self._mixed(scores), [o.past_key_values for o in outs], scores.T.contiguous()
+        caches, seen, last = [], [], []
+        for e in self.experts:  # one expert's (B, T, V) log-probabilities at a time
+            out = e(input_ids=ids, attention_mask=attention, position_ids=positions, use_cache=True)
+            logprobs = torch.log_softmax(out.logits.float(), -1)
+            # its likelihood of the prompt's tokens; a prediction from or of padding is no evidence
+            seen.append(logprobs[:, :-1].gather(-1, ids[:, 1:, None]).squeeze(-1) * (mask[:, :-1] * mask[:, 1:]))
+            last.append(logprobs[:, -1])
+            caches.append(out.past_key_values)
+            del out, logprobs
+        scores = self.log_prior.to(ids.device)[:, None] + torch.stack(seen).sum(-1)  # (D, B)
+        self.step_logprobs = torch.stack(last)  # (D, B, V)
+        return self._mixed(scores), caches, scores.T.contiguous()
 
     def _step_forward(self, mask, positions):
         outs = [e(input_ids=self.last[:, None], attention_mask=mask, position_ids=positions, past_key_values=c,

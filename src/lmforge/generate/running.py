@@ -45,8 +45,8 @@ class Row:
     text: Optional[PieceStreamer] = None                  # tracks text for streams and stop strings
     constraint: Optional[Constraint] = None               # structured output
     position: int = 0                                     # position id of the next token fed
-    domains: Optional[torch.Tensor] = None                # expert mixtures: the row's domain scores (D,)
-    prompt_domains: Optional[torch.Tensor] = None         # ... and those at the end of its prompt
+    domains: Optional[torch.Tensor] = None                # expert mixtures: the row's domain scores / weights (D,)
+    prompt_domains: Optional[torch.Tensor] = None         # ... its posterior at the end of its prompt
 
     @property
     def reserved(self) -> int:
