@@ -10,7 +10,7 @@ import threading
 import httpx
 import pytest
 import torch
-from transformers import GPT2LMHeadModel
+from transformers import GPT2LMHeadModel, MixtralConfig, MixtralForCausalLM
 
 from conftest import make_docs
 from lmforge.engine import checkpoint as ckpt
@@ -132,7 +132,7 @@ def test_the_micro_path_gives_the_same_texts_and_domains(experts_run):
     assert r.choices[0].text == alone.text and r.model_dump()["lmforge"]["domain"] == "prose"
 
 
-def test_demix_and_moe_models_decode_in_the_loop(tiny_lm_dir):
+def test_demix_and_moe_models_decode_in_the_loop_as_alone(tiny_lm_dir):
     model, tok = open_generator(tiny_lm_dir)
     demix = demix_from_dense(model, ["prose", "code"]).eval()
     generator = torch.Generator().manual_seed(0)
@@ -143,7 +143,12 @@ def test_demix_and_moe_models_decode_in_the_loop(tiny_lm_dir):
     moe = GPT2MoEForCausalLM(GPT2MoEConfig(n_layer=2, n_embd=32, n_head=2, vocab_size=len(tok), n_positions=128,
                                            num_local_experts=3, num_experts_per_tok=2,
                                            eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)).eval()
-    for m, kind in ((demix, DEMixBatch), (moe, type(running_batch(model, tok)))):
+    mixtral = MixtralForCausalLM(MixtralConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64,
+                                               num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2,
+                                               num_local_experts=3, num_experts_per_tok=2, max_position_embeddings=128,
+                                               eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)).eval()
+    plain = type(running_batch(model, tok))
+    for m, kind in ((demix, DEMixBatch), (moe, plain), (mixtral, plain)):
         assert decode_loop_runs(m) and type(running_batch(m, tok)) is kind
         alone = [generate(m, tok, [p], GREEDY)[0] for p in PROMPTS]
         got = run_rows(running_batch(m, tok), [Row(encode_prompt(tok, m, p), GREEDY, 16) for p in PROMPTS])
