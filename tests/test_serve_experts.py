@@ -13,6 +13,7 @@ import torch
 from transformers import GPT2LMHeadModel, MixtralConfig, MixtralForCausalLM
 
 from conftest import make_docs
+from lmforge.data.clusters import ClusterRouter, fit_clustering
 from lmforge.engine import checkpoint as ckpt
 from lmforge.generate import Decoding, encode_prompt, generate, open_generator
 from lmforge.generate.mixtures import (DEMixBatch, EnsembleBatch, batch_invariant, decode_loop_runs,
@@ -21,6 +22,7 @@ from lmforge.generate.running import Row, run_rows
 from lmforge.errors import LmforgeError
 from lmforge.models.compressed import COMPRESSION_KEY
 from lmforge.models.demix import demix_from_dense
+from lmforge.models.ensemble import EnsembleForCausalLM, ExpertEnsemble
 from lmforge.models.moe import GPT2MoEConfig, GPT2MoEForCausalLM
 from lmforge.models.quantized import quantize_modules
 from lmforge.models.slicing import keep_units, stock_loadable
@@ -89,6 +91,21 @@ def test_an_ensemble_decodes_in_the_loop_as_it_generates_alone(experts_run):
     # the prompt's posterior picks the expert of its domain; the reported posterior is a distribution
     assert [max(c.prompt_domains, key=c.prompt_domains.get) for c in got] == ["code", "prose", "code", "prose"]
     assert all(abs(sum(c.domains.values()) - 1) < 1e-3 for c in got)
+
+
+@pytest.mark.parametrize("stride", [1, 3])
+def test_a_cluster_routed_ensemble_decodes_in_the_loop_as_it_generates_alone(experts_run, stride):
+    tok = load_tokenizer(experts_run.parent / "prose" / "final")
+    texts = make_docs("prose", 60, seed=1) + make_docs("code", 60, seed=2)
+    clustering, _ = fit_clustering(texts, 2)
+    experts = [GPT2LMHeadModel.from_pretrained(experts_run.parent / d / "final").eval() for d in ("prose", "code")]
+    model = EnsembleForCausalLM(ExpertEnsemble(experts, clustering.names, router=ClusterRouter(
+        clustering, tok, clustering.names, stride=stride))).eval()
+    assert decode_loop_runs(model)
+    alone = [generate(model, tok, [p], GREEDY)[0] for p in PROMPTS]
+    got = run_rows(running_batch(model, tok), [Row(encode_prompt(tok, model, p), GREEDY, 16) for p in PROMPTS])
+    assert [c.token_ids for c in got] == [c.token_ids for c in alone]
+    assert len({max(c.prompt_domains, key=c.prompt_domains.get) for c in got}) == 2  # both clusters chosen
 
 
 def test_an_experts_run_served_continuous_says_its_domains_and_counts_them(experts_run):

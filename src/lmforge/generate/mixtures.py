@@ -5,7 +5,9 @@
   [rows, D]), summed over its prompt at prefill and over each token it takes, so the next token is drawn from
   Σ_d p(d | x_≤t) · p_d(x_{t+1} | x_≤t) exactly as the ensemble computes it over the whole sequence (the same
   helpers, `lmforge.models.ensemble`). D expert forwards per step over the new token only, where generate reruns
-  every expert over the whole sequence. A c-BTM ensemble (a `router` in place of the posterior) is not run here.
+  every expert over the whole sequence. A c-BTM ensemble (a `router` in place of the posterior) keeps each row's
+  router weights instead, recomputed from the row's own tokens where the router would compute them (every token,
+  or every `stride` tokens for `ClusterRouter`).
 - A DEMix model: the posterior at the end of the prompt mixes every layer's experts (the weights the model keeps
   for generated tokens); here each row keeps its own weights (`state`, [rows, D]), so rows of other prompts can
   join and leave.
@@ -22,6 +24,7 @@ from typing import Optional
 
 import torch
 
+from lmforge.data.clusters import ClusterRouter
 from lmforge.generate.decode import Completion
 from lmforge.generate.running import Row, RunningBatch, continuous_batchable
 from lmforge.models.demix import is_demix
@@ -33,7 +36,7 @@ from lmforge.models.quantized import Int8Linear
 def decode_loop_runs(model) -> bool:
     """Whether the continuous decode loop can run this model (see `running_batch`)."""
     if isinstance(model, EnsembleForCausalLM):
-        return model.ensemble.router is None and all(continuous_batchable(e) for e in model.ensemble.experts)
+        return all(continuous_batchable(e) for e in model.ensemble.experts)
     if is_demix(model) or isinstance(model, GPT2MoEForCausalLM):
         return model.config.use_cache is not False
     return continuous_batchable(model)
@@ -95,13 +98,15 @@ def _named(names: list[str], weights: Optional[torch.Tensor]) -> Optional[dict]:
 
 
 class EnsembleBatch(_DomainsReported):
-    """A BTM ensemble's rows: one cache per expert (`self.cache` is their list), domain scores per row."""
+    """A BTM ensemble's rows: one cache per expert (`self.cache` is their list); per row its domain scores, or
+    with a router its routing weights (`self.state`, [rows, D])."""
 
     def __init__(self, model: EnsembleForCausalLM, tokenizer):
         super().__init__(model, tokenizer)
         self.experts = list(model.ensemble.experts)
         self.top_k = model.ensemble.top_k
         self.log_prior = model.ensemble.log_prior
+        self.router = model.ensemble.router
         self.step_logprobs: Optional[torch.Tensor] = None  # (D, rows, V) of the forward just run
 
     def _prefill_forward(self, ids, mask, positions):
@@ -115,15 +120,33 @@ class EnsembleBatch(_DomainsReported):
             last.append(logprobs[:, -1])
             caches.append(out.past_key_values)
             del out, logprobs
-        scores = self.log_prior.to(ids.device)[:, None] + torch.stack(seen).sum(-1)  # (D, B)
         self.step_logprobs = torch.stack(last)  # (D, B, V)
+        if self.router is not None:
+            weights = torch.stack([self._route(row[m.bool()].tolist()) for row, m in zip(ids, mask)])
+            return mixture(self.step_logprobs, weights), caches, weights
+        scores = self.log_prior.to(ids.device)[:, None] + torch.stack(seen).sum(-1)  # (D, B)
         return self._mixed(scores), caches, scores.T.contiguous()
+
+    def _route(self, seq: list[int], last: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The router's weights (D,) for the prediction after `seq`, as `router(ids)[:, -1]` gives them; `last`:
+        the row's current weights, kept where a strided ClusterRouter would reuse them."""
+        r, p = self.router, len(seq) - 1
+        if isinstance(r, ClusterRouter):
+            if last is not None and p % r.stride:
+                return last
+            start = p // r.stride * r.stride
+            text = r.tokenizer.batch_decode([seq[:start + 1]], skip_special_tokens=True)
+            return r.weights(text)[0].to(self.log_prior.device)
+        return r(torch.tensor([seq], device=self.log_prior.device))[0, -1].float()
 
     def _step_forward(self, mask, positions):
         outs = [e(input_ids=self.last[:, None], attention_mask=mask, position_ids=positions, past_key_values=c,
                   use_cache=True, logits_to_keep=1) for e, c in zip(self.experts, self.cache)]
         self.cache = [o.past_key_values for o in outs]
         self.step_logprobs = torch.stack([torch.log_softmax(o.logits[:, -1].float(), -1) for o in outs])
+        if self.router is not None:
+            self.state = torch.stack([self._route(r.prompt_ids + r.tokens, w) for r, w in zip(self.rows, self.state)])
+            return mixture(self.step_logprobs, self.state)
         return self._mixed(self.state.T)
 
     def _mixed(self, scores: torch.Tensor) -> torch.Tensor:
@@ -131,6 +154,11 @@ class EnsembleBatch(_DomainsReported):
         return mixture(self.step_logprobs, posterior_of(scores, self.top_k).T)
 
     def _chosen(self, rows, state, chosen):
+        if self.router is not None:  # the weights that chose the token
+            for r, weights in zip(rows, state):
+                r.domains = weights
+                r.prompt_domains = weights if r.prompt_domains is None else r.prompt_domains
+            return state
         for r, scores in zip(rows, state):
             if r.prompt_domains is None:
                 r.prompt_domains = posterior_of(scores, self.top_k)
@@ -143,7 +171,8 @@ class EnsembleBatch(_DomainsReported):
 
     def _finish(self, row: Row, by_eos: bool) -> Completion:
         scores = row.domains
-        row.domains = None if scores is None else posterior_of(scores, self.top_k)
+        if self.router is None and scores is not None:
+            row.domains = posterior_of(scores, self.top_k)
         return super()._finish(row, by_eos)
 
 

@@ -3,7 +3,7 @@
 
 Completion requests, streamed or not, go to their model's decode loop (`batching="continuous"`, the
 default: `lmforge.serve.scheduler`) or micro-batcher (`"micro"`: `lmforge.serve.batching`; also what
-models the decode loop cannot run use, such as encoder-decoders and c-BTM ensembles routed by clusters).
+models the decode loop cannot run use, such as encoder-decoders).
 
 An expert mixture (a BTM ensemble, a DEMix model) says which domains its posterior chose: every choice (and every
 stream's chunk that ends a choice) carries `"lmforge": {"domain": ..., "domains": {domain: weight},
