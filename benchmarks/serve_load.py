@@ -13,6 +13,7 @@ for generated tokens/s and time to first token (bars, issue 25: continuous >= 1.
     python benchmarks/serve_load.py --run runs/quickstart/clm --device cuda
     python benchmarks/serve_load.py --stream --size base --clients 8,32   # GPT-2 base's 12x768 body
     python benchmarks/serve_load.py --quick              # seconds: a smoke test of the script itself
+    python benchmarks/serve_load.py --stream --experts 2 # a 2-expert BTM ensemble: continuous vs micro
 
 Each level starts C concurrent clients (loopback only); each sends R greedy completion requests one after
 another, for at most `--time-limit` seconds. Default mode reports per server and level requests/s,
@@ -357,6 +358,93 @@ def print_streaming(results: dict) -> None:
     print(f"greedy texts identical to continuous batching: {results['same_text']}")
 
 
+# ----------------------------------------------------------------------------- expert ensembles
+
+def build_experts(folder: Path, n: int, quick: bool) -> list[str]:
+    """A BTM ensemble folder (ensemble.json, as `lmforge experts merge` writes it) of `n` GPT-2 experts of
+    build_model's size and tokenizer, each from its own random init; returns prompts."""
+    from transformers import GPT2LMHeadModel
+    prompts = build_model(folder / "expert0", quick)
+    for k in range(1, n):
+        torch.manual_seed(k)
+        expert = GPT2LMHeadModel.from_pretrained(folder / "expert0")
+        expert.init_weights()
+        expert.save_pretrained(folder / f"expert{k}")
+        for f in (folder / "expert0").iterdir():
+            if "token" in f.name or f.name.endswith(".txt"):
+                (folder / f"expert{k}" / f.name).write_bytes(f.read_bytes())
+    (folder / "ensemble.json").write_text(json.dumps(
+        {"method": "ensemble", "domains": [f"d{k}" for k in range(n)], "experts": [f"expert{k}" for k in range(n)],
+         "prior": [1.0 / n] * n, "top_k": None, "routing": "posterior"}))
+    return prompts
+
+
+def stdlib_documents_for_experts():
+    from lmforge.quickstart import stdlib_documents
+    return stdlib_documents(200_000)
+
+
+def experts_folder(run: str) -> Path:
+    """An experts run's ensemble/ folder, or the ensemble folder itself."""
+    run = Path(run)
+    folder = run / "ensemble" if (run / "ensemble" / "ensemble.json").is_file() else run
+    if not (folder / "ensemble.json").is_file():
+        raise SystemExit(f"--experts --run {run}: no ensemble.json there or in its ensemble/ folder")
+    return folder
+
+
+def experts_streaming(args, folder: Path, prompts: list[str], device: str, levels: list[int]) -> dict:
+    """A BTM ensemble served by `lmforge serve` with continuous batching (one KV cache per expert, the domain
+    posterior per row) vs micro-batching (generate reruns every expert over the whole sequence each step),
+    both up at once, rounds alternating which goes first; tokens/s, TTFT and whether the greedy texts agree."""
+    jobs = mixed_jobs(prompts, args.max_tokens)
+    command = lambda mode, port: [sys.executable, "-m", "lmforge.cli", "serve", f"bench={folder}",  # noqa: E731
+                                  "--port", str(port), "--device", device, "--batching", mode,
+                                  "--max-batch", str(max(levels)), "--max-concurrent", str(max(levels) + 8),
+                                  "--max-tokens-cap", str(args.max_tokens), "--timeout", "3600"]
+    ports, procs, runs, texts = {}, [], {}, {}
+    try:
+        for mode in ("continuous", "micro"):
+            ports[mode] = free_port()
+            procs.append(start(command(mode, ports[mode]), ports[mode]))
+            asyncio.run(stream_load(ports[mode], "bench", jobs[-4:], 2, 1, args.time_limit))  # warm-up
+        for round_ in range(args.rounds):
+            for c in levels:
+                for mode in (("continuous", "micro") if round_ % 2 == 0 else ("micro", "continuous")):
+                    r = asyncio.run(stream_load(ports[mode], "bench", jobs, c, args.requests, args.time_limit))
+                    texts.setdefault(mode, {}).update(r.pop("texts"))
+                    runs.setdefault(str(c), {}).setdefault(mode, []).append(r)
+                    print(f"  round {round_ + 1} {mode:>10} {c:>3} clients: {r['tokens_per_s']:9.1f} tok/s  TTFT p50 "
+                          f"{r['ttft_p50_ms']:8.1f} ms  p99 {r['ttft_p99_ms']:8.1f} ms  ({r['requests']} requests"
+                          + (f", {r['failed']} failed)" if r["failed"] else ")"), flush=True)
+    finally:
+        for proc in procs:
+            proc.terminate()
+            proc.wait(timeout=60)
+    out: dict = {"experts": json.loads((folder / "ensemble.json").read_text())["domains"], "levels": {}}
+    for c, by_mode in runs.items():
+        row = {mode: {k: statistics.median(r[k] for r in rs) for k in ("tokens_per_s", "ttft_p50_ms", "ttft_p99_ms")}
+               for mode, rs in by_mode.items()}
+        pairs = list(zip(by_mode["continuous"], by_mode["micro"]))
+        row["continuous_vs_micro"] = {
+            "tokens_per_s": round(statistics.median(a["tokens_per_s"] / b["tokens_per_s"] for a, b in pairs), 2),
+            "ttft_p99": round(statistics.median(a["ttft_p99_ms"] / b["ttft_p99_ms"] for a, b in pairs), 3)}
+        out["levels"][c] = row
+    both = [k for k in texts["continuous"] if k in texts.get("micro", {})]
+    out["same_text"] = f"{sum(texts['continuous'][k] == texts['micro'][k] for k in both)}/{len(both)}"
+    print(f"\n| clients | {len(out['experts'])}-expert ensemble | generated tokens/s | TTFT p50 ms | TTFT p99 ms |")
+    print("|---:|---|---:|---:|---:|")
+    for c, row in out["levels"].items():
+        for mode in ("continuous", "micro"):
+            r = row[mode]
+            print(f"| {c} | {mode} | {r['tokens_per_s']:.1f} | {r['ttft_p50_ms']:.1f} | {r['ttft_p99_ms']:.1f} |")
+    for c, row in out["levels"].items():
+        vm = row["continuous_vs_micro"]
+        print(f"{c} clients: continuous / micro tokens/s = {vm['tokens_per_s']}x, TTFT p99 = {vm['ttft_p99']}x")
+    print(f"greedy texts identical (requests both servers answered): {out['same_text']}")
+    return out
+
+
 # ----------------------------------------------------------------------------- one sequence
 
 def single_sequence(folder: str, prompt: str, max_tokens: int, device: str, repeats: int) -> dict:
@@ -432,6 +520,8 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=3, help="--stream: rounds of all levels (medians are reported)")
     p.add_argument("--quick", action="store_true", help="tiny model, 1 and 4 clients, 2 requests of 8 tokens")
     p.add_argument("--out", help="also write the results as JSON here")
+    p.add_argument("--experts", type=int, default=0, help="--stream: a BTM ensemble of N experts (built here, or "
+                   "--run an experts run), continuous vs micro-batching")
     p.add_argument("--baseline-server", help=argparse.SUPPRESS)   # internal: run the peer server on this folder
     p.add_argument("--port", type=int, help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -450,6 +540,24 @@ def main() -> None:
     os.environ["OMP_WAIT_POLICY"] = "PASSIVE"  # every server alike (lmforge serve sets it for itself)
     if args.server_threads:  # every server alike: on a CPU shared with other work, one thread per server is fastest
         os.environ["OMP_NUM_THREADS"] = str(args.server_threads)
+
+    if args.experts:
+        if not args.stream:
+            raise SystemExit("--experts: use it with --stream")
+        with tempfile.TemporaryDirectory() as tmp:
+            folder = experts_folder(args.run) if args.run else Path(tmp) / "ensemble"
+            prompts = (prompts_from([t for _, t in stdlib_documents_for_experts()]) if args.run
+                       else build_experts(folder, args.experts, args.quick))
+            expert = folder / json.loads((folder / "ensemble.json").read_text())["experts"][0]
+            args.max_tokens = clamp_max_tokens(str(expert.resolve()), prompts, args.max_tokens)
+            levels = [int(c) for c in args.clients.split(",")]
+            print(f"ensemble: {folder}; device: {device}; levels {levels}, {args.requests} requests x up to "
+                  f"{args.max_tokens} tokens per client", flush=True)
+            results = {"device": device, "torch": torch.__version__, **experts_streaming(args, folder, prompts,
+                                                                                         device, levels)}
+        if args.out:
+            Path(args.out).write_text(json.dumps(results, indent=2))
+        return
 
     with tempfile.TemporaryDirectory() as tmp:
         if args.run:

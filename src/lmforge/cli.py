@@ -319,6 +319,22 @@ def generate(run_dir: Path = typer.Argument(..., help="Causal LM run folder, an 
         _fail(err)
 
 
+def _decoding_path(served, batching: str) -> str:
+    """How a text-generation model's requests are decoded, for the start-up line."""
+    from lmforge.generate.mixtures import batch_invariant, decode_loop_runs, domain_names
+    if served.kind != "generate" or served.draft is not None:
+        return ""
+    domains = domain_names(served.model)
+    mixture = f", domains {', '.join(domains)}" if domains else ""
+    if batching == "micro":
+        return f" (micro-batching{mixture})"
+    if not decode_loop_runs(served.model):
+        return f" (micro-batching: the decode loop cannot run this model{mixture})"
+    if not batch_invariant(served.model):
+        return " (continuous batching, one row at a time: int8-dynamic scales activations per batch)"
+    return f" (continuous batching{mixture})"
+
+
 def _stops(stop: List[str]) -> tuple[str, ...]:
     """--stop values, with \\n and \\t meaning newline and tab."""
     return tuple(s.replace("\\n", "\n").replace("\\t", "\t") for s in stop)
@@ -329,7 +345,8 @@ def _generate_structured(run_dir: Path, which: Optional[str], schema_file: Path,
     import dataclasses
 
     from lmforge.generate import context_limit, encode_prompt, open_generator, refuse_option_on_onnx
-    from lmforge.generate.running import Row, RunningBatch, continuous_batchable, run_rows
+    from lmforge.generate.mixtures import decode_loop_runs, running_batch
+    from lmforge.generate.running import Row, run_rows
     from lmforge.generate.structured import check_grammar, json_grammar
     try:
         schema = json.loads(schema_file.read_text())
@@ -337,7 +354,7 @@ def _generate_structured(run_dir: Path, which: Optional[str], schema_file: Path,
         raise LmforgeError(f"--json-schema {schema_file}: {err}") from None
     lm, tokenizer = open_generator(run_dir, which)
     refuse_option_on_onnx(lm, "--json-schema (structured output)")
-    if not continuous_batchable(lm):
+    if not decode_loop_runs(lm):
         raise LmforgeError(f"--json-schema: {type(lm).__name__} is not a decoder the structured decoder can run")
     grammar = json_grammar(schema)
     try:
@@ -352,7 +369,7 @@ def _generate_structured(run_dir: Path, which: Optional[str], schema_file: Path,
     typer.echo(prompt, nl=False)
     row = Row(ids, dataclasses.replace(settings, grammar=grammar), room,
               emit=(lambda piece: (typer.echo(piece, nl=False), sys.stdout.flush())) if stream else None)
-    completion = run_rows(RunningBatch(lm.eval(), tokenizer), [row])[0]
+    completion = run_rows(running_batch(lm.eval(), tokenizer), [row])[0]
     typer.echo("" if stream else completion.text)
     if completion.finish_reason == "length":
         typer.echo(f"note: the text was cut at {room} tokens before the JSON was complete", err=True)
@@ -420,7 +437,7 @@ def serve(models: List[str] = typer.Argument(..., help="Run folders or HF folder
             if m.draft is not None:
                 m.draft.to(target)
             where = "ONNX Runtime (cpu)" if isinstance(m.model, OnnxModel) else target
-            typer.echo(f"serving {m.name!r} ({m.kind}) from {m.source} on {where}")
+            typer.echo(f"serving {m.name!r} ({m.kind}) from {m.source} on {where}{_decoding_path(m, batching)}")
         app_ = create_app(served, api_key=api_key, batching=batching, max_batch=max_batch, max_wait_ms=max_wait_ms,
                           max_cache_tokens=max_cache_tokens, max_concurrent=max_concurrent, max_queue=max_queue,
                           timeout_s=timeout, max_tokens_cap=max_tokens_cap)

@@ -74,6 +74,10 @@ class Completion:
     token_ids: list[int] = field(default_factory=list)
     # with Decoding.logprobs: one entry per token of `text`: (token text, offset in text, logprob, {alt: logprob})
     logprobs: Optional[list[tuple[str, int, float, dict]]] = None
+    # expert mixtures (a BTM ensemble, a DEMix model): the domain posterior that chose the last token and the one
+    # at the end of the prompt, {domain: weight}
+    domains: Optional[dict] = None
+    prompt_domains: Optional[dict] = None
 
 
 # ----------------------------------------------------------------------------- models

@@ -45,6 +45,8 @@ class Row:
     text: Optional[PieceStreamer] = None                  # tracks text for streams and stop strings
     constraint: Optional[Constraint] = None               # structured output
     position: int = 0                                     # position id of the next token fed
+    domains: Optional[torch.Tensor] = None                # expert mixtures: the row's domain scores / weights (D,)
+    prompt_domains: Optional[torch.Tensor] = None         # ... its posterior at the end of its prompt
 
     @property
     def reserved(self) -> int:
@@ -72,6 +74,7 @@ class RunningBatch:
         self.cache: Optional[DynamicCache] = None
         self.mask: Optional[torch.Tensor] = None     # [rows, columns]: 1 where the cache holds a real token
         self.last: Optional[torch.Tensor] = None     # [rows]: the token each row feeds at the next step
+        self.state: Optional[torch.Tensor] = None    # [rows, ...]: what a subclass keeps per row (or None)
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -103,20 +106,38 @@ class RunningBatch:
         mask = torch.tensor([[0] * (width - len(r.prompt_ids)) + [1] * len(r.prompt_ids) for r in rows],
                             device=device)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        full = bool(mask.all())
-        out = self.model(input_ids=ids, attention_mask=None if full else mask, position_ids=positions,
-                         use_cache=True, logits_to_keep=1)
+        logits, cache, state = self._prefill_forward(ids, mask, positions)
         for r in rows:
             self._start(r)
-        chosen = self._choose(rows, out.logits[:, -1, :])
+        chosen = self._choose(rows, logits)
+        state = self._chosen(rows, state, chosen)
         ended, keep = self._advance(rows, chosen)
         if keep:
             index = torch.tensor(keep, device=device)
-            cache = out.past_key_values
-            cache.batch_select_indices(index)
-            self._merge(cache, mask[index], chosen[index])
+            for c in _caches(cache):
+                c.batch_select_indices(index)
+            self._merge(cache, mask[index], chosen[index], None if state is None else state[index])
             self.rows += [rows[i] for i in keep]
         return ended
+
+    # What a model family changes: its forwards and what it keeps per row (see `lmforge.generate.mixtures`).
+
+    def _prefill_forward(self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor):
+        """The prompts' forward: (next-token logits [rows, vocab], their cache, per-row state or None)."""
+        out = self.model(input_ids=ids, attention_mask=None if bool(mask.all()) else mask, position_ids=positions,
+                         use_cache=True, logits_to_keep=1)
+        return out.logits[:, -1, :], out.past_key_values, None
+
+    def _step_forward(self, mask: Optional[torch.Tensor], positions: torch.Tensor) -> torch.Tensor:
+        """One decode step's forward over the running rows (updates `self.cache`): logits [rows, vocab]."""
+        out = self.model(input_ids=self.last[:, None], attention_mask=mask, position_ids=positions,
+                         past_key_values=self.cache, use_cache=True, logits_to_keep=1)
+        self.cache = out.past_key_values
+        return out.logits[:, -1, :]
+
+    def _chosen(self, rows: list[Row], state: Optional[torch.Tensor], chosen: torch.Tensor):
+        """The rows' state once their tokens are chosen (before any leaves)."""
+        return state
 
     def _start(self, row: Row) -> None:
         s = row.settings
@@ -129,17 +150,19 @@ class RunningBatch:
         if row.emit is not None or s.stop:
             row.text = PieceStreamer(self.tokenizer, s, row.emit or (lambda piece: None), self.eos)
 
-    def _merge(self, cache: DynamicCache, mask: torch.Tensor, last: torch.Tensor) -> None:
+    def _merge(self, cache, mask: torch.Tensor, last: torch.Tensor, state: Optional[torch.Tensor]) -> None:
         """Add prefilled rows to the running ones, padding whichever side is shorter on the left."""
         if self.cache is None:
-            self.cache, self.mask, self.last = cache, mask, last
+            self.cache, self.mask, self.last, self.state = cache, mask, last, state
             return
         width = max(self.mask.shape[1], mask.shape[1])
-        for old, new in zip(self.cache.layers, cache.layers):
+        for old, new in zip(_layers(self.cache), _layers(cache)):
             old.keys = torch.cat([_pad_left(old.keys, width, 2), _pad_left(new.keys, width, 2)])
             old.values = torch.cat([_pad_left(old.values, width, 2), _pad_left(new.values, width, 2)])
         self.mask = torch.cat([_pad_left(self.mask, width, 1), _pad_left(mask, width, 1)])
         self.last = torch.cat([self.last, last])
+        if state is not None:
+            self.state = torch.cat([self.state, state])
 
     # ------------------------------------------------------------------ stepping
 
@@ -156,12 +179,11 @@ class RunningBatch:
         self.mask = torch.cat([self.mask, self.mask.new_ones(len(self.rows), 1)], dim=1)
         positions = torch.tensor([[r.position] for r in self.rows], device=device)
         mask = None if bool(self.mask.all()) else self.mask  # no padding: the causal mask alone is right
-        out = self.model(input_ids=self.last[:, None], attention_mask=mask, position_ids=positions,
-                         past_key_values=self.cache, use_cache=True, logits_to_keep=1)
-        self.cache = out.past_key_values
+        logits = self._step_forward(mask, positions)
         for r in self.rows:
             r.position += 1
-        self.last = self._choose(self.rows, out.logits[:, -1, :])
+        self.last = self._choose(self.rows, logits)
+        self.state = self._chosen(self.rows, self.state, self.last)
         ended, keep = self._advance(self.rows, self.last)
         self._keep(keep)
         return result + ended
@@ -172,13 +194,15 @@ class RunningBatch:
             return
         self.rows = [self.rows[i] for i in keep]
         if not keep:
-            self.cache = self.mask = self.last = None
+            self.cache = self.mask = self.last = self.state = None
             return
         index = torch.tensor(keep, device=self.mask.device)
         self.mask, self.last = self.mask[index], self.last[index]
+        if self.state is not None:
+            self.state = self.state[index]
         first = int(self.mask.any(0).nonzero()[0])
         self.mask = self.mask[:, first:]
-        for layer in self.cache.layers:
+        for layer in _layers(self.cache):
             layer.keys = layer.keys[index, :, first:]
             layer.values = layer.values[index, :, first:]
 
@@ -234,6 +258,15 @@ class RunningBatch:
         if row.text is not None:
             row.text.add(self.eos) if by_eos else row.text.end()
         return row_completion(self.tokenizer, row.tokens, len(row.prompt_ids), row.settings, by_eos, row.record)
+
+
+def _caches(cache) -> list:
+    """A batch's cache: one DynamicCache, or one per model of a mixture (a list)."""
+    return list(cache) if isinstance(cache, (list, tuple)) else [cache]
+
+
+def _layers(cache) -> list:
+    return [layer for c in _caches(cache) for layer in c.layers]
 
 
 def _pad_left(x: torch.Tensor, width: int, dim: int) -> torch.Tensor:

@@ -21,7 +21,7 @@ from safetensors.torch import load_file
 from transformers import AutoConfig
 
 from lmforge.errors import LmforgeError
-from lmforge.models.quantized import quantize_modules
+from lmforge.models.quantized import SCHEMES, quantize_modules
 from lmforge.models.slicing import apply_shape
 
 COMPRESSION_KEY = "lmforge_compression"
@@ -51,6 +51,9 @@ def load_pretrained(auto, folder: Path, config=None, with_info: bool = False, at
     apply_shape(model, record.get("shape") or {})
     quant = record.get("quantization")
     if quant:
+        if quant.get("scheme") not in SCHEMES:
+            raise LmforgeError(f"{folder / 'config.json'}: {COMPRESSION_KEY}.quantization.scheme "
+                               f"{quant.get('scheme')!r} cannot be loaded here (schemes: {', '.join(SCHEMES)})")
         quantize_modules(model, quant["scheme"], quant["modules"])
     weights = folder / "model.safetensors"
     if not weights.is_file():

@@ -38,11 +38,23 @@ def domain_posterior(seen: torch.Tensor, log_prior: torch.Tensor, top_k: Optiona
         seen = seen * (attention_mask[:, :-1] * attention_mask[:, 1:]).to(seen.dtype)
     start = seen.new_zeros(*seen.shape[:-1], 1)  # no evidence before the first token (also for T = 1)
     cumulative = torch.cat([start, seen.cumsum(-1)], dim=-1)  # (D, B, T)
-    scores = log_prior.to(seen.device)[:, None, None] + cumulative
+    return posterior_of(log_prior.to(seen.device)[:, None, None] + cumulative, top_k).permute(1, 2, 0)
+
+
+def posterior_of(scores: torch.Tensor, top_k: Optional[int] = None) -> torch.Tensor:
+    """p(d | ·) from unnormalised log scores log p(d) + Σ log p_d(seen tokens), domains on dim 0; `top_k` keeps
+    the k likeliest domains (the rest get 0)."""
     if top_k and top_k < scores.size(0):
         kth = scores.topk(top_k, dim=0).values[-1:]
         scores = scores.masked_fill(scores < kth, float("-inf"))
-    return torch.softmax(scores, dim=0).permute(1, 2, 0)
+    return torch.softmax(scores, dim=0)
+
+
+def mixture(logprobs: torch.Tensor, posterior: torch.Tensor) -> torch.Tensor:
+    """log Σ_d p(d | ·) · p_d(x): the mixture's log-probabilities from every expert's `logprobs` (D, ..., V) and
+    the posterior (..., D)."""
+    weights = posterior.movedim(-1, 0).clamp_min(1e-30).log()[..., None]  # (D, ..., 1)
+    return torch.logsumexp(weights + logprobs, dim=0)
 
 
 class ExpertEnsemble(torch.nn.Module):
@@ -76,8 +88,7 @@ class ExpertEnsemble(torch.nn.Module):
         logprobs = self.expert_logprobs(input_ids, **kwargs)
         posterior = (self.posterior_from(logprobs, input_ids, kwargs.get("attention_mask")) if self.router is None
                      else self.router(input_ids).to(logprobs.device, logprobs.dtype))
-        weights = posterior.permute(2, 0, 1).clamp_min(1e-30).log()[..., None]  # (D, B, T, 1)
-        return EnsembleOutput(logits=torch.logsumexp(weights + logprobs, dim=0), posterior=posterior)
+        return EnsembleOutput(logits=mixture(logprobs, posterior), posterior=posterior)
 
     def parameters_per_expert(self) -> int:
         return sum(p.numel() for p in self.experts[0].parameters())
@@ -100,6 +111,10 @@ class EnsembleForCausalLM(PreTrainedModel, GenerationMixin):
     @property
     def domains(self) -> list[str]:
         return self.ensemble.domains
+
+    def get_output_embeddings(self):
+        """The first expert's output matrix: its shape is the vocabulary the mixture scores (grammars read it)."""
+        return self.ensemble.experts[0].get_output_embeddings()
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, **kwargs) -> CausalLMOutputWithPast:
         extra = {k: v for k, v in (("attention_mask", attention_mask), ("position_ids", position_ids))

@@ -3,7 +3,12 @@
 
 Completion requests, streamed or not, go to their model's decode loop (`batching="continuous"`, the
 default: `lmforge.serve.scheduler`) or micro-batcher (`"micro"`: `lmforge.serve.batching`; also what
-models the decode loop cannot run use, such as encoder-decoders and expert ensembles).
+models the decode loop cannot run use, such as encoder-decoders).
+
+An expert mixture (a BTM ensemble, a DEMix model) says which domains its posterior chose: every choice (and every
+stream's chunk that ends a choice) carries `"lmforge": {"domain": ..., "domains": {domain: weight},
+"prompt_domains": {...}}`, and a non-streamed body a top-level `"lmforge": {"domain", "domains"}` (the mean over
+its choices); `/metrics` counts requests per model and domain.
 
 Limits: at most `max_concurrent` requests are worked on at once and `max_queue` more wait for a slot;
 beyond that a request gets 429 with `Retry-After`. A decode loop holds at most `max_batch` rows and
@@ -26,7 +31,7 @@ from fastapi import FastAPI, Request, Response
 
 from lmforge.errors import LmforgeError
 from lmforge.generate import Completion, Decoding, context_limit, encode_prompt
-from lmforge.generate.running import continuous_batchable
+from lmforge.generate.mixtures import decode_loop_runs
 from lmforge.generate.structured import check_grammar, json_grammar, regex_grammar
 from lmforge.serve.batching import Batcher, Job
 from lmforge.serve.embeddings import embedding_routes
@@ -91,7 +96,7 @@ class Server:
     def start(self) -> None:
         for name, served in self.models.items():
             if served.kind == "generate" and (served.draft is not None or self.batching == "continuous"
-                                              and continuous_batchable(served.model)):
+                                              and decode_loop_runs(served.model)):
                 self.engines[name] = Scheduler(served, self.max_batch, self.max_cache_tokens, self.metrics)
             elif served.kind == "generate":
                 self.engines[name] = Batcher(served, self.max_batch, self.max_wait_s, self.metrics)
@@ -213,6 +218,14 @@ class Server:
                 raise APIError(408, f"the request took longer than {self.timeout_s:g} s", type="timeout",
                                code="timeout")
 
+    def count_domains(self, served: ServedModel, completions: list[Completion]) -> dict:
+        """Count the request under its likeliest domain (expert mixtures); its top-level extension field."""
+        found = _request_domains(completions)
+        if found is None:
+            return {}
+        self.metrics.domain(served.name, found["domain"])
+        return {"lmforge": found}
+
     def stream(self, served: ServedModel, rows, cancel: threading.Event, deadline: float):
         """The rows' text pieces and completions as they are made (see `stream_rows`)."""
         return stream_rows(served, self.engines[served.name], rows, cancel, deadline, self.metrics)
@@ -228,6 +241,23 @@ def _usage(counts: list[int], completions: list[Completion]) -> dict:
     prompt = sum(counts)  # each prompt is counted once, whatever n is
     generated = sum(c.completion_tokens for c in completions)
     return {"prompt_tokens": prompt, "completion_tokens": generated, "total_tokens": prompt + generated}
+
+
+def _choice_domains(c: Completion) -> dict:
+    """An expert mixture's choice: `{"lmforge": {"domain", "domains", "prompt_domains"}}` ({} for other models)."""
+    if not c.domains:
+        return {}
+    return {"lmforge": {"domain": max(c.domains, key=c.domains.get), "domains": c.domains,
+                        "prompt_domains": c.prompt_domains}}
+
+
+def _request_domains(completions: list[Completion]) -> Optional[dict]:
+    """A request's domains: the mean posterior over its choices and the likeliest domain (None: not a mixture)."""
+    found = [c.domains for c in completions if c.domains]
+    if not found:
+        return None
+    mean = {d: round(sum(x[d] for x in found) / len(found), 4) for d in found[0]}
+    return {"domain": max(mean, key=mean.get), "domains": mean}
 
 
 def _logprobs(c: Completion) -> Optional[dict]:
@@ -329,15 +359,17 @@ def create_app(models: dict, api_key: Optional[str] = None, *, batching: str = "
                         yield sse(piece(i, text))
                     else:
                         done.append(completion)
-                        yield sse(piece(i, "", completion.finish_reason))
+                        yield sse({**piece(i, "", completion.finish_reason), **_choice_domains(completion)})
+                server.count_domains(m, done)
                 if include_usage:
                     yield sse({**head, "choices": [], "usage": _usage(counts, done)})
                 yield "data: [DONE]\n\n"
             return EventStream(events(), cleanup=lambda: (cancel.set(), release()))
         results = await server.run_rows(m, rows, request)
         choices = [{"text": (prompt if body.echo else "") + c.text, "index": i, "logprobs": _logprobs(c),
-                    "finish_reason": c.finish_reason} for i, ((prompt, _), c) in enumerate(zip(rows, results))]
-        return {**head, "choices": choices, "usage": _usage(counts, results)}
+                    "finish_reason": c.finish_reason, **_choice_domains(c)}
+                   for i, ((prompt, _), c) in enumerate(zip(rows, results))]
+        return {**head, "choices": choices, "usage": _usage(counts, results), **server.count_domains(m, results)}
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatRequest, request: Request):
@@ -371,15 +403,16 @@ def create_app(models: dict, api_key: Optional[str] = None, *, batching: str = "
                         yield sse(delta(i, text))
                     else:
                         done.append(completion)
-                        yield sse(delta(i, None, completion.finish_reason))
+                        yield sse({**delta(i, None, completion.finish_reason), **_choice_domains(completion)})
+                server.count_domains(m, done)
                 if include_usage:
                     yield sse({**chunk, "choices": [], "usage": _usage(counts, done)})
                 yield "data: [DONE]\n\n"
             return EventStream(events(), cleanup=lambda: (cancel.set(), release()))
         results = await server.run_rows(m, rows, request)
         choices = [{"index": i, "message": {"role": "assistant", "content": c.text}, "logprobs": None,
-                    "finish_reason": c.finish_reason} for i, c in enumerate(results)]
-        return {**head, "choices": choices, "usage": _usage(counts, results)}
+                    "finish_reason": c.finish_reason, **_choice_domains(c)} for i, c in enumerate(results)]
+        return {**head, "choices": choices, "usage": _usage(counts, results), **server.count_domains(m, results)}
 
     @app.post("/v1/classify")
     async def classify(body: ClassifyRequest, request: Request):

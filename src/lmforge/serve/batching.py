@@ -20,7 +20,8 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
-from lmforge.generate import Completion, Decoding, generate
+from lmforge.generate import Completion, Decoding, encode_prompt, generate
+from lmforge.generate.mixtures import annotate_domains, domain_names
 from lmforge.serve.metrics import Metrics
 
 
@@ -151,6 +152,10 @@ class Batcher:
                 j.fail(err)
             return
         self.metrics.batch(len(items))
+        if domain_names(self.served.model) is not None:  # an expert mixture: say which domains the text is from
+            model, tokenizer = self.served.model, self.served.tokenizer
+            completions = [annotate_domains(model, encode_prompt(tokenizer, model, p), c)
+                           for p, c in zip(prompts, completions)]
         for (j, k), c in zip(items, completions):
             self.metrics.tokens(0, c.completion_tokens)
             j.done_row(k, c)

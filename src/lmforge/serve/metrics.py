@@ -1,5 +1,6 @@
-"""What `GET /metrics` reports: requests per route and status, latency quantiles, generated tokens/s, batching;
-as JSON, or in Prometheus' text format (`GET /metrics?format=prometheus`)."""
+"""What `GET /metrics` reports: requests per route and status, latency quantiles, generated tokens/s, batching,
+requests per domain of an expert mixture; as JSON, or in Prometheus' text format
+(`GET /metrics?format=prometheus`)."""
 
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ class Metrics:
         self.batched_rows = 0
         self.largest_batch = 0
         self.cancelled = 0                                    # requests ended by a timeout or a client leaving
+        self.domains: Counter = Counter()                     # (model, domain) → requests (expert mixtures)
         self.in_flight = 0
         self.waiting = 0
 
@@ -50,6 +52,10 @@ class Metrics:
             self.batched_rows += rows
             self.largest_batch = max(self.largest_batch, rows)
 
+    def domain(self, model: str, domain: str) -> None:
+        with self.lock:
+            self.domains[(model, domain)] += 1
+
     def cancel(self) -> None:
         with self.lock:
             self.cancelled += 1
@@ -61,6 +67,9 @@ class Metrics:
             for (route, status), n in sorted(self.requests.items()):
                 by_route.setdefault(route, {})[str(status)] = n
             latency = {route: _quantiles(list(values)) for route, values in self.latency.items() if values}
+            domains: dict = {}
+            for (model, domain), n in sorted(self.domains.items()):
+                domains.setdefault(model, {})[domain] = n
             uptime = now - self.started
             recent = sum(t for when, t in self.recent_tokens if when >= now - WINDOW_S)
             window = min(WINDOW_S, uptime) or 1.0
@@ -77,6 +86,7 @@ class Metrics:
                 "mean_batch_size": round(self.batched_rows / self.batches, 3) if self.batches else 0.0,
                 "largest_batch": self.largest_batch,
                 "cancelled": self.cancelled,
+                "domains": domains,
                 "in_flight": self.in_flight,
                 "waiting": self.waiting,
             }
@@ -115,6 +125,12 @@ def prometheus_text(snapshot: dict) -> bytes:
             yield CounterMetricFamily("lmforge_generated_tokens", "Tokens generated",
                                       value=snapshot["generated_tokens"])
             yield CounterMetricFamily("lmforge_batches", "Generation batches run", value=snapshot["batches"])
+            domains = CounterMetricFamily("lmforge_domain_requests", "Completion requests of an expert mixture by the "
+                                          "domain its posterior chose", labels=["model", "domain"])
+            for model, counts in snapshot["domains"].items():
+                for domain, n in counts.items():
+                    domains.add_metric([model, domain], n)
+            yield domains
             yield CounterMetricFamily("lmforge_cancelled", "Requests ended by a timeout or a client leaving",
                                       value=snapshot["cancelled"])
             for name, help_, key in (

@@ -6,7 +6,9 @@ reservation (prompt + max tokens) fits in `max_cache_tokens`; they are prefilled
 that step on. A row that ends answers its request at once (a stream gets its text piece by piece as it is
 made); a row whose request was cancelled (client gone, timeout) leaves at the next step and frees its slot.
 Streaming and non-streaming requests share the batch. With a draft model the loop runs speculative decoding
-(`lmforge.generate.speculative`), one row at a time.
+(`lmforge.generate.speculative`), one row at a time. An expert mixture (BTM ensemble, DEMix) runs its own batch
+(`lmforge.generate.mixtures`): each row keeps its domain posterior, and its completion says which domains it
+chose; a model whose rows' numbers depend on their batch (int8-dynamic) decodes one row at a time.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from collections import deque
 from typing import Optional
 
 from lmforge.generate import encode_prompt
+from lmforge.generate.mixtures import batch_invariant, running_batch
 from lmforge.generate.running import Row, RunningBatch
 from lmforge.generate.speculative import SpeculativeBatch
 from lmforge.serve.batching import Job
@@ -25,7 +28,8 @@ from lmforge.serve.metrics import Metrics
 class Scheduler:
     def __init__(self, served, max_batch: int, max_cache_tokens: int, metrics: Metrics):
         self.served, self.max_cache_tokens, self.metrics = served, max_cache_tokens, metrics
-        self.max_batch = 1 if served.draft is not None else max_batch  # speculative decoding: one row at a time
+        # speculative decoding, and models whose rows' numbers depend on their batch (int8-dynamic): one row at a time
+        self.max_batch = 1 if served.draft is not None or not batch_invariant(served.model) else max_batch
         self.waiting: deque[Row] = deque()
         self.wake = threading.Condition()
         self.closed = False
@@ -51,7 +55,7 @@ class Scheduler:
     def _new_batch(self) -> RunningBatch:
         if self.served.draft is not None:
             return SpeculativeBatch(self.served.model, self.served.tokenizer, self.served.draft)
-        return RunningBatch(self.served.model, self.served.tokenizer)
+        return running_batch(self.served.model, self.served.tokenizer)
 
     def acceptance_rate(self) -> Optional[float]:
         """Speculative decoding: the share of drafted tokens the target kept (None without a draft)."""

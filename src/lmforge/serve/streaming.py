@@ -15,7 +15,8 @@ from typing import AsyncIterator, Callable
 from fastapi.responses import StreamingResponse
 
 from lmforge.errors import LmforgeError
-from lmforge.generate import stream_generate
+from lmforge.generate import encode_prompt, stream_generate
+from lmforge.generate.mixtures import annotate_domains
 from lmforge.serve.batching import Job
 from lmforge.serve.errors import APIError
 from lmforge.serve.metrics import Metrics
@@ -82,6 +83,8 @@ def _stream_in_threads(served, rows, cancel: threading.Event, metrics: Metrics, 
         try:
             completion = stream_generate(served.model, served.tokenizer, prompt, settings,
                                          lambda text: push((i, text, None)), cancel=cancel)
+            completion = annotate_domains(served.model, encode_prompt(served.tokenizer, served.model, prompt),
+                                          completion)
             metrics.tokens(0, completion.completion_tokens)
             push((i, "", completion))
         except BaseException as err:  # handed to the event loop
