@@ -91,17 +91,26 @@ def _two_nodes(args: list[str], caches: tuple = (), timeout: float = 150.0) -> l
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    cmd = [str(TORCHRUN), "--nnodes", "2", "--nproc_per_node", "1", "--rdzv_backend", "c10d",
-           "--rdzv_endpoint", f"127.0.0.1:{port}", "--rdzv_id", "test", "-m", "lmforge.cli", *args]
+    def cmd(host: bool) -> list[str]:  # node 0 hosts the rendezvous store: which one does is then not a race
+        return [str(TORCHRUN), "--nnodes", "2", "--nproc_per_node", "1", "--rdzv_backend", "c10d",
+                "--rdzv_endpoint", f"127.0.0.1:{port}", "--rdzv_id", "test", "--rdzv_conf", f"is_host={int(host)}",
+                "-m", "lmforge.cli", *args]
     envs = [{**ENV, "LMFORGE_CACHE": str(c)} for c in caches] or [ENV, ENV]
-    nodes = [subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for env in envs]
+    nodes = [subprocess.Popen(cmd(rank == 0), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for rank, env in enumerate(envs)]
     try:
         outputs = [n.communicate(timeout=timeout) for n in nodes]
-        return [subprocess.CompletedProcess(cmd, n.returncode, *out) for n, out in zip(nodes, outputs)]
+        return [subprocess.CompletedProcess(n.args, n.returncode, *out) for n, out in zip(nodes, outputs)]
     finally:
         for n in nodes:
             n.kill()
+
+
+def _assert_both_succeeded(nodes: list[subprocess.CompletedProcess]) -> None:
+    """Every failing node's stderr, the store's host first: when the host fails, the other node only reports the lost
+    connection to the rendezvous store, which hides the cause."""
+    failed = [f"node {rank} (exit {n.returncode}):\n{n.stderr[-2500:]}" for rank, n in enumerate(nodes) if n.returncode]
+    assert not failed, "\n\n".join(failed)
 
 
 @pytest.mark.slow
@@ -117,8 +126,8 @@ def test_two_fsdp_nodes_match_one_process_and_resume_on_one(tmp_path, corpus, ca
         recipes[name] = tmp_path / f"{name}.yaml"
         recipes[name].write_text(yaml.safe_dump(tree))
     caches = (tmp_path / "node0-cache", tmp_path / "node1-cache")
-    for node in _two_nodes(["pretrain", str(recipes["two"]), "--no-progress", "--set", "dist.strategy=fsdp"], caches):
-        assert node.returncode == 0, node.stderr[-3000:]
+    _assert_both_succeeded(_two_nodes(["pretrain", str(recipes["two"]), "--no-progress", "--set", "dist.strategy=fsdp"],
+                                      caches))
     assert all(len(list(c.glob("blocks/*/meta.json"))) == 1 for c in caches)  # each node built its own copy
     step6 = tmp_path / "two" / "checkpoints" / "step-000006"
     assert sorted(p.name for p in step6.iterdir()) == [".metadata", "__0_0.distcp", "__1_0.distcp",
@@ -155,8 +164,7 @@ def test_lora_under_fsdp_on_two_nodes_trains_and_saves_only_the_adapters(tmp_pat
             "dist": {"strategy": "fsdp"},
             "output": {"dir": str(run), "tensorboard": False, "plots": False}}
     (tmp_path / "ft.yaml").write_text(yaml.safe_dump(tree))
-    for node in _two_nodes(["finetune", str(tmp_path / "ft.yaml"), "--no-progress"]):
-        assert node.returncode == 0, node.stderr[-3000:]
+    _assert_both_succeeded(_two_nodes(["finetune", str(tmp_path / "ft.yaml"), "--no-progress"]))
     saved = FileSystemReader(str(run / "checkpoints" / "step-000006")).read_metadata().state_dict_metadata
     weights = {k for k in saved if k.startswith("model.")}
     assert weights and all(".lora_" in k or ".modules_to_save." in k for k in weights), sorted(weights)
