@@ -91,9 +91,12 @@ def _two_nodes(args: list[str], caches: tuple = (), timeout: float = 150.0) -> l
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    def cmd(host: bool) -> list[str]:  # node 0 hosts the rendezvous store: which one does is then not a race
+    # Node 0 hosts the rendezvous store, so which one does is not a race; a node is declared dead after 2 min
+    # without a heartbeat rather than 15 s, which an agent starved of CPU on a loaded 2-core machine can miss.
+    def cmd(host: bool) -> list[str]:
         return [str(TORCHRUN), "--nnodes", "2", "--nproc_per_node", "1", "--rdzv_backend", "c10d",
-                "--rdzv_endpoint", f"127.0.0.1:{port}", "--rdzv_id", "test", "--rdzv_conf", f"is_host={int(host)}",
+                "--rdzv_endpoint", f"127.0.0.1:{port}", "--rdzv_id", "test",
+                "--rdzv_conf", f"is_host={int(host)},keep_alive_interval=5,keep_alive_max_attempt=24",
                 "-m", "lmforge.cli", *args]
     envs = [{**ENV, "LMFORGE_CACHE": str(c)} for c in caches] or [ENV, ENV]
     nodes = [subprocess.Popen(cmd(rank == 0), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
