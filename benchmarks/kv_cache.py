@@ -1,7 +1,8 @@
 """The running batch's decode loop with its in-place KV cache (`lmforge.generate.cache`) against the same loop
 on transformers' `DynamicCache`, which concatenates every layer's keys and values at each step.
 
-R rows (mixed prompt lengths, greedy, `--max-tokens` each) decode together in one `RunningBatch` until all end;
+R rows (prompts of ≈ 10 and ≈ 100 tokens, greedy, 1/8 to all of `--max-tokens` each, so that rows leave the batch
+at eight different steps) decode together in one `RunningBatch` until all end;
 tokens/s of each cache, the two taking turns `--repeats` times in one process; the ratio of the medians.
 The rows' tokens must be identical on both.
 
@@ -30,8 +31,9 @@ from lmforge.generate import running  # noqa: E402
 def decode(model, tok, prompts: list[str], max_tokens: int, in_place: bool) -> tuple[float, int, list]:
     """Seconds, generated tokens and the rows' tokens of one `run_rows` over `prompts`."""
     running.with_slack = slack if in_place else (lambda cache: cache)
-    rows = [running.Row(encode_prompt(tok, model, p), Decoding(max_new_tokens=max_tokens, temperature=0), max_tokens)
-            for p in prompts]
+    limits = [max(1, max_tokens * (1 + i % 8) // 8) for i in range(len(prompts))]  # rows leave at 8 different steps
+    rows = [running.Row(encode_prompt(tok, model, p), Decoding(max_new_tokens=n, temperature=0), n)
+            for p, n in zip(prompts, limits)]
     start = time.perf_counter()
     done = running.run_rows(running.RunningBatch(model, tok), rows)
     seconds = time.perf_counter() - start

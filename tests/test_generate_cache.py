@@ -55,3 +55,16 @@ def test_a_model_decodes_the_same_logits_on_either_cache():
                 got.append(out.logits[:, -1])
             logits[name] = torch.stack(got)
     torch.testing.assert_close(logits["slack"], logits["plain"])
+
+
+def test_rows_join_padded_on_the_left_and_leave_keeping_free_columns():
+    layer = SlackLayer(torch.ones(1, 1, 2, 2), -torch.ones(1, 1, 2, 2), slack=4)
+    layer.add_rows(torch.full((2, 1, 3, 2), 2.0), torch.full((2, 1, 3, 2), -2.0))
+    assert layer.get_seq_length() == 3 and layer._keys.shape[2] == 3 + 4
+    assert layer.keys[0, 0, :, 0].tolist() == [0.0, 1.0, 1.0] and layer.keys[1, 0, :, 0].tolist() == [2.0] * 3
+    assert layer.values[0, 0, :, 0].tolist() == [0.0, -1.0, -1.0]
+    layer.select_rows(torch.tensor([0, 2]), first=1)  # row 1 leaves; column 0 is padding in every row left
+    assert layer.keys[:, 0, :, 0].tolist() == [[1.0, 1.0], [2.0, 2.0]] and layer.get_seq_length() == 2
+    buffer = layer._keys.data_ptr()
+    keys, _ = layer.update(torch.full((2, 1, 1, 2), 5.0), torch.zeros(2, 1, 1, 2))
+    assert layer._keys.data_ptr() == buffer and keys[:, 0, :, 0].tolist() == [[1.0, 1.0, 5.0], [2.0, 2.0, 5.0]]

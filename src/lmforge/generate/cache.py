@@ -62,6 +62,30 @@ class SlackLayer(DynamicLayer):
         self.length = self._values_length = end
         return self.keys, self.values
 
+    def add_rows(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Append rows (another batch's filled columns) below these, both right-aligned at the longer length with
+        zero padding on the left: one copy into a buffer that keeps free columns."""
+        width = max(self.length, keys.shape[2])
+        self._keys = self._stacked(self.keys, keys, width)
+        self._values = self._stacked(self.values, values, width)
+        self.length = self._values_length = width
+
+    def _stacked(self, old: torch.Tensor, new: torch.Tensor, width: int) -> torch.Tensor:
+        rows = old.shape[0]
+        buffer = old.new_empty(rows + new.shape[0], old.shape[1], width + self.slack, old.shape[3])
+        for part, at in ((old, slice(0, rows)), (new, slice(rows, None))):
+            pad = width - part.shape[2]
+            buffer[at, :, :pad] = 0
+            buffer[at, :, pad:width] = part
+        return buffer
+
+    def select_rows(self, index: torch.Tensor, first: int) -> None:
+        """Keep the rows in `index` and the columns from `first` on. The free columns are copied along (they are
+        few), so the next steps still write in place: one copy, not one now and one at the next step."""
+        self._keys, self._values = self._keys[index, :, first:], self._values[index, :, first:]
+        self.length -= first
+        self._values_length = self.length
+
     def _grown(self, filled: torch.Tensor, coming: int) -> torch.Tensor:
         """A buffer holding `filled`'s columns with room for `coming` more plus `slack`."""
         rows, heads, length, dim = filled.shape

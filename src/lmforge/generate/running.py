@@ -161,8 +161,7 @@ class RunningBatch:
             return
         width = max(self.mask.shape[1], mask.shape[1])
         for old, new in zip(_layers(self.cache), _layers(cache)):
-            old.keys = torch.cat([_pad_left(old.keys, width, 2), _pad_left(new.keys, width, 2)])
-            old.values = torch.cat([_pad_left(old.values, width, 2), _pad_left(new.values, width, 2)])
+            old.add_rows(new.keys, new.values)
         self.mask = torch.cat([_pad_left(self.mask, width, 1), _pad_left(mask, width, 1)])
         self.last = torch.cat([self.last, last])
         if state is not None:
@@ -207,8 +206,7 @@ class RunningBatch:
         first = int(self.mask.any(0).nonzero()[0])
         self.mask = self.mask[:, first:]
         for layer in _layers(self.cache):
-            layer.keys = layer.keys[index, :, first:]
-            layer.values = layer.values[index, :, first:]
+            layer.select_rows(index, first)
 
     def _choose(self, rows: list[Row], logits: torch.Tensor) -> torch.Tensor:
         """Every row's next token, as `lmforge.generate` would choose it for that row alone."""
