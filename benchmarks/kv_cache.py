@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 import torch
+from transformers.cache_utils import DynamicLayer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from serve_load import build_model  # noqa: E402
@@ -28,9 +29,29 @@ from lmforge.generate import Decoding, encode_prompt, open_generator  # noqa: E4
 from lmforge.generate import running  # noqa: E402
 
 
+class ConcatLayer(DynamicLayer):
+    """transformers' DynamicLayer (a concatenation at every step) with the running batch's row operations done as
+    the loop did them before the in-place cache: pad and concatenate, index and slice."""
+
+    def add_rows(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        width = max(self.keys.shape[2], keys.shape[2])
+        pad = lambda x: torch.nn.functional.pad(x, (0, 0, width - x.shape[2], 0))  # noqa: E731
+        self.keys = torch.cat([pad(self.keys), pad(keys)])
+        self.values = torch.cat([pad(self.values), pad(values)])
+
+    def select_rows(self, index: torch.Tensor, first: int) -> None:
+        self.keys, self.values = self.keys[index, :, first:], self.values[index, :, first:]
+
+
+def concatenating(cache):
+    for layer in cache.layers:
+        layer.__class__ = ConcatLayer
+    return cache
+
+
 def decode(model, tok, prompts: list[str], max_tokens: int, in_place: bool) -> tuple[float, int, list]:
     """Seconds, generated tokens and the rows' tokens of one `run_rows` over `prompts`."""
-    running.with_slack = slack if in_place else (lambda cache: cache)
+    running.with_slack = slack if in_place else concatenating
     limits = [max(1, max_tokens * (1 + i % 8) // 8) for i in range(len(prompts))]  # rows leave at 8 different steps
     rows = [running.Row(encode_prompt(tok, model, p), Decoding(max_new_tokens=n, temperature=0), n)
             for p, n in zip(prompts, limits)]
