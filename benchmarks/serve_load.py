@@ -294,6 +294,9 @@ def streaming_benchmark(args, folder: str, prompts: list[str], device: str, leve
                                       "127.0.0.1", "--port", str(port), "--log-level", "error", folder]
     elif not args.no_peer:
         print("note: the `transformers` command is not installed: its server is left out", flush=True)
+    if args.servers:  # a subset, continuous batching always in it (every ratio is against it)
+        wanted = {"continuous"} | {PEER if n == "peer" else n for n in args.servers.split(",")}
+        servers = {name: command for name, command in servers.items() if name in wanted}
     ports, procs = {}, []
     try:
         for name, command in servers.items():
@@ -517,6 +520,8 @@ def main() -> None:
                    "default); --stream defaults to 1")
     p.add_argument("--no-peer", action="store_true", help="--stream: leave out `transformers serve "
                    "--continuous-batching`")
+    p.add_argument("--servers", help="--stream: only these beside continuous batching, comma-separated, of micro, "
+                   "one-at-a-time, peer (default: all)")
     p.add_argument("--rounds", type=int, default=3, help="--stream: rounds of all levels (medians are reported)")
     p.add_argument("--quick", action="store_true", help="tiny model, 1 and 4 clients, 2 requests of 8 tokens")
     p.add_argument("--out", help="also write the results as JSON here")

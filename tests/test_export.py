@@ -13,7 +13,8 @@ import pytest
 import torch
 import yaml
 from fastapi.testclient import TestClient
-from transformers import BertConfig, BertForMaskedLM, BertForSequenceClassification, BertForTokenClassification
+from transformers import (AutoModelForSequenceClassification, BertConfig, BertForMaskedLM, BertForSequenceClassification,
+                          BertForTokenClassification)
 from typer.testing import CliRunner
 
 from conftest import tiny_recipe
@@ -215,3 +216,21 @@ def test_bad_inputs_are_one_line_and_leave_nothing(models, corpus, tmp_path, mon
     assert not (tmp_path / "o.jsonl").exists()
     with pytest.raises(Exception, match="not a valid ONNX model"):
         load_onnx_model(corrupt)
+
+
+def test_a_pruned_classifier_exports_with_equal_logits(models, tmp_path):
+    """Heads and FFN neurons removed unevenly (layer 0 keeps 2 of 4 heads, layer 1 keeps 3; FFN widths 40 and 24),
+    saved as `lmforge compress` saves it: fp32 ONNX equals the pruned PyTorch model, int8 stays close."""
+    from lmforge.models.compressed import COMPRESSION_KEY, load_pretrained
+    from lmforge.models.slicing import keep_units, stock_loadable
+    model = load_pretrained(AutoModelForSequenceClassification, models / "run" / "final")
+    keep_units(model, heads=[[0, 2], [1, 2, 3]], neurons=[list(range(0, 64, 2))[:40], list(range(24))])
+    setattr(model.config, COMPRESSION_KEY, {"shape": stock_loadable(model)})
+    save_tokenizer(load_tokenizer(models / "run" / "final"), tmp_path / "pruned")
+    model.save_pretrained(tmp_path / "pruned")
+    export(tmp_path / "pruned", tmp_path / "pruned-onnx")
+    export(tmp_path / "pruned", tmp_path / "pruned-int8", quantize="int8")
+    assert logits_gap(tmp_path / "pruned", tmp_path / "pruned-onnx") <= FP32_TOLERANCE
+    assert logits_gap(tmp_path / "pruned", tmp_path / "pruned-int8") <= INT8_TOLERANCE
+    full, pruned = ((d / "model.onnx").stat().st_size for d in (models / "run-onnx", tmp_path / "pruned-onnx"))
+    assert pruned < full

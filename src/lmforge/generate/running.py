@@ -4,9 +4,10 @@ place in one KV cache, its own settings and its own end.
 A row joins after its prompt is prefilled (rows that arrive together are prefilled as one left-padded batch)
 and takes part from the next decode step on; a row that ends (EOS, its token limit, a stop string) or is
 dropped (cancelled, past its deadline) leaves at once and its cache rows are freed, so no row waits for
-another to finish. The cache is transformers' `DynamicCache`: every layer holds [rows, heads, columns, dim]
-keys and values, rows left-aligned with zero padding masked out; joining pads the shorter side on the left
-and concatenates, leaving selects the remaining rows and drops columns no row uses any more.
+another to finish. The cache is transformers' `DynamicCache` with layers that write each step in place
+(`lmforge.generate.cache`): every layer holds [rows, heads, columns, dim] keys and values, rows
+left-aligned with zero padding masked out; joining pads the shorter side on the left and concatenates,
+leaving selects the remaining rows and drops columns no row uses any more.
 
 Each row is chosen as `lmforge.generate` chooses it alone (repetition penalty over its own tokens, then
 argmax or a draw from its own seeded generator after temperature → top-k → top-p), so a greedy or seeded
@@ -23,6 +24,7 @@ from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
 from lmforge.errors import LmforgeError
+from lmforge.generate.cache import with_slack
 from lmforge.generate.decode import Completion, Decoding, row_completion, special_token, steps_by_hand
 from lmforge.generate.rows import row_generator, step_logprobs, warpers
 from lmforge.generate.stream import PieceStreamer
@@ -153,12 +155,13 @@ class RunningBatch:
     def _merge(self, cache, mask: torch.Tensor, last: torch.Tensor, state: Optional[torch.Tensor]) -> None:
         """Add prefilled rows to the running ones, padding whichever side is shorter on the left."""
         if self.cache is None:
+            for c in _caches(cache):
+                with_slack(c)
             self.cache, self.mask, self.last, self.state = cache, mask, last, state
             return
         width = max(self.mask.shape[1], mask.shape[1])
         for old, new in zip(_layers(self.cache), _layers(cache)):
-            old.keys = torch.cat([_pad_left(old.keys, width, 2), _pad_left(new.keys, width, 2)])
-            old.values = torch.cat([_pad_left(old.values, width, 2), _pad_left(new.values, width, 2)])
+            old.add_rows(new.keys, new.values)
         self.mask = torch.cat([_pad_left(self.mask, width, 1), _pad_left(mask, width, 1)])
         self.last = torch.cat([self.last, last])
         if state is not None:
@@ -203,8 +206,7 @@ class RunningBatch:
         first = int(self.mask.any(0).nonzero()[0])
         self.mask = self.mask[:, first:]
         for layer in _layers(self.cache):
-            layer.keys = layer.keys[index, :, first:]
-            layer.values = layer.values[index, :, first:]
+            layer.select_rows(index, first)
 
     def _choose(self, rows: list[Row], logits: torch.Tensor) -> torch.Tensor:
         """Every row's next token, as `lmforge.generate` would choose it for that row alone."""
