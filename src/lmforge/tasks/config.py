@@ -134,12 +134,18 @@ class FinetuneTrain(TrainConfig):
         None, description="Loss weights per label: 'balanced' (inverse frequency) or a mapping label → weight.")
     group_by_length: bool = Field(True, description="Batch examples of similar length together (less padding).")
     eval_batch_size: int = Field(128, ge=1, description="Examples per evaluation batch.")
-    adversarial: Literal["none", "fgm"] = Field(
+    adversarial: Literal["none", "fgm", "pgd"] = Field(
         "none", description="Adversarial training (classification, NER): 'fgm' runs each batch again on word "
                             "embeddings moved by adversarial_epsilon along their gradient (about one more forward "
-                            "and backward per step; its share of step time is logged as adversarial_share).")
-    adversarial_epsilon: float = Field(1.0, gt=0.0, description="FGM step: the L2 norm of the perturbation of the "
-                                                                "embedding matrix.")
+                            "and backward per step); 'pgd' moves them adversarial_steps times by adversarial_alpha, "
+                            "kept within adversarial_epsilon (about adversarial_steps more); the share of step time "
+                            "is logged as adversarial_share.")
+    adversarial_epsilon: float = Field(1.0, gt=0.0, description="FGM step, or PGD's bound: the L2 norm of the "
+                                                                "perturbation of the embedding matrix.")
+    adversarial_alpha: float = Field(0.3, gt=0.0, description="PGD: the L2 norm of each of its moves (before the "
+                                                              "projection onto the adversarial_epsilon ball).")
+    adversarial_steps: int = Field(3, ge=1, description="PGD: moves (each one more forward and backward) per "
+                                                        "training step.")
 
 
 class FinetuneRecipe(Section):
