@@ -31,6 +31,7 @@ from lmforge.finetune.embedding import finetune_embedding
 from lmforge.finetune.fast import first_position_only
 from lmforge.finetune.flops import task_batch_flops
 from lmforge.finetune.objective import TaskObjective
+from lmforge.finetune.seq2seq import finetune_seq2seq
 from lmforge.finetune.setup import open_base, train_settings
 from lmforge.recipe import coerce_recipe
 from lmforge.runs import start_run
@@ -98,6 +99,10 @@ def finetune(recipe: Union[FinetuneRecipe, str, Path, dict], *, overrides: Union
         if train_objective is not None:
             raise LmforgeError("distill: task embedding cannot be distilled; fine-tune it with `lmforge finetune`")
         return finetune_embedding(recipe, resume=resume, force=force, show_progress=show_progress, on_eval=on_eval)
+    if recipe.task == "seq2seq":
+        if train_objective is not None:
+            raise LmforgeError("distill: task seq2seq cannot be distilled; fine-tune it with `lmforge finetune`")
+        return finetune_seq2seq(recipe, resume=resume, force=force, show_progress=show_progress, on_eval=on_eval)
     cfg = recipe.train
     folder, tokenizer, t0 = open_base(recipe)
     data = TaskData(recipe, tokenizer)
