@@ -14,8 +14,10 @@ from transformers import BertConfig, BertForMaskedLM, T5Config, T5ForConditional
 from lmforge.errors import LmforgeError
 from lmforge.evaluate import evaluate
 from lmforge.finetune import finetune, finetune_recipe_from_dict, predict_file
+from lmforge.generate import generate_text, open_generator
 from lmforge.objectives.span import end_with_eos
 from lmforge.recipe import TokenizerConfig
+from lmforge.serve.models import load_served_model
 from lmforge.tasks.seq2seq import decode_generated, text_metrics
 from lmforge.tasks.seq2seq_data import heading_pairs
 from lmforge.tokenizer import save_tokenizer, train_tokenizer
@@ -91,6 +93,13 @@ def test_tiny_t5_learns_to_copy_writes_predictions_and_predicts(tmp_path, t5_dir
     again = evaluate(run, split="validation")
     assert again["rougeL"] == pytest.approx(scores["rougeL"])
 
+    # `lmforge generate` and `serve` take the run too: greedy decoding from the saved generation config
+    model, tokenizer = open_generator(run)
+    first = lines[0]
+    assert generate_text(model, tokenizer, first["source"], max_new_tokens=8, temperature=0).strip() == \
+        first["prediction"]
+    assert load_served_model(str(run)).kind == "generate"
+
 
 def test_beam_search_is_used_when_the_recipe_asks(tmp_path, t5_dir):
     train = copy_pairs(tmp_path / "train.jsonl", 64, 0)
@@ -99,7 +108,8 @@ def test_beam_search_is_used_when_the_recipe_asks(tmp_path, t5_dir):
     r.seq2seq.num_beams = 3
     run = finetune(r, show_progress=False)
     assert json.loads((run / "eval-validation.json").read_text())["num_beams"] == 3
-    assert json.loads((run / "final" / "generation_config.json").read_text())["num_beams"] == 3
+    assert json.loads((run / "final" / "generation_config.json").read_text()).get("num_beams", 1) == 1
+    assert "beam search (3 beams)" in (run / "README.md").read_text()
 
 
 def test_decoding_stops_at_eos_and_keeps_the_unknown_token(t5_dir):
@@ -113,7 +123,7 @@ def test_decoding_stops_at_eos_and_keeps_the_unknown_token(t5_dir):
 def test_heading_pairs_take_the_nearest_heading(tmp_path):
     wiki = tmp_path / "wiki.txt"
     wiki.write_text(" \n = Robert Boulter = \n \n Robert Boulter is an actor . \n \n = = Career = = \n \n"
-                    " In 2000 Boulter had a role . \n He starred in a play . \n")
+                    " In 2000 Boulter had a role . \n He starred in a play . \n = = <unk> awards = = \n A dropped paragraph . \n")
     pairs = heading_pairs(wiki)
     assert [(p.source, p.target, p.line) for p in pairs] == [
         ("Robert Boulter is an actor .", "Robert Boulter", 4), ("In 2000 Boulter had a role .", "Career", 8),

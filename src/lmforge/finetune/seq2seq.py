@@ -84,14 +84,13 @@ def build_seq2seq_model(folder: Path, tokenizer, dropout: Optional[float], seed:
 
 
 def set_generation_config(model, tokenizer, recipe: FinetuneRecipe) -> None:
-    """The saved generation_config.json decodes as the run evaluated: its start, EOS and pad ids, beams, length."""
+    """The saved generation_config.json starts, stops and pads as the run evaluated, and allows its target length.
+    Beams stay out of it: `lmforge predict` takes them from the recipe, and `generate` / `serve` callers choose
+    their own decoding (a streamed completion cannot use beams)."""
     gen = model.generation_config
     for name, value in generation_ids(model, tokenizer).items():
         setattr(gen, name, value)
     gen.max_new_tokens = recipe.seq2seq.max_new_tokens or recipe.data.max_target_length
-    gen.num_beams = recipe.seq2seq.num_beams
-    gen.length_penalty = recipe.seq2seq.length_penalty
-    gen.do_sample = False
 
 
 def finetune_seq2seq(recipe: FinetuneRecipe, *, resume: bool = False, force: bool = False,

@@ -31,6 +31,12 @@ def is_task_run(run_dir: Path) -> bool:
     return recipe.is_file() and re.search(r"^task:", recipe.read_text(encoding="utf-8"), re.M) is not None
 
 
+def is_seq2seq_run(run_dir: Path) -> bool:
+    """A fine-tuning run of task seq2seq: its model generates text (`lmforge generate` and `serve` take it too)."""
+    recipe = Path(run_dir) / "recipe.yaml"
+    return recipe.is_file() and re.search(r"^task: seq2seq\s*$", recipe.read_text(encoding="utf-8"), re.M) is not None
+
+
 def open_task_model(run_dir: Path, which: Optional[str] = None):
     """(recipe or None, model, tokenizer, task) of a fine-tuning run folder or a plain HF classifier folder."""
     run_dir = Path(run_dir)

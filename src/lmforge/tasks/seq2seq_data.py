@@ -15,10 +15,12 @@ import torch
 from lmforge.engine.logging import console
 from lmforge.errors import LmforgeError
 from lmforge.tasks.config import FinetuneRecipe, SplitFile, TaskData
-from lmforge.tasks.encode import TaskLoader
+from lmforge.tasks.encode import TaskLoader, _is_byte_level
 from lmforge.tasks.pairs import HEADING
 from lmforge.tasks.splits import SPLITS, source_of, split_rows
 from lmforge.tasks.tables import _check_readable, _records, format_of
+
+UNKNOWN_WORD = "<unk>"  # WikiText's stand-in for a rare word
 
 
 @dataclass
@@ -62,7 +64,9 @@ def heading_text(line: str) -> str:
 def heading_pairs(path: Path) -> list[TextPair]:
     """(paragraph, the nearest heading above it) for every paragraph line of a WikiText-style file: an article's
     title (' = Title = ') for its lead paragraphs, a section's heading (' = = Section = = ', any depth) for the
-    paragraphs under it. Paragraphs before any heading make no pair."""
+    paragraphs under it. Paragraphs before any heading make no pair, nor do those under a heading holding
+    WikiText's `<unk>` (a rare word it replaced): no text can tell which word that was, and as the most frequent
+    heading word it would teach a model to answer `<unk>` to everything."""
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
     except UnicodeDecodeError as err:
@@ -73,6 +77,7 @@ def heading_pairs(path: Path) -> list[TextPair]:
             continue
         if HEADING.match(line):
             heading = heading_text(line) or None
+            heading = None if heading and UNKNOWN_WORD in heading else heading
         elif heading is not None:
             pairs.append(TextPair(line.strip(), heading, lineno))
     return pairs
@@ -124,7 +129,10 @@ def encode_seq2seq(tokenizer, pairs: list[TextPair], max_length: int, max_target
     if eos is None:
         raise LmforgeError("model.tokenizer: seq2seq needs a tokenizer with an end-of-sequence token (eos_token)")
     sources, cut_sources = encode_sources(tokenizer, [p.source for p in pairs], max_length, prefix)
-    targets = tokenizer([p.target for p in pairs], add_special_tokens=False, truncation=False,
+    # Byte-level BPE marks a word start with a space: a target's words get the ids they have inside a source
+    # text (and that span-corruption targets had), not those of a text's first word.
+    lead = " " if _is_byte_level(tokenizer) else ""
+    targets = tokenizer([lead + p.target for p in pairs], add_special_tokens=False, truncation=False,
                         return_attention_mask=False, verbose=False)["input_ids"]
     targets = [t + [eos] for t in targets]  # closed by EOS whatever the tokenizer's template adds
     unk = tokenizer.unk_token_id

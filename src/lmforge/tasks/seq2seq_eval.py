@@ -13,11 +13,6 @@ from lmforge.tasks.seq2seq_data import encode_splits, read_seq2seq_splits
 from lmforge.tasks.splits import source_of
 
 
-def is_seq2seq_run(run_dir: Path) -> bool:
-    recipe = Path(run_dir) / "recipe.yaml"
-    return recipe.is_file() and "\ntask: seq2seq" in "\n" + recipe.read_text(encoding="utf-8")
-
-
 def evaluate_seq2seq_run(run_dir: Path, split: str = "validation", file: Optional[Path] = None,
                          which: Optional[str] = None) -> dict:
     """Score the run's model on `split` (or on `file` as that split); writes report-, eval- and predictions-SPLIT."""
