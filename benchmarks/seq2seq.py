@@ -28,6 +28,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--base", default=str(ROOT / "runs" / "wikitext2-t5-span"), help="The pretrained T5 run folder.")
     ap.add_argument("--steps", type=int, default=None, help="Fine-tuning steps (default: the recipe's).")
+    ap.add_argument("--lr", type=float, default=None, help="Peak learning rate (default: the recipe's).")
     ap.add_argument("--eval", type=int, default=None, help="Held-out pairs scored (default: the recipe's).")
     ap.add_argument("--beams", type=int, default=None, help="Beams at evaluation (default: the recipe's).")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores).")
@@ -36,6 +37,7 @@ def main() -> None:
     overrides = [f"model.path={Path(args.base).resolve()}", f"output.dir={out / 'run'}", "output.plots=false",
                  "output.tensorboard=false"]
     overrides += [f"train.max_steps={args.steps}", f"train.eval_every={args.steps}"] if args.steps else []
+    overrides += [f"train.lr={args.lr}"] if args.lr else []
     overrides += [f"data.max_eval_examples={args.eval}"] if args.eval else []
     overrides += [f"seq2seq.num_beams={args.beams}"] if args.beams else []
     overrides += [f"train.threads={args.threads}"] if args.threads else []
@@ -49,7 +51,7 @@ def main() -> None:
     tuned = run.metrics["validation"]
     best = max(leads, key=lambda n: leads[n]["rougeL"])
     print(f"WikiText-2 paragraph → heading, {len(pairs)} held-out pairs (test.txt); fine-tuned "
-          f"{recipe.train.max_steps} steps from {args.base}, {recipe.seq2seq.num_beams} beams, {seconds:.0f} s")
+          f"{recipe.train.max_steps} steps (lr {recipe.train.lr}) from {args.base}, {recipe.seq2seq.num_beams} beams, {seconds:.0f} s")
     print(f"{'model':<24}{'rouge1':>9}{'rouge2':>9}{'rougeL':>9}{'bleu':>8}")
     for n, m in leads.items():
         print(f"{f'lead-{n}':<24}{m['rouge1']:>9.4f}{m['rouge2']:>9.4f}{m['rougeL']:>9.4f}{m['bleu']:>8.2f}")
