@@ -29,6 +29,7 @@ def main() -> None:
     ap.add_argument("--base", default=str(ROOT / "runs" / "wikitext2-t5-span"), help="The pretrained T5 run folder.")
     ap.add_argument("--steps", type=int, default=None, help="Fine-tuning steps (default: the recipe's).")
     ap.add_argument("--lr", type=float, default=None, help="Peak learning rate (default: the recipe's).")
+    ap.add_argument("--max-length", type=int, default=None, help="Source tokens kept (default: the recipe's).")
     ap.add_argument("--eval", type=int, default=None, help="Held-out pairs scored (default: the recipe's).")
     ap.add_argument("--beams", type=int, default=None, help="Beams at evaluation (default: the recipe's).")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores).")
@@ -39,6 +40,7 @@ def main() -> None:
     overrides += [f"train.max_steps={args.steps}", f"train.eval_every={args.steps}"] if args.steps else []
     overrides += [f"train.lr={args.lr}"] if args.lr else []
     overrides += [f"data.max_eval_examples={args.eval}"] if args.eval else []
+    overrides += [f"data.max_length={args.max_length}"] if args.max_length else []
     overrides += [f"seq2seq.num_beams={args.beams}"] if args.beams else []
     overrides += [f"train.threads={args.threads}"] if args.threads else []
     recipe = load_finetune_recipe(RECIPE, overrides)
