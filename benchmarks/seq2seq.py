@@ -1,12 +1,14 @@
 """Seq2seq: the span-corruption T5 fine-tuned on WikiText-2 paragraph → section heading (recipes/wikitext2-t5-heading.yaml)
 against the lead baseline (the first N words of the paragraph, for N = 1..5: the best N is the peer), the same
-held-out pairs, ROUGE-L (and ROUGE-1/2, BLEU) from the same scorer.
+held-out pairs, ROUGE-L (and ROUGE-1/2, BLEU) from the same scorer. Also printed: a constant answer, the most
+frequent training heading, which is what a model that does not read its source ends up saying.
 
 Needs the pretrained T5 (`lmforge pretrain recipes/wikitext2-t5-span.yaml`, or a shorter run passed as --base).
 
     python benchmarks/seq2seq.py --base runs/wikitext2-t5-span --steps 400 --eval 500 --threads 2
 """
 import argparse
+from collections import Counter
 import tempfile
 import time
 from pathlib import Path
@@ -44,9 +46,13 @@ def main() -> None:
     overrides += [f"seq2seq.num_beams={args.beams}"] if args.beams else []
     overrides += [f"train.threads={args.threads}"] if args.threads else []
     recipe = load_finetune_recipe(RECIPE, overrides)
-    pairs = read_seq2seq_splits(recipe)["validation"]
+    splits = read_seq2seq_splits(recipe)
+    pairs = splits["validation"]
     references = [p.target for p in pairs]
     leads = {n: text_metrics([lead(p.source, n) for p in pairs], references) for n in range(1, 6)}
+    # a model that ignores its source collapses onto a frequent heading: the most frequent one, said every time
+    common = Counter(p.target for p in splits["train"]).most_common(1)[0][0]
+    constant = text_metrics([common] * len(pairs), references)
     started = time.perf_counter()
     run = finetune(recipe, show_progress=False)
     seconds = time.perf_counter() - started
@@ -57,6 +63,8 @@ def main() -> None:
     print(f"{'model':<24}{'rouge1':>9}{'rouge2':>9}{'rougeL':>9}{'bleu':>8}")
     for n, m in leads.items():
         print(f"{f'lead-{n}':<24}{m['rouge1']:>9.4f}{m['rouge2']:>9.4f}{m['rougeL']:>9.4f}{m['bleu']:>8.2f}")
+    print(f"{'constant: ' + common[:14]:<24}{constant['rouge1']:>9.4f}{constant['rouge2']:>9.4f}"
+          f"{constant['rougeL']:>9.4f}{constant['bleu']:>8.2f}")
     print(f"{'fine-tuned T5':<24}{tuned['rouge1']:>9.4f}{tuned['rouge2']:>9.4f}{tuned['rougeL']:>9.4f}"
           f"{tuned['bleu']:>8.2f}")
     print(f"ROUGE-L ratio fine-tuned / best lead (lead-{best}): {tuned['rougeL'] / leads[best]['rougeL']:.2f}")
