@@ -8,11 +8,12 @@ evaluation at step 0 (`train.eval_at_start`), on the same 1,000 held-out pairs a
     python benchmarks/finetune_more.py                       # the recipe as shipped
     python benchmarks/finetune_more.py --steps 60 --eval-pairs 500 --threads 2
 
-`--fgm` measures FGM adversarial training instead: recipes/sst2-minilm.yaml on a slice of SST-2, with and
-without `train.adversarial=fgm`, the same seeds; dev accuracy (mean ± half the spread over the seeds) and
+`--fgm` measures adversarial training instead: recipes/sst2-minilm.yaml on a slice of SST-2, with and
+without `train.adversarial=fgm` (or each of `--methods`, e.g. `none fgm pgd`), the same seeds; dev accuracy (mean ± half the spread over the seeds) and
 seconds per training step of each (between the first and the last training log line).
 
     python benchmarks/finetune_more.py --fgm --examples 2000 --seeds 0 1 --threads 2
+    python benchmarks/finetune_more.py --fgm --methods none fgm pgd --examples 1000 --seeds 0 1 --threads 1
 """
 import argparse
 import json
@@ -42,10 +43,10 @@ def sentence_transformers_gap(run_dir: Path, texts: list[str]) -> float:
     return float(np.abs(ours - theirs).max())
 
 
-def fgm_comparison(examples: int, seeds: list[int], threads) -> None:
-    """SST-2 with and without FGM, each seed both ways, the same data slice and schedule."""
+def fgm_comparison(examples: int, seeds: list[int], threads, methods=("none", "fgm")) -> None:
+    """SST-2 with each adversarial method (and without), each seed every way, the same data slice and schedule."""
     rows = {}
-    for method in ("none", "fgm"):
+    for method in methods:
         for seed in seeds:
             out = Path(tempfile.mkdtemp(prefix="fgm-bench-"))
             overrides = [f"output.dir={out / 'run'}", "output.plots=false", "output.tensorboard=false",
@@ -66,7 +67,9 @@ def fgm_comparison(examples: int, seeds: list[int], threads) -> None:
         acc = np.array([a for a, _, _ in found])
         print(f"{method:<12}{acc.mean():>14.4f} ± {(acc.max() - acc.min()) / 2:.4f}"
               f"{per_step[method]:>10.2f}{np.mean([h for _, _, h in found]):>19.3f}")
-    print(f"s / step ratio fgm / none: {per_step['fgm'] / per_step['none']:.2f}")
+    for method in methods:
+        if method != "none" and "none" in per_step:
+            print(f"s / step ratio {method} / none: {per_step[method] / per_step['none']:.2f}")
 
 
 def main() -> None:
@@ -76,11 +79,13 @@ def main() -> None:
     ap.add_argument("--eval-pairs", type=int, default=None, help="Held-out pairs (default: the recipe's).")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores).")
     ap.add_argument("--fgm", action="store_true", help="Measure FGM adversarial training on SST-2 instead.")
+    ap.add_argument("--methods", nargs="+", default=["none", "fgm"], choices=["none", "fgm", "pgd"],
+                    help="--fgm: train.adversarial values compared (pgd with the recipe defaults).")
     ap.add_argument("--examples", type=int, default=2000, help="--fgm: SST-2 training rows.")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="--fgm: seeds, each run both ways.")
     args = ap.parse_args()
     if args.fgm:
-        fgm_comparison(args.examples, args.seeds, args.threads)
+        fgm_comparison(args.examples, args.seeds, args.threads, args.methods)
         return
     out = Path(tempfile.mkdtemp(prefix="embed-bench-"))
     overrides = [f"output.dir={out / 'run'}", "output.plots=false", "output.tensorboard=false"]

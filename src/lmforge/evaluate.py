@@ -20,9 +20,10 @@ from lmforge.objectives import build_objective
 from lmforge.runs import open_run
 from lmforge.stage import callable_stage
 from lmforge.tasks.embed import is_embedding_folder
-from lmforge.tasks.predict import is_task_run
+from lmforge.tasks.predict import is_seq2seq_run, is_task_run
 from lmforge.tasks.report import evaluate_task_run
 from lmforge.tasks.retrieval import evaluate_embedding_run
+from lmforge.tasks.seq2seq_eval import evaluate_seq2seq_run
 
 EVAL_EXAMPLE_OFFSET = 10**12  # validation masks never coincide with training masks
 
@@ -118,6 +119,8 @@ def evaluate(run_dir, *, split: str = "validation", which: Optional[str] = None,
     perplexity, overall and per domain. An experts run is evaluated by `lmforge.experts.evaluate`."""
     if is_task_run(Path(run_dir)) and is_embedding_folder(Path(run_dir)):
         return evaluate_embedding_run(Path(run_dir), split, file)
+    if is_seq2seq_run(Path(run_dir)):
+        return evaluate_seq2seq_run(Path(run_dir), split, file, which=which)
     if is_task_run(Path(run_dir)):
         return evaluate_task_run(Path(run_dir), split, file, which=which)
     if file is not None:

@@ -132,7 +132,7 @@ class Engine:
         self.started, self.earlier_seconds = started if started is not None else time.perf_counter(), 0.0
         # `on_eval(step, metrics)` sees every evaluation; a reason it returns stops the run there (a tuner's pruner).
         self.on_eval = on_eval
-        # `adversarial` (an `engine.adversarial.FGM`): a second pass on perturbed embeddings after each backward.
+        # `adversarial` (an `engine.adversarial.FGM` or `PGD`): a second pass on perturbed embeddings after each backward.
         self.adversarial, self.step_adversarial_s = adversarial, 0.0
         self.tokenizer, self.objective, self.loader, self.evaluate = tokenizer, objective, loader, evaluate
         self.device_type = pick_device(cfg.device)
@@ -314,14 +314,16 @@ class Engine:
         (self.scaler.scale(scaled) if self.scaler else scaled).backward()
 
     def _adversarial_pass(self, batch: dict, scale: float) -> None:
-        """The batch again on embeddings perturbed along their gradient; its gradient adds to the clean one and
-        the embeddings are restored. Its seconds are counted apart (the cost of adversarial training)."""
+        """The batch again on embeddings perturbed along their gradient (once for FGM, `steps` times for PGD); the
+        adversarial gradient adds to the clean one and the embeddings are restored. Its seconds are counted apart (the cost of adversarial training)."""
         started = time.perf_counter()
-        with self.adversarial.perturbed(self.model) as moved:
-            if moved:
-                with autocast(self.device_type, self.precision):
-                    loss_sum, _, _ = self.module(batch)
-                self._backward(loss_sum, scale)
+
+        def forward_backward() -> None:
+            with autocast(self.device_type, self.precision):
+                loss_sum, _, _ = self.module(batch)
+            self._backward(loss_sum, scale)
+
+        self.adversarial.attack(self.model, forward_backward)
         self.step_adversarial_s += time.perf_counter() - started
 
     def run_eval(self) -> dict:

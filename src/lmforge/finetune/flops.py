@@ -44,3 +44,19 @@ def task_batch_flops(model, task: str, first_position: bool) -> Callable[[dict],
         return float(total)
 
     return flops
+
+
+def seq2seq_batch_flops(model) -> Callable[[dict], float]:
+    """`flops(batch)` of an encoder-decoder LM (T5): encoder weights once per padded source position, decoder
+    weights and the vocabulary projection once per padded target position (attention scores left out: short
+    texts make them small)."""
+    vocab = model.get_output_embeddings().weight
+    head = float((6 if vocab.requires_grad else 4) * vocab.numel())
+    encoder = _cost(p for n, p in model.named_parameters() if n.startswith("encoder.") and "embed_tokens" not in n)
+    decoder = _cost(p for n, p in model.named_parameters() if n.startswith("decoder.") and "embed_tokens" not in n)
+
+    def flops(batch: dict) -> float:
+        rows, length = batch["input_ids"].shape
+        return float(rows * length * encoder + batch["labels"].numel() * (decoder + head))
+
+    return flops

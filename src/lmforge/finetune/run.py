@@ -21,7 +21,7 @@ import torch
 
 from lmforge.engine import checkpoint as ckpt
 from lmforge.engine import distributed as dist
-from lmforge.engine.adversarial import FGM
+from lmforge.engine.adversarial import FGM, PGD
 from lmforge.engine.checkpoint import load_weights
 from lmforge.engine.hardware import threads_note
 from lmforge.engine.logging import console
@@ -31,6 +31,7 @@ from lmforge.finetune.embedding import finetune_embedding
 from lmforge.finetune.fast import first_position_only
 from lmforge.finetune.flops import task_batch_flops
 from lmforge.finetune.objective import TaskObjective
+from lmforge.finetune.seq2seq import finetune_seq2seq
 from lmforge.finetune.setup import open_base, train_settings
 from lmforge.recipe import coerce_recipe
 from lmforge.runs import start_run
@@ -61,13 +62,26 @@ def class_weights(recipe: FinetuneRecipe, data: TaskData) -> Optional[torch.Tens
 
 
 def adversarial_method(cfg, model) -> Optional[FGM]:
-    """FGM on the word embeddings when the recipe asks for it; the embeddings must train (they get a gradient)."""
+    """FGM or PGD on the word embeddings when the recipe asks for it; the embeddings must train (they get a
+    gradient)."""
     if cfg.adversarial == "none":
         return None
     if not FGM.embedding_weight(model).requires_grad:
-        raise LmforgeError("train.adversarial: fgm perturbs the word embeddings along their gradient, but the "
-                           "strategy freezes them (freeze_embeddings, head_only, frozen layers or peft)")
+        raise LmforgeError(f"train.adversarial: {cfg.adversarial} perturbs the word embeddings along their gradient, "
+                           "but the strategy freezes them (freeze_embeddings, head_only, frozen layers or peft)")
+    if cfg.adversarial == "pgd":
+        return PGD(cfg.adversarial_epsilon, cfg.adversarial_alpha, cfg.adversarial_steps)
     return FGM(cfg.adversarial_epsilon)
+
+
+def adversarial_note(cfg) -> str:
+    """The model card's words for the recipe's adversarial training ('' when there is none)."""
+    if cfg.adversarial == "fgm":
+        return f", FGM adversarial training (epsilon {cfg.adversarial_epsilon})"
+    if cfg.adversarial == "pgd":
+        return (f", PGD adversarial training (epsilon {cfg.adversarial_epsilon}, alpha {cfg.adversarial_alpha}, "
+                f"{cfg.adversarial_steps} steps)")
+    return ""
 
 
 def finetune(recipe: Union[FinetuneRecipe, str, Path, dict], *, overrides: Union[list[str], tuple] = (),
@@ -85,6 +99,10 @@ def finetune(recipe: Union[FinetuneRecipe, str, Path, dict], *, overrides: Union
         if train_objective is not None:
             raise LmforgeError("distill: task embedding cannot be distilled; fine-tune it with `lmforge finetune`")
         return finetune_embedding(recipe, resume=resume, force=force, show_progress=show_progress, on_eval=on_eval)
+    if recipe.task == "seq2seq":
+        if train_objective is not None:
+            raise LmforgeError("distill: task seq2seq cannot be distilled; fine-tune it with `lmforge finetune`")
+        return finetune_seq2seq(recipe, resume=resume, force=force, show_progress=show_progress, on_eval=on_eval)
     cfg = recipe.train
     folder, tokenizer, t0 = open_base(recipe)
     data = TaskData(recipe, tokenizer)
@@ -184,8 +202,7 @@ def write_model_card(run_dir, recipe, data, results, state, seconds, trainable, 
               f"- strategy: {recipe.strategy.method}; {trainable:,} of {total:,} parameters trained",
               f"- {state.step} steps, batch {recipe.train.batch_size} x {recipe.train.grad_accum}, lr {recipe.train.lr}, "
               f"{recipe.train.schedule} schedule, {seconds:.0f} s wall time"
-              + (f", FGM adversarial training (epsilon {recipe.train.adversarial_epsilon})"
-                 if recipe.train.adversarial == "fgm" else "") + "; stopped: "
+              + adversarial_note(recipe.train) + "; stopped: "
               f"{next((h['stop_reason'] for h in reversed(state.history) if 'stop_reason' in h), 'max_steps')}",
               f"- best {recipe.metric} on validation at step {state.best_step}: {state.best_metric}", "",
               "## Scores", ""]

@@ -20,7 +20,7 @@ from lmforge.errors import LmforgeError
 from lmforge.generate.rows import RowSelector, RowStop, cut_at_stop
 from lmforge.models.onnx import OnnxForCausalLM, is_onnx_folder, load_onnx_model
 from lmforge.runs import model_folder, open_experts_model, open_run
-from lmforge.tasks.predict import is_task_run
+from lmforge.tasks.predict import is_seq2seq_run, is_task_run
 from lmforge.tokenizer import load_tokenizer
 
 
@@ -102,10 +102,10 @@ def context_limit(model) -> Optional[int]:
 
 
 def open_generator(run_dir: Path, which: Optional[str] = None):
-    """(model, tokenizer) of a pretraining run folder, a plain HF folder (causal LM or encoder-decoder) or an
-    experts run (`which`: ensemble, moe, demix, average, dense or seed) or its ensemble/ folder."""
+    """(model, tokenizer) of a pretraining run folder, a seq2seq fine-tuning run, a plain HF folder (causal LM or
+    encoder-decoder) or an experts run (`which`: ensemble, moe, demix, average, dense or seed) or its ensemble/ folder."""
     run_dir = Path(run_dir)
-    if is_task_run(run_dir):
+    if is_task_run(run_dir) and not is_seq2seq_run(run_dir):
         raise LmforgeError(f"{run_dir}: a fine-tuned classifier cannot generate text; use `lmforge predict`")
     if run_dir.is_dir() and ((run_dir / "experts.json").is_file() or (run_dir / "ensemble.json").is_file()):
         return open_experts_model(run_dir, which)

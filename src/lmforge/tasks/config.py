@@ -1,4 +1,4 @@
-"""The fine-tuning recipe: a task (classification, NER or sentence embeddings), its data files and columns, the base model,
+"""The fine-tuning recipe: a task (classification, NER, sentence embeddings or seq2seq), its data files and columns, the base model,
 the training strategy (full, frozen layers, layer-wise LR decay, LoRA/peft) and the usual train/output sections."""
 
 from __future__ import annotations
@@ -55,10 +55,12 @@ class TaskData(Section):
         None, ge=8, description="Sub-word tokens per example (default: 128 or the model's limit if lower).")
     max_examples: Optional[int] = Field(None, ge=1, description="Use at most this many training examples.")
     # sentence embeddings
-    pairs: Literal["columns", "next_sentence"] = Field(
-        "columns", description="Embedding pairs: 'columns' reads them from the columns below (CSV/TSV/JSONL/Parquet); "
-                               "'next_sentence' makes them from a plain text file: each sentence and the next "
-                               "sentence of its paragraph (one paragraph per line).")
+    pairs: Literal["columns", "next_sentence", "heading"] = Field(
+        "columns", description="Embedding or seq2seq pairs: 'columns' reads them from the columns below "
+                               "(CSV/TSV/JSONL/Parquet); 'next_sentence' (embedding) makes them from a plain text "
+                               "file: each sentence and the next sentence of its paragraph (one paragraph per line); "
+                               "'heading' (seq2seq) makes (paragraph, the heading of its section) pairs from a "
+                               "WikiText-style file (' = = Heading = = ' lines).")
     query_column: Union[str, int] = Field("query", description="Column of the query (embedding pairs).")
     positive_column: Union[str, int] = Field(
         "positive", description="Column of the text that answers the query (embedding pairs), or the second text "
@@ -67,6 +69,11 @@ class TaskData(Section):
         None, description="Column of a hard negative: a text that looks like an answer but is not (embedding pairs).")
     score_column: Optional[Union[str, int]] = Field(
         None, description="Column of a similarity score of the two texts (scored pairs, loss 'cosine').")
+    # seq2seq
+    source_column: Union[str, int] = Field("source", description="Column of the input text (seq2seq).")
+    target_column: Union[str, int] = Field("target", description="Column of the text to generate (seq2seq).")
+    max_target_length: int = Field(64, ge=2, description="Seq2seq: tokens per target, its end-of-sequence token "
+                                                         "included; longer targets are truncated (with a warning).")
     max_eval_examples: Optional[int] = Field(
         None, ge=1, description="Use at most this many validation / test examples (the first ones).")
     split: Optional[SplitShares] = Field(
@@ -119,6 +126,17 @@ class EmbeddingConfig(Section):
                                                         "held-out query ranks every held-out positive.")
 
 
+class Seq2SeqConfig(Section):
+    num_beams: int = Field(1, ge=1, description="Evaluation and predict: 1 decodes greedily, more runs beam search "
+                                                "with this many beams.")
+    length_penalty: float = Field(1.0, description="Beam search: scores are divided by length ** length_penalty "
+                                                   "(above 0 favours longer outputs).")
+    max_new_tokens: Optional[int] = Field(None, ge=1, description="Tokens generated per example at most (default: "
+                                                                  "data.max_target_length).")
+    source_prefix: str = Field("", description="Text put before every source (T5's task prefix, "
+                                               "e.g. 'summarize: ').")
+
+
 class FinetuneTrain(TrainConfig):
     max_steps: Optional[int] = Field(None, ge=1, description="Optimizer steps (default: from epochs).")
     epochs: float = Field(3.0, gt=0.0, description="Passes over the training data.")
@@ -134,18 +152,25 @@ class FinetuneTrain(TrainConfig):
         None, description="Loss weights per label: 'balanced' (inverse frequency) or a mapping label → weight.")
     group_by_length: bool = Field(True, description="Batch examples of similar length together (less padding).")
     eval_batch_size: int = Field(128, ge=1, description="Examples per evaluation batch.")
-    adversarial: Literal["none", "fgm"] = Field(
+    adversarial: Literal["none", "fgm", "pgd"] = Field(
         "none", description="Adversarial training (classification, NER): 'fgm' runs each batch again on word "
                             "embeddings moved by adversarial_epsilon along their gradient (about one more forward "
-                            "and backward per step; its share of step time is logged as adversarial_share).")
-    adversarial_epsilon: float = Field(1.0, gt=0.0, description="FGM step: the L2 norm of the perturbation of the "
-                                                                "embedding matrix.")
+                            "and backward per step); 'pgd' moves them adversarial_steps times by adversarial_alpha, "
+                            "kept within adversarial_epsilon (about adversarial_steps more); the share of step time "
+                            "is logged as adversarial_share.")
+    adversarial_epsilon: float = Field(1.0, gt=0.0, description="FGM step, or PGD's bound: the L2 norm of the "
+                                                                "perturbation of the embedding matrix.")
+    adversarial_alpha: float = Field(0.3, gt=0.0, description="PGD: the L2 norm of each of its moves (before the "
+                                                              "projection onto the adversarial_epsilon ball).")
+    adversarial_steps: int = Field(3, ge=1, description="PGD: moves (each one more forward and backward) per "
+                                                        "training step.")
 
 
 class FinetuneRecipe(Section):
     name: str = Field("finetune", description="Name of the run.")
-    task: Literal["classification", "ner", "embedding"] = Field(
-        description="Sequence classification, token classification or sentence embeddings.")
+    task: Literal["classification", "ner", "embedding", "seq2seq"] = Field(
+        description="Sequence classification, token classification, sentence embeddings or seq2seq (an "
+                    "encoder-decoder model generating a target text from a source text).")
     data: TaskData = Field(default_factory=TaskData)
     model: BaseModelSpec
     strategy: StrategyConfig = Field(default_factory=StrategyConfig)
@@ -153,6 +178,7 @@ class FinetuneRecipe(Section):
     dist: DistConfig = Field(default_factory=DistConfig)
     embedding: EmbeddingConfig = Field(default_factory=EmbeddingConfig, description="Sentence embeddings "
                                                                                      "(task: embedding).")
+    seq2seq: Seq2SeqConfig = Field(default_factory=Seq2SeqConfig, description="Generation settings (task: seq2seq).")
     output: OutputConfig = Field(default_factory=lambda: OutputConfig(dir="runs/finetune"))
     distill: Optional[DistillConfig] = Field(None, description="Knowledge distillation from a fine-tuned teacher "
                                                                "(lmforge distill).")
@@ -179,10 +205,22 @@ class FinetuneRecipe(Section):
                                  "or with frozen layers")
             if self.train.adversarial != "none":
                 raise ValueError("train.adversarial: adversarial training is for classification and NER")
+        if self.task == "seq2seq":
+            if self.strategy.method == "peft":
+                raise ValueError("strategy.method: peft is for classification and NER; seq2seq trains fully or "
+                                 "with frozen layers")
+            if self.train.adversarial != "none":
+                raise ValueError("train.adversarial: adversarial training is for classification and NER")
+        if self.data.pairs == "next_sentence" and self.task != "embedding":
+            raise ValueError("data.pairs: 'next_sentence' makes embedding pairs (task: embedding)")
+        if self.data.pairs == "heading" and self.task != "seq2seq":
+            raise ValueError("data.pairs: 'heading' makes seq2seq pairs (task: seq2seq)")
         return self
 
     @property
     def metric(self) -> str:
+        if self.task == "seq2seq":
+            return self.train.metric or "rougeL"
         if self.task == "embedding":
             return self.train.metric or ("spearman" if self.embedding.loss == "cosine" else "mrr")
         return self.train.metric or ("accuracy" if self.task == "classification" else "f1")

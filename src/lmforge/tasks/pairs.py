@@ -17,7 +17,7 @@ import torch
 from lmforge.errors import LmforgeError
 from lmforge.tasks.config import FinetuneRecipe, SplitFile, TaskData
 from lmforge.tasks.encode import TaskLoader
-from lmforge.tasks.report import SPLITS, split_rows
+from lmforge.tasks.splits import SPLITS, split_rows
 from lmforge.tasks.tables import _check_readable, _records, format_of
 
 SIDES = ("query", "positive", "negative")

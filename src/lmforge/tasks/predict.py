@@ -10,7 +10,7 @@ from typing import Optional
 
 import numpy as np
 import torch
-from transformers import AutoModelForSequenceClassification, AutoModelForTokenClassification
+from transformers import AutoModelForSeq2SeqLM, AutoModelForSequenceClassification, AutoModelForTokenClassification
 
 from lmforge.errors import LmforgeError
 from lmforge.models.compressed import load_pretrained
@@ -20,6 +20,7 @@ from lmforge.tasks.config import BaseModelSpec, FinetuneRecipe, SplitFile, load_
 from lmforge.tasks.conll import Sentence, entity_spans
 from lmforge.tasks.encode import encode_classification, encode_ner
 from lmforge.tasks.infer import predict_encoded, word_predictions
+from lmforge.tasks.seq2seq import generate_texts
 from lmforge.tasks.tables import LabelSet, Row, _records, format_of
 
 WORD = re.compile(r"\w+(?:[-'’.]\w+)*|[^\w\s]", re.UNICODE)
@@ -28,6 +29,12 @@ WORD = re.compile(r"\w+(?:[-'’.]\w+)*|[^\w\s]", re.UNICODE)
 def is_task_run(run_dir: Path) -> bool:
     recipe = Path(run_dir) / "recipe.yaml"
     return recipe.is_file() and re.search(r"^task:", recipe.read_text(encoding="utf-8"), re.M) is not None
+
+
+def is_seq2seq_run(run_dir: Path) -> bool:
+    """A fine-tuning run of task seq2seq: its model generates text (`lmforge generate` and `serve` take it too)."""
+    recipe = Path(run_dir) / "recipe.yaml"
+    return recipe.is_file() and re.search(r"^task: seq2seq\s*$", recipe.read_text(encoding="utf-8"), re.M) is not None
 
 
 def open_task_model(run_dir: Path, which: Optional[str] = None):
@@ -48,6 +55,8 @@ def open_task_model(run_dir: Path, which: Optional[str] = None):
         task, auto = "ner", AutoModelForTokenClassification
     elif any("SequenceClassification" in a for a in archs):
         task, auto = "classification", AutoModelForSequenceClassification
+    elif any("ConditionalGeneration" in a for a in archs) and recipe is not None and recipe.task == "seq2seq":
+        task, auto = "seq2seq", AutoModelForSeq2SeqLM
     else:
         raise LmforgeError(f"{folder}: not a classification model (architectures: {archs}); "
                            "use a fine-tuning run folder")
@@ -88,11 +97,12 @@ def _read_inputs(path: Path, recipe: Optional[FinetuneRecipe]) -> list[dict]:
 
 def predict_file(run_dir: Path, input_path: Path, output_path: Path, batch_size: int = 64,
                  which: Optional[str] = None) -> int:
-    """Write one JSON line per input: labels and scores, or (NER) tags and entity spans with character offsets."""
+    """Write one JSON line per input: labels and scores, (NER) tags and entity spans with character offsets, or
+    (seq2seq) the generated `prediction`, decoded as the run's recipe says."""
     recipe, model, tokenizer, task = open_task_model(run_dir, which)
     records = _read_inputs(Path(input_path), recipe)
     max_length = min(recipe.data.max_length if recipe else 512, tm.position_limit(model.config))
-    label = _classify if task == "classification" else _tag
+    label = {"classification": _classify, "ner": _tag, "seq2seq": _generate}[task]
     results = label(records, recipe, model, tokenizer, max_length, batch_size, input_path)
     output_path = Path(output_path)
     output_path.parent.mkdir(parents=True, exist_ok=True)
@@ -145,6 +155,17 @@ def classify_texts(model, tokenizer, texts: list[str], pairs: Optional[list[str]
         item["scores"] = {n: round(float(p), 6) for n, p in zip(names, s)}
         out.append(item)
     return out
+
+
+def _generate(records, recipe, model, tokenizer, max_length, batch_size, path) -> list[dict]:
+    s2s = recipe.seq2seq
+    sources = [str(_column(r, (recipe.data.source_column, "source", "text"), f"{path}:{r['_line']}"))
+               for r in records]
+    predictions = generate_texts(model, tokenizer, sources, max_length=max_length,
+                                 max_new_tokens=s2s.max_new_tokens or recipe.data.max_target_length,
+                                 num_beams=s2s.num_beams, length_penalty=s2s.length_penalty, batch_size=batch_size,
+                                 prefix=s2s.source_prefix)
+    return [{**{k: v for k, v in rec.items() if k != "_line"}, "prediction": p} for rec, p in zip(records, predictions)]
 
 
 def _tag(records, recipe, model, tokenizer, max_length, batch_size, path) -> list[dict]:
