@@ -168,6 +168,11 @@ def test_recipe_refuses_settings_seq2seq_cannot_use(t5_dir, tmp_path):
     base = {"name": "x", "task": "seq2seq", "model": {"path": str(t5_dir)}, "data": {"train": {"path": "a.jsonl"}}}
     with pytest.raises(Exception, match="train.adversarial"):
         finetune_recipe_from_dict({**base, "train": {"adversarial": "fgm"}})
+    for strategy, field in (({"method": "frozen", "freeze_layers": 1}, "strategy.method"),
+                            ({"freeze_embeddings": True}, "strategy.freeze_embeddings"),
+                            ({"layer_lr_decay": 0.8}, "strategy.layer_lr_decay"), ({"method": "peft"}, "strategy.method")):
+        with pytest.raises(Exception, match=field):  # T5's blocks are not numbered as freezing and decay expect
+            finetune_recipe_from_dict({**base, "strategy": strategy})
     with pytest.raises(Exception, match="data.pairs: 'heading' makes seq2seq pairs"):
         finetune_recipe_from_dict({**base, "task": "classification", "data": {"train": {"path": "a.csv"},
                                                                               "pairs": "heading"}})

@@ -71,6 +71,8 @@ def build_seq2seq_model(folder: Path, tokenizer, dropout: Optional[float], seed:
     if not getattr(config, "is_encoder_decoder", False):
         raise LmforgeError(f"model.path: {folder} holds a {config.model_type} model, not an encoder-decoder; task "
                            "seq2seq needs a T5-family model (e.g. a run of recipes/wikitext2-t5-span.yaml)")
+    if getattr(config, "decoder_start_token_id", None) is None:  # T5 starts decoding from its pad token
+        config.decoder_start_token_id = config.pad_token_id
     if dropout is not None and hasattr(config, "dropout_rate"):
         config.dropout_rate = dropout
     try:

@@ -206,9 +206,16 @@ class FinetuneRecipe(Section):
             if self.train.adversarial != "none":
                 raise ValueError("train.adversarial: adversarial training is for classification and NER")
         if self.task == "seq2seq":
-            if self.strategy.method == "peft":
-                raise ValueError("strategy.method: peft is for classification and NER; seq2seq trains fully or "
-                                 "with frozen layers")
+            # freezing and layer-wise decay find layers by an encoder's numbering, which T5's blocks do not follow
+            st = self.strategy
+            changed = [name for name, on in (("method", st.method != "full"),
+                                             ("freeze_embeddings", st.freeze_embeddings),
+                                             ("freeze_layers", st.freeze_layers > 0), ("head_only", st.head_only),
+                                             ("layer_lr_decay", st.layer_lr_decay != 1.0),
+                                             ("head_lr", st.head_lr is not None)) if on]
+            if changed:
+                raise ValueError(f"strategy.{changed[0]}: seq2seq trains every weight at train.lr; freezing, "
+                                 "layer-wise decay, a head learning rate and peft are for classification and NER")
             if self.train.adversarial != "none":
                 raise ValueError("train.adversarial: adversarial training is for classification and NER")
         if self.data.pairs == "next_sentence" and self.task != "embedding":

@@ -43,7 +43,7 @@ def generation_ids(model, tokenizer) -> dict:
     """decoder start, EOS and pad ids for generate, from the model's config (what it was trained with), falling back
     to the tokenizer's; T5 starts decoding from its pad token."""
     pad = model.config.pad_token_id if model.config.pad_token_id is not None else tokenizer.pad_token_id
-    start = model.config.decoder_start_token_id
+    start = getattr(model.config, "decoder_start_token_id", None)  # absent from some T5 configs
     eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else model.config.eos_token_id
     return {"decoder_start_token_id": start if start is not None else pad, "eos_token_id": eos, "pad_token_id": pad}
 

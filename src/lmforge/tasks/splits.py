@@ -47,5 +47,5 @@ def split_rows(rows: list, shares, by_label: bool) -> dict[str, list]:
 
 def write_text_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
+    tmp.write_text(text, encoding="utf-8")
     os.replace(tmp, path)
