@@ -1,11 +1,14 @@
 """Compression of a fine-tuned SST-2 classifier, every variant measured side by side in one process.
 
     python benchmarks/compress.py --base runs/sst2-minilm --out runs/bench-compress [--examples 8000]
+    python benchmarks/compress.py --base runs/sst2-minilm --examples 3200 --ffn 0.5 --onnx   # + ONNX Runtime int8
 
 Runs recipes/compress-sst2.yaml (heads 50 %, FFN 30 %, one recovery epoch on --examples training rows,
 int8-dynamic), then int8-dynamic and int8-weight of the unpruned model and 50 % unstructured magnitude sparsity
 (no recovery), and prints one table (`lmforge compare` of all variants: ratios against the base model) plus the
-zip-compressed size of each weight file (what unstructured sparsity buys on disk)."""
+zip-compressed size of each weight file (what unstructured sparsity buys on disk). `--onnx` adds ONNX Runtime
+int8 (`quantize: {runtime: onnx}`) of the base model and of the pruned, recovered one; `--ffn` sets the share of
+FFN neurons pruned."""
 
 from __future__ import annotations
 
@@ -36,8 +39,13 @@ def main() -> None:
     ap.add_argument("--examples", type=int, default=None, help="Training rows of the recovery epoch (default all).")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--ffn", type=float, default=None, help="Share of FFN neurons pruned (default: the recipe's).")
+    ap.add_argument("--onnx", action="store_true", help="Also ONNX Runtime int8 of the base and of the pruned, "
+                    "recovered model.")
     args = ap.parse_args()
     recipe = yaml.safe_load(RECIPE.read_text())
+    if args.ffn is not None:
+        recipe["steps"][0]["prune"]["ffn"] = args.ffn
     recipe.update(model=str(args.base), output={"dir": str(args.out / "pruned")},
                   bench={"threads": args.threads, "repeats": 1})
     recovery = recipe["steps"][1]["finetune"]["set"]
@@ -52,9 +60,16 @@ def main() -> None:
                                "output": {"dir": str(args.out / name)}}, force=True)
     folders = [args.base, *(runs["pruned"] / s for s in ("1-prune", "2-finetune", "3-quantize")),
                runs["int8-dynamic"] / "1-quantize", runs["int8-weight"] / "1-quantize", runs["sparse-50"] / "1-prune"]
-    rows, path = compare(folders, args.out, threads=args.threads, repeats=args.repeats)
     labels = ["base", "pruned", "pruned+recovered", "pruned+recovered+int8-dynamic", "int8-dynamic", "int8-weight",
               "50% magnitude sparsity"]
+    if args.onnx:
+        onnx = {"quantize": {"scheme": "int8-dynamic", "runtime": "onnx"}}
+        for name, model in (("onnx-int8", args.base), ("pruned-onnx-int8", runs["pruned"] / "2-finetune")):
+            runs[name] = compress({"name": name, "model": str(model), "steps": [onnx], "bench": {"repeats": 1},
+                                   "output": {"dir": str(args.out / name)}}, force=True)
+            folders.append(runs[name] / "1-quantize")
+        labels += ["ONNX Runtime int8", "pruned+recovered+ONNX Runtime int8"]
+    rows, path = compare(folders, args.out, threads=args.threads, repeats=args.repeats)
     for row, label in zip(rows, labels):
         row.name = label
     print(markdown_table(rows, "SST-2 all-MiniLM-L6-v2: compression variants", args.threads, 64))
