@@ -22,6 +22,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Optional
 
+import onnx
 import psutil
 import torch
 from safetensors import safe_open
@@ -58,9 +59,12 @@ def weights_of(folder: Path) -> list[Path]:
 
 
 def count_weights(folder: Path) -> tuple[int, float]:
-    """(parameters, share of zeros among the transformer layers' matrices) from the safetensors files."""
+    """(parameters, share of zeros among the transformer layers' matrices) from the safetensors files; an ONNX
+    graph's parameters are its weight initializers (quantization scales and shape constants left out)."""
     params, zeros, matrix = 0, 0, 0
     for path in weights_of(folder):
+        if path.suffix == ".onnx":
+            params += onnx_parameters(path)
         if path.suffix != ".safetensors":
             continue
         with safe_open(str(path), framework="pt") as fh:
@@ -73,6 +77,18 @@ def count_weights(folder: Path) -> tuple[int, float]:
                     zeros += int((t == 0).sum())
                     matrix += t.numel()
     return params, zeros / matrix if matrix else 0.0
+
+
+def onnx_parameters(path: Path) -> int:
+    weights = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.INT8, onnx.TensorProto.UINT8)
+    total = 0
+    for t in onnx.load(str(path), load_external_data=False).graph.initializer:
+        numel = 1
+        for d in t.dims:
+            numel *= d
+        if t.data_type in weights and numel > 1 and not t.name.endswith(("_scale", "_zero_point")):
+            total += numel
+    return total
 
 
 def run_metric(run: Path, split: str) -> tuple[Optional[float], str]:
