@@ -8,6 +8,11 @@ SST-2 dev set, size is the file a user ships (safetensors, model.onnx, or torch.
 which `save_pretrained` cannot write).
 
     python benchmarks/export.py --run runs/sst2-minilm --threads 1
+    python benchmarks/export.py --run runs/sst2-minilm --threads 1 --fusions --repeats 7
+
+`--fusions`: the int8 graph under three fusion settings of ONNX Runtime's optimizer (all fusions; no attention
+fusion; neither attention nor skip-layer-norm fusion, what `--quantize int8` writes), each against PyTorch fp32
+on full rows (random token ids, every position real) and on padded rows (8–40 real tokens, the rest padding).
 """
 import argparse
 import csv
@@ -75,13 +80,72 @@ def latencies(models: dict, batches: dict, repeats: int) -> dict:
     return {key: statistics.median(values) for key, values in times.items()}
 
 
+def fusion_settings(run: Path, repeats: int) -> None:
+    """Speed-up over PyTorch fp32 of the int8 graph under each fusion setting, full and padded rows."""
+    from onnxruntime.transformers.fusion_options import FusionOptions
+    from onnxruntime.transformers.optimizer import optimize_model
+    from lmforge.export.onnx import export_rule, load_for_export, quantize_int8, sample_inputs, trace_to_onnx
+    from lmforge.models.onnx import open_session
+    from lmforge.runs import model_folder
+    folder = model_folder(run)
+    rule, config = export_rule(folder)
+    model = load_for_export(folder, rule)
+    settings = {"all fusions": {}, "no attention fusion": {"enable_attention": False},
+                "neither attention nor skip-layer-norm fusion": {"enable_attention": False,
+                                                                 "enable_skip_layer_norm": False}}
+    sessions = {}
+    with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        raw = Path(tmp) / "raw.onnx"
+        trace_to_onnx(model, rule, sample_inputs(model.config, rule), raw)
+        for k, (name, off) in enumerate(settings.items()):
+            options = FusionOptions("bert")
+            for key, value in off.items():
+                setattr(options, key, value)
+            optimize_model(str(raw), model_type="bert", num_heads=config["num_attention_heads"],
+                           hidden_size=config["hidden_size"], optimization_options=options
+                           ).save_model_to_file(str(Path(tmp) / f"{k}.onnx"))
+            quantize_int8(Path(tmp) / f"{k}.onnx", Path(tmp) / f"{k}-int8.onnx")
+            sessions[name] = open_session(Path(tmp) / f"{k}-int8.onnx")
+        g = torch.Generator().manual_seed(0)
+        print(f"{run}: int8 graphs, {torch.get_num_threads()} thread(s), medians of {repeats}\n")
+        print("| int8 graph | " + " | ".join(f"{b}×{n}" for b, n in SHAPES) + " | "
+              + " | ".join(f"{b}×{n} padded" for b, n in SHAPES) + " |")
+        print("|---|" + "---:|" * (2 * len(SHAPES)))
+        cells = {name: [] for name in sessions}
+        for padded in (False, True):
+            for b, n in SHAPES:
+                ids = torch.randint(1000, config["vocab_size"], (b, n), generator=g)
+                real = torch.randint(8, 40, (b, 1), generator=g) if padded else torch.full((b, 1), n)
+                mask = (torch.arange(n)[None] < real).long()
+                feed = {"input_ids": ids, "attention_mask": mask, "token_type_ids": torch.zeros_like(ids)}
+                times = {name: [] for name in ["torch", *sessions]}
+                for _ in range(repeats):
+                    with torch.inference_mode():
+                        t = time.perf_counter()
+                        model(**feed)
+                        times["torch"].append(time.perf_counter() - t)
+                    for name, session in sessions.items():
+                        t = time.perf_counter()
+                        session.run(None, {k: v.numpy() for k, v in feed.items()})
+                        times[name].append(time.perf_counter() - t)
+                base = statistics.median(times["torch"])
+                for name in sessions:
+                    cells[name].append(f"{base / statistics.median(times[name]):.2f}×")
+        for name, row in cells.items():
+            print(f"| {name} | " + " | ".join(row) + " |")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--run", type=Path, required=True, help="A fine-tuned classifier run (or HF folder).")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--repeats", type=int, default=30)
+    ap.add_argument("--fusions", action="store_true", help="Compare the int8 graph's fusion settings instead.")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    if args.fusions:
+        return fusion_settings(args.run, args.repeats)
     texts, gold = dev_set()
     with tempfile.TemporaryDirectory() as tmp:
         fp32_dir, int8_dir = export(args.run, Path(tmp) / "fp32"), export(args.run, Path(tmp) / "int8", quantize="int8")
@@ -89,12 +153,12 @@ def main() -> None:
         ao = torch_ao_int8(args.run)
         torch.save(ao.state_dict(), Path(tmp) / "ao.pt")
         models = {"PyTorch fp32 eager": reference, "ONNX Runtime fp32 (fused)": open_task_model(fp32_dir)[1],
-                  "ONNX Runtime int8 (dynamic, fused)": open_task_model(int8_dir)[1],
+                  "ONNX Runtime int8 (dynamic)": open_task_model(int8_dir)[1],
                   "torch.ao quantize_dynamic int8": ao}
         source = next(p for p in (args.run / "final" / "model.safetensors", args.run / "model.safetensors")
                       if p.is_file())
         sizes = {"PyTorch fp32 eager": file_mb(source), "ONNX Runtime fp32 (fused)": file_mb(fp32_dir / "model.onnx"),
-                 "ONNX Runtime int8 (dynamic, fused)": file_mb(int8_dir / "model.onnx"),
+                 "ONNX Runtime int8 (dynamic)": file_mb(int8_dir / "model.onnx"),
                  "torch.ao quantize_dynamic int8": file_mb(Path(tmp) / "ao.pt")}
         batches = {shape: fixed_batch(tokenizer, texts, *shape) for shape in SHAPES}
         medians = latencies(models, batches, args.repeats)
