@@ -17,7 +17,7 @@ import torch
 from lmforge.errors import LmforgeError
 from lmforge.tasks.config import FinetuneRecipe, SplitFile, TaskData
 from lmforge.tasks.encode import TaskLoader
-from lmforge.tasks.splits import SPLITS, split_rows
+from lmforge.tasks.splits import read_splits
 from lmforge.tasks.tables import _check_readable, _records, format_of
 
 SIDES = ("query", "positive", "negative")
@@ -76,16 +76,7 @@ def _table_pairs(path: Path, spec: SplitFile, data: TaskData) -> list[Pair]:
 
 
 def read_pair_splits(recipe: FinetuneRecipe) -> dict[str, list]:
-    """Each split's pairs: its file, or a seeded share of the training file; capped by max_examples (train) and
-    max_eval_examples (validation, test)."""
-    d = recipe.data
-    splits = {name: read_pairs(getattr(d, name), d) for name in SPLITS if getattr(d, name) is not None}
-    if d.split is not None:
-        splits.update(split_rows(splits["train"], d.split, by_label=False))
-    for name in splits:
-        cap = d.max_examples if name == "train" else d.max_eval_examples
-        splits[name] = splits[name][:cap] if cap else splits[name]
-    return splits
+    return read_splits(recipe, read_pairs)
 
 
 def split_sentences(paragraph: str) -> list[str]:

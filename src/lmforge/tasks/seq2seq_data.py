@@ -17,7 +17,7 @@ from lmforge.errors import LmforgeError
 from lmforge.tasks.config import FinetuneRecipe, SplitFile, TaskData
 from lmforge.tasks.encode import TaskLoader, _is_byte_level
 from lmforge.tasks.pairs import HEADING
-from lmforge.tasks.splits import SPLITS, source_of, split_rows
+from lmforge.tasks.splits import read_splits, source_of
 from lmforge.tasks.tables import _check_readable, _records, format_of
 
 UNKNOWN_WORD = "<unk>"  # WikiText's stand-in for a rare word
@@ -84,16 +84,7 @@ def heading_pairs(path: Path) -> list[TextPair]:
 
 
 def read_seq2seq_splits(recipe: FinetuneRecipe) -> dict[str, list[TextPair]]:
-    """Each split's pairs: its file, or a seeded share of the training file; capped by max_examples (train) and
-    max_eval_examples (validation, test)."""
-    d = recipe.data
-    splits = {name: read_text_pairs(getattr(d, name), d) for name in SPLITS if getattr(d, name) is not None}
-    if d.split is not None:
-        splits.update(split_rows(splits["train"], d.split, by_label=False))
-    for name in splits:
-        cap = d.max_examples if name == "train" else d.max_eval_examples
-        splits[name] = splits[name][:cap] if cap else splits[name]
-    return splits
+    return read_splits(recipe, read_text_pairs)
 
 
 @dataclass

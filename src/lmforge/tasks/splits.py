@@ -45,6 +45,19 @@ def split_rows(rows: list, shares, by_label: bool) -> dict[str, list]:
     return out
 
 
+def read_splits(recipe, read) -> dict[str, list]:
+    """Each split's rows, `read(split_file, recipe.data)` for a split with its own file, else a seeded share of the
+    training file; capped by max_examples (train) and max_eval_examples (validation, test)."""
+    d = recipe.data
+    splits = {name: read(getattr(d, name), d) for name in SPLITS if getattr(d, name) is not None}
+    if d.split is not None:
+        splits.update(split_rows(splits["train"], d.split, by_label=False))
+    for name in splits:
+        cap = d.max_examples if name == "train" else d.max_eval_examples
+        splits[name] = splits[name][:cap] if cap else splits[name]
+    return splits
+
+
 def write_text_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(text, encoding="utf-8")
