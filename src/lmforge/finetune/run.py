@@ -22,7 +22,6 @@ import torch
 from lmforge.engine import checkpoint as ckpt
 from lmforge.engine import distributed as dist
 from lmforge.engine.adversarial import FGM, PGD
-from lmforge.engine.checkpoint import load_weights
 from lmforge.engine.hardware import threads_note
 from lmforge.engine.logging import console
 from lmforge.engine.loop import Engine
@@ -32,7 +31,7 @@ from lmforge.finetune.fast import first_position_only
 from lmforge.finetune.flops import task_batch_flops
 from lmforge.finetune.objective import TaskObjective
 from lmforge.finetune.seq2seq import finetune_seq2seq
-from lmforge.finetune.setup import open_base, train_settings
+from lmforge.finetune.setup import fit_and_pick, open_base, train_settings
 from lmforge.recipe import coerce_recipe
 from lmforge.runs import start_run
 from lmforge.stage import RunResult
@@ -152,15 +151,9 @@ def finetune(recipe: Union[FinetuneRecipe, str, Path, dict], *, overrides: Union
                           f"parameters trained ({strategy.method}), {train_cfg.max_steps} steps "
                           f"({loader.steps_per_epoch} per epoch) on {engine.device_type}"
                           f"{threads_note(cfg.threads, engine.device_type)}")
-    state = engine.fit()
-    model = engine.export_model()  # every process; under FSDP the gathered, plain model on process 0 only
+    state, model, reported_step = fit_and_pick(engine, run_dir)
     results = {}
     if dist.is_main():
-        model = model.to(engine.device)
-        reported_step = state.step
-        if (run_dir / "best").is_dir():  # the dev metric's best step, not the last one
-            load_weights(model, run_dir / "best", engine.device)
-            reported_step = state.best_step
         for split in ("validation", "test"):
             if split in data.encoded:
                 known = scored_at.get(reported_step) if split == "validation" else None

@@ -20,13 +20,12 @@ from transformers import AutoConfig, AutoModelForSeq2SeqLM
 
 from lmforge.engine import checkpoint as ckpt
 from lmforge.engine import distributed as dist
-from lmforge.engine.checkpoint import load_weights
 from lmforge.engine.hardware import threads_note
 from lmforge.engine.logging import console
 from lmforge.engine.loop import Engine
 from lmforge.errors import LmforgeError
 from lmforge.finetune.flops import seq2seq_batch_flops
-from lmforge.finetune.setup import open_base, train_settings
+from lmforge.finetune.setup import fit_and_pick, open_base, train_settings
 from lmforge.models.compressed import is_quantized, load_pretrained
 from lmforge.objectives.base import Objective
 from lmforge.runs import start_run
@@ -133,15 +132,9 @@ def finetune_seq2seq(recipe: FinetuneRecipe, *, resume: bool = False, force: boo
                           f"{trainable / 1e6:.2f}M of {total / 1e6:.2f}M parameters trained, {train_cfg.max_steps} "
                           f"steps ({loader.steps_per_epoch} per epoch) on {engine.device_type}"
                           f"{threads_note(cfg.threads, engine.device_type)}")
-    state = engine.fit()
-    model = engine.export_model()
+    state, model, reported_step = fit_and_pick(engine, run_dir)
     results = {}
     if dist.is_main():
-        model = model.to(engine.device)
-        reported_step = state.step
-        if (run_dir / "best").is_dir():  # the dev metric's best step, not the last one
-            load_weights(model, run_dir / "best", engine.device)
-            reported_step = state.best_step
         model.eval()
         for split in ("validation", "test"):
             if split in splits:

@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 from lmforge.engine import distributed as dist
+from lmforge.engine.checkpoint import load_weights
 from lmforge.engine.hardware import pick_device
 from lmforge.errors import LmforgeError
 from lmforge.tasks import model as tm
@@ -42,3 +43,18 @@ def train_settings(recipe: FinetuneRecipe, loader) -> object:
                                                    / (cfg.grad_accum * dist.world_size()))),
         "eval_every": cfg.eval_every if cfg.eval_every is not None else loader.steps_per_epoch,
         "metric": recipe.metric})
+
+
+def fit_and_pick(engine, run_dir: Path) -> tuple[object, object, int]:
+    """Train; then (state, model, step) for the report: on the main process the model of the dev metric's best
+    step when a `best/` checkpoint was kept, else of the last step (under FSDP the gathered, plain model; on
+    other processes what `export_model` returns there)."""
+    state = engine.fit()
+    model = engine.export_model()
+    step = state.step
+    if dist.is_main():
+        model = model.to(engine.device)
+        if (Path(run_dir) / "best").is_dir():
+            load_weights(model, Path(run_dir) / "best", engine.device)
+            step = state.best_step
+    return state, model, step
