@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import statistics
 
 import pytest
 import torch
@@ -136,7 +137,8 @@ def test_fgm_training_restores_the_embeddings_after_each_step_and_logs_its_cost(
     assert run.metrics["validation"]["accuracy"] > 0.9
     shares = [json.loads(line)["adversarial_share"] for line in (run / "metrics.jsonl").read_text().splitlines()
               if "adversarial_share" in line]
-    assert shares and all(0.2 < s < 0.8 for s in shares)  # about one more forward and backward per step
+    # about one more forward and backward per step (a wall-clock share: the median, as one step can be descheduled)
+    assert shares and 0.2 < statistics.median(shares) < 0.8
 
 
 def test_fgm_needs_trainable_embeddings(tmp_path, base_dir):  # noqa: F811
@@ -178,5 +180,6 @@ def test_pgd_training_learns_restores_and_logs_a_larger_cost(tmp_path, base_dir,
     assert run.metrics["validation"]["accuracy"] > 0.9
     shares = [json.loads(line)["adversarial_share"] for line in (run / "metrics.jsonl").read_text().splitlines()
               if "adversarial_share" in line]
-    assert shares and all(0.5 < s < 0.9 for s in shares)  # about three more forwards and backwards per step
+    # about three more forwards and backwards per step (the median, as for FGM)
+    assert shares and 0.5 < statistics.median(shares) < 0.9
     assert "PGD adversarial training (epsilon 0.05, alpha 0.02, 3 steps)" in (run / "README.md").read_text()
