@@ -101,12 +101,21 @@ def test_tiny_t5_learns_to_copy_writes_predictions_and_predicts(tmp_path, t5_dir
     assert load_served_model(str(run)).kind == "generate"
 
 
-def test_beam_search_is_used_when_the_recipe_asks(tmp_path, t5_dir):
+def test_beam_search_is_used_when_the_recipe_asks(tmp_path, t5_dir, monkeypatch):
+    from transformers import GenerationMixin
+    beams, generate = [], GenerationMixin.generate
+
+    def spying(self, *args, **kwargs):
+        beams.append(kwargs.get("num_beams"))
+        return generate(self, *args, **kwargs)
+
+    monkeypatch.setattr(GenerationMixin, "generate", spying)
     train = copy_pairs(tmp_path / "train.jsonl", 64, 0)
     r = s2s_recipe(t5_dir, tmp_path / "run", {"train": {"path": str(train)}, "validation": {"path": str(train)}},
                    max_steps=4)
     r.seq2seq.num_beams = 3
     run = finetune(r, show_progress=False)
+    assert beams and set(beams) == {3}  # every evaluation decodes with the recipe's beams
     assert json.loads((run / "eval-validation.json").read_text())["num_beams"] == 3
     assert json.loads((run / "final" / "generation_config.json").read_text()).get("num_beams", 1) == 1
     assert "beam search (3 beams)" in (run / "README.md").read_text()
