@@ -122,6 +122,7 @@ def test_int8_is_close_and_smaller(models):
     assert logits_gap(models / "run", models / "run-int8") <= INT8_TOLERANCE
     card = json.loads((models / "run-int8" / "export.json").read_text())
     assert card["quantization"].startswith("dynamic int8") and card["int8_max_abs_logit_diff"] <= INT8_TOLERANCE
+    assert card["mask_fill"] == -30.0  # the unfused attention's mask fill, no longer float32's lowest value
     # the weights' bytes (at this tiny size the graph's nodes weigh as much as its weights; MiniLM's file is 0.25×)
     graphs = {name: __import__("onnx").load(str(models / name / "model.onnx")) for name in ("run-onnx", "run-int8")}
     fp32, int8 = (sum(len(t.raw_data) for t in graphs[name].graph.initializer) for name in ("run-onnx", "run-int8"))

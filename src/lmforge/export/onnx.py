@@ -16,6 +16,7 @@ from typing import Optional
 
 import numpy as np
 import onnx
+from onnx import numpy_helper
 import torch
 from onnxruntime.quantization import QuantType, quantize_dynamic
 from onnxruntime.transformers.fusion_options import FusionOptions
@@ -29,6 +30,10 @@ from lmforge.models.onnx import ONNX_FILE, open_session
 OPSET = 17
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
 QUANTIZE = ("int8",)
+# What a padded key adds to its attention score in the graph, in place of float32's lowest value: e^-30 of a
+# real key's weight is below fp32's resolution of a softmax sum, and ONNX Runtime's softmax took 163 ms instead of
+# 14 ms per 32×128 int8 batch of padded rows on scores near float32's lowest (profiled), the same graph 1.7× slower.
+MASK_FLOOR = -30.0
 
 
 @dataclass(frozen=True)
@@ -127,6 +132,23 @@ def fuse(raw: Path, out: Path, rule: ExportRule, config, for_int8: bool = False)
     return fused
 
 
+def soften_mask(path: Path) -> int:
+    """Replace the graph's scalar constants at float32's lowest value (the attention mask's fill) by MASK_FLOOR;
+    returns how many there were."""
+    model = onnx.load(str(path))
+    lowest = np.finfo(np.float32).min / 2
+    changed = 0
+    for tensor in model.graph.initializer:
+        if tensor.data_type == onnx.TensorProto.FLOAT and int(np.prod(tensor.dims)) == 1:
+            value = numpy_helper.to_array(tensor)
+            if float(value.reshape(-1)[0]) <= lowest:
+                tensor.CopyFrom(numpy_helper.from_array(np.full(value.shape, MASK_FLOOR, np.float32), tensor.name))
+                changed += 1
+    if changed:
+        onnx.save(model, str(path))
+    return changed
+
+
 def quantize_int8(fp32: Path, out: Path) -> None:
     """Dynamic int8: weights QInt8 once, one scale per output channel (per-tensor scales cost a fine-tuned
     MiniLM 1.1 points of SST-2 accuracy, per-channel none), activations quantized at run time."""
@@ -157,6 +179,7 @@ def write_graph(folder: Path, work: Path, rule: ExportRule, quantize: Optional[s
     trace_to_onnx(model, rule, sample, raw)
     fused = fuse(raw, fused_path, rule, model.config, for_int8=quantize == "int8")
     raw.unlink()
+    softened = soften_mask(fused_path)
     facts = {"fp32_max_abs_logit_diff": max_logit_gap(model, fused_path, sample, rule.task)}
     if quantize == "int8":
         quantize_int8(fused_path, work / ONNX_FILE)
@@ -164,7 +187,8 @@ def write_graph(folder: Path, work: Path, rule: ExportRule, quantize: Optional[s
         facts["int8_max_abs_logit_diff"] = max_logit_gap(model, work / ONNX_FILE, sample, rule.task)
     else:
         fused_path.rename(work / ONNX_FILE)
-    facts.update(fused=fused, task=rule.task, fusion=rule.fusion, inputs=list(rule.inputs))
+    facts.update(fused=fused, task=rule.task, fusion=rule.fusion, inputs=list(rule.inputs),
+                 mask_fill=MASK_FLOOR if softened else None)
     return facts
 
 

@@ -100,7 +100,7 @@ def write_card(work: Path, model_dir: Path, folder: Path, facts: dict, quantize:
                          else None),
         "task": facts["task"], "inputs": facts["inputs"], "outputs": facts.get("outputs", ["logits"]),
         "kv_cache": facts.get("kv_cache", False), "source": str(model_dir), "source_model": str(folder),
-        "bytes": size, "source_bytes": source_size,
+        "bytes": size, "source_bytes": source_size, "mask_fill": facts.get("mask_fill"),
         **{k: v for k, v in facts.items() if k.endswith("logit_diff")},
     }
     (work / EXPORT_CARD).write_text(json.dumps(card, indent=2) + "\n")
