@@ -61,8 +61,6 @@ def restored(weight: torch.Tensor) -> Iterator[torch.Tensor]:
 class FGM:
     """The fast gradient method with step size `epsilon` (in the units of an embedding row's L2 norm)."""
 
-    passes = 1  # forward-backward passes an attack adds to a step
-
     def __init__(self, epsilon: float):
         self.epsilon = epsilon
 
@@ -99,7 +97,6 @@ class PGD(FGM):
     def __init__(self, epsilon: float, alpha: float, steps: int):
         super().__init__(epsilon)
         self.alpha, self.steps = alpha, steps
-        self.passes = steps
 
     def attack(self, model, forward_backward: Callable[[], None]) -> bool:
         weight = self.embedding_weight(model)
