@@ -22,7 +22,7 @@ from lmforge.compress.structured import gates
 from lmforge.finetune import finetune, predict_file
 from lmforge.models.compressed import COMPRESSION_KEY, load_pretrained
 from lmforge.models.quantized import quantize_modules
-from lmforge.models.slicing import keep_units, layer_shape, stock_loadable
+from lmforge.models.slicing import keep_units, layer_shape, pad_to_stock, stock_loadable
 from lmforge.recipe import TokenizerConfig
 from lmforge.serve.models import load_served_model
 from lmforge.tokenizer import save_tokenizer, train_tokenizer
@@ -127,6 +127,25 @@ def test_uniform_ffn_reloads_with_stock_transformers_and_heads_need_lmforge(tmp_
     again = load_pretrained(AutoModelForSequenceClassification, tmp_path / "heads")
     with torch.no_grad():
         assert torch.equal(again(**inputs).logits, model(**inputs).logits)
+
+
+@pytest.mark.parametrize("make", [_tiny_bert, _tiny_gpt2])
+def test_padding_to_the_nearest_stock_shape_keeps_the_pruned_logits(make, tmp_path):
+    """Heads removed unevenly and FFN widths differing per layer grow back as zero units: stock from_pretrained
+    loads the folder and gives the pruned model's logits."""
+    model = make()
+    width = layer_shape(model)["ffn"][0]
+    keep_units(model, [[0, 2], [1, 2, 3]], [list(range(0, width, 2)), list(range(1, width, 4))])
+    inputs = _inputs(100)
+    with torch.no_grad():
+        pruned = model(**inputs).logits
+    assert pad_to_stock(model) == {"heads": [2, 3], "ffn": [width // 2, width // 4]}
+    assert layer_shape(model) == {"heads": [4, 4], "ffn": [width // 2] * 2}
+    model.save_pretrained(tmp_path)
+    stock = type(model).from_pretrained(tmp_path).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(stock(**inputs).logits, pruned, atol=1e-5, rtol=1e-5)
+    assert sum(p.numel() for p in stock.parameters()) == sum(p.numel() for p in model.parameters())
 
 
 @pytest.mark.parametrize("scope", ["global", "layer"])

@@ -84,9 +84,9 @@ def logits_gap(torch_dir: Path, onnx_dir: Path, masked: bool = False) -> float:
     _, reference, tokenizer, _ = open_task_model(torch_dir)
     _, onnx_model, _, _ = open_task_model(onnx_dir)
     inputs = batch(tokenizer)
-    with torch.no_grad():
+    with torch.no_grad():  # the second may be a PyTorch folder too (`--format hf`)
         want = reference(**inputs).logits.numpy()
-    got = onnx_model(**inputs).logits.numpy()
+        got = onnx_model(**inputs).logits.numpy()
     gap = np.abs(got - want)
     return float(gap[inputs["attention_mask"].numpy().astype(bool)].max() if masked else gap.max())
 
@@ -222,7 +222,7 @@ def test_bad_inputs_are_one_line_and_leave_nothing(models, corpus, tmp_path, mon
 
 
 def test_a_pruned_classifier_exports_with_equal_logits(models, tmp_path):
-    """Heads and FFN neurons removed unevenly (layer 0 keeps 2 of 4 heads, layer 1 keeps 3; FFN widths 40 and 24),
+    """Heads and FFN neurons removed unevenly (layer 0 keeps 2 of 4 heads, layer 1 keeps 3; FFN widths 32 and 24),
     saved as `lmforge compress` saves it: fp32 ONNX equals the pruned PyTorch model, int8 stays close."""
     from lmforge.models.compressed import COMPRESSION_KEY, load_pretrained
     from lmforge.models.slicing import keep_units, stock_loadable
@@ -237,3 +237,17 @@ def test_a_pruned_classifier_exports_with_equal_logits(models, tmp_path):
     assert logits_gap(tmp_path / "pruned", tmp_path / "pruned-int8") <= INT8_TOLERANCE
     full, pruned = ((d / "model.onnx").stat().st_size for d in (models / "run-onnx", tmp_path / "pruned-onnx"))
     assert pruned < full
+
+    # The nearest stock shape: zero heads and neurons back in, stock from_pretrained, the pruned logits.
+    export(tmp_path / "pruned", tmp_path / "pruned-hf", fmt="hf")
+    stock = AutoModelForSequenceClassification.from_pretrained(tmp_path / "pruned-hf").eval()
+    assert stock.config.num_attention_heads == 4 and stock.config.intermediate_size == 32
+    assert "lmforge_compression" not in json.loads((tmp_path / "pruned-hf" / "config.json").read_text())
+    assert logits_gap(tmp_path / "pruned", tmp_path / "pruned-hf") <= FP32_TOLERANCE
+    card = (tmp_path / "pruned-hf" / "README.md").read_text()
+    assert "| 0 | 2 → 4 | 32 → 32 |" in card and "| 1 | 3 → 4 | 24 → 32 |" in card
+    fails(["export", str(tmp_path / "pruned"), "--out", str(tmp_path / "x"), "--format", "hf", "--quantize", "int8"],
+          "int8 weights have no stock transformers form")
+    fails(["export", str(tmp_path / "pruned"), "--out", str(tmp_path / "x"), "--format", "gguf"],
+          "--format: lmforge exports to onnx, hf")
+    assert not (tmp_path / "x").exists()

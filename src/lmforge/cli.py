@@ -455,13 +455,14 @@ def serve(models: List[str] = typer.Argument(..., help="Run folders or HF folder
 def export(model_dir: Path = typer.Argument(..., help="Fine-tuning run folder, GPT-2 pretraining run, or an HF "
                                                       "classifier or GPT-2 folder."),
            out: Path = typer.Option(..., "--out", help="Folder to write: model.onnx, config, tokenizer, model card."),
-           format: str = typer.Option("onnx", "--format", help="Export format: onnx."),
+           format: str = typer.Option("onnx", "--format", help="onnx (ONNX Runtime), or hf: a pruned model in the "
+                                                               "nearest shape stock transformers loads."),
            quantize: Optional[str] = typer.Option(None, help="int8: dynamic int8 weights (about 4× smaller, "
                                                              "faster on CPU)."),
            model: Optional[str] = typer.Option(None, help="'final' (default), 'best', 'latest' or a folder."),
            force: bool = typer.Option(False, help="Replace --out if it exists.")):
-    """Export a model to ONNX Runtime (fused graph, optional int8; a causal LM with its KV cache); predict, eval,
-    generate and serve take the folder."""
+    """Export a model to ONNX Runtime (fused graph, optional int8; a causal LM with its KV cache), or a pruned model
+    to a stock transformers folder (--format hf); predict, eval, generate and serve take the folder."""
     from lmforge.export import export as run
     try:
         run(model_dir, out, fmt=format, quantize=quantize, which=model, force=force)

@@ -303,7 +303,8 @@ def write_model_card(tmp: Path, step_dir: Path, model, note: str, metrics: dict,
     elif record.get("shape"):
         loads = ("Stock `transformers.AutoModel*` cannot represent this shape (attention heads removed, or FFN "
                  "widths differing per layer: `lmforge_compression.shape` in config.json); lmforge's loader "
-                 "rebuilds it.")
+                 f"rebuilds it. `lmforge export {step_dir} --format hf --out DIR` writes the nearest shape stock "
+                 "transformers loads (zero heads and neurons put back, the same logits).")
     else:
         loads = "It loads with stock `transformers` `AutoModelFor*.from_pretrained` (same logits as lmforge's loader)."
     score = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float) and k != "loss")

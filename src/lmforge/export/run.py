@@ -1,7 +1,10 @@
 """`lmforge export`: a fine-tuned run (or an HF model folder) as a folder ONNX Runtime serves — model.onnx, the
 config, the tokenizer, the run's recipe (so `lmforge eval` finds its data) and a model card that says which
 runtime, opset, fusion and quantization it carries. The folder is written under a temporary name and renamed
-when complete: a failed export leaves nothing."""
+when complete: a failed export leaves nothing.
+
+`--format hf` writes a Hugging Face folder instead, for a pruned model whose shape stock transformers cannot
+describe: the nearest shape it can (`lmforge.export.stock`)."""
 
 from __future__ import annotations
 
@@ -18,11 +21,12 @@ from lmforge.engine.logging import console
 from lmforge.errors import LmforgeError, disk_full_is_an_error
 from lmforge.export.decoder import write_decoder_graph
 from lmforge.export.onnx import OPSET, QUANTIZE, export_rule, write_graph
+from lmforge.export.stock import write_stock
 from lmforge.models.onnx import EXPORT_CARD, ONNX_FILE, is_onnx_folder
 from lmforge.runs import model_folder
 from lmforge.tokenizer import load_tokenizer
 
-FORMATS = ("onnx",)
+FORMATS = ("onnx", "hf")
 COPIED = ("config.json", "generation_config.json")
 
 
@@ -34,6 +38,9 @@ def export(model_dir, out, fmt: str = "onnx", quantize: Optional[str] = None, wh
         raise LmforgeError(f"--format: lmforge exports to {', '.join(FORMATS)}; got {fmt!r}")
     if quantize is not None and quantize not in QUANTIZE:
         raise LmforgeError(f"--quantize: expected {', '.join(QUANTIZE)} (or none), got {quantize!r}")
+    if fmt == "hf" and quantize is not None:
+        raise LmforgeError("--quantize: int8 weights have no stock transformers form; use --format onnx "
+                           "--quantize int8, or --format hf without --quantize")
     model_dir, out = Path(model_dir), Path(out)
     folder = source_folder(model_dir, which)
     rule, _ = export_rule(folder)
@@ -43,19 +50,28 @@ def export(model_dir, out, fmt: str = "onnx", quantize: Optional[str] = None, wh
     try:
         work.mkdir(parents=True)
         with disk_full_is_an_error(work):
-            write = write_decoder_graph if rule.task == "generate" else write_graph
-            facts = write(folder, work, rule, quantize)
-            copy_companions(model_dir, folder, work)
-            write_card(work, model_dir, folder, facts, quantize)
+            if fmt == "hf":
+                facts = write_stock(folder, work, rule, model_dir)
+                copy_companions(model_dir, folder, work, copied=("generation_config.json",))
+            else:
+                write = write_decoder_graph if rule.task == "generate" else write_graph
+                facts = write(folder, work, rule, quantize)
+                copy_companions(model_dir, folder, work)
+                write_card(work, model_dir, folder, facts, quantize)
         if out.exists():
             shutil.rmtree(out)
         os.replace(work, out)
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
         raise
-    console.print(f"exported {folder} to {out / ONNX_FILE} ({(out / ONNX_FILE).stat().st_size / 2**20:,.1f} MB, "
-                  f"{quantize or 'fp32'}, max |Δ logits| vs PyTorch "
-                  f"{facts.get('int8_max_abs_logit_diff', facts['fp32_max_abs_logit_diff']):.2g})")
+    if fmt == "hf":
+        console.print(f"exported {folder} to {out} in a stock transformers shape ({facts['parameters']:,} → "
+                      f"{facts['stock_parameters']:,} parameters, max |Δ logits| vs the pruned model "
+                      f"{facts['max_abs_logit_diff']:.2g})")
+    else:
+        console.print(f"exported {folder} to {out / ONNX_FILE} ({(out / ONNX_FILE).stat().st_size / 2**20:,.1f} MB, "
+                      f"{quantize or 'fp32'}, max |Δ logits| vs PyTorch "
+                      f"{facts.get('int8_max_abs_logit_diff', facts['fp32_max_abs_logit_diff']):.2g})")
     return out
 
 
@@ -75,9 +91,9 @@ def check_destination(out: Path, model_dir: Path, force: bool) -> None:
         raise LmforgeError(f"--out {out}: already exists and is not empty; pass --force to replace it")
 
 
-def copy_companions(model_dir: Path, folder: Path, work: Path) -> None:
+def copy_companions(model_dir: Path, folder: Path, work: Path, copied: tuple[str, ...] = COPIED) -> None:
     """The config, the tokenizer and (from a fine-tuning run) its recipe, so eval finds the run's data."""
-    for name in COPIED:
+    for name in copied:
         if (folder / name).is_file():
             shutil.copy2(folder / name, work / name)
     load_tokenizer(folder).save_pretrained(str(work))

@@ -7,6 +7,12 @@ that read them (the attention output and the FFN's second matrix). The attention
 the head count from the width of Q/K/V (`view(..., -1, head_dim)`), so a layer with fewer heads runs unchanged;
 only GPT-2's fused Q|K|V split width is set per layer.
 
+`pad_to_stock` goes the other way, for a loader that reads only stock configs: removed heads come back as zero
+heads and narrower FFN layers grow zero neurons, up to the widest layer. A zero head's value rows and its columns
+in the output projection are zero, and so are a zero neuron's column in the FFN's second matrix, so whatever the
+attention pattern or the activation gives them, they add nothing: the outputs are the pruned model's, at the
+cost of the parameters the pruning took away.
+
 The same slicing rebuilds a pruned model's shape at load time: `apply_shape` cuts a fresh model to the saved
 counts (keeping the first heads/neurons) before the saved weights are read into it.
 """
@@ -39,6 +45,31 @@ def _slice_weight(module: nn.Module, keep: torch.Tensor, side: str) -> None:
         module.out_features = weight.shape[0]
     else:
         module.in_features = weight.shape[1]
+
+
+def _grow_weight(module: nn.Module, spans: list[tuple[int, int, int]], size: int, side: str) -> None:
+    """Widen the module's outputs (`side='out'`) or inputs (`'in'`) to `size`, zeros everywhere but `spans`, each
+    (start in the old, length, start in the new): the inverse of `_slice_weight`."""
+    conv = isinstance(module, Conv1D)
+    dim = (1 if conv else 0) if side == "out" else (0 if conv else 1)
+    old = module.weight.data
+    shape = list(old.shape)
+    shape[dim] = size
+    weight = old.new_zeros(shape)
+    for start, length, to in spans:
+        weight.narrow(dim, to, length).copy_(old.narrow(dim, start, length))
+    module.weight = nn.Parameter(weight, requires_grad=module.weight.requires_grad)
+    if side == "out" and module.bias is not None:
+        bias = module.bias.data.new_zeros(size)
+        for start, length, to in spans:
+            bias.narrow(0, to, length).copy_(module.bias.data.narrow(0, start, length))
+        module.bias = nn.Parameter(bias, requires_grad=module.bias.requires_grad)
+    if conv:
+        module.nf = size
+    elif side == "out":
+        module.out_features = size
+    else:
+        module.in_features = size
 
 
 def _features(heads: list[int], head_dim: int) -> torch.Tensor:
@@ -83,6 +114,29 @@ class FamilyRule:
             for name in self.head_inputs:
                 _slice_weight(_get(layer, name), cols, "out")
         _slice_weight(_get(layer, self.head_output), cols, "in")
+
+    def pad_heads(self, layer: nn.Module, count: int, config) -> None:
+        """Append zero heads up to `count` (the kept heads stay first, as slicing leaves them)."""
+        d, now = self.head_dim(config), self.head_count(layer, config)
+        if count <= now:
+            return
+        width = now * d
+        if self.fused_qkv:
+            attn = _get(layer, self.head_inputs[0].rsplit(".", 1)[0])
+            spans = [(part * width, width, part * count * d) for part in range(3)]
+            _grow_weight(_get(layer, self.head_inputs[0]), spans, 3 * count * d, "out")
+            attn.split_size = count * d
+            attn.num_heads = count
+        else:
+            for name in self.head_inputs:
+                _grow_weight(_get(layer, name), [(0, width, 0)], count * d, "out")
+        _grow_weight(_get(layer, self.head_output), [(0, width, 0)], count * d, "in")
+
+    def pad_neurons(self, layer: nn.Module, count: int) -> None:
+        now = self.ffn_count(layer)
+        if count > now:
+            _grow_weight(_get(layer, self.ffn_input), [(0, now, 0)], count, "out")
+            _grow_weight(_get(layer, self.ffn_output), [(0, now, 0)], count, "in")
 
     def keep_neurons(self, layer: nn.Module, neurons: list[int]) -> None:
         if not neurons:
@@ -157,3 +211,18 @@ def stock_loadable(model) -> dict:
     else:
         rest["ffn"] = shape["ffn"]
     return rest
+
+
+def pad_to_stock(model) -> dict:
+    """Grow a pruned model to the nearest shape a stock config describes: every layer back to the config's head
+    count and to the widest layer's FFN width, with zero units that leave the outputs unchanged (module
+    docstring). Folds the width into the config and returns {'heads': [...], 'ffn': [...]} as they were."""
+    rule = rule_for(model.config.model_type)
+    before = layer_shape(model)
+    width = max(before["ffn"])
+    for layer in rule.layers(model):
+        rule.pad_heads(layer, model.config.num_attention_heads, model.config)
+        rule.pad_neurons(layer, width)
+    rest = stock_loadable(model)
+    assert not rest, rest  # every layer now has the config's heads and one FFN width
+    return before
