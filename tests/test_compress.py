@@ -344,3 +344,49 @@ def test_a_distill_step_makes_a_smaller_student_the_next_steps_take(task_run, tm
     bad = _compress_recipe(task_run, tmp_path / "bad", [{"quantize": {"scheme": "int8-dynamic"}}, steps[0]])
     with pytest.raises(Exception, match="a distill step after quantize"):
         compress(bad, show_progress=False)
+
+
+def test_a_causal_lm_is_pruned_recovered_by_pretraining_and_quantized_with_perplexity(corpus, tmp_path):
+    """A GPT-2 pretraining run: heads and neurons ranked by the next-token loss on its own corpus, recovery by
+    continued pretraining, int8; every variant is scored by validation perplexity and generates."""
+    from conftest import tiny_recipe
+    from lmforge import pretrain
+    from lmforge.generate import generate_text
+    from lmforge.runs import open_run
+    base = tmp_path / "lm"
+    pretrain(tiny_recipe(corpus, base, max_steps=30, eval_every=0), show_progress=False)
+    recover = tmp_path / "recover.yaml"
+    recover.write_text(yaml.safe_dump(tiny_recipe(corpus, tmp_path / "unused", max_steps=10, eval_every=0)))
+    out = tmp_path / "lm-compressed"
+    done = compress({"name": "lm", "model": str(base), "bench": {"repeats": 1, "seq_len": 16},
+                     "steps": [{"prune": {"heads": 0.5, "ffn": 0.5, "batches": 2}},
+                               {"finetune": {"recipe": str(recover)}},
+                               {"quantize": {"scheme": "int8-dynamic"}}],
+                     "output": {"dir": str(out)}}, force=True, show_progress=False)
+    rows = {r["name"]: r for r in json.loads((out / "compress.json").read_text())}
+    assert list(rows) == ["base", "1-prune", "2-finetune", "3-quantize"]
+    assert all(r["metric_name"] == "ppl" and r["metric"] > 1 for r in rows.values())
+    assert rows["2-finetune"]["metric"] < rows["1-prune"]["metric"]  # recovery lowers the pruned perplexity
+    assert rows["1-prune"]["params"] < rows["base"]["params"]
+    assert done.metrics["3-quantize"]["ppl"] == pytest.approx(rows["3-quantize"]["metric"])
+    for step in ("1-prune", "2-finetune", "3-quantize"):
+        _, model, tokenizer = open_run(out / step)
+        if step != "3-quantize":  # int8 modules store their weights another way
+            assert layer_shape(model) == {"heads": [1, 1], "ffn": [64, 64]}
+        assert "lmforge generate" in (out / step / "README.md").read_text()
+        assert json.loads((out / step / "eval-validation.json").read_text())["ppl"] == pytest.approx(
+            rows[step]["metric"])
+    assert generate_text(model, tokenizer, "the", max_new_tokens=4, temperature=0)
+
+    # What a causal LM cannot do in a compress recipe is refused before anything is written.
+    from lmforge.errors import LmforgeError
+    mlm = tmp_path / "mlm.yaml"
+    mlm.write_text(yaml.safe_dump(tiny_recipe(corpus, tmp_path / "unused", objective="mlm")))
+    for steps, message in (([{"distill": {"recipe": str(recover), "student_layers": 1}}], "distil a causal LM"),
+                           ([{"quantize": {"scheme": "int8-dynamic", "runtime": "onnx"}}], "export a causal LM"),
+                           ([{"finetune": {"recipe": str(mlm)}}], "recovers with a pretraining recipe whose "
+                                                                  "objective is clm")):
+        with pytest.raises(LmforgeError, match=message):
+            compress({"name": "bad", "model": str(base), "steps": steps, "output": {"dir": str(tmp_path / "bad")}},
+                     show_progress=False)
+        assert not (tmp_path / "bad").exists()

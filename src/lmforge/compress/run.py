@@ -19,6 +19,7 @@ from typing import Optional, Union
 
 from lmforge.compress.config import CompressRecipe, DistillStep, FinetuneStep, PruneStep, QuantizeStep, load_compress_recipe
 from lmforge.compress.gradual import HeldSparsity
+from lmforge.compress.lm import LmData, is_causal_lm, lm_recipe
 from lmforge.compress.magnitude import apply_masks, prune_magnitude, sparsity_by_layer
 from lmforge.compress.measure import describe
 from lmforge.compress.report import write_report
@@ -34,8 +35,9 @@ from lmforge.models.compressed import COMPRESSION_KEY
 from lmforge.models.onnx import is_onnx_folder
 from lmforge.models.quantized import quantize_modules
 from lmforge.models.slicing import rule_for, stock_loadable
-from lmforge.recipe import coerce_recipe
-from lmforge.runs import model_folder
+from lmforge.pretrain import pretrain
+from lmforge.recipe import Recipe, coerce_recipe, load_recipe
+from lmforge.runs import model_folder, open_run
 from lmforge.stage import RunResult
 from lmforge.tasks.config import FinetuneRecipe, load_finetune_recipe
 from lmforge.tasks.encode import collate
@@ -63,7 +65,8 @@ def compress(recipe: Union[CompressRecipe, str, Path, dict], *, overrides=(), fo
         elif step.prune is not None:
             note, masks = prune_step(step.prune, current, step_dir, task_recipe, recipe.eval.split)
         elif step.finetune is not None:
-            note, masks = finetune_step(step.finetune, current, step_dir, masks, recipe.eval.split, show_progress)
+            note, masks = finetune_step(step.finetune, current, step_dir, masks, recipe.eval.split, show_progress,
+                                        lm=isinstance(task_recipe, Recipe))
         else:
             note = quantize_step(step.quantize, current, step_dir, task_recipe, recipe.eval.split)
         current = step_dir
@@ -74,36 +77,61 @@ def compress(recipe: Union[CompressRecipe, str, Path, dict], *, overrides=(), fo
                        repeats=recipe.bench.repeats, seq_len=recipe.bench.seq_len, batch_sizes=recipe.bench.batch_sizes)
         row.note = note
         rows.append(row)
+    if rows[0].metric is None and isinstance(task_recipe, Recipe):  # a pretraining run keeps no eval file
+        _, model, tokenizer = open_run(Path(recipe.model))
+        rows[0].metric, rows[0].metric_name = LmData(task_recipe, tokenizer).scores(model, recipe.eval.split)["ppl"], "ppl"
     report = write_report(rows, out, "compress", f"{recipe.name}: size, speed and quality", recipe.bench.threads,
                           recipe.bench.seq_len)
     console.print(report.read_text())
     return RunResult(out, {r.name: {r.metric_name: r.metric} for r in rows if r.metric is not None})
 
 
-def check_plan(recipe: CompressRecipe) -> FinetuneRecipe:
-    """Refuse, before anything is written, what cannot work; returns the fine-tuning recipe whose data the steps
-    rank and evaluate on (the model's run, else the first finetune step's recipe)."""
+def check_plan(recipe: CompressRecipe) -> Union[FinetuneRecipe, Recipe]:
+    """Refuse, before anything is written, what cannot work; returns the recipe whose data the steps rank and
+    evaluate on: the model's run, else the first finetune step's recipe (fine-tuning; pretraining for a causal
+    LM)."""
     source = Path(recipe.model)
     if not source.exists():
         raise LmforgeError(f"model: {recipe.model}: no such run or model folder")
     folder = model_folder(source)
     config = json.loads((folder / "config.json").read_text())
-    if "Classification" not in " ".join(config.get("architectures") or []):
-        raise LmforgeError(f"model: {recipe.model}: compress works on fine-tuned classifiers and taggers "
-                           f"(architectures: {config.get('architectures')})")
-    finetunes = [load_finetune_recipe(s.recipe, _set_list(s.set))
-                 for s in [s.finetune or s.distill for s in recipe.steps] if s is not None]
     for step in recipe.steps:
         if step.prune is not None:
             check_prune(step.prune, config)
         if step.quantize is not None:
             check_quantize(step.quantize)
+    if is_causal_lm(config):
+        return check_lm_plan(recipe, source)
+    if "Classification" not in " ".join(config.get("architectures") or []):
+        raise LmforgeError(f"model: {recipe.model}: compress works on fine-tuned classifiers and taggers and on "
+                           f"causal LMs (architectures: {config.get('architectures')})")
+    finetunes = [load_finetune_recipe(s.recipe, _set_list(s.set))
+                 for s in [s.finetune or s.distill for s in recipe.steps] if s is not None]
     if is_task_run(source):
         return load_finetune_recipe(source / "recipe.yaml")
     if finetunes:
         return finetunes[0]
     raise LmforgeError(f"model: {recipe.model} is a model folder without a recipe; the steps need the task's data: "
                        "give its fine-tuning run folder or a finetune step")
+
+
+def check_lm_plan(recipe: CompressRecipe, source: Path) -> Recipe:
+    """A causal LM's steps: recovery is pretraining, quality is validation perplexity."""
+    for step in recipe.steps:
+        if step.distill is not None:
+            raise LmforgeError("steps: a distill step in a compress recipe trains classifiers and taggers; distil a "
+                               "causal LM with `lmforge distill` and a clm recipe, then compress the student")
+        if step.quantize is not None and step.quantize.runtime == "onnx":
+            raise LmforgeError("quantize.runtime: onnx in a compress recipe is for classifiers and taggers; export a "
+                               "causal LM with `lmforge export RUN --quantize int8`")
+    if recipe.eval.split != "validation":
+        raise LmforgeError(f"eval.split: {recipe.eval.split}: a causal LM is scored on its pretraining recipe's "
+                           "validation documents")
+    trained = [(s.finetune.recipe, _set_list(s.finetune.set)) for s in recipe.steps if s.finetune is not None]
+    for path, overrides in trained:
+        if load_recipe(path, overrides).objective.name != "clm":
+            raise LmforgeError(f"{path}: a causal LM recovers with a pretraining recipe whose objective is clm")
+    return lm_recipe(source, trained)
 
 
 def check_prune(step: PruneStep, config: dict) -> None:
@@ -146,39 +174,69 @@ def _task_data(task_recipe: FinetuneRecipe, tokenizer, model, split: str, train_
     return TaskData(spec, tokenizer, labels=names)
 
 
-def prune_step(step: PruneStep, source: Path, step_dir: Path, task_recipe: FinetuneRecipe, split: str):
-    _, model, tokenizer, _ = open_task_model(source)
-    data = _task_data(task_recipe, tokenizer, model, split, step.batches * step.batch_size)
-    details, notes, masks = {}, [], None
-    if step.heads is not None or step.ffn is not None:
-        train = data.encoded["train"]
-        pad = tokenizer.pad_token_id or 0
-        batches = [collate(train, list(range(i, min(i + step.batch_size, len(train)))), pad,
-                           task_recipe.data.multi_label) for i in range(0, len(train), step.batch_size)]
-        objective = TaskObjective(task_recipe.task, task_recipe.data.multi_label)
+class TaskScoring:
+    """A classifier's or tagger's data for the steps, with the interface of `LmData`: training batches and the
+    loss that ranks units, and the split's report."""
+
+    def __init__(self, task_recipe: FinetuneRecipe, tokenizer, model, split: str, train_rows: int):
+        self.recipe = task_recipe
+        self.data = _task_data(task_recipe, tokenizer, model, split, train_rows)
+        self.pad = tokenizer.pad_token_id or 0
+
+    def train_batches(self, count: int, size: int) -> list[dict]:
+        train = self.data.encoded["train"]
+        return [collate(train, list(range(i, min(i + size, len(train)))), self.pad, self.recipe.data.multi_label)
+                for i in range(0, len(train), size)]
+
+    def mean_loss(self):
+        objective = TaskObjective(self.recipe.task, self.recipe.data.multi_label)
 
         def loss_of(m, batch):
             total, count, _ = objective.loss(m, batch)
             return total / count.clamp(min=1)
+        return loss_of
 
-        details.update(prune_structured(model, step.heads, step.ffn, batches, loss_of))
+    def write_scores(self, folder: Path, model, split: str) -> dict:
+        return write_split_report(folder, model, self.data, split, self.recipe)
+
+
+Plan = Union[FinetuneRecipe, Recipe]
+
+
+def open_step(source: Path, plan: Plan, split: str, train_rows: int = 1):
+    """(model, tokenizer, scoring) of a step's input: a task model with its data, or a causal LM with its corpus."""
+    if isinstance(plan, Recipe):
+        _, model, tokenizer = open_run(source)
+        return model, tokenizer, LmData(plan, tokenizer)
+    _, model, tokenizer, _ = open_task_model(source)
+    return model, tokenizer, TaskScoring(plan, tokenizer, model, split, train_rows)
+
+
+def prune_step(step: PruneStep, source: Path, step_dir: Path, plan: Plan, split: str):
+    model, tokenizer, scoring = open_step(source, plan, split, step.batches * step.batch_size)
+    details, notes, masks = {}, [], None
+    if step.heads is not None or step.ffn is not None:
+        batches = scoring.train_batches(step.batches, step.batch_size)
+        details.update(prune_structured(model, step.heads, step.ffn, batches, scoring.mean_loss()))
         shape = details["shape"]
         notes.append(f"heads per layer {shape['heads']}, FFN neurons per layer {shape['ffn']}")
     if step.sparsity is not None:
         masks = prune_magnitude(model, step.sparsity, step.scope)
         details["sparsity"] = sparsity_by_layer(model)
         notes.append(f"{details['sparsity']['all']:.1%} of the layers' weights zero ({step.scope} magnitude)")
-    save_step(step_dir, model, tokenizer, task_recipe, data, split, details, "; ".join(notes))
+    save_step(step_dir, model, tokenizer, plan, scoring, split, details, "; ".join(notes))
     return "; ".join(notes), masks
 
 
 def finetune_step(step: FinetuneStep, source: Path, step_dir: Path, masks: Optional[dict], split: str,
-                  show_progress: bool) -> tuple[str, Optional[dict]]:
-    """Fine-tune from `source`; with `step.sparsity`, prune gradually while training; pruned weights held at zero."""
+                  show_progress: bool, lm: bool = False) -> tuple[str, Optional[dict]]:
+    """Fine-tune from `source` (continue pretraining, for a causal LM); with `step.sparsity`, prune gradually while
+    training; pruned weights held at zero."""
     overrides = _set_list(step.set) + [f"model.path={model_folder(source)}", f"output.dir={step_dir}"]
+    train, read = (pretrain, load_recipe) if lm else (finetune, load_finetune_recipe)
     hold = None
     if step.sparsity is not None or masks:
-        grad_accum = load_finetune_recipe(step.recipe, overrides).train.grad_accum
+        grad_accum = read(step.recipe, overrides).train.grad_accum
         initial = _share_zero(masks)
         hold = HeldSparsity(step.sparsity, scope=step.scope, steps=step.prune_steps, every=step.prune_every,
                             grad_accum=grad_accum, initial=initial, masks=masks)
@@ -187,25 +245,29 @@ def finetune_step(step: FinetuneStep, source: Path, step_dir: Path, masks: Optio
         hold.attach(model)
         return objective
 
-    finetune(step.recipe, overrides=overrides, force=True, show_progress=show_progress,
-             train_objective=held if hold else None)
-    if hold is None:
-        return "recovered by fine-tuning", None
-    # The last optimizer step moved the pruned weights (the hook zeroes them only before a forward pass): zero them
-    # in the saved model, pruning to the final sparsity exactly where the run ended before the schedule did.
-    recipe, model, tokenizer, _ = open_task_model(step_dir)
-    masks = hold.masks or masks
-    if masks:
-        apply_masks(model, masks)
-    note = "recovered by fine-tuning, pruned weights held at zero"
-    if step.sparsity is not None:
-        if _share_zero(masks) < step.sparsity - 1e-6:  # the run ended before the schedule did
-            masks = prune_magnitude(model, step.sparsity, step.scope)
-        last = f", the last at step {hold.history[-1][0]}" if hold.history else ""
-        note = f"gradual magnitude pruning to {_share_zero(masks):.1%} ({len(hold.history)} pruning events{last})"
-    ckpt.save_model(step_dir / "final", model, tokenizer)
-    data = _task_data(recipe, tokenizer, model, split, 1)
-    write_split_report(step_dir, model, data, split, recipe)
+    train(step.recipe, overrides=overrides, force=True, show_progress=show_progress,
+          train_objective=held if hold else None)
+    note = "recovered by continued pretraining" if lm else "recovered by fine-tuning"
+    if hold is None and not lm:
+        return note, None
+    model, tokenizer, scoring = open_step(step_dir, read(step_dir / "recipe.yaml") if lm else
+                                          load_finetune_recipe(step_dir / "recipe.yaml"), split)
+    if hold is not None:
+        # The last optimizer step moved the pruned weights (the hook zeroes them only before a forward pass): zero
+        # them in the saved model, pruning to the final sparsity exactly where the run ended before the schedule did.
+        masks = hold.masks or masks
+        if masks:
+            apply_masks(model, masks)
+        note += ", pruned weights held at zero"
+        if step.sparsity is not None:
+            if _share_zero(masks) < step.sparsity - 1e-6:  # the run ended before the schedule did
+                masks = prune_magnitude(model, step.sparsity, step.scope)
+            last = f", the last at step {hold.history[-1][0]}" if hold.history else ""
+            note = f"gradual magnitude pruning to {_share_zero(masks):.1%} ({len(hold.history)} pruning events{last})"
+        ckpt.save_model(step_dir / "final", model, tokenizer)
+    metrics = scoring.write_scores(step_dir, model, split)
+    if lm:  # a pretraining run writes no model card
+        write_model_card(step_dir, step_dir, model, note, metrics, split, lm=True)
     return note, masks
 
 
@@ -229,18 +291,17 @@ def distill_step(step: DistillStep, source: Path, step_dir: Path, split: str, sh
     return f"distilled into {step.student_layers} layers (T {step.temperature}, alpha {step.alpha})"
 
 
-def quantize_step(step: QuantizeStep, source: Path, step_dir: Path, task_recipe: FinetuneRecipe, split: str) -> str:
+def quantize_step(step: QuantizeStep, source: Path, step_dir: Path, plan: Plan, split: str) -> str:
     if step.runtime == "onnx":
-        return onnx_quantize_step(source, step_dir, task_recipe, split)
-    _, model, tokenizer, _ = open_task_model(source)
+        return onnx_quantize_step(source, step_dir, plan, split)
+    model, tokenizer, scoring = open_step(source, plan, split)
     record = dict(getattr(model.config, COMPRESSION_KEY, None) or {})
     modules = quantize_modules(model, step.scheme)
     record["quantization"] = {"scheme": step.scheme, "modules": modules}
     setattr(model.config, COMPRESSION_KEY, record)
-    data = _task_data(task_recipe, tokenizer, model, split, 1)
     kernel = "fbgemm dynamic int8 matmul" if step.scheme == "int8-dynamic" else "fp32 matmul on widened int8 weights"
     note = f"{step.scheme}: {len(modules['linear'])} linear layers ({kernel}), embeddings int8 per row"
-    save_step(step_dir, model, tokenizer, task_recipe, data, split, {"quantization": record["quantization"]}, note,
+    save_step(step_dir, model, tokenizer, plan, scoring, split, {"quantization": record["quantization"]}, note,
               quantized=True)
     return note
 
@@ -251,10 +312,9 @@ def onnx_quantize_step(source: Path, step_dir: Path, task_recipe: FinetuneRecipe
     shutil.rmtree(staged, ignore_errors=True)
     try:
         export(source, staged, quantize="int8", force=True)
-        _, model, tokenizer, _ = open_task_model(staged)
-        data = _task_data(task_recipe, tokenizer, model, split, 1)
+        model, tokenizer, scoring = open_step(staged, task_recipe, split)
         note = "int8-dynamic on ONNX Runtime: fused graph, int8 weights per output channel"
-        save_step(step_dir, model, tokenizer, task_recipe, data, split,
+        save_step(step_dir, model, tokenizer, task_recipe, scoring, split,
                   {"quantization": {"scheme": "int8-dynamic", "runtime": "onnx"}}, note,
                   write_model=lambda final: os.replace(staged, final))
     finally:
@@ -262,8 +322,8 @@ def onnx_quantize_step(source: Path, step_dir: Path, task_recipe: FinetuneRecipe
     return note
 
 
-def save_step(step_dir: Path, model, tokenizer, task_recipe: FinetuneRecipe, data: TaskData, split: str,
-              details: dict, note: str, quantized: bool = False, write_model=None) -> None:
+def save_step(step_dir: Path, model, tokenizer, plan: Plan, scoring, split: str, details: dict, note: str,
+              quantized: bool = False, write_model=None) -> None:
     """A step's run folder, written under a temporary name and renamed into place; `write_model(folder)` writes
     a model that is not a PyTorch one (an ONNX folder)."""
     tmp = step_dir.with_name(f".{step_dir.name}.tmp")
@@ -280,19 +340,19 @@ def save_step(step_dir: Path, model, tokenizer, task_recipe: FinetuneRecipe, dat
                 elif hasattr(model.config, COMPRESSION_KEY):
                     delattr(model.config, COMPRESSION_KEY)
             ckpt.save_model(tmp / "final", model, tokenizer)
-        recipe = task_recipe.model_copy(deep=True)
+        recipe = plan.model_copy(deep=True)
         recipe.model.path, recipe.output.dir = str(step_dir / "final"), str(step_dir)
         write_text_atomic(tmp / "recipe.yaml", recipe.to_yaml())
         write_text_atomic(tmp / "compression.json", json.dumps(details, indent=2))
-        metrics = write_split_report(tmp, model, data, split, recipe)
-        write_model_card(tmp, step_dir, model, note, metrics, split)
+        metrics = scoring.write_scores(tmp, model, split)
+        write_model_card(tmp, step_dir, model, note, metrics, split, lm=isinstance(plan, Recipe))
         os.replace(tmp, step_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
 
 
-def write_model_card(tmp: Path, step_dir: Path, model, note: str, metrics: dict, split: str) -> None:
+def write_model_card(tmp: Path, step_dir: Path, model, note: str, metrics: dict, split: str, lm: bool = False) -> None:
     record = getattr(model.config, COMPRESSION_KEY, None) or {}
     if is_onnx_folder(tmp / "final"):
         loads = ("An ONNX Runtime folder (`final/model.onnx`, written by `lmforge export`); it opens in a plain "
@@ -307,10 +367,12 @@ def write_model_card(tmp: Path, step_dir: Path, model, note: str, metrics: dict,
                  "transformers loads (zero heads and neurons put back, the same logits).")
     else:
         loads = "It loads with stock `transformers` `AutoModelFor*.from_pretrained` (same logits as lmforge's loader)."
-    score = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float) and k != "loss")
+    score = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()
+                      if isinstance(v, float) and k != "loss" and "/" not in k)
+    use = (f"`lmforge generate {step_dir} --prompt TEXT`, `lmforge eval {step_dir}`, `lmforge serve {step_dir}` (CPU)."
+           if lm else f"`lmforge predict {step_dir} --input FILE.txt --output preds.jsonl`, `lmforge eval "
+                      f"{step_dir}`, `lmforge serve {step_dir}` (CPU).")
     text = "\n".join([f"# {step_dir.name}", "", f"Made by `lmforge compress`: {note}.", "", loads, "",
-                      f"Scores on {split}: {score}.", "", "## Use", "",
-                      f"`lmforge predict {step_dir} --input FILE.txt --output preds.jsonl`, `lmforge eval "
-                      f"{step_dir}`, `lmforge serve {step_dir}` (CPU).", ""])
+                      f"Scores on {split}: {score}.", "", "## Use", "", use, ""])
     write_text_atomic(tmp / "README.md", text)
 

@@ -71,7 +71,7 @@ def _gpt2_logits(model: GPT2LMHeadModel, input_ids: torch.Tensor) -> torch.Tenso
         q, k, v = _project(attn.c_attn, block.ln_1(hidden)).split(attn.split_size, dim=2)
         q, k, v = (x.view(b, t, attn.num_heads, attn.head_dim).transpose(1, 2) for x in (q, k, v))
         out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=attn.scaling)
-        out = attn.resid_dropout(_project(attn.c_proj, out.transpose(1, 2).reshape(b, t, attn.embed_dim)))
+        out = attn.resid_dropout(_project(attn.c_proj, out.transpose(1, 2).reshape(b, t, attn.num_heads * attn.head_dim)))
         hidden = out + hidden
         mlp = block.mlp
         hidden = hidden + mlp.dropout(_project(mlp.c_proj, mlp.act(_project(mlp.c_fc, block.ln_2(hidden)))))
