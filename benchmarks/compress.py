@@ -1,14 +1,18 @@
-"""Compression of a fine-tuned SST-2 classifier, every variant measured side by side in one process.
+"""Compression of a fine-tuned SST-2 classifier (or, with --recipe, the CoNLL-2003 tagger or the Shakespeare GPT-2),
+every variant measured side by side in one process.
 
     python benchmarks/compress.py --base runs/sst2-minilm --out runs/bench-compress [--examples 8000]
     python benchmarks/compress.py --base runs/sst2-minilm --examples 3200 --ffn 0.5 --onnx   # + ONNX Runtime int8
+    python benchmarks/compress.py --recipe recipes/compress-conll2003.yaml --base runs/conll2003-minilm --examples 4000
+    python benchmarks/compress.py --recipe recipes/compress-shakespeare.yaml --base runs/shakespeare-char
 
 Runs recipes/compress-sst2.yaml (heads 50 %, FFN 30 %, one recovery epoch on --examples training rows,
 int8-dynamic), then int8-dynamic and int8-weight of the unpruned model and 50 % unstructured magnitude sparsity
 (no recovery), and prints one table (`lmforge compare` of all variants: ratios against the base model) plus the
 zip-compressed size of each weight file (what unstructured sparsity buys on disk). `--onnx` adds ONNX Runtime
 int8 (`quantize: {runtime: onnx}`) of the base model and of the pruned, recovered one; `--ffn` sets the share of
-FFN neurons pruned."""
+FFN neurons pruned. `--recipe` takes another compress recipe of the same three steps; a causal LM's recovery is
+continued pretraining (`--examples` does not apply) and its quality column is validation perplexity."""
 
 from __future__ import annotations
 
@@ -37,7 +41,9 @@ def deflated_mb(folder: Path) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--base", type=Path, required=True, help="A fine-tuned SST-2 run folder.")
+    ap.add_argument("--base", type=Path, required=True, help="The run the recipe compresses (default recipe: a "
+                    "fine-tuned SST-2 run folder).")
+    ap.add_argument("--recipe", type=Path, default=RECIPE, help="A compress recipe: prune, finetune, quantize.")
     ap.add_argument("--out", type=Path, default=Path("runs/bench-compress"))
     ap.add_argument("--examples", type=int, default=None, help="Training rows of the recovery epoch (default all).")
     ap.add_argument("--threads", type=int, default=1)
@@ -46,7 +52,7 @@ def main() -> None:
     ap.add_argument("--onnx", action="store_true", help="Also ONNX Runtime int8 of the base and of the pruned, "
                     "recovered model.")
     args = ap.parse_args()
-    recipe = yaml.safe_load(RECIPE.read_text())
+    recipe = yaml.safe_load(args.recipe.read_text())
     if args.ffn is not None:
         recipe["steps"][0]["prune"]["ffn"] = args.ffn
     recipe.update(model=str(args.base), output={"dir": str(args.out / "pruned")},
@@ -75,7 +81,7 @@ def main() -> None:
     rows, path = compare(folders, args.out, threads=args.threads, repeats=args.repeats)
     for row, label in zip(rows, labels):
         row.name = label
-    print(markdown_table(rows, "SST-2 all-MiniLM-L6-v2: compression variants", args.threads, 64))
+    print(markdown_table(rows, f"{recipe['name']}: compression variants", args.threads, 64))
     for label, folder in zip(labels, folders):
         print(f"{label}: {deflated_mb(folder):.1f} MB deflated")
     print(f"written: {path}")

@@ -54,8 +54,8 @@ class PruneStep(Section):
 
 
 class FinetuneStep(Section):
-    recipe: str = Field(description="The fine-tuning recipe that recovers the model (its model.path and output.dir "
-                                    "are set by the step).")
+    recipe: str = Field(description="The fine-tuning recipe that recovers the model (a pretraining recipe, clm, for a "
+                                    "causal LM); its model.path and output.dir are set by the step.")
     set: dict[str, Any] = Field(default_factory=dict, description="Overrides of that recipe, {field: value}.")
     sparsity: Optional[float] = Field(None, description="Prune by magnitude while fine-tuning, gradually up to this "
                                       "share of the layers' weights (Zhu & Gupta's cubic schedule); pruned weights "
@@ -131,7 +131,8 @@ class CompressOutput(Section):
 
 class CompressRecipe(Section):
     name: str = Field("compress", description="Name of the run.")
-    model: str = Field(description="A fine-tuning run folder or a model folder.")
+    model: str = Field(description="A fine-tuning run folder (classifier or tagger), a causal LM's pretraining run "
+                                   "folder, or a model folder.")
     steps: list[Step] = Field(description="Steps in order, each {distill: ...}, {prune: ...}, {finetune: ...} or "
                                           "{quantize: ...}.")
     eval: CompressEval = Field(default_factory=CompressEval)
