@@ -10,6 +10,11 @@ which `save_pretrained` cannot write).
     python benchmarks/export.py --run runs/sst2-minilm --threads 1
     python benchmarks/export.py --run runs/sst2-minilm --threads 1 --fusions --repeats 7
 
+`--static N` adds static int8 (QDQ: activations quantized with scales calibrated once, on N SST-2 training rows,
+instead of at run time) on the same graph the dynamic int8 export quantizes, beside the dynamic one.
+
+    python benchmarks/export.py --run runs/sst2-minilm --threads 1 --static 256 --repeats 15
+
 `--fusions`: the int8 graph under three fusion settings of ONNX Runtime's optimizer (all fusions; no attention
 fusion; neither attention nor skip-layer-norm fusion, what `--quantize int8` writes), each against PyTorch fp32
 on full rows (random token ids, every position real) and on padded rows (8–40 real tokens, the rest padding).
@@ -80,6 +85,43 @@ def latencies(models: dict, batches: dict, repeats: int) -> dict:
     return {key: statistics.median(values) for key, values in times.items()}
 
 
+TRAIN = ROOT / ".." / "shared" / "data" / "sst2" / "train.tsv"
+
+
+def static_int8(run: Path, int8_dir: Path, out: Path, rows: int) -> Path:
+    """A copy of the dynamic int8 folder whose model.onnx is static QDQ int8 of the same fp32 graph (fused for
+    int8, mask fill softened), calibrated by MinMax on the first `rows` training sentences padded to 128 tokens."""
+    import shutil
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+    from lmforge.export.onnx import export_rule, fuse, load_for_export, sample_inputs, soften_mask, trace_to_onnx
+    from lmforge.runs import model_folder
+    folder = model_folder(run)
+    rule, _ = export_rule(folder)
+    model = load_for_export(folder, rule)
+    with open(TRAIN, newline="", encoding="utf-8") as fh:
+        texts = [r["sentence"] for r in csv.DictReader(fh, delimiter="\t", quoting=csv.QUOTE_NONE)][:rows]
+    tokenizer = open_task_model(run)[2]
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self.batches = iter([{k: v.numpy() for k, v in fixed_batch(tokenizer, texts[i:i + 32], 32, 128).items()
+                                  if k in rule.inputs} for i in range(0, len(texts), 32)])
+
+        def get_next(self):
+            return next(self.batches, None)
+
+    shutil.copytree(int8_dir, out)
+    with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        raw, fused = Path(tmp) / "raw.onnx", Path(tmp) / "fused.onnx"
+        trace_to_onnx(model, rule, sample_inputs(model.config, rule), raw)
+        fuse(raw, fused, rule, model.config, for_int8=True)
+        soften_mask(fused)
+        quantize_static(str(fused), str(out / "model.onnx"), Reader(), quant_format=QuantFormat.QDQ,
+                        per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+    return out
+
+
 def fusion_settings(run: Path, repeats: int) -> None:
     """Speed-up over PyTorch fp32 of the int8 graph under each fusion setting, full and padded rows."""
     from onnxruntime.transformers.fusion_options import FusionOptions
@@ -142,6 +184,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--repeats", type=int, default=30)
     ap.add_argument("--fusions", action="store_true", help="Compare the int8 graph's fusion settings instead.")
+    ap.add_argument("--static", type=int, default=0, metavar="N",
+                    help="Also static QDQ int8 calibrated on N training rows.")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     if args.fusions:
@@ -160,6 +204,10 @@ def main() -> None:
         sizes = {"PyTorch fp32 eager": file_mb(source), "ONNX Runtime fp32 (fused)": file_mb(fp32_dir / "model.onnx"),
                  "ONNX Runtime int8 (dynamic)": file_mb(int8_dir / "model.onnx"),
                  "torch.ao quantize_dynamic int8": file_mb(Path(tmp) / "ao.pt")}
+        if args.static:
+            name = f"ONNX Runtime int8 (static QDQ, {args.static} calibration rows)"
+            static_dir = static_int8(args.run, int8_dir, Path(tmp) / "static", args.static)
+            models[name], sizes[name] = open_task_model(static_dir)[1], file_mb(static_dir / "model.onnx")
         batches = {shape: fixed_batch(tokenizer, texts, *shape) for shape in SHAPES}
         medians = latencies(models, batches, args.repeats)
         scores = {name: accuracy(model, tokenizer, texts, gold) for name, model in models.items()}

@@ -183,3 +183,24 @@ def test_pgd_training_learns_restores_and_logs_a_larger_cost(tmp_path, base_dir,
     # about three more forwards and backwards per step (the median, as for FGM)
     assert shares and 0.5 < statistics.median(shares) < 0.9
     assert "PGD adversarial training (epsilon 0.05, alpha 0.02, 3 steps)" in (run / "README.md").read_text()
+
+
+def test_with_gradient_accumulation_each_attack_follows_its_own_micro_batch(tmp_path, base_dir, monkeypatch):  # noqa: F811
+    """The direction of an attack is the gradient of its micro-batch alone: only the rows of the tokens that
+    micro-batch holds have one, not those of the step's earlier micro-batches."""
+    from lmforge.engine.loop import Engine
+    train, dev = sentiment(tmp_path, n_train=64, n_dev=16)
+    strays = []
+    adversarial_pass = Engine._adversarial_pass
+
+    def spying(self, batch, scale):
+        grad = FGM.embedding_weight(self.model).grad
+        rows = set(torch.nonzero(grad.abs().sum(1)).flatten().tolist())
+        strays.append(rows - set(batch["input_ids"].flatten().tolist()))
+        return adversarial_pass(self, batch, scale)
+
+    monkeypatch.setattr(Engine, "_adversarial_pass", spying)
+    r = recipe(base_dir, tmp_path / "run", data={"train": {"path": str(train)}, "text_column": "sentence"},
+               epochs=1, batch_size=4, grad_accum=2, adversarial="fgm", threads=1)
+    finetune(r, show_progress=False)
+    assert len(strays) >= 8 and not any(strays)

@@ -58,6 +58,20 @@ def restored(weight: torch.Tensor) -> Iterator[torch.Tensor]:
             weight.copy_(saved)
 
 
+@contextlib.contextmanager
+def own_gradient(weight: torch.Tensor) -> Iterator[None]:
+    """Inside: `weight.grad` holds only what is computed inside, the gradient accumulated before (earlier
+    micro-batches of the step) set aside; on leaving, the two are summed. An attack's direction is then its own
+    micro-batch's."""
+    before = weight.grad
+    weight.grad = None
+    try:
+        yield
+    finally:
+        if before is not None:
+            weight.grad = before if weight.grad is None else weight.grad.add_(before)
+
+
 class FGM:
     """The fast gradient method with step size `epsilon` (in the units of an embedding row's L2 norm)."""
 

@@ -16,6 +16,7 @@ from torch.distributed.tensor import DTensor
 from lmforge.engine import checkpoint as ckpt
 from lmforge.engine import distributed as dist
 from lmforge.engine import sharded_checkpoint as sharded_ckpt
+from lmforge.engine.adversarial import own_gradient
 from lmforge.engine.checkpoint import load_weights
 from lmforge.engine.dropout import use_fast_dropout
 from lmforge.engine.hardware import autocast, keep_freed_memory, matmul_roof, pick_device, pick_precision
@@ -281,9 +282,12 @@ class Engine:
             with gradient_sync(self.module, sync):
                 with autocast(self.device_type, self.precision):
                     loss_sum, _, _ = self.module(batch)
-                self._backward(loss_sum, scale)
-                if self.adversarial is not None:
-                    self._adversarial_pass(batch, scale)
+                if self.adversarial is None:
+                    self._backward(loss_sum, scale)
+                else:
+                    with own_gradient(self.adversarial.embedding_weight(self.model)):
+                        self._backward(loss_sum, scale)
+                        self._adversarial_pass(batch, scale)
             total += loss_sum.detach().float()
         loss = dist.all_reduce_sum(total).item() / max(global_tokens, 1.0)
         if self.scaler:
