@@ -185,3 +185,20 @@ def test_recipe_refuses_settings_seq2seq_cannot_use(t5_dir, tmp_path):
     with pytest.raises(Exception, match="data.pairs: 'heading' makes seq2seq pairs"):
         finetune_recipe_from_dict({**base, "task": "classification", "data": {"train": {"path": "a.csv"},
                                                                               "pairs": "heading"}})
+
+
+def test_teacher_forcing_gives_the_models_logits_without_its_own_loss(t5_dir):
+    """The decoder inputs are the labels shifted right, as `labels=` would make them, but the model is not handed
+    the labels, so it computes no cross-entropy beside ours."""
+    from lmforge.tasks.seq2seq import teacher_forced_logits
+    model = T5ForConditionalGeneration.from_pretrained(t5_dir).eval()
+    ids = torch.tensor([[5, 6, 7, 1], [8, 9, 1, 0]])
+    labels = torch.tensor([[6, 7, 1], [9, 1, -100]])
+    batch = {"input_ids": ids, "attention_mask": (ids != 0).long(), "labels": labels}
+    seen = []
+    model.register_forward_pre_hook(lambda _m, _a, kwargs: seen.append(sorted(kwargs)), with_kwargs=True)
+    with torch.no_grad():
+        ours = teacher_forced_logits(model, batch)
+        theirs = model(**batch).logits
+    assert "labels" not in seen[0] and "labels" in seen[1]
+    torch.testing.assert_close(ours, theirs)

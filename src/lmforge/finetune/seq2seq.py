@@ -32,7 +32,8 @@ from lmforge.runs import start_run
 from lmforge.stage import RunResult
 from lmforge.tasks import model as tm
 from lmforge.tasks.config import FinetuneRecipe
-from lmforge.tasks.seq2seq import ROUGE_KEYS, generation_ids, score_seq2seq, write_seq2seq_report
+from lmforge.tasks.seq2seq import (ROUGE_KEYS, generation_ids, score_seq2seq, teacher_forced_logits,
+                                   write_seq2seq_report)
 from lmforge.tasks.seq2seq_data import Seq2SeqLoader, encode_splits, read_seq2seq_splits
 from lmforge.tasks.splits import source_of, write_text_atomic
 
@@ -53,8 +54,7 @@ class Seq2SeqObjective(Objective):
         return int(batch["attention_mask"].sum()) + int((batch["labels"] != -100).sum())
 
     def loss(self, model, batch: dict):
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                       labels=batch["labels"]).logits.float()
+        logits = teacher_forced_logits(model, batch)
         total = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch["labels"].reshape(-1),
                                 ignore_index=-100, reduction="sum")
         return total, self.token_counts(batch).sum(), None

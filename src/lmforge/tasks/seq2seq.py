@@ -92,6 +92,15 @@ def generate_texts(model, tokenizer, sources: list[str], *, max_length: int, max
     return out
 
 
+def teacher_forced_logits(model, batch: dict) -> torch.Tensor:
+    """The decoder's logits reading the reference shifted right (teacher forcing), in fp32. The decoder inputs are
+    made here rather than by passing `labels`, with which the model would compute a cross-entropy of its own
+    beside the caller's."""
+    decoder_ids = model.prepare_decoder_input_ids_from_labels(labels=batch["labels"])
+    return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], decoder_input_ids=decoder_ids,
+                 use_cache=False).logits.float()
+
+
 @torch.no_grad()
 def teacher_forced_loss(model, data: EncodedSeq2Seq, pad_id: int, batch_size: int) -> float:
     """Mean cross-entropy per target token, the decoder reading the reference (as in training)."""
@@ -100,7 +109,7 @@ def teacher_forced_loss(model, data: EncodedSeq2Seq, pad_id: int, batch_size: in
     for s in range(0, len(data), batch_size):
         batch = {k: v.to(device) for k, v in collate_seq2seq(data, list(range(s, min(s + batch_size, len(data)))),
                                                               pad_id).items()}
-        logits = model(**batch).logits.float()
+        logits = teacher_forced_logits(model, batch)
         total += float(F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch["labels"].reshape(-1),
                                        ignore_index=-100, reduction="sum"))
         tokens += int((batch["labels"] != -100).sum())
