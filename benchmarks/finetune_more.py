@@ -14,6 +14,10 @@ seconds per training step of each (between the first and the last training log l
 
     python benchmarks/finetune_more.py --fgm --examples 2000 --seeds 0 1 --threads 2
     python benchmarks/finetune_more.py --fgm --methods none fgm pgd --examples 1000 --seeds 0 1 --threads 1
+    python benchmarks/finetune_more.py --fgm --task conll --examples 2000 --seeds 0 1 --threads 1   # entity F1
+
+`--task conll` runs recipes/conll2003-minilm.yaml (one epoch on the first `--examples` sentences) and reports
+entity-level F1 on the validation set.
 """
 import argparse
 import json
@@ -43,26 +47,31 @@ def sentence_transformers_gap(run_dir: Path, texts: list[str]) -> float:
     return float(np.abs(ours - theirs).max())
 
 
-def fgm_comparison(examples: int, seeds: list[int], threads, methods=("none", "fgm")) -> None:
-    """SST-2 with each adversarial method (and without), each seed every way, the same data slice and schedule."""
+TASKS = {"sst2": ("sst2-minilm.yaml", "accuracy", "SST-2", ["data.max_length=64"]),
+         "conll": ("conll2003-minilm.yaml", "f1", "CoNLL-2003", ["train.epochs=1"])}
+
+
+def fgm_comparison(examples: int, seeds: list[int], threads, methods=("none", "fgm"), task: str = "sst2") -> None:
+    """A task with each adversarial method (and without), each seed every way, the same data slice and schedule."""
+    recipe, metric, title, settings = TASKS[task]
     rows = {}
     for method in methods:
         for seed in seeds:
             out = Path(tempfile.mkdtemp(prefix="fgm-bench-"))
             overrides = [f"output.dir={out / 'run'}", "output.plots=false", "output.tensorboard=false",
-                         f"data.max_examples={examples}", "data.max_length=64", f"train.seed={seed}",
-                         f"train.adversarial={method}", "train.eval_every=0"]
+                         f"data.max_examples={examples}", f"train.seed={seed}",
+                         f"train.adversarial={method}", "train.eval_every=0", *settings]
             overrides += [f"train.threads={threads}"] if threads else []
-            run = finetune(load_finetune_recipe(ROOT / "recipes" / "sst2-minilm.yaml", overrides), show_progress=False)
+            run = finetune(load_finetune_recipe(ROOT / "recipes" / recipe, overrides), show_progress=False)
             train = [r for r in read_metrics(run) if "split" not in r]
             share = [r["adversarial_share"] for r in train if "adversarial_share" in r]
-            rows.setdefault(method, []).append((run.metrics["validation"]["accuracy"],
+            rows.setdefault(method, []).append((run.metrics["validation"][metric],
                                                 (train[-1]["elapsed_s"] - train[0]["elapsed_s"])
                                                 / (train[-1]["step"] - train[0]["step"]),
                                                 float(np.mean(share)) if share else 0.0))
     per_step = {method: np.mean([s for _, s, _ in found]) for method, found in rows.items()}
-    print(f"SST-2, first {examples} training rows, 1 epoch, dev set; seeds {seeds}")
-    print(f"{'training':<12}{'dev accuracy':>22}{'s / step':>10}{'adversarial share':>19}")
+    print(f"{title}, first {examples} training rows, 1 epoch, dev set; seeds {seeds}")
+    print(f"{'training':<12}{'dev ' + metric:>22}{'s / step':>10}{'adversarial share':>19}")
     for method, found in rows.items():
         acc = np.array([a for a, _, _ in found])
         print(f"{method:<12}{acc.mean():>14.4f} ± {(acc.max() - acc.min()) / 2:.4f}"
@@ -81,11 +90,12 @@ def main() -> None:
     ap.add_argument("--fgm", action="store_true", help="Measure FGM adversarial training on SST-2 instead.")
     ap.add_argument("--methods", nargs="+", default=["none", "fgm"], choices=["none", "fgm", "pgd"],
                     help="--fgm: train.adversarial values compared (pgd with the recipe defaults).")
-    ap.add_argument("--examples", type=int, default=2000, help="--fgm: SST-2 training rows.")
+    ap.add_argument("--examples", type=int, default=2000, help="--fgm: training rows.")
+    ap.add_argument("--task", choices=sorted(TASKS), default="sst2", help="--fgm: the task (SST-2 or CoNLL-2003).")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="--fgm: seeds, each run both ways.")
     args = ap.parse_args()
     if args.fgm:
-        fgm_comparison(args.examples, args.seeds, args.threads, args.methods)
+        fgm_comparison(args.examples, args.seeds, args.threads, args.methods, args.task)
         return
     out = Path(tempfile.mkdtemp(prefix="embed-bench-"))
     overrides = [f"output.dir={out / 'run'}", "output.plots=false", "output.tensorboard=false"]
