@@ -14,6 +14,7 @@ for generated tokens/s and time to first token (bars, issue 25: continuous >= 1.
     python benchmarks/serve_load.py --stream --size base --clients 8,32   # GPT-2 base's 12x768 body
     python benchmarks/serve_load.py --quick              # seconds: a smoke test of the script itself
     python benchmarks/serve_load.py --stream --experts 2 # a 2-expert BTM ensemble: continuous vs micro
+    python benchmarks/serve_load.py --stream --onnx --servers onnx --clients 1,8,32   # PyTorch vs ONNX Runtime
 
 Each level starts C concurrent clients (loopback only); each sends R greedy completion requests one after
 another, for at most `--time-limit` seconds. Default mode reports per server and level requests/s,
@@ -294,6 +295,13 @@ def streaming_benchmark(args, folder: str, prompts: list[str], device: str, leve
                                       "127.0.0.1", "--port", str(port), "--log-level", "error", folder]
     elif not args.no_peer:
         print("note: the `transformers` command is not installed: its server is left out", flush=True)
+    if args.onnx:  # the same model exported to ONNX Runtime (`lmforge export`), served as lmforge serves such a folder
+        exported = Path(tempfile.mkdtemp(prefix="serve-onnx-")) / "onnx"
+        subprocess.run([sys.executable, "-m", "lmforge.cli", "export", folder, "--out", str(exported)], check=True)
+        servers["onnx"] = lambda port: [sys.executable, "-m", "lmforge.cli", "serve", f"bench={exported}", "--port",
+                                        str(port), "--max-batch", str(max(levels)), "--max-concurrent",
+                                        str(max(levels) + 8), "--max-tokens-cap", str(args.max_tokens),
+                                        "--timeout", "3600"]
     if args.servers:  # a subset, continuous batching always in it (every ratio is against it)
         wanted = {"continuous"} | {PEER if n == "peer" else n for n in args.servers.split(",")}
         servers = {name: command for name, command in servers.items() if name in wanted}
@@ -522,6 +530,8 @@ def main() -> None:
                    "--continuous-batching`")
     p.add_argument("--servers", help="--stream: only these beside continuous batching, comma-separated, of micro, "
                    "one-at-a-time, peer (default: all)")
+    p.add_argument("--onnx", action="store_true", help="--stream: also serve the model exported to ONNX Runtime "
+                   "(`lmforge export`, fp32; server 'onnx')")
     p.add_argument("--rounds", type=int, default=3, help="--stream: rounds of all levels (medians are reported)")
     p.add_argument("--quick", action="store_true", help="tiny model, 1 and 4 clients, 2 requests of 8 tokens")
     p.add_argument("--out", help="also write the results as JSON here")
