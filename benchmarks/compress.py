@@ -17,6 +17,7 @@ continued pretraining (`--examples` does not apply) and its quality column is va
 from __future__ import annotations
 
 import argparse
+import subprocess
 import sys
 import zlib
 from pathlib import Path
@@ -61,6 +62,8 @@ def main() -> None:
     recovery["train.threads"] = args.threads  # more threads than free cores stalls a shared machine
     if args.examples:
         recovery["data.max_examples"] = args.examples
+    if not (args.base / "eval-validation.json").is_file():  # a pretraining run: its perplexity, as `lmforge eval` writes it
+        subprocess.run([sys.executable, "-m", "lmforge.cli", "eval", str(args.base)], check=True)
     runs = {"pruned": compress(recipe, force=True)}
     for name, step in (("int8-dynamic", {"quantize": {"scheme": "int8-dynamic"}}),
                        ("int8-weight", {"quantize": {"scheme": "int8-weight"}}),
