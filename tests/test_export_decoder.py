@@ -172,3 +172,25 @@ def test_bad_inputs_are_one_line(tiny_lm_dir, exports, tmp_path):
     fails(["export", str(odd), "--out", str(tmp_path / "odd-onnx")], "no ONNX export rule for GPT2LMHeadModel with "
                                                                       "reorder_and_upcast_attn")
     assert not (tmp_path / "odd-onnx").exists() and not (tmp_path / ".odd-onnx.export-tmp").exists()
+
+
+def test_a_pruned_gpt2_exports_with_each_layers_heads_and_generates_pytorchs_tokens(tiny_lm_dir, tmp_path):
+    """Heads removed unevenly (lmforge compress): the graph's cache has each layer's own head count, and greedy
+    tokens on ONNX Runtime are the pruned PyTorch model's."""
+    from transformers import AutoModelForCausalLM
+    from lmforge.models.compressed import COMPRESSION_KEY
+    from lmforge.models.slicing import keep_units, stock_loadable
+    model = AutoModelForCausalLM.from_pretrained(tiny_lm_dir).eval()
+    heads = model.config.n_head
+    keep_units(model, heads=[[0], list(range(1, heads))], neurons=None)
+    setattr(model.config, COMPRESSION_KEY, {"shape": stock_loadable(model)})
+    save_tokenizer(load_tokenizer(tiny_lm_dir), tmp_path / "pruned")
+    model.save_pretrained(tmp_path / "pruned")
+    export(tmp_path / "pruned", tmp_path / "pruned-onnx")
+    inputs = {i.name: i.shape for i in ort.InferenceSession(str(tmp_path / "pruned-onnx" / "model.onnx")).get_inputs()}
+    assert inputs["past_key_values.0.key"][1] == 1 and inputs["past_key_values.1.value"][1] == heads - 1
+    lm, tokenizer = open_generator(tmp_path / "pruned")
+    onnx_lm, onnx_tokenizer = open_generator(tmp_path / "pruned-onnx")
+    greedy = Decoding(max_new_tokens=24, temperature=0)
+    assert [c.token_ids for c in generate(onnx_lm, onnx_tokenizer, PROMPTS, greedy)] == \
+        [c.token_ids for c in generate(lm, tokenizer, PROMPTS, greedy)]

@@ -27,7 +27,7 @@ from transformers.pytorch_utils import Conv1D
 
 from lmforge.errors import LmforgeError
 from lmforge.export.onnx import OPSET, ExportRule, fuse, load_for_export, quantize_int8
-from lmforge.models.onnx import ONNX_FILE, cache_names, open_session
+from lmforge.models.onnx import ONNX_FILE, cache_heads, cache_names, open_session
 
 DECODER_INPUTS = ("input_ids", "attention_mask", "position_ids")
 
@@ -38,9 +38,7 @@ class CachedStep(torch.nn.Module):
     def __init__(self, model: GPT2LMHeadModel):
         super().__init__()
         self.model = model
-        config = model.config
-        self.layers, self.heads = config.n_layer, config.n_head
-        self.head_dim = config.n_embd // config.n_head
+        self.layers = model.config.n_layer
 
     def forward(self, input_ids, attention_mask, position_ids, *past):
         body = self.model.transformer
@@ -56,13 +54,14 @@ class CachedStep(torch.nn.Module):
         for i, block in enumerate(body.h):
             attn = block.attn
             q, k, v = attn.c_attn(block.ln_1(hidden)).split(attn.split_size, dim=2)
-            q, k, v = (x.reshape(batch, -1, self.heads, self.head_dim).transpose(1, 2) for x in (q, k, v))
+            # a pruned layer keeps fewer heads (lmforge compress): each layer's own count
+            q, k, v = (x.reshape(batch, -1, attn.num_heads, attn.head_dim).transpose(1, 2) for x in (q, k, v))
             k = torch.cat([past[2 * i], k], dim=2)
             v = torch.cat([past[2 * i + 1], v], dim=2)
             presents += [k, v]
             weights = torch.matmul(q, k.transpose(-1, -2)) * attn.scaling + bias
             out = torch.matmul(weights.softmax(-1), v).transpose(1, 2)
-            out = attn.c_proj(out.reshape(batch, -1, attn.embed_dim))
+            out = attn.c_proj(out.reshape(batch, -1, attn.num_heads * attn.head_dim))
             hidden = out + hidden
             mlp = block.mlp
             hidden = hidden + mlp.c_proj(mlp.act(mlp.c_fc(block.ln_2(hidden))))
@@ -96,8 +95,9 @@ def step_inputs(config, batch: int, step: int, past: int, seed: int = 0) -> dict
     feeds = {"input_ids": torch.randint(0, config.vocab_size, (batch, step), generator=generator),
              "attention_mask": mask, "position_ids": positions}
     head_dim = config.n_embd // config.n_head
-    for name in cache_names(config.n_layer)[0]:
-        feeds[name] = torch.randn(batch, config.n_head, past, head_dim, generator=generator)
+    heads = [h for h in cache_heads(config) for _ in ("key", "value")]
+    for name, count in zip(cache_names(config.n_layer)[0], heads):
+        feeds[name] = torch.randn(batch, count, past, head_dim, generator=generator)
     return feeds
 
 

@@ -23,6 +23,13 @@ ONNX_FILE = "model.onnx"
 EXPORT_CARD = "export.json"  # what the export holds: runtime, opset, fusion, quantization, source
 
 
+def cache_heads(config) -> list[int]:
+    """Attention heads of each layer of a GPT-2 config: `n_head` everywhere, or the counts a model pruned by
+    `lmforge compress` keeps (`lmforge_compression.shape.heads`)."""
+    shape = (getattr(config, "lmforge_compression", None) or {}).get("shape") or {}
+    return list(shape.get("heads") or [config.n_head] * config.n_layer)
+
+
 def cache_names(layers: int) -> tuple[list[str], list[str]]:
     """Names of a causal LM graph's cache inputs (`past_key_values.N.key` / `.value`) and outputs
     (`present.N.key` / `.value`), layer by layer."""
@@ -152,7 +159,8 @@ class OnnxForCausalLM(OnnxModel):
             raise LmforgeError(f"{folder / ONNX_FILE}: not a causal LM graph with a KV cache (no input "
                                f"{missing[0]!r}); export it again")
         self.output_names = ["logits", *self.present_names]
-        self.cache_shape = (config.n_head, 0, config.n_embd // config.n_head)
+        head_dim = config.n_embd // config.n_head
+        self.cache_shapes = [(heads, 0, head_dim) for heads in cache_heads(config) for _ in ("key", "value")]
         try:
             self.generation_config = GenerationConfig.from_pretrained(str(folder), local_files_only=True)
         except OSError:  # no generation_config.json: the model config's tokens, as transformers does
@@ -166,7 +174,7 @@ class OnnxForCausalLM(OnnxModel):
         ids = input_ids.cpu().numpy().astype(np.int64)
         batch, step = ids.shape
         past = past_key_values.arrays if past_key_values is not None else \
-            [np.zeros((batch, *self.cache_shape), np.float32)] * len(self.past_names)
+            [np.zeros((batch, *shape), np.float32) for shape in self.cache_shapes]
         seen = past[0].shape[2]
         mask = (np.ones((batch, seen + step), np.int64) if attention_mask is None
                 else attention_mask.cpu().numpy().astype(np.int64))
