@@ -204,3 +204,49 @@ def test_with_gradient_accumulation_each_attack_follows_its_own_micro_batch(tmp_
                epochs=1, batch_size=4, grad_accum=2, adversarial="fgm", threads=1)
     finetune(r, show_progress=False)
     assert len(strays) >= 8 and not any(strays)
+
+
+def _ddp_micro_batches(rank: int, world: int, port: int, out: str, set_aside: bool) -> None:
+    """Two micro-batches under DDP (the first without sync), the embedding gradient set aside around the second's
+    backward as the engine does for an attack; each process writes what its embedding gradient ends as."""
+    import os
+    import torch.distributed as tdist
+    from torch.nn.parallel import DistributedDataParallel
+    from lmforge.engine.adversarial import own_gradient
+    from lmforge.engine.loop import _average_over_ranks
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    tdist.init_process_group("gloo", rank=rank, world_size=world)
+    torch.manual_seed(0)
+    model = DistributedDataParallel(torch.nn.Sequential(torch.nn.Embedding(10, 4), torch.nn.Linear(4, 1)))
+    batches = [torch.tensor([[rank, 2 + rank]]), torch.tensor([[5 + rank, 7]])]
+    with model.no_sync():
+        model(batches[0]).sum().backward()
+    weight = model.module[0].weight
+    with (own_gradient(weight, settle=_average_over_ranks) if set_aside else contextlib.nullcontext()):
+        model(batches[1]).sum().backward()
+    torch.save(weight.grad, f"{out}.{rank}")
+    tdist.destroy_process_group()
+
+
+@pytest.mark.parametrize("set_aside", [False, True])
+def test_under_ddp_the_set_aside_gradient_is_averaged_like_the_rest(tmp_path, set_aside):
+    """Every process ends with the same embedding gradient, the one DDP gives without the set-aside."""
+    import socket
+    import torch.multiprocessing as mp
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_ddp_micro_batches, args=(2, port, str(tmp_path / "g"), set_aside), nprocs=2)
+    grads = [torch.load(tmp_path / f"g.{r}", weights_only=True) for r in range(2)]
+    torch.testing.assert_close(grads[0], grads[1])
+    assert grads[0][[0, 1, 2, 3]].abs().sum() > 0  # the first micro-batch's rows, from both processes, averaged
+
+
+def test_fsdp_with_gradient_accumulation_is_refused(tmp_path, base_dir):  # noqa: F811
+    train, _ = sentiment(tmp_path, n_train=64, n_dev=16)
+    r = recipe(base_dir, tmp_path / "run", data={"train": {"path": str(train)}, "text_column": "sentence"},
+               grad_accum=2, adversarial="fgm")
+    r.dist.strategy = "fsdp"
+    with pytest.raises(LmforgeError, match="with dist.strategy fsdp needs train.grad_accum 1"):
+        finetune(r, show_progress=False)
+    assert not (tmp_path / "run").exists()

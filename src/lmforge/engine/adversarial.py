@@ -59,16 +59,19 @@ def restored(weight: torch.Tensor) -> Iterator[torch.Tensor]:
 
 
 @contextlib.contextmanager
-def own_gradient(weight: torch.Tensor) -> Iterator[None]:
+def own_gradient(weight: torch.Tensor, settle: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
+                 ) -> Iterator[None]:
     """Inside: `weight.grad` holds only what is computed inside, the gradient accumulated before (earlier
     micro-batches of the step) set aside; on leaving, the two are summed. An attack's direction is then its own
-    micro-batch's."""
+    micro-batch's. `settle` makes the set-aside part what the backward passes inside made of theirs: under DDP,
+    whose last micro-batch averages the gradient over processes, the average of each process's earlier part."""
     before = weight.grad
     weight.grad = None
     try:
         yield
     finally:
         if before is not None:
+            before = settle(before) if settle is not None else before
             weight.grad = before if weight.grad is None else weight.grad.add_(before)
 
 

@@ -116,6 +116,10 @@ def move(batch: dict, device) -> dict:
     return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
 
 
+def _average_over_ranks(t: torch.Tensor) -> torch.Tensor:
+    return dist.all_reduce_sum(t).div_(dist.world_size())
+
+
 class Engine:
     """Train `model` with `objective` on batches from `loader`; evaluate with `evaluate(model) -> dict`."""
 
@@ -285,7 +289,9 @@ class Engine:
                 if self.adversarial is None:
                     self._backward(loss_sum, scale)
                 else:
-                    with own_gradient(self.adversarial.embedding_weight(self.model)):
+                    averaged = sync and dist.world_size() > 1  # DDP averages this micro-batch's gradients
+                    with own_gradient(self.adversarial.embedding_weight(self.model),
+                                      settle=_average_over_ranks if averaged else None):
                         self._backward(loss_sum, scale)
                         self._adversarial_pass(batch, scale)
             total += loss_sum.detach().float()

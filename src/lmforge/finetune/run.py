@@ -60,11 +60,14 @@ def class_weights(recipe: FinetuneRecipe, data: TaskData) -> Optional[torch.Tens
     return torch.tensor([float(spec.get(n, 1.0)) for n in names])
 
 
-def adversarial_method(cfg, model) -> Optional[FGM]:
+def adversarial_method(cfg, model, strategy: str = "ddp") -> Optional[FGM]:
     """FGM or PGD on the word embeddings when the recipe asks for it; the embeddings must train (they get a
     gradient)."""
     if cfg.adversarial == "none":
         return None
+    if strategy == "fsdp" and cfg.grad_accum > 1:
+        raise LmforgeError(f"train.adversarial: {cfg.adversarial} with dist.strategy fsdp needs train.grad_accum 1 "
+                           "(FSDP keeps no embedding gradient between micro-batches to attack along)")
     if not FGM.embedding_weight(model).requires_grad:
         raise LmforgeError(f"train.adversarial: {cfg.adversarial} perturbs the word embeddings along their gradient, "
                            "but the strategy freezes them (freeze_embeddings, head_only, frozen layers or peft)")
@@ -134,7 +137,7 @@ def finetune(recipe: Union[FinetuneRecipe, str, Path, dict], *, overrides: Union
             scored_at[engine.state.step] = scored["metrics"]
             return scored["metrics_flat"]
 
-        adversarial = adversarial_method(cfg, model)
+        adversarial = adversarial_method(cfg, model, recipe.dist.strategy)
         # Throughput counts the non-padding input tokens read; MFU the FLOPs of the padded shapes run.
         trained_by = train_objective(objective, model, tokenizer) if train_objective else objective
         engine = Engine(model, tokenizer, trained_by, loader, train_cfg, run_dir, evaluate=evaluate, started=t0,
