@@ -87,7 +87,7 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=None, help="Peak learning rate (default: the recipe's).")
     ap.add_argument("--eval-pairs", type=int, default=None, help="Held-out pairs (default: the recipe's).")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores).")
-    ap.add_argument("--fgm", action="store_true", help="Measure FGM adversarial training on SST-2 instead.")
+    ap.add_argument("--fgm", action="store_true", help="Measure adversarial training (SST-2 or --task conll) instead.")
     ap.add_argument("--methods", nargs="+", default=["none", "fgm"], choices=["none", "fgm", "pgd"],
                     help="--fgm: train.adversarial values compared (pgd with the recipe defaults).")
     ap.add_argument("--examples", type=int, default=2000, help="--fgm: training rows.")

@@ -529,7 +529,7 @@ def main() -> None:
     p.add_argument("--no-peer", action="store_true", help="--stream: leave out `transformers serve "
                    "--continuous-batching`")
     p.add_argument("--servers", help="--stream: only these beside continuous batching, comma-separated, of micro, "
-                   "one-at-a-time, peer (default: all)")
+                   "one-at-a-time, peer, onnx (with --onnx) (default: all)")
     p.add_argument("--onnx", action="store_true", help="--stream: also serve the model exported to ONNX Runtime "
                    "(`lmforge export`, fp32; server 'onnx')")
     p.add_argument("--rounds", type=int, default=3, help="--stream: rounds of all levels (medians are reported)")

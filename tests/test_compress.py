@@ -390,3 +390,13 @@ def test_a_causal_lm_is_pruned_recovered_by_pretraining_and_quantized_with_perpl
             compress({"name": "bad", "model": str(base), "steps": steps, "output": {"dir": str(tmp_path / "bad")}},
                      show_progress=False)
         assert not (tmp_path / "bad").exists()
+    import shutil
+    noval = tmp_path / "lm-noval"
+    shutil.copytree(base, noval)
+    tree = yaml.safe_load((noval / "recipe.yaml").read_text())
+    tree["data"]["validation_fraction"] = 0.0
+    (noval / "recipe.yaml").write_text(yaml.safe_dump(tree))
+    with pytest.raises(LmforgeError, match="no validation documents to score perplexity on"):
+        compress({"name": "bad", "model": str(noval), "steps": [{"quantize": {"scheme": "int8-dynamic"}}],
+                  "output": {"dir": str(tmp_path / "bad")}}, show_progress=False)
+    assert not (tmp_path / "bad").exists()

@@ -246,6 +246,8 @@ def test_a_pruned_classifier_exports_with_equal_logits(models, tmp_path):
     assert logits_gap(tmp_path / "pruned", tmp_path / "pruned-hf") <= FP32_TOLERANCE
     card = (tmp_path / "pruned-hf" / "README.md").read_text()
     assert "| 0 | 2 → 4 | 32 → 32 |" in card and "| 1 | 3 → 4 | 24 → 32 |" in card
+    export(models / "mlm", tmp_path / "mlm-hf", fmt="hf")  # any head of a family with a pruning rule, not only ONNX's
+    assert "already describes" in (tmp_path / "mlm-hf" / "README.md").read_text()
     fails(["export", str(tmp_path / "pruned"), "--out", str(tmp_path / "x"), "--format", "hf", "--quantize", "int8"],
           "int8 weights have no stock transformers form")
     fails(["export", str(tmp_path / "pruned"), "--out", str(tmp_path / "x"), "--format", "gguf"],

@@ -38,6 +38,12 @@ def lm_recipe(source: Path, trained: list[tuple[str, list[str]]]) -> Recipe:
     if recipe.objective.name != "clm":
         raise LmforgeError(f"{where}: objective.name is {recipe.objective.name!r}; compress works on causal LMs "
                            "(clm) among pretrained models")
+    if recipe.data.streaming:
+        raise LmforgeError(f"{where}: data.streaming: compress scores perplexity on the cached blocks; use the "
+                           "recipe without streaming")
+    if recipe.data.validation_fraction == 0 and not any(s.split == "validation" for s in recipe.data.sources):
+        raise LmforgeError(f"{where}: the data has no validation documents to score perplexity on (raise "
+                           "data.validation_fraction or give a source with split: validation)")
     return recipe
 
 
@@ -70,8 +76,12 @@ class LmData:
         if split == "validation" and self.blocks.validation is None:
             raise LmforgeError("the pretraining recipe's data has no validation documents to score perplexity on "
                                "(raise data.validation_fraction)")
-        return evaluate_blocks(model, self.objective, self.blocks, split=split,
-                               batch_size=self.recipe.train.batch_size)
+        metrics = evaluate_blocks(model, self.objective, self.blocks, split=split,
+                                  batch_size=self.recipe.train.batch_size)
+        if "ppl" not in metrics:
+            raise LmforgeError("the pretraining recipe's validation documents hold no full block of "
+                               f"{self.recipe.objective.block_size} tokens to score perplexity on")
+        return metrics
 
     def write_scores(self, folder: Path, model, split: str) -> dict:
         """eval-SPLIT.json as `lmforge eval` writes it for a pretraining run; returns the scores."""

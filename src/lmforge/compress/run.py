@@ -4,8 +4,8 @@ folder → the size / speed / quality report of the model and every step's varia
     OUT/
       recipe.yaml                 the compress recipe, resolved
       1-prune/  2-finetune/  3-quantize/   one fine-tuning-style run folder per step: final/ (the model),
-                                  recipe.yaml (the task's data settings), eval-SPLIT.json, report-SPLIT.*,
-                                  compression.json (what the step did), README.md (model card)
+                                  recipe.yaml (the task's data settings), eval-SPLIT.json, report-SPLIT.* (a
+                                  classifier's or tagger's), compression.json (what the step did), README.md
       compress.md  compress.png  compress.json   the table, the plot (Pareto front drawn), the rows
 """
 
@@ -66,7 +66,7 @@ def compress(recipe: Union[CompressRecipe, str, Path, dict], *, overrides=(), fo
             note, masks = prune_step(step.prune, current, step_dir, task_recipe, recipe.eval.split)
         elif step.finetune is not None:
             note, masks = finetune_step(step.finetune, current, step_dir, masks, recipe.eval.split, show_progress,
-                                        lm=isinstance(task_recipe, Recipe))
+                                        lm_plan=task_recipe if isinstance(task_recipe, Recipe) else None)
         else:
             note = quantize_step(step.quantize, current, step_dir, task_recipe, recipe.eval.split)
         current = step_dir
@@ -229,9 +229,11 @@ def prune_step(step: PruneStep, source: Path, step_dir: Path, plan: Plan, split:
 
 
 def finetune_step(step: FinetuneStep, source: Path, step_dir: Path, masks: Optional[dict], split: str,
-                  show_progress: bool, lm: bool = False) -> tuple[str, Optional[dict]]:
-    """Fine-tune from `source` (continue pretraining, for a causal LM); with `step.sparsity`, prune gradually while
-    training; pruned weights held at zero."""
+                  show_progress: bool, lm_plan: Optional[Recipe] = None) -> tuple[str, Optional[dict]]:
+    """Fine-tune from `source` (continue pretraining, for a causal LM: `lm_plan` is the recipe whose validation
+    data every row is scored on); with `step.sparsity`, prune gradually while training; pruned weights held at
+    zero."""
+    lm = lm_plan is not None
     overrides = _set_list(step.set) + [f"model.path={model_folder(source)}", f"output.dir={step_dir}"]
     train, read = (pretrain, load_recipe) if lm else (finetune, load_finetune_recipe)
     hold = None
@@ -250,8 +252,7 @@ def finetune_step(step: FinetuneStep, source: Path, step_dir: Path, masks: Optio
     note = "recovered by continued pretraining" if lm else "recovered by fine-tuning"
     if hold is None and not lm:
         return note, None
-    model, tokenizer, scoring = open_step(step_dir, read(step_dir / "recipe.yaml") if lm else
-                                          load_finetune_recipe(step_dir / "recipe.yaml"), split)
+    model, tokenizer, scoring = open_step(step_dir, lm_plan or load_finetune_recipe(step_dir / "recipe.yaml"), split)
     if hold is not None:
         # The last optimizer step moved the pruned weights (the hook zeroes them only before a forward pass): zero
         # them in the saved model, pruning to the final sparsity exactly where the run ended before the schedule did.

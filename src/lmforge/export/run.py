@@ -43,7 +43,7 @@ def export(model_dir, out, fmt: str = "onnx", quantize: Optional[str] = None, wh
                            "--quantize int8, or --format hf without --quantize")
     model_dir, out = Path(model_dir), Path(out)
     folder = source_folder(model_dir, which)
-    rule, _ = export_rule(folder)
+    rule = export_rule(folder)[0] if fmt == "onnx" else None
     check_destination(out, model_dir, force)
     work = out.parent / f".{out.name}.export-tmp"
     shutil.rmtree(work, ignore_errors=True)
@@ -51,7 +51,7 @@ def export(model_dir, out, fmt: str = "onnx", quantize: Optional[str] = None, wh
         work.mkdir(parents=True)
         with disk_full_is_an_error(work):
             if fmt == "hf":
-                facts = write_stock(folder, work, rule, model_dir)
+                facts = write_stock(folder, work, model_dir)
                 copy_companions(model_dir, folder, work, copied=("generation_config.json",))
             else:
                 write = write_decoder_graph if rule.task == "generate" else write_graph

@@ -7,24 +7,48 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import json
+
 import torch
+from transformers import (AutoModelForCausalLM, AutoModelForMaskedLM, AutoModelForSequenceClassification,
+                          AutoModelForTokenClassification)
 
 from lmforge.errors import LmforgeError
-from lmforge.export.onnx import ExportRule
+from lmforge.export.onnx import WEIGHT_FILES
 from lmforge.models.compressed import COMPRESSION_KEY, compression_of, load_pretrained
-from lmforge.models.slicing import pad_to_stock
+from lmforge.models.slicing import pad_to_stock, rule_for
 
 # What the reloaded stock model may differ from the pruned one by: the zero units change only the order of
 # float32 sums (measured ≤ 1e-6 on MiniLM and GPT-2).
 TOLERANCE = 1e-4
 
 
-def write_stock(folder: Path, work: Path, rule: ExportRule, source: Path) -> dict:
+HEADS = (("ForSequenceClassification", AutoModelForSequenceClassification),
+         ("ForTokenClassification", AutoModelForTokenClassification), ("ForMaskedLM", AutoModelForMaskedLM),
+         ("LMHeadModel", AutoModelForCausalLM), ("ForCausalLM", AutoModelForCausalLM))
+
+
+def stock_class(folder: Path):
+    """The transformers auto class of the folder's architecture, for a family with a pruning rule."""
+    config = json.loads((folder / "config.json").read_text())
+    rule_for(config.get("model_type", "?"))  # a family lmforge cannot prune has nothing to pad
+    arch = (config.get("architectures") or ["?"])[0]
+    auto = next((auto for suffix, auto in HEADS if arch.endswith(suffix)), None)
+    if auto is None:
+        raise LmforgeError(f"{folder}: --format hf writes classifiers, taggers, masked and causal LMs; "
+                           f"got {arch}")
+    if not any((folder / f).is_file() for f in WEIGHT_FILES):
+        raise LmforgeError(f"{folder}: no weights to export (no {' / '.join(WEIGHT_FILES)})")
+    return auto
+
+
+def write_stock(folder: Path, work: Path, source: Path) -> dict:
     """Write the stock-shaped model of `folder` into `work` and its model card; returns what the card says."""
     if (compression_of(folder) or {}).get("quantization"):
         raise LmforgeError(f"{folder}: the weights are int8 in lmforge's own form, which stock transformers cannot "
                            "load; export the model before the quantize step, or use --format onnx --quantize int8")
-    model = load_pretrained(rule.auto, folder)
+    auto = stock_class(folder)
+    model = load_pretrained(auto, folder)
     check = _check_batch(model.config)
     with torch.no_grad():
         before = model(**check).logits
@@ -33,7 +57,7 @@ def write_stock(folder: Path, work: Path, rule: ExportRule, source: Path) -> dic
     if hasattr(model.config, COMPRESSION_KEY):
         delattr(model.config, COMPRESSION_KEY)
     model.save_pretrained(str(work))
-    reloaded = rule.auto.from_pretrained(str(work), local_files_only=True, trust_remote_code=False).eval()
+    reloaded = auto.from_pretrained(str(work), local_files_only=True, trust_remote_code=False).eval()
     with torch.no_grad():
         gap = (reloaded(**check).logits - before).abs().max().item()
     if gap > TOLERANCE:
