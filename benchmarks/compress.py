@@ -52,6 +52,8 @@ def main() -> None:
     ap.add_argument("--ffn", type=float, default=None, help="Share of FFN neurons pruned (default: the recipe's).")
     ap.add_argument("--onnx", action="store_true", help="Also ONNX Runtime int8 of the base and of the pruned, "
                     "recovered model.")
+    ap.add_argument("--measure-only", action="store_true", help="Only measure the variants an earlier run left in "
+                    "--out again (e.g. on a quiet machine).")
     args = ap.parse_args()
     recipe = yaml.safe_load(args.recipe.read_text())
     if args.ffn is not None:
@@ -62,14 +64,17 @@ def main() -> None:
     recovery["train.threads"] = args.threads  # more threads than free cores stalls a shared machine
     if args.examples:
         recovery["data.max_examples"] = args.examples
-    if not (args.base / "eval-validation.json").is_file():  # a pretraining run: its perplexity, as `lmforge eval` writes it
+    if not (args.base / "eval-validation.json").is_file() and not args.measure_only:  # a pretraining run: its perplexity, as `lmforge eval` writes it
         subprocess.run([sys.executable, "-m", "lmforge.cli", "eval", str(args.base)], check=True)
-    runs = {"pruned": compress(recipe, force=True)}
-    for name, step in (("int8-dynamic", {"quantize": {"scheme": "int8-dynamic"}}),
-                       ("int8-weight", {"quantize": {"scheme": "int8-weight"}}),
-                       ("sparse-50", {"prune": {"sparsity": 0.5}})):
-        runs[name] = compress({"name": name, "model": str(args.base), "steps": [step], "bench": {"repeats": 1},
-                               "output": {"dir": str(args.out / name)}}, force=True)
+    singles = (("int8-dynamic", {"quantize": {"scheme": "int8-dynamic"}}),
+               ("int8-weight", {"quantize": {"scheme": "int8-weight"}}), ("sparse-50", {"prune": {"sparsity": 0.5}}))
+    if args.measure_only:
+        runs = {name: args.out / name for name in ("pruned", *(n for n, _ in singles), "onnx-int8", "pruned-onnx-int8")}
+    else:
+        runs = {"pruned": compress(recipe, force=True)}
+        for name, step in singles:
+            runs[name] = compress({"name": name, "model": str(args.base), "steps": [step], "bench": {"repeats": 1},
+                                   "output": {"dir": str(args.out / name)}}, force=True)
     folders = [args.base, *(runs["pruned"] / s for s in ("1-prune", "2-finetune", "3-quantize")),
                runs["int8-dynamic"] / "1-quantize", runs["int8-weight"] / "1-quantize", runs["sparse-50"] / "1-prune"]
     labels = ["base", "pruned", "pruned+recovered", "pruned+recovered+int8-dynamic", "int8-dynamic", "int8-weight",
@@ -77,6 +82,9 @@ def main() -> None:
     if args.onnx:
         onnx = {"quantize": {"scheme": "int8-dynamic", "runtime": "onnx"}}
         for name, model in (("onnx-int8", args.base), ("pruned-onnx-int8", runs["pruned"] / "2-finetune")):
+            if args.measure_only:
+                folders.append(runs[name] / "1-quantize")
+                continue
             runs[name] = compress({"name": name, "model": str(model), "steps": [onnx], "bench": {"repeats": 1},
                                    "output": {"dir": str(args.out / name)}}, force=True)
             folders.append(runs[name] / "1-quantize")
