@@ -34,6 +34,8 @@ def main() -> None:
     ap.add_argument("--max-length", type=int, default=None, help="Source tokens kept (default: the recipe's).")
     ap.add_argument("--eval", type=int, default=None, help="Held-out pairs scored (default: the recipe's).")
     ap.add_argument("--beams", type=int, default=None, help="Beams at evaluation (default: the recipe's).")
+    ap.add_argument("--pairs", choices=["heading", "title"], default=None,
+                    help="heading: the section's heading; title: the article's title (default: the recipe's).")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores).")
     args = ap.parse_args()
     out = Path(tempfile.mkdtemp(prefix="seq2seq-bench-"))
@@ -45,6 +47,7 @@ def main() -> None:
     overrides += [f"data.max_length={args.max_length}"] if args.max_length else []
     overrides += [f"seq2seq.num_beams={args.beams}"] if args.beams else []
     overrides += [f"train.threads={args.threads}"] if args.threads else []
+    overrides += [f"data.pairs={args.pairs}"] if args.pairs else []
     recipe = load_finetune_recipe(RECIPE, overrides)
     splits = read_seq2seq_splits(recipe)
     pairs = splits["validation"]
@@ -58,7 +61,8 @@ def main() -> None:
     seconds = time.perf_counter() - started
     tuned = run.metrics["validation"]
     best = max(leads, key=lambda n: leads[n]["rougeL"])
-    print(f"WikiText-2 paragraph → heading, {len(pairs)} held-out pairs (test.txt); fine-tuned "
+    target = "its article's title" if recipe.data.pairs == "title" else "heading"
+    print(f"WikiText-2 paragraph → {target}, {len(pairs)} held-out pairs (test.txt); fine-tuned "
           f"{recipe.train.max_steps} steps (lr {recipe.train.lr}) from {args.base}, {recipe.seq2seq.num_beams} beams, {seconds:.0f} s")
     print(f"{'model':<24}{'rouge1':>9}{'rouge2':>9}{'rougeL':>9}{'bleu':>8}")
     for n, m in leads.items():

@@ -137,6 +137,9 @@ def test_heading_pairs_take_the_nearest_heading(tmp_path):
     assert [(p.source, p.target, p.line) for p in pairs] == [
         ("Robert Boulter is an actor .", "Robert Boulter", 4), ("In 2000 Boulter had a role .", "Career", 8),
         ("He starred in a play .", "Career", 9)]
+    titles = heading_pairs(wiki, titles_only=True)  # `data.pairs: title`: the article's title for every paragraph
+    assert [(p.target, p.line) for p in titles] == [("Robert Boulter", 4), ("Robert Boulter", 8),
+                                                    ("Robert Boulter", 9), ("Robert Boulter", 11)]
 
 
 def test_bad_input_is_one_line_naming_the_file(tmp_path, t5_dir, capsys):

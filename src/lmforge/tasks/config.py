@@ -55,12 +55,13 @@ class TaskData(Section):
         None, ge=8, description="Sub-word tokens per example (default: 128 or the model's limit if lower).")
     max_examples: Optional[int] = Field(None, ge=1, description="Use at most this many training examples.")
     # sentence embeddings
-    pairs: Literal["columns", "next_sentence", "heading"] = Field(
+    pairs: Literal["columns", "next_sentence", "heading", "title"] = Field(
         "columns", description="Embedding or seq2seq pairs: 'columns' reads them from the columns below "
                                "(CSV/TSV/JSONL/Parquet); 'next_sentence' (embedding) makes them from a plain text "
                                "file: each sentence and the next sentence of its paragraph (one paragraph per line); "
                                "'heading' (seq2seq) makes (paragraph, the heading of its section) pairs from a "
-                               "WikiText-style file (' = = Heading = = ' lines).")
+                               "WikiText-style file (' = = Heading = = ' lines); 'title' (seq2seq) pairs each "
+                               "paragraph with its article's title (' = Title = ').")
     query_column: Union[str, int] = Field("query", description="Column of the query (embedding pairs).")
     positive_column: Union[str, int] = Field(
         "positive", description="Column of the text that answers the query (embedding pairs), or the second text "
@@ -220,8 +221,8 @@ class FinetuneRecipe(Section):
                 raise ValueError("train.adversarial: adversarial training is for classification and NER")
         if self.data.pairs == "next_sentence" and self.task != "embedding":
             raise ValueError("data.pairs: 'next_sentence' makes embedding pairs (task: embedding)")
-        if self.data.pairs == "heading" and self.task != "seq2seq":
-            raise ValueError("data.pairs: 'heading' makes seq2seq pairs (task: seq2seq)")
+        if self.data.pairs in ("heading", "title") and self.task != "seq2seq":
+            raise ValueError(f"data.pairs: '{self.data.pairs}' makes seq2seq pairs (task: seq2seq)")
         return self
 
     @property

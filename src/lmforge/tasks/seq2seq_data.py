@@ -34,7 +34,10 @@ def read_text_pairs(spec: SplitFile, data: TaskData) -> list[TextPair]:
     """The pairs of one split file, as `data.pairs` says; a missing column, an empty side or no pairs is an error."""
     path = Path(spec.path)
     _check_readable(path)
-    pairs = heading_pairs(path) if data.pairs == "heading" else _table_pairs(path, spec, data)
+    if data.pairs in ("heading", "title"):
+        pairs = heading_pairs(path, titles_only=data.pairs == "title")
+    else:
+        pairs = _table_pairs(path, spec, data)
     if not pairs:
         raise LmforgeError(f"{path}: no source/target pairs in this file")
     return pairs
@@ -61,12 +64,13 @@ def heading_text(line: str) -> str:
     return line.strip("= \t")
 
 
-def heading_pairs(path: Path) -> list[TextPair]:
+def heading_pairs(path: Path, titles_only: bool = False) -> list[TextPair]:
     """(paragraph, the nearest heading above it) for every paragraph line of a WikiText-style file: an article's
     title (' = Title = ') for its lead paragraphs, a section's heading (' = = Section = = ', any depth) for the
-    paragraphs under it. Paragraphs before any heading make no pair, nor do those under a heading holding
-    WikiText's `<unk>` (a rare word it replaced): no text can tell which word that was, and as the most frequent
-    heading word it would teach a model to answer `<unk>` to everything."""
+    paragraphs under it; with `titles_only`, the article's title for every paragraph of the article. Paragraphs
+    before any heading make no pair, nor do those under a heading holding WikiText's `<unk>` (a rare word it
+    replaced): no text can tell which word that was, and as the most frequent heading word it would teach a model
+    to answer `<unk>` to everything."""
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
     except UnicodeDecodeError as err:
@@ -76,6 +80,8 @@ def heading_pairs(path: Path) -> list[TextPair]:
         if not line.strip():
             continue
         if HEADING.match(line):
+            if titles_only and line.strip().startswith("= ="):
+                continue  # a section's heading: the article's title stands
             heading = heading_text(line) or None
             heading = None if heading and UNKNOWN_WORD in heading else heading
         elif heading is not None:
