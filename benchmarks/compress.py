@@ -7,7 +7,8 @@ every variant measured side by side in one process.
     python benchmarks/compress.py --recipe recipes/compress-shakespeare.yaml --base runs/shakespeare-char
 
 Runs recipes/compress-sst2.yaml (heads 50 %, FFN 30 %, one recovery epoch on --examples training rows,
-int8-dynamic), then int8-dynamic and int8-weight of the unpruned model and 50 % unstructured magnitude sparsity
+int8-dynamic), the recovery step alone on the unpruned model (what the extra training gives without pruning), then
+int8-dynamic and int8-weight of the unpruned model and 50 % unstructured magnitude sparsity
 (no recovery), and prints one table (`lmforge compare` of all variants: ratios against the base model) plus the
 zip-compressed size of each weight file (what unstructured sparsity buys on disk). `--onnx` adds ONNX Runtime
 int8 (`quantize: {runtime: onnx}`) of the base model and of the pruned, recovered one; `--ffn` sets the share of
@@ -66,7 +67,9 @@ def main() -> None:
         recovery["data.max_examples"] = args.examples
     if not (args.base / "eval-validation.json").is_file() and not args.measure_only:  # a pretraining run: its perplexity, as `lmforge eval` writes it
         subprocess.run([sys.executable, "-m", "lmforge.cli", "eval", str(args.base)], check=True)
-    singles = (("int8-dynamic", {"quantize": {"scheme": "int8-dynamic"}}),
+    # the recovery step alone, on the unpruned model: what the extra training gives without any pruning
+    singles = (("recovered-only", {"finetune": recipe["steps"][1]["finetune"]}),
+               ("int8-dynamic", {"quantize": {"scheme": "int8-dynamic"}}),
                ("int8-weight", {"quantize": {"scheme": "int8-weight"}}), ("sparse-50", {"prune": {"sparsity": 0.5}}))
     if args.measure_only:
         runs = {name: args.out / name for name in ("pruned", *(n for n, _ in singles), "onnx-int8", "pruned-onnx-int8")}
@@ -75,10 +78,11 @@ def main() -> None:
         for name, step in singles:
             runs[name] = compress({"name": name, "model": str(args.base), "steps": [step], "bench": {"repeats": 1},
                                    "output": {"dir": str(args.out / name)}}, force=True)
-    folders = [args.base, *(runs["pruned"] / s for s in ("1-prune", "2-finetune", "3-quantize")),
+    folders = [args.base, runs["recovered-only"] / "1-finetune",
+               *(runs["pruned"] / s for s in ("1-prune", "2-finetune", "3-quantize")),
                runs["int8-dynamic"] / "1-quantize", runs["int8-weight"] / "1-quantize", runs["sparse-50"] / "1-prune"]
-    labels = ["base", "pruned", "pruned+recovered", "pruned+recovered+int8-dynamic", "int8-dynamic", "int8-weight",
-              "50% magnitude sparsity"]
+    labels = ["base", "base+recovery step (no pruning)", "pruned", "pruned+recovered", "pruned+recovered+int8-dynamic",
+              "int8-dynamic", "int8-weight", "50% magnitude sparsity"]
     if args.onnx:
         onnx = {"quantize": {"scheme": "int8-dynamic", "runtime": "onnx"}}
         for name, model in (("onnx-int8", args.base), ("pruned-onnx-int8", runs["pruned"] / "2-finetune")):
