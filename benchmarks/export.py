@@ -92,6 +92,7 @@ def static_int8(run: Path, int8_dir: Path, out: Path, rows: int) -> Path:
     """A copy of the dynamic int8 folder whose model.onnx is static QDQ int8 of the same fp32 graph (fused for
     int8, mask fill softened), calibrated by MinMax on the first `rows` training sentences padded to 128 tokens."""
     import shutil
+    import onnx
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
     from lmforge.export.onnx import export_rule, fuse, load_for_export, sample_inputs, soften_mask, trace_to_onnx
     from lmforge.runs import model_folder
@@ -118,7 +119,8 @@ def static_int8(run: Path, int8_dir: Path, out: Path, rows: int) -> Path:
         fuse(raw, fused, rule, model.config, for_int8=True)
         soften_mask(fused)
         quantize_static(str(fused), str(out / "model.onnx"), Reader(), quant_format=QuantFormat.QDQ,
-                        per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+                        per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                        extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})  # as the dynamic export
     return out
 
 
