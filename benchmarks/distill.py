@@ -182,7 +182,8 @@ def experts(args) -> None:
         row["gain_kept"] = round((row["dense"] - row["student"]) / gain, 3) if gain else None
         table[d] = row
     print(json.dumps({
-        "kind": "experts", "seed_steps": info.get("seed_steps", args.seed_steps), "expert_steps": args.steps,
+        "kind": "experts", "seed_steps": recipe.experts.seed_steps, "expert_steps": info["steps_per_expert"],
+        "expert_batch_size": info.get("expert_batch_size"),
         "student_steps": distilled.train.max_steps, "batch_size": distilled.train.batch_size,
         "train_tokens": {**{n: results[n].get("train_tokens") for n in ("dense", "ensemble")},
                          "student": json.loads((args.out / "student" / "results.json").read_text())["tokens"]},
