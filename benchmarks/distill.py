@@ -2,7 +2,7 @@
 (same initial weights, data and steps), measured in the same run.
 
     python benchmarks/distill.py --teacher runs/sst2-minilm [--rows 4000] [--layers 3]     # --kind sst2
-    python benchmarks/distill.py --kind clm [--teacher-steps 400] [--steps 200]
+    python benchmarks/distill.py --kind clm [--teacher-steps 1500] [--steps 200]
     python benchmarks/distill.py --kind experts [--seed-steps 300] [--steps 400] [--set model.d_model=64 ...]
 
 sst2: the teacher is any fine-tuned SST-2 run (e.g. `lmforge finetune recipes/sst2-minilm.yaml`). Both students
@@ -198,7 +198,7 @@ def main():
     ap.add_argument("--teacher", type=Path, help="sst2: a fine-tuned SST-2 run folder")
     ap.add_argument("--rows", type=int, default=4000, help="sst2: training rows")
     ap.add_argument("--layers", type=int, default=3, help="sst2: student layers")
-    ap.add_argument("--teacher-steps", type=int, default=400, help="clm: the teacher's training steps")
+    ap.add_argument("--teacher-steps", type=int, default=1500, help="clm: the teacher's training steps")
     ap.add_argument("--steps", type=int, default=None,
                     help="clm: each student's steps (default 200); experts: steps per expert (default 400)")
     ap.add_argument("--seed-steps", type=int, default=300, help="experts: the BTM seed's steps")
