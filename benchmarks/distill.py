@@ -14,14 +14,15 @@ clm: on the prepared shared corpora (`lmforge prep recipes/prep/shared-corpora.y
 teacher is recipes/experts-domains.yaml's GPT-2 4x128 trained `--teacher-steps` on all seven domains (kept in
 OUT/teacher and reused). Two students of half its layers start from the same teacher layers (distill's default:
 evenly spaced, first and last kept) and train `--steps` on the same batches, one distilled (alpha, T), its twin
-with alpha 0 (the plain next-token loss), at the same time, one thread each. Validation perplexity per domain.
+with alpha 0 (the plain next-token loss), at the same time on half of `--threads` each. Validation perplexity
+per domain.
 
 experts: recipes/experts-domains.yaml's Branch-Train-Merge run on the four expert domains (seed, experts, BTM
 ensemble; kept in OUT/experts and reused), `--set` overrides applied. The student is the seed trained on the
 dense baseline's budget (the same steps, batch and batches as `lmforge experts train --dense`) with the ensemble
-as its teacher; the dense baseline is the same model trained without it. The two train at the same time, one
-thread each. In-domain validation perplexity per domain of dense, ensemble and student, and the share of the
-ensemble's gain over dense the student keeps: (dense - student) / (dense - ensemble).
+as its teacher; the dense baseline is the same model trained without it. The two train at the same time, on
+half of `--threads` each. In-domain validation perplexity per domain of dense, ensemble and student, and the
+share of the ensemble's gain over dense the student keeps: (dense - student) / (dense - ensemble).
 """
 import argparse
 import json
@@ -44,8 +45,7 @@ IN_DOMAIN = ["biomedical", "code", "legal", "scientific"]
 
 def cli(*args: str, threads: int) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "lmforge.cli", *map(str, args), "--no-progress"], cwd=ROOT,
-                            env={**os.environ, "OMP_NUM_THREADS": str(threads)},
-                            stdout=subprocess.DEVNULL)
+                            env={**os.environ, "OMP_NUM_THREADS": str(threads)}, stdout=subprocess.DEVNULL)
 
 
 def wait(*procs: subprocess.Popen) -> None:
@@ -138,7 +138,8 @@ def clm(args) -> None:
         row["distilled_vs_twin"] = round(row["distilled"] / row["twin"] - 1, 4)
         table[d] = row
     print(json.dumps({
-        "kind": "clm", "teacher_layers": layers, "student_layers": layers // 2, "teacher_steps": args.teacher_steps,
+        "kind": "clm", "teacher_layers": layers, "student_layers": layers // 2,
+        "teacher_steps": json.loads((teacher / "results.json").read_text())["steps"],
         "student_steps": args.steps, "alpha": args.alpha, "temperature": args.temperature, "overrides": args.overrides,
         "validation_ppl": table,
         "distilled_below_twin_on": [d for d in domains if table[d]["distilled"] < table[d]["twin"]],
