@@ -16,6 +16,7 @@ from conftest import tiny_recipe
 from lmforge.cli import app
 from lmforge.distill import distill
 from lmforge.distill.objective import kd_loss
+from lmforge.distill import student as student_module
 from lmforge.distill.student import evenly_spaced, make_student
 from lmforge.errors import LmforgeError
 from lmforge.experts import branch, merge, train
@@ -126,6 +127,25 @@ def test_the_student_starts_as_the_chosen_teacher_layers(tmp_path, corpus):
     ids = torch.tensor([[1, 2, 3, 4]])
     assert small(ids).logits.shape == big(ids).logits.shape  # and it runs, cache indices and all
     assert make_student(teacher / "final", [0, 2], 2) == folder  # built once, then reused
+
+
+def test_two_runs_building_the_same_student_at_once_both_get_it(tmp_path, corpus, monkeypatch):
+    tree = tiny_recipe(corpus, tmp_path / "t", "clm", max_steps=2)
+    tree["model"]["n_layers"] = 2
+    teacher = pretrain(recipe_from_dict(tree), show_progress=False) / "final"
+    copy, other = student_module.shutil.copy2, []
+
+    def copy_while_another_run_builds(src, dst):  # the second run starts and finishes inside the first's build
+        if not other:
+            other.append(None)
+            other[0] = make_student(teacher, None, 1)
+        return copy(src, dst)
+
+    monkeypatch.setattr(student_module.shutil, "copy2", copy_while_another_run_builds)
+    folder = make_student(teacher, None, 1)
+    assert other == [folder] and (folder / "tokenizer.json").is_file()
+    assert AutoModelForCausalLM.from_pretrained(folder).config.num_hidden_layers == 1
+    assert [p.name for p in folder.parent.iterdir() if p.name.startswith(".")] == []  # no build folder left
 
 
 def test_a_distilled_lm_student_beats_its_twin_trained_without_the_teacher(tmp_path, corpus):

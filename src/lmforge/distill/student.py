@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+import tempfile
 from pathlib import Path
 from typing import Optional
 
@@ -66,13 +67,22 @@ def make_student(teacher_folder: Path, layers: Optional[list[int]], count: int) 
                 module.layer_idx = index
     setattr(owner, attr, kept)
     teacher.config.num_hidden_layers = len(layers)
-    tmp = folder.with_name(f".{folder.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    # A folder of this build's own: two runs of the same teacher started at once build the student side by side
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
     teacher.save_pretrained(str(tmp))
     for f in teacher_folder.iterdir():  # the tokenizer's files: the student reads text as its teacher does
         if f.is_file() and f.name.startswith(("tokenizer", "vocab", "merges", "special_tokens")):
             shutil.copy2(f, tmp / f.name)
     (tmp / "student.json").write_text(json.dumps({"teacher": str(teacher_folder.resolve()), "layers": layers}))
+    if (folder / "config.json").is_file():  # the other build finished first: the same weights, kept
+        shutil.rmtree(tmp)
+        return folder
     shutil.rmtree(folder, ignore_errors=True)
-    tmp.rename(folder)
+    try:
+        tmp.rename(folder)
+    except OSError:  # the other build's rename came in between
+        if not (folder / "config.json").is_file():
+            raise
+        shutil.rmtree(tmp)
     return folder
