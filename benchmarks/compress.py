@@ -65,7 +65,7 @@ def main() -> None:
     recovery["train.threads"] = args.threads  # more threads than free cores stalls a shared machine
     if args.examples:
         recovery["data.max_examples"] = args.examples
-    if not (args.base / "eval-validation.json").is_file() and not args.measure_only:  # a pretraining run: its perplexity, as `lmforge eval` writes it
+    if not (args.base / "eval-validation.json").is_file():  # a pretraining run: its perplexity, as `lmforge eval` writes it
         subprocess.run([sys.executable, "-m", "lmforge.cli", "eval", str(args.base)], check=True)
     # the recovery step alone, on the unpruned model: what the extra training gives without any pruning
     singles = (("recovered-only", {"finetune": recipe["steps"][1]["finetune"]}),
