@@ -47,6 +47,14 @@ def lm_recipe(source: Path, trained: list[tuple[str, list[str]]]) -> Recipe:
     return recipe
 
 
+def mean_loss_of(objective) -> Callable:
+    """`loss_of(model, batch)`: the objective's loss per counted token, what structured pruning ranks units by."""
+    def loss_of(model, batch):
+        total, count, _ = objective.loss(model, batch)
+        return total / count.clamp(min=1)
+    return loss_of
+
+
 class LmData:
     """The recipe's token blocks and objective, for a model with `tokenizer`."""
 
@@ -67,10 +75,7 @@ class LmData:
         return batches
 
     def mean_loss(self) -> Callable:
-        def loss_of(model, batch):
-            total, count, _ = self.objective.loss(model, batch)
-            return total / count.clamp(min=1)
-        return loss_of
+        return mean_loss_of(self.objective)
 
     def scores(self, model, split: str) -> dict:
         if split == "validation" and self.blocks.validation is None:

@@ -19,7 +19,7 @@ from typing import Optional, Union
 
 from lmforge.compress.config import CompressRecipe, DistillStep, FinetuneStep, PruneStep, QuantizeStep, load_compress_recipe
 from lmforge.compress.gradual import HeldSparsity
-from lmforge.compress.lm import LmData, is_causal_lm, lm_recipe
+from lmforge.compress.lm import LmData, is_causal_lm, lm_recipe, mean_loss_of
 from lmforge.compress.magnitude import apply_masks, prune_magnitude, sparsity_by_layer
 from lmforge.compress.measure import describe
 from lmforge.compress.report import write_report
@@ -189,12 +189,7 @@ class TaskScoring:
                 for i in range(0, len(train), size)]
 
     def mean_loss(self):
-        objective = TaskObjective(self.recipe.task, self.recipe.data.multi_label)
-
-        def loss_of(m, batch):
-            total, count, _ = objective.loss(m, batch)
-            return total / count.clamp(min=1)
-        return loss_of
+        return mean_loss_of(TaskObjective(self.recipe.task, self.recipe.data.multi_label))
 
     def write_scores(self, folder: Path, model, split: str) -> dict:
         return write_split_report(folder, model, self.data, split, self.recipe)

@@ -92,13 +92,18 @@ def load_for_export(folder: Path, rule: ExportRule):
 def sample_inputs(config, rule: ExportRule, batch: int = 2, length: int = 16) -> dict:
     """A small batch to trace and to check the export with; its second row is padded, so the mask is traced
     as a real input."""
+    return random_batch(config, rule.inputs, batch, length)
+
+
+def random_batch(config, names, batch: int = 2, length: int = 16) -> dict:
+    """Random ids (seeded) for the inputs `names`; every row after the first is padded over its second half."""
     length = min(length, getattr(config, "max_position_embeddings", length) - 2)
     generator = torch.Generator().manual_seed(0)
     ids = torch.randint(3, config.vocab_size, (batch, length), generator=generator)
     mask = torch.ones_like(ids)
     mask[1:, length // 2:] = 0
     values = {"input_ids": ids, "attention_mask": mask, "token_type_ids": torch.zeros_like(ids)}
-    return {name: values[name] for name in rule.inputs}
+    return {name: values[name] for name in names}
 
 
 def trace_to_onnx(model, rule: ExportRule, sample: dict, path: Path) -> None:

@@ -14,7 +14,7 @@ from transformers import (AutoModelForCausalLM, AutoModelForMaskedLM, AutoModelF
                           AutoModelForTokenClassification)
 
 from lmforge.errors import LmforgeError
-from lmforge.export.onnx import WEIGHT_FILES
+from lmforge.export.onnx import WEIGHT_FILES, random_batch
 from lmforge.models.compressed import COMPRESSION_KEY, compression_of, load_pretrained
 from lmforge.models.slicing import pad_to_stock, rule_for
 
@@ -49,7 +49,7 @@ def write_stock(folder: Path, work: Path, source: Path) -> dict:
                            "load; export the model before the quantize step, or use --format onnx --quantize int8")
     auto = stock_class(folder)
     model = load_pretrained(auto, folder)
-    check = _check_batch(model.config)
+    check = random_batch(model.config, ("input_ids", "attention_mask"))
     with torch.no_grad():
         before = model(**check).logits
     params_before = sum(p.numel() for p in model.parameters())
@@ -67,15 +67,6 @@ def write_stock(folder: Path, work: Path, source: Path) -> dict:
              "stock_parameters": sum(p.numel() for p in reloaded.parameters()), "max_abs_logit_diff": gap}
     write_card(work, source, facts, model.config)
     return facts
-
-
-def _check_batch(config, batch: int = 2, length: int = 16) -> dict:
-    """Random ids, the second row half padded."""
-    length = min(length, getattr(config, "max_position_embeddings", length) - 2)
-    ids = torch.randint(3, config.vocab_size, (batch, length), generator=torch.Generator().manual_seed(0))
-    mask = torch.ones_like(ids)
-    mask[1:, length // 2:] = 0
-    return {"input_ids": ids, "attention_mask": mask}
 
 
 def write_card(work: Path, source: Path, facts: dict, config) -> None:
