@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import statistics
+from pathlib import Path
 
 import pytest
 import torch
@@ -14,6 +16,7 @@ from lmforge.engine.adversarial import FGM, PGD
 from lmforge.errors import LmforgeError
 from lmforge.finetune import finetune
 
+from test_ddp import TORCHRUN, _run
 from test_finetune import base_dir, recipe, sentiment  # noqa: F401  (the tiny BERT fixture)
 
 
@@ -206,38 +209,16 @@ def test_with_gradient_accumulation_each_attack_follows_its_own_micro_batch(tmp_
     assert len(strays) >= 8 and not any(strays)
 
 
-def _ddp_micro_batches(rank: int, world: int, port: int, out: str, set_aside: bool) -> None:
-    """Two micro-batches under DDP (the first without sync), the embedding gradient set aside around the second's
-    backward as the engine does for an attack; each process writes what its embedding gradient ends as."""
-    import os
-    import torch.distributed as tdist
-    from torch.nn.parallel import DistributedDataParallel
-    from lmforge.engine.adversarial import own_gradient
-    from lmforge.engine.loop import _average_over_ranks
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    tdist.init_process_group("gloo", rank=rank, world_size=world)
-    torch.manual_seed(0)
-    model = DistributedDataParallel(torch.nn.Sequential(torch.nn.Embedding(10, 4), torch.nn.Linear(4, 1)))
-    batches = [torch.tensor([[rank, 2 + rank]]), torch.tensor([[5 + rank, 7]])]
-    with model.no_sync():
-        model(batches[0]).sum().backward()
-    weight = model.module[0].weight
-    with (own_gradient(weight, settle=_average_over_ranks) if set_aside else contextlib.nullcontext()):
-        model(batches[1]).sum().backward()
-    torch.save(weight.grad, f"{out}.{rank}")
-    tdist.destroy_process_group()
-
-
+@pytest.mark.skipif(not TORCHRUN.exists(), reason="torchrun not installed")
 @pytest.mark.parametrize("set_aside", [False, True])
 def test_under_ddp_the_set_aside_gradient_is_averaged_like_the_rest(tmp_path, set_aside):
     """Every process ends with the same embedding gradient, the one DDP gives without the set-aside."""
-    import socket
-    import torch.multiprocessing as mp
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(_ddp_micro_batches, args=(2, port, str(tmp_path / "g"), set_aside), nprocs=2)
-    grads = [torch.load(tmp_path / f"g.{r}", weights_only=True) for r in range(2)]
+    out = tmp_path / "ddp" / "g"
+    cmd = [str(TORCHRUN), "--standalone", "--nproc_per_node=2", str(Path(__file__).parent / "ddp_set_aside.py"),
+           str(out), "set-aside" if set_aside else "plain"]
+    result = _run(cmd, {**os.environ, "OMP_NUM_THREADS": "1"}, out.parent, timeout=60.0)
+    assert result.returncode == 0, result.stderr[-2000:]
+    grads = [torch.load(f"{out}.{r}", weights_only=True) for r in range(2)]
     torch.testing.assert_close(grads[0], grads[1])
     assert grads[0][[0, 1, 2, 3]].abs().sum() > 0  # the first micro-batch's rows, from both processes, averaged
 
