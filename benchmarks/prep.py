@@ -2,7 +2,8 @@
 against a plain single-process Python reference of the same filters, measured in the same run.
 
     python benchmarks/prep.py [--recipe RECIPE] [--per-domain 1000] [--copies 300]
-    python benchmarks/prep.py --engines [--synthetic-mb 50] [--repeats 3]   # local engine against ray engine
+    python benchmarks/prep.py --engines [--synthetic-mb 50] [--repeats 3] [--object-store-mb 100]
+                                                                             # local engine against ray engine
     python benchmarks/prep.py --nodes [--synthetic-mb 50] [--repeats 3]     # ray engine on 1 and 2 nodes
 
 Quality: base documents (>= 20 words, exact duplicates dropped) are drawn from every source of the
@@ -24,12 +25,14 @@ process, a Python loop per document. MB/s are input megabytes over wall-clock se
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import os
 import random
 import sys
 import tempfile
+import threading
 import time
 from collections import Counter, defaultdict
 from pathlib import Path
@@ -307,37 +310,105 @@ def planted_scores(out: Path, planted: dict[str, str]) -> tuple[float, float]:
     return right / max(len(planted), 1), right / max(len(dups), 1)
 
 
-def compare_engines(recipe, repeats: int) -> dict:
-    """Both engines on one recipe, alternating, `repeats` times each: median seconds and MB/s, same output."""
-    from lmforge.prep import ray_engine
+class PeakMemory:
+    """Samples, twice a second, the memory of this process and of every process under it: the largest resident
+    size of one Ray worker, and the largest proportional set size (shared pages split among the processes that
+    map them) summed over this process and its non-Ray children (the local engine's pool), and over all of them
+    (with Ray's raylet, object store and workers when this process started Ray)."""
+
+    def __init__(self):
+        import psutil
+        self.me, self.worker, self.own, self.total = psutil.Process(), 0, 0, 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    def _sample(self) -> None:
+        import psutil
+        while not self._stop.wait(0.5):
+            own = total = self.me.memory_full_info().pss
+            worker = 0
+            for p in self.me.children(recursive=True):
+                try:
+                    name, cmd = p.name(), " ".join(p.cmdline())
+                    mem = p.memory_full_info()
+                except psutil.Error:
+                    continue
+                is_ray = name.startswith("ray::") or name in ("raylet", "gcs_server") or "/ray/" in cmd
+                total += mem.pss
+                own += 0 if is_ray else mem.pss
+                if name.startswith("ray::"):
+                    worker = max(worker, mem.rss)
+            self.worker, self.own, self.total = max(self.worker, worker), max(self.own, own), max(self.total, total)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+
+
+@contextlib.contextmanager
+def ray_started(num_cpus: int, object_store_mb: float | None):
+    """A Ray on this machine for the whole comparison, its object store capped when asked (Ray's floor: 75 MB)."""
+    import logging
+    import ray
+    kwargs = {"object_store_memory": int(object_store_mb * 2**20)} if object_store_mb else {}
+    ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, logging_level=logging.ERROR,
+             log_to_driver=False, **kwargs)
+    try:
+        yield
+    finally:
+        ray.shutdown()
+
+
+def spilled_mb() -> float:
+    """MB that Ray's object store has spilled to disk so far (0 when it never filled)."""
+    from ray._private.internal_api import memory_summary
+    import re
+    found = re.search(r"Spilled (\d+) MiB", memory_summary(stats_only=True))
+    return float(found.group(1)) if found else 0.0
+
+
+def compare_engines(recipe, repeats: int, object_store_mb: float | None = None) -> dict:
+    """Both engines on one recipe, alternating, `repeats` times each: median seconds and MB/s, same output, and
+    the peak memory of each engine's processes."""
     runs = {"local": [], "ray": []}
-    with ray_engine.connected(None, max(2, recipe.num_proc)):
+    peaks = {"local": [], "ray": []}
+    with ray_started(max(2, recipe.num_proc), object_store_mb):
         for _ in range(repeats):
             for engine in runs:
                 recipe.output.dir = str(Path(recipe.output.dir).with_name(engine))
-                out = prep(recipe, show_progress=False, force=True, engine=engine)
+                with PeakMemory() as peak:
+                    out = prep(recipe, show_progress=False, force=True, engine=engine)
+                peaks[engine].append(peak)
                 runs[engine].append(json.loads((out / "stats.json").read_text()))
+        spilled = spilled_mb()
     same = all((Path(recipe.output.dir).with_name("local") / f).read_bytes()
                == (Path(recipe.output.dir).with_name("ray") / f).read_bytes() for f in ("removed.jsonl",))
     med = {e: {"seconds": float(np.median([r["seconds"] for r in rs])), "mb": rs[0]["input_bytes"] / 2**20,
-               "stages": {k: float(np.median([r["stage_seconds"].get(k, 0) for r in rs])) for k in rs[0]["stage_seconds"]}}
+               "stages": {k: float(np.median([r["stage_seconds"].get(k, 0) for r in rs])) for k in rs[0]["stage_seconds"]},
+               "worker_mb": max(p.worker for p in peaks[e]) / 2**20, "own_mb": max(p.own for p in peaks[e]) / 2**20,
+               "total_mb": max(p.total for p in peaks[e]) / 2**20}
            for e, rs in runs.items()}
     for m in med.values():
         m["mb_per_s"] = m["mb"] / m["seconds"]
-    return {**med, "same_removed": same, "ratio": med["ray"]["mb_per_s"] / med["local"]["mb_per_s"]}
+    return {**med, "same_removed": same, "ratio": med["ray"]["mb_per_s"] / med["local"]["mb_per_s"],
+            "spilled_mb": spilled}
 
 
 def engines(args) -> None:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         shared = load_prep_recipe(args.recipe, [f"output.dir={tmp}/shared/out", "output.plots=false"])
-        rows.append(("shared corpora", compare_engines(shared, args.repeats), None))
+        rows.append(("shared corpora", compare_engines(shared, args.repeats, args.object_store_mb), None))
         (Path(tmp) / "synthetic").mkdir()
         planted = synthetic_corpus(Path(tmp) / "synthetic", args.synthetic_mb)
         synthetic = prep_recipe_from_dict({
             "sources": [{"path": f"{tmp}/synthetic/*.jsonl", "domain": "synthetic"}], "num_proc": shared.num_proc,
             "output": {"dir": f"{tmp}/synthetic-out/out", "plots": False}})
-        result = compare_engines(synthetic, args.repeats)
+        result = compare_engines(synthetic, args.repeats, args.object_store_mb)
         scores = {e: planted_scores(Path(tmp) / "synthetic-out" / e, planted) for e in ("local", "ray")}
         rows.append((f"synthetic ({len(planted):,} planted copies)", result, scores))
     print(f"| corpus | MB | local s | local MB/s | ray s | ray MB/s | ray / local | same removed.jsonl | "
@@ -350,6 +421,15 @@ def engines(args) -> None:
     for name, r, _ in rows:
         for e in ("local", "ray"):
             print(f"{name}, {e} stages: " + ", ".join(f"{k} {v:.1f} s" for k, v in r[e]["stages"].items()))
+    cap = f"{args.object_store_mb:g} MB" if args.object_store_mb else "Ray's default"
+    print(f"\nPeak memory (MB; sums of proportional set sizes, one worker's resident size), object store: {cap}\n")
+    print("| corpus | corpus MB | local: driver and pool | ray: driver | ray: largest worker | ray: all processes | "
+          "object store spilled MB |")
+    print("|---|---|---|---|---|---|---|")
+    for name, r, _ in rows:
+        print(f"| {name} | {r['local']['mb']:.0f} | {r['local']['own_mb']:.0f} | {r['ray']['own_mb']:.0f} | "
+              f"{r['ray']['worker_mb']:.0f} | "
+              f"{r['ray']['total_mb']:.0f} | {r['spilled_mb']:.0f} |")
 
 
 def scaling(args) -> None:
@@ -393,6 +473,8 @@ def main() -> None:
     ap.add_argument("--skip-reference", action="store_true")
     ap.add_argument("--engines", action="store_true", help="Only the local engine against the ray engine.")
     ap.add_argument("--synthetic-mb", type=float, default=50.0, help="Size of the synthetic corpus (--engines).")
+    ap.add_argument("--object-store-mb", type=float, default=None,
+                    help="Cap Ray's object store at this many MB (--engines; Ray refuses less than 75).")
     ap.add_argument("--repeats", type=int, default=3, help="Runs per engine or cluster size (--engines, --nodes).")
     ap.add_argument("--nodes", action="store_true", help="Only the ray engine on 1 and 2 local nodes of 1 CPU.")
     args = ap.parse_args()
