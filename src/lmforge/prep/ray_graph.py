@@ -23,6 +23,8 @@ from lmforge.prep.read import Unit
 from lmforge.prep.worker import unit_paths
 
 FIXED = {"": -1, "train": mix.TRAIN, "validation": mix.VALIDATION}
+SHUFFLE_PART_BYTES = 128 * 2**20  # shuffled rows per partition, at most (about), when there are more than CPUs
+BUCKET_ROW_BYTES = 2 + 8 + 8 + 4  # band (int16), key, document, partition: one row per document and band
 
 
 @dataclass
@@ -146,10 +148,16 @@ def _tag_partition(batch: pa.Table, keys: list[str], parts: int) -> pa.Table:
             values = col.to_numpy().astype(np.uint64)
         h = (h * np.uint64(0x100000001B3)) ^ values
     batch = batch.drop_columns(["part"]) if "part" in batch.column_names else batch  # an earlier shuffle's
-    return batch.append_column("part", pa.array((mix.uniform(h, 0) * parts).astype(np.int64)))
+    return batch.append_column("part", pa.array((mix.uniform(h, 0) * parts).astype(np.int32)))
 
 
 # ---------------------------------------------------------------- candidate pairs and their verification
+
+
+def shuffle_parts(parts: int, rows: int, row_bytes: int) -> int:
+    """Partitions of a shuffle: `parts` (one per CPU) or more, so that one task's share stays near
+    SHUFFLE_PART_BYTES whatever the corpus's size (a partition is sorted and grouped in one process)."""
+    return max(parts, -(-rows * row_bytes // SHUFFLE_PART_BYTES))
 
 
 def edges(ctx: Ctx, units, parts: int):
@@ -157,6 +165,8 @@ def edges(ctx: Ctx, units, parts: int):
     d = ctx.recipe.dedup
     if not (d.near or d.exact):
         return None
+    per_doc = (band_layout(d.threshold, d.num_perm, d.bands)[0] if d.near else 0) + (1 if d.exact else 0)
+    parts = shuffle_parts(parts, ctx.offsets[-1] * per_doc, BUCKET_ROW_BYTES)
     keyed = units.map_batches(_bucket_rows, batch_size=1, fn_kwargs={"ctx": ctx})
     pairs = by_key(keyed, ["band", "key"], _bucket_pairs, parts)
     edges = by_key(pairs, ["i"], _checked_pairs, parts, ctx=ctx).materialize()
@@ -173,22 +183,30 @@ def _bucket_rows(batch: dict, ctx: Ctx) -> dict:
     if d.near and valid.any():
         b, r = band_layout(d.threshold, d.num_perm, d.bands)
         k = band_keys(np.asarray(_unit_signatures(ctx.run, ctx.work, unit))[valid], b, r)
-        bands.append(np.tile(np.arange(b, dtype=np.int64), len(k)))
+        bands.append(np.tile(np.arange(b, dtype=np.int16), len(k)))
         keys.append(k.reshape(-1))
         idx.append(np.repeat(cols["idx"][valid], b))
     if d.exact:
-        bands.append(np.full(len(cols["idx"]), -1, np.int64))
+        bands.append(np.full(len(cols["idx"]), -1, np.int16))
         keys.append(cols["exact"].astype(np.uint64))
         idx.append(cols["idx"])
     if not idx:
-        return {"band": np.zeros(0, np.int64), "key": np.zeros(0, np.uint64), "idx": np.zeros(0, np.int64)}
+        return {"band": np.zeros(0, np.int16), "key": np.zeros(0, np.uint64), "idx": np.zeros(0, np.int64)}
     return {"band": np.concatenate(bands), "key": np.concatenate(keys), "idx": np.concatenate(idx)}
 
 
 def _bucket_pairs(group: pa.Table) -> pa.Table:
-    """Each bucket's pairs as `candidate_pairs` forms them (`run_pairs`), flagged `same` for exact-key buckets."""
-    t = group.sort_by([("band", "ascending"), ("key", "ascending"), ("idx", "ascending")])
-    band, key, idx = (t.column(c).to_numpy() for c in ("band", "key", "idx"))
+    """Each bucket's pairs as `candidate_pairs` forms them (`run_pairs`), flagged `same` for exact-key buckets.
+    Most buckets hold one document: a sort of the keys alone finds the rest, and only they are ordered by
+    (band, key, document)."""
+    band, key, idx = (group.column(c).to_numpy() for c in ("band", "key", "idx"))
+    order = np.argsort(key)
+    ordered = key[order]
+    equal = ordered[1:] == ordered[:-1]
+    shared = order[np.concatenate([equal, [False]]) | np.concatenate([[False], equal])]
+    band, key, idx = band[shared], key[shared], idx[shared]
+    order = np.lexsort((idx, key, band))
+    band, key, idx = band[order], key[order], idx[order]
     same = same_as_previous(band, key)
     found = [run_pairs(idx[band == -1], same[band == -1]), run_pairs(idx[band >= 0], same[band >= 0])]
     flags = np.repeat([True, False], [len(found[0]), len(found[1])])
