@@ -311,10 +311,11 @@ def planted_scores(out: Path, planted: dict[str, str]) -> tuple[float, float]:
 
 
 class PeakMemory:
-    """Samples, twice a second, the memory of this process and of every process under it: the largest resident
-    size of one Ray worker, and the largest proportional set size (shared pages split among the processes that
-    map them) summed over this process and its non-Ray children (the local engine's pool), and over all of them
-    (with Ray's raylet, object store and workers when this process started Ray)."""
+    """Samples, twice a second, the memory of this process and of every process under it: the largest unique set
+    size of one Ray worker (its own pages, not the object store's shared ones), and the largest proportional set
+    size (shared pages split among the processes that map them) summed over this process and its non-Ray children
+    (the local engine's pool), and over all of them (with Ray's raylet, object store and workers when this process
+    started Ray)."""
 
     def __init__(self):
         import psutil
@@ -337,7 +338,7 @@ class PeakMemory:
                 total += mem.pss
                 own += 0 if is_ray else mem.pss
                 if name.startswith("ray::"):
-                    worker = max(worker, mem.rss)
+                    worker = max(worker, mem.uss)
             self.worker, self.own, self.total = max(self.worker, worker), max(self.own, own), max(self.total, total)
 
     def __enter__(self):
@@ -371,20 +372,20 @@ def spilled_mb() -> float:
     return float(found.group(1)) if found else 0.0
 
 
-def compare_engines(recipe, repeats: int, object_store_mb: float | None = None) -> dict:
-    """Both engines on one recipe, alternating, `repeats` times each: median seconds and MB/s, same output, and
-    the peak memory of each engine's processes."""
+def compare_engines(recipe, repeats: int) -> dict:
+    """Both engines on one recipe, alternating, `repeats` times each, on the Ray this process has started: median
+    seconds and MB/s, same output, the peak memory of each engine's processes and what the object store spilled."""
     runs = {"local": [], "ray": []}
     peaks = {"local": [], "ray": []}
-    with ray_started(max(2, recipe.num_proc), object_store_mb):
-        for _ in range(repeats):
-            for engine in runs:
-                recipe.output.dir = str(Path(recipe.output.dir).with_name(engine))
-                with PeakMemory() as peak:
-                    out = prep(recipe, show_progress=False, force=True, engine=engine)
-                peaks[engine].append(peak)
-                runs[engine].append(json.loads((out / "stats.json").read_text()))
-        spilled = spilled_mb()
+    spilled = spilled_mb()
+    for _ in range(repeats):
+        for engine in runs:
+            recipe.output.dir = str(Path(recipe.output.dir).with_name(engine))
+            with PeakMemory() as peak:
+                out = prep(recipe, show_progress=False, force=True, engine=engine)
+            peaks[engine].append(peak)
+            runs[engine].append(json.loads((out / "stats.json").read_text()))
+    spilled = spilled_mb() - spilled
     same = all((Path(recipe.output.dir).with_name("local") / f).read_bytes()
                == (Path(recipe.output.dir).with_name("ray") / f).read_bytes() for f in ("removed.jsonl",))
     med = {e: {"seconds": float(np.median([r["seconds"] for r in rs])), "mb": rs[0]["input_bytes"] / 2**20,
@@ -402,13 +403,17 @@ def engines(args) -> None:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         shared = load_prep_recipe(args.recipe, [f"output.dir={tmp}/shared/out", "output.plots=false"])
-        rows.append(("shared corpora", compare_engines(shared, args.repeats, args.object_store_mb), None))
         (Path(tmp) / "synthetic").mkdir()
         planted = synthetic_corpus(Path(tmp) / "synthetic", args.synthetic_mb)
         synthetic = prep_recipe_from_dict({
             "sources": [{"path": f"{tmp}/synthetic/*.jsonl", "domain": "synthetic"}], "num_proc": shared.num_proc,
             "output": {"dir": f"{tmp}/synthetic-out/out", "plots": False}})
-        result = compare_engines(synthetic, args.repeats, args.object_store_mb)
+        # One Ray for both corpora, as a cluster serves many runs: its start and a first run, which starts the
+        # workers (each imports lmforge), are not counted.
+        with ray_started(max(2, shared.num_proc), args.object_store_mb):
+            prep(shared, show_progress=False, force=True, engine="ray")
+            rows.append(("shared corpora", compare_engines(shared, args.repeats), None))
+            result = compare_engines(synthetic, args.repeats)
         scores = {e: planted_scores(Path(tmp) / "synthetic-out" / e, planted) for e in ("local", "ray")}
         rows.append((f"synthetic ({len(planted):,} planted copies)", result, scores))
     print(f"| corpus | MB | local s | local MB/s | ray s | ray MB/s | ray / local | same removed.jsonl | "
@@ -418,11 +423,15 @@ def engines(args) -> None:
         pr = "—" if scores is None else "; ".join(f"{rc:.3f}, {pc:.3f}" for rc, pc in scores.values())
         print(f"| {name} | {r['local']['mb']:.1f} | {r['local']['seconds']:.1f} | {r['local']['mb_per_s']:.2f} | "
               f"{r['ray']['seconds']:.1f} | {r['ray']['mb_per_s']:.2f} | {r['ratio']:.2f}x | {r['same_removed']} | {pr} |")
+    mb, local_s, ray_s = (sum(r[e][k] for _, r, _ in rows) for e, k in (("local", "mb"), ("local", "seconds"),
+                                                                       ("ray", "seconds")))
+    print(f"| both | {mb:.1f} | {local_s:.1f} | {mb / local_s:.2f} | {ray_s:.1f} | {mb / ray_s:.2f} | "
+          f"{local_s / ray_s:.2f}x | | |")
     for name, r, _ in rows:
         for e in ("local", "ray"):
             print(f"{name}, {e} stages: " + ", ".join(f"{k} {v:.1f} s" for k, v in r[e]["stages"].items()))
     cap = f"{args.object_store_mb:g} MB" if args.object_store_mb else "Ray's default"
-    print(f"\nPeak memory (MB; sums of proportional set sizes, one worker's resident size), object store: {cap}\n")
+    print(f"\nPeak memory (MB; sums of proportional set sizes, one worker's own pages), object store: {cap}\n")
     print("| corpus | corpus MB | local: driver and pool | ray: driver | ray: largest worker | ray: all processes | "
           "object store spilled MB |")
     print("|---|---|---|---|---|---|---|")

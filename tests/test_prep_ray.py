@@ -14,6 +14,7 @@ import pytest
 from typer.testing import CliRunner
 
 import lmforge.prep.pipeline as pipeline_mod
+import lmforge.prep.ray_graph as ray_graph
 from conftest import SHARED
 from ray_nodes import free_port, node_env, start_node, stop_nodes
 from lmforge.cli import app
@@ -101,9 +102,12 @@ def test_ray_engine_with_the_minhash_estimate_and_a_fraction_split(tmp_path, loc
 
 
 @pytest.mark.slow
-def test_ray_engine_streams_under_a_memory_limit_ten_times_below_the_corpus(tmp_path, local_ray):
+def test_ray_engine_streams_under_a_memory_limit_ten_times_below_the_corpus(tmp_path, local_ray, monkeypatch):
     """Ray Data's object-store budget at a tenth of the input and blocks of 64 KB: the stages stream (and spill)
-    instead of holding the corpus, and the answer does not change."""
+    instead of holding the corpus, and the answer does not change. The candidate-pair shuffle is cut into
+    partitions of 64 KB, as a corpus a thousand times larger would be cut into partitions of 128 MB."""
+    monkeypatch.setattr(ray_graph, "SHUFFLE_PART_BYTES", 64 * 1024)
+    assert ray_graph.shuffle_parts(2, 10**6, ray_graph.BUCKET_ROW_BYTES) == 336
     rng = random.Random(27)
     docs = [prose(rng, 150) for _ in range(1500)]
     docs += [edit(d, 0.03, rng) for d in docs[:150]]

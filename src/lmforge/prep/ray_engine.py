@@ -9,8 +9,9 @@ dataset by construction. What each stage moves between workers is in brackets:
    its files land in the work folder, which every node must see (as the output folder). Boilerplate lines
    first, if asked for: line counts per unit, summed by a groupby on (domain, line) [line counts].
 2. ids: a groupby on the id [one id per document], to find an id that names two documents.
-3. candidates: each document's LSH band keys (a map), grouped by (band, key) [bands × documents]; exact keys
-   are grouped in the same shuffle. A bucket gives the pairs the local engine forms from it.
+3. candidates: each document's LSH band keys (a map), grouped by (band, key) [bands × documents, in
+   partitions of at most about 128 MB, one per CPU at least]; exact keys are grouped in the same shuffle.
+   A bucket gives the pairs the local engine forms from it.
 4. verification: pairs grouped by their first document [candidate pairs], each checked with the true Jaccard
    of the n-gram sets (or the MinHash estimate), read memory-mapped from the work units.
 5. clusters: connected components of the pair edges by min-label propagation, one groupby per round [the
