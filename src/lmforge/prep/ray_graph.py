@@ -203,7 +203,10 @@ def _bucket_pairs(group: pa.Table) -> pa.Table:
     order = np.argsort(key)
     ordered = key[order]
     equal = ordered[1:] == ordered[:-1]
-    shared = order[np.concatenate([equal, [False]]) | np.concatenate([[False], equal])]
+    twice = np.zeros(len(key), bool)  # a key met at least twice
+    twice[1:] = equal
+    twice[:-1] |= equal
+    shared = order[twice]
     band, key, idx = band[shared], key[shared], idx[shared]
     order = np.lexsort((idx, key, band))
     band, key, idx = band[order], key[order], idx[order]
