@@ -201,12 +201,8 @@ def _bucket_pairs(group: pa.Table) -> pa.Table:
     (band, key, document)."""
     band, key, idx = (group.column(c).to_numpy() for c in ("band", "key", "idx"))
     order = np.argsort(key)
-    ordered = key[order]
-    equal = ordered[1:] == ordered[:-1]
-    twice = np.zeros(len(key), bool)  # a key met at least twice
-    twice[1:] = equal
-    twice[:-1] |= equal
-    shared = order[twice]
+    repeated = same_as_previous(key[order])
+    shared = order[repeated | np.append(repeated[1:], False)]  # every row of a key met at least twice
     band, key, idx = band[shared], key[shared], idx[shared]
     order = np.lexsort((idx, key, band))
     band, key, idx = band[order], key[order], idx[order]
